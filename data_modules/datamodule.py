@@ -1,0 +1,287 @@
+"""UserDataModule: one DataModule that hands every stage the columns it needs.
+
+Heavy work happens once in ``prepare_data`` (validation, windows, text encoding, Arrow shards in
+a cache folder named by the config's hash); ``setup`` only memory-maps what is there, per
+process. Batches are user-level (a user's windows stay together). Under DDP, Lightning's
+distributed sampler gives each rank a disjoint shard of users (predict uses the unrepeated
+sampler, so every user is predicted exactly once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_modules.loaders import files_fingerprint, open_dataset
+from data_modules.prepare import PrepareConfig, WindowConfig, load_meta, prepare_dataset, summary_lines
+from data_modules.schema import DataError, DatasetSpec
+
+log = logging.getLogger(__name__)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def _open_shards(folder: Path, names: list[str]):
+    import datasets
+
+    parts = []
+    for name in names:
+        try:
+            parts.append(datasets.Dataset.from_file(str(folder / name)))
+        except Exception as err:  # pyarrow raises ArrowInvalid & co on a damaged file
+            raise DataError(f"{folder / name}: cannot be read as an Arrow shard ({err}); the cache is corrupt, "
+                            f"delete {folder} to rebuild it.") from err
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _pad(seqs: list, pad: float | int, dtype, width: int | None = None) -> np.ndarray:
+    width = max((len(s) for s in seqs), default=0) if width is None else width
+    out = np.full((len(seqs), max(width, 1)), pad, dtype=dtype)
+    for i, s in enumerate(seqs):
+        n = min(len(s), width)
+        if n:
+            out[i, :n] = np.asarray(s[len(s) - n:] if len(s) > width else s, dtype=dtype)
+    return out
+
+
+class UserRows(Dataset):
+    """A map-style view of some users' rows; fetching a batch of indices reads Arrow columns at once."""
+
+    def __init__(self, table, rows: np.ndarray):
+        self.table = table
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx: list[int]) -> dict:
+        rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        batch = self.table[rows.tolist()]
+        batch["row"] = rows.tolist()
+        return batch
+
+
+class EventCollate:
+    """Columns of a few users → the padded event batch of data_modules/batch.py."""
+
+    def __init__(self, meta: dict, text_emb: np.ndarray, max_windows: int, max_events: int):
+        self.meta = meta
+        self.spec = DatasetSpec.from_dict(meta["spec"])
+        self.text_emb = text_emb
+        self.max_windows = max_windows
+        self.max_events = max_events
+        self.tab_mean = np.asarray(meta["tabular_mean"], np.float32)
+        self.tab_std = np.asarray(meta["tabular_std"], np.float32)
+
+    def _text(self, ids: np.ndarray) -> np.ndarray:
+        emb = np.zeros(ids.shape + (self.text_emb.shape[1],), np.float32)
+        has = ids >= 0
+        if has.any():
+            emb[has] = self.text_emb[ids[has]]
+        return emb
+
+    def __call__(self, cols: dict) -> dict:
+        if isinstance(cols, list):  # a DataLoader without __getitems__ support hands a list of dicts
+            cols = {k: sum((c[k] for c in cols), []) for k in cols[0]}
+        B = len(cols["user_id"])
+        keep = []  # per user: slice of its history kept under the window/event caps
+        win_off = []
+        for i in range(B):
+            win = np.asarray(cols["h_window"][i], dtype=np.int64)
+            n_win = int(cols["n_windows"][i])
+            first_win = max(0, n_win - self.max_windows)
+            start = int(np.searchsorted(win, first_win, side="left"))
+            start = max(start, len(win) - self.max_events)
+            keep.append(slice(start, len(win)))
+            win_off.append(int(win[start]) if start < len(win) else 0)
+
+        def hist(name, pad, dtype):
+            return _pad([cols[name][i][keep[i]] for i in range(B)], pad, dtype)
+
+        ev_mask = hist("h_source", -1, np.int64) >= 0
+        ev_window = hist("h_window", 0, np.int64) - np.asarray(win_off)[:, None]
+        ev_window = np.where(ev_mask, ev_window, 0)
+        w_keys = []
+        for i in range(B):
+            wk = cols["w_key"][i]
+            w_keys.append(wk[win_off[i]:][: self.max_windows])
+        ev_text = hist("h_text", -1, np.int64)
+        out = {
+            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
+            "row": torch.as_tensor(np.asarray(cols["row"], np.int64)),
+            "split": torch.as_tensor(np.asarray(cols["split"], np.int64)),
+            "ev_source": torch.as_tensor(np.maximum(hist("h_source", -1, np.int64), 0)),
+            "ev_item": torch.as_tensor(hist("h_item", 0, np.int64)),
+            "ev_text": torch.as_tensor(ev_text),
+            "ev_text_emb": torch.as_tensor(self._text(ev_text)),
+            "ev_value": torch.as_tensor(hist("h_value", 0.0, np.float32)),
+            "ev_time": torch.as_tensor(hist("h_time", 0, np.int64)),
+            "ev_category": torch.as_tensor(hist("h_category", -1, np.int64)),
+            "ev_window": torch.as_tensor(ev_window),
+            "ev_mask": torch.as_tensor(ev_mask),
+            "win_key": torch.as_tensor(_pad(w_keys, 0, np.int64)),
+            "win_mask": torch.as_tensor(_pad([[1] * len(k) for k in w_keys], 0, np.int64).astype(bool)),
+            "fut_item": torch.as_tensor(_pad(cols["f_item"], 0, np.int64)),
+        }
+        fut_text = np.asarray(cols["fut_text"], np.int64)
+        out["fut_text_emb"] = torch.as_tensor(self._text(fut_text))
+        out["has_fut_text"] = torch.as_tensor((fut_text >= 0) & (out["split"].numpy() == 0))
+        if "tabular" in cols:
+            tab = (np.asarray(cols["tabular"], np.float32) - self.tab_mean) / self.tab_std
+            out["tabular"] = torch.as_tensor(tab)
+        else:
+            out["tabular"] = torch.zeros(B, 0)
+        for lab in self.spec.labels:
+            key = f"label/{lab.name}"
+            if key in cols:
+                out[key] = torch.as_tensor(np.asarray(cols[key], np.int64))
+        return out
+
+
+class UserDataModule(L.LightningDataModule):
+    """Users' multi-source histories for every stage.
+
+    Args:
+        dataset: ``synthetic``, ``movielens-1m``, ``movielens-100k`` or ``files``.
+        loader_args: arguments of the loader (synthetic: n_users, seed ...; files: events, users,
+            sources, tabular_inputs, labels, primary_source).
+        window_mode: ``day``, ``week`` or ``events`` (every ``window_size`` distinct moments).
+        window_size: moments per window for ``events`` mode.
+        window_period: windows this far apart in key are periodic partners (default by mode).
+        split_seed: seed of the deterministic 80/10/10 user split.
+        future_frac: share of each user's (primary-source) events held out as the future.
+        text_encoder: ``hashing``, ``minilm`` or ``hf:<local model folder>``.
+        cache_dir: where prepared data and the text-embedding cache live (gitignored).
+        batch_size: users per batch, per process.
+        num_workers: DataLoader worker processes.
+        max_windows: most recent windows kept per user in a batch.
+        max_events: most recent history events kept per user in a batch.
+        predict_splits: which users ``predict`` covers.
+        progress: show progress bars while preparing.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "movielens-1m",
+        loader_args: dict | None = None,
+        window_mode: str = "events",
+        window_size: int = 16,
+        window_period: int | None = None,
+        split_seed: int = 0,
+        future_frac: float = 0.2,
+        text_encoder: str = "minilm",
+        cache_dir: str = ".cache/foundv2",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        max_windows: int = 32,
+        max_events: int = 512,
+        predict_splits: list[str] | None = None,
+        progress: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.window = WindowConfig(window_mode, window_size, window_period)
+        self.meta: dict | None = None
+        self.table = None
+        self.text_emb = None
+
+    # ---------------------------------------------------------------- preparation
+    def prepare_config(self) -> PrepareConfig:
+        hp = self.hparams
+        args = dict(hp.loader_args or {})
+        if hp.dataset == "files":
+            args["_fingerprint"] = files_fingerprint(args)
+        return PrepareConfig(dataset=hp.dataset, loader_args=args, window=self.window, split_seed=hp.split_seed,
+                             future_frac=hp.future_frac, primary_source=None, text_encoder=hp.text_encoder)
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.hparams.cache_dir) / "prepared" / f"{self.hparams.dataset}-{self.prepare_config().key()}"
+
+    def prepare_data(self) -> dict:
+        """Prepare once (validation, windows, texts, Arrow); reuse a valid cache."""
+        out = self.prepared_dir
+        meta = load_meta(out)
+        if meta is not None:
+            return meta
+        from data_modules.text import build_text_encoder
+
+        cfg = self.prepare_config()
+        loader_args = {k: v for k, v in cfg.loader_args.items() if not k.startswith("_")}
+        spec, chunks, primary = open_dataset(self.hparams.dataset, loader_args)
+        if primary is not None and primary not in spec.sources:
+            raise DataError(f"primary_source '{primary}' is not one of the declared sources {spec.sources}.")
+        cfg.primary_source = primary
+        return prepare_dataset(cfg, spec, chunks, out, lambda: build_text_encoder(self.hparams.text_encoder),
+                               Path(self.hparams.cache_dir) / "text", progress=self.hparams.progress)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        meta = load_meta(self.prepared_dir)
+        if meta is None:
+            raise DataError(f"{self.prepared_dir}: no prepared data; run prepare_data first (foundv2 data).")
+        self.meta = meta
+        self.spec = DatasetSpec.from_dict(meta["spec"])
+        self.table = _open_shards(self.prepared_dir, meta["shards"])
+        try:
+            self.text_emb = np.load(self.prepared_dir / "text_emb.npy", mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise DataError(f"{self.prepared_dir / 'text_emb.npy'}: corrupt ({err}); delete the folder to rebuild.") from err
+        self.split = np.asarray(self.table["split"], dtype=np.int64)
+
+    def summary(self) -> list[str]:
+        return summary_lines(self.meta or load_meta(self.prepared_dir), self.prepared_dir)
+
+    def dims(self) -> dict:
+        """What a stage needs to size itself."""
+        m = self.meta
+        return {
+            "num_sources": len(m["spec"]["sources"]),
+            "sources": list(m["spec"]["sources"]),
+            "num_items": int(m["num_items"]),
+            "num_categories": len(m["spec"]["categories"]),
+            "text_dim": int(m["text_dim"]),
+            "tabular_dim": len(m["spec"]["tabular_inputs"]),
+            "window_period": int(m["window_period"]),
+            "max_windows": int(self.hparams.max_windows),
+        }
+
+    # ---------------------------------------------------------------- loaders
+    def rows(self, splits: list[str] | str) -> np.ndarray:
+        splits = [splits] if isinstance(splits, str) else splits
+        return np.flatnonzero(np.isin(self.split, [SPLITS[s] for s in splits]))
+
+    def collate(self):
+        return EventCollate(self.meta, self.text_emb, self.hparams.max_windows, self.hparams.max_events)
+
+    def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
+        return DataLoader(UserRows(self.table, rows), batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          collate_fn=self.collate(), num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.rows("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.rows("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.rows("test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.rows(self.hparams.predict_splits or ["train", "val", "test"]), shuffle=False)
+
+    def state_dict(self) -> dict:
+        return {"prepared_key": self.prepare_config().key()}
+
+    def describe(self) -> str:
+        return json.dumps(self.dims())

@@ -1,0 +1,484 @@
+"""From canonical events and users to the prepared, memory-mapped per-user dataset.
+
+One pass over chunks of complete users (a chunk holds every event of its users):
+
+1. validate the chunk (schema.py) — any bad input stops the run before anything is published;
+2. sort each user's events by time (stable), split them into history and the last ceil(20%)
+   *future* events of the primary source (the other views of a moment follow it);
+3. cut the history into windows: calendar ``day`` / ``week`` or every ``size`` distinct moments
+   (``events``), and number the non-empty windows 0..W-1 per user;
+4. map items, texts and categories to global indices; write a templated summary of the future
+   for *training* users only (the semantic objective's target);
+5. append one Arrow shard per chunk.
+
+Everything is written into a temporary folder that is renamed into place only when the whole
+data set has passed; a crash or a DataError leaves nothing half-written. The text table is
+encoded once through the fp16 TextCache and stored beside the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from data_modules.schema import DataError, DatasetSpec, validate_events, validate_users
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SECONDS_PER_DAY = 86_400
+EPOCH_WEEKDAY_SHIFT = 3  # 1970-01-01 was a Thursday: +3 days makes weeks start on Monday
+ITEM_KEY_STRIDE = 1 << 40  # item ids must stay below 2**40 (checked) to share one int64 key with the source
+SPLIT_FRACTIONS = (0.8, 0.1)  # train, val; the rest is test (benchmark protocol §8)
+
+
+@dataclass
+class WindowConfig:
+    """How a user's history is cut into windows.
+
+    mode: ``day`` or ``week`` (calendar) or ``events`` (every ``size`` distinct moments; use it
+    for MovieLens, where most users rated everything within a day or two).
+    period: windows this far apart in key are periodic partners (same weekday in different
+    weeks for days: 7). Defaults: day 7, week 4, events 2.
+    """
+
+    mode: str = "day"
+    size: int = 16
+    period: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("day", "week", "events"):
+            raise DataError(f"window mode must be 'day', 'week' or 'events', not '{self.mode}'.")
+        if self.size < 1:
+            raise DataError(f"window size must be >= 1, not {self.size}.")
+        if self.period is None:
+            self.period = {"day": 7, "week": 4, "events": 2}[self.mode]
+
+
+def user_split(user_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic train/val/test (0/1/2) per user id: a splitmix64 hash of (id, seed).
+
+    It does not depend on chunking or on which other users exist, so a user keeps its split
+    when a data set grows.
+    """
+    with np.errstate(over="ignore"):
+        z = user_ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.where(u < SPLIT_FRACTIONS[0], 0, np.where(u < sum(SPLIT_FRACTIONS), 1, 2)).astype(np.int8)
+
+
+def _segment_starts(keys: np.ndarray) -> np.ndarray:
+    """Boolean: True where a new run of equal consecutive keys starts."""
+    start = np.ones(len(keys), dtype=bool)
+    if len(keys) > 1:
+        start[1:] = keys[1:] != keys[:-1]
+    return start
+
+
+def _rank_within(group_start: np.ndarray, new_value: np.ndarray) -> np.ndarray:
+    """Dense rank of a sorted value inside each group: 0 at each group start, +1 at each change."""
+    inc = (new_value & ~group_start).astype(np.int64)
+    c = np.cumsum(inc)
+    base = np.maximum.accumulate(np.where(group_start, c, 0))
+    return c - base
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
+
+
+class _Vocab:
+    """A growing key → index map (items, texts)."""
+
+    def __init__(self, first_index: int = 0):
+        self.index: dict = {}
+        self.keys: list = []
+        self.first = first_index
+
+    def map(self, values: np.ndarray) -> np.ndarray:
+        codes, uniques = pd.factorize(values)
+        lut = np.empty(len(uniques), dtype=np.int64)
+        for i, key in enumerate(uniques.tolist() if hasattr(uniques, "tolist") else uniques):
+            idx = self.index.get(key)
+            if idx is None:
+                idx = self.first + len(self.keys)
+                self.index[key] = idx
+                self.keys.append(key)
+            lut[i] = idx
+        return lut[codes] if len(codes) else np.zeros(0, dtype=np.int64)
+
+
+def _count_bin(n: int) -> str:
+    return "a few" if n <= 3 else "several" if n <= 10 else "many" if n <= 40 else "a great many"
+
+
+def future_summaries(uid: np.ndarray, cat: np.ndarray, src: np.ndarray, text: np.ndarray,
+                     spec: DatasetSpec) -> dict[int, str]:
+    """Templated text describing each user's future events (binned, frequency-aware).
+
+    ``uid`` etc. hold the future events of *training* users only; the caller guarantees it.
+    """
+    if len(uid) == 0:
+        return {}
+    df = pd.DataFrame({"u": uid, "c": cat, "s": src, "t": text})
+    out: dict[int, str] = {}
+    counts = df.groupby(["u", "s"]).size()
+    by_src: dict[int, list[str]] = {}
+    for (u, s), n in counts.items():
+        by_src.setdefault(int(u), []).append(f"{_count_bin(int(n))} {spec.sources[int(s)]} events")
+    with_cat = df[df["c"] >= 0]
+    top_cat: dict[int, list[str]] = {}
+    if len(with_cat):
+        cc = with_cat.groupby(["u", "c"]).size().rename("n").reset_index()
+        cc = cc.sort_values(["u", "n", "c"], ascending=[True, False, True]).groupby("u").head(3)
+        for u, grp in cc.groupby("u"):
+            top_cat[int(u)] = [spec.categories[int(c)] for c in grp["c"]]
+    no_cat = [u for u in by_src if u not in top_cat]
+    top_text: dict[int, list[str]] = {}
+    if no_cat:
+        tt = df[df["u"].isin(no_cat) & (df["t"] != "")]
+        if len(tt):
+            tc = tt.groupby(["u", "t"]).size().rename("n").reset_index()
+            tc = tc.sort_values(["u", "n", "t"], ascending=[True, False, True]).groupby("u").head(2)
+            for u, grp in tc.groupby("u"):
+                top_text[int(u)] = list(grp["t"])
+    for u, parts in by_src.items():
+        if u in top_cat:
+            what = "mostly " + ", ".join(top_cat[u])
+        elif u in top_text:
+            what = "things like " + "; ".join(top_text[u])
+        else:
+            what = "varied things"
+        out[u] = f"Next, this user will engage with {what}; " + ", ".join(parts) + "."
+    return out
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that decides the prepared data; its hash names the cache folder."""
+
+    dataset: str
+    loader_args: dict
+    window: WindowConfig
+    split_seed: int = 0
+    future_frac: float = 0.2
+    primary_source: str | None = None
+    text_encoder: str = "hashing"
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+class _Stats:
+    """Running figures for the summary and meta.json."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+        self.users = 0
+        self.empty_users = 0
+        self.events_per_source = np.zeros(len(spec.sources), dtype=np.int64)
+        self.hist_events = 0
+        self.fut_events = 0
+        self.windows: list[np.ndarray] = []
+        self.splits = np.zeros(3, dtype=np.int64)
+        self.label_counts: dict[str, np.ndarray] = {
+            lab.name: np.zeros(lab.num_classes, dtype=np.int64) for lab in spec.labels if lab.kind != "multilabel"
+        }
+        f = len(spec.tabular_inputs)
+        self.tab_sum = np.zeros(f)
+        self.tab_sq = np.zeros(f)
+        self.tab_n = 0
+        self.filtered: dict[str, int] = {}
+
+
+def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpec, cfg: PrepareConfig,
+                   items: _Vocab, texts: _Vocab, stats: _Stats, where: str) -> pa.Table:
+    ev = validate_events(events, spec.sources, where)
+    src_index = {s: i for i, s in enumerate(spec.sources)}
+    if users is not None:
+        users = validate_users(users, spec.tabular_inputs, spec.labels, where + " (users)")
+        known = np.isin(ev["user_id"].to_numpy(), users["user_id"].to_numpy())
+        if not known.all():
+            bad = ev.loc[~known, "user_id"].unique()[:5].tolist()
+            raise DataError(
+                f"{where}: {int((~known).sum())} event row(s) belong to user_id(s) missing from the users table, "
+                f"e.g. {bad}. Every user with events needs a row in the users table."
+            )
+        user_ids = users["user_id"].to_numpy()
+    else:
+        user_ids = np.unique(ev["user_id"].to_numpy())
+
+    uid = ev["user_id"].to_numpy()
+    ts = ev["timestamp"].to_numpy()
+    order = np.lexsort((np.arange(len(ev)), ts, uid))  # by user, then time; file order breaks ties
+    ev = ev.iloc[order].reset_index(drop=True)
+    uid, ts = uid[order], ts[order]
+    src = ev["source"].map(src_index).to_numpy().astype(np.int64)
+    raw_item = ev["item_id"].to_numpy()
+    if (raw_item >= ITEM_KEY_STRIDE).any():
+        raise DataError(f"{where}: column 'item_id' has values >= 2**40; re-number the items first.")
+    has_item = raw_item >= 0
+    item = np.zeros(len(ev), dtype=np.int64)
+    if has_item.any():
+        # one integer key per (source, item id): the same id in two sources is two items
+        item[has_item] = items.map(src[has_item] * ITEM_KEY_STRIDE + raw_item[has_item])
+    text_str = ev["text"].to_numpy(dtype=object)
+    has_text = text_str != ""
+    text = np.full(len(ev), -1, dtype=np.int64)
+    if has_text.any():
+        text[has_text] = texts.map(text_str[has_text])
+    cat_index = {c: i for i, c in enumerate(spec.categories)}
+    cat = ev["category"].map(cat_index).fillna(-1).to_numpy().astype(np.int64)
+    unknown_cat = (cat < 0) & (ev["category"].to_numpy(dtype=object) != "")
+    if unknown_cat.any():
+        stats.filtered["unknown_category_as_none"] = stats.filtered.get("unknown_category_as_none", 0) + int(unknown_cat.sum())
+        log.warning("%s: %d event(s) have a category outside the declared vocabulary; kept with no category",
+                    where, int(unknown_cat.sum()))
+    value = ev["value"].to_numpy().astype(np.float32)
+
+    # --- history / future ---------------------------------------------------------------
+    ustart = _segment_starts(uid)
+    ugroup = np.cumsum(ustart) - 1
+    prim = np.ones(len(ev), dtype=bool) if cfg.primary_source is None else src == src_index[cfg.primary_source]
+    pc = np.cumsum(prim)
+    pc_before = np.concatenate([[0], pc[:-1]])
+    prim_inclusive = pc - pc_before[ustart][ugroup]  # primary events so far within the user, inclusive
+    n_prim = np.bincount(ugroup, weights=prim, minlength=ugroup.max() + 1 if len(ugroup) else 0).astype(np.int64)
+    n_fut = np.ceil(n_prim * cfg.future_frac - 1e-9).astype(np.int64)
+    is_fut = prim_inclusive > (n_prim - n_fut)[ugroup]
+    hist = ~is_fut
+
+    # --- windows over the history ----------------------------------------------------------
+    w = cfg.window
+    if w.mode == "day":
+        key = ts // SECONDS_PER_DAY
+    elif w.mode == "week":
+        key = (ts // SECONDS_PER_DAY + EPOCH_WEEKDAY_SHIFT) // 7
+    else:
+        moment = _rank_within(ustart, _segment_starts(ts) | ustart)
+        key = moment // w.size
+    key = np.where(hist, key, np.iinfo(np.int64).max)  # future events never form windows
+    h_idx = np.flatnonzero(hist)
+    h_uid, h_key = uid[h_idx], key[h_idx]
+    h_ustart = _segment_starts(h_uid)
+    h_window = _rank_within(h_ustart, _segment_starts(h_key) | h_ustart)
+
+    # --- per-user assembly -----------------------------------------------------------------
+    ev_users = np.unique(uid)
+    sorter = np.argsort(user_ids, kind="stable")
+    user_sorted = user_ids[sorter]
+    pos = sorter[np.searchsorted(user_sorted, ev_users)]
+
+    def lists(idx_user: np.ndarray, columns: dict[str, tuple[np.ndarray, pa.DataType]]) -> dict[str, pa.Array]:
+        # idx_user: for each selected event, the row (0..n_users-1) of its user; events are sorted by user
+        counts = np.bincount(idx_user, minlength=len(user_ids))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        return {name: _list_array(vals, offsets, typ) for name, (vals, typ) in columns.items()}, counts
+
+    row_of_event = np.empty(len(ev), dtype=np.int64)
+    row_of_event[:] = pos[ugroup]
+    # events are sorted by user id; user_ids may be in another order: reorder events by row
+    by_row = np.argsort(row_of_event, kind="stable")
+    hist_sel = by_row[hist[by_row]]
+    fut_sel = by_row[is_fut[by_row]]
+    win_of_event = np.zeros(len(ev), dtype=np.int64)
+    win_of_event[h_idx] = h_window
+    hcols, hcounts = lists(row_of_event[hist_sel], {
+        "h_source": (src[hist_sel], pa.int8()), "h_item": (item[hist_sel], pa.int64()),
+        "h_text": (text[hist_sel], pa.int32()), "h_value": (value[hist_sel], pa.float32()),
+        "h_time": (ts[hist_sel], pa.int64()), "h_category": (cat[hist_sel], pa.int16()),
+        "h_window": (win_of_event[hist_sel], pa.int32()),
+    })
+    fcols, fcounts = lists(row_of_event[fut_sel], {
+        "f_source": (src[fut_sel], pa.int8()), "f_item": (item[fut_sel], pa.int64()),
+        "f_text": (text[fut_sel], pa.int32()), "f_category": (cat[fut_sel], pa.int16()),
+        "f_time": (ts[fut_sel], pa.int64()),
+    })
+    # window keys: one per (user, window ordinal), users in row order
+    wk_first = hist_sel[_segment_starts(row_of_event[hist_sel] * (1 << 32) + win_of_event[hist_sel])]
+    wk_rows = row_of_event[wk_first]
+    wk_counts = np.bincount(wk_rows, minlength=len(user_ids))
+    wk = _list_array(key[wk_first], np.concatenate([[0], np.cumsum(wk_counts)]), pa.int64())
+
+    split = user_split(user_ids, cfg.split_seed)
+    # future summaries of training users only: validation and test futures are never read
+    train_fut = fut_sel[split[row_of_event[fut_sel]] == 0]
+    summaries = future_summaries(row_of_event[train_fut], cat[train_fut], src[train_fut], text_str[train_fut], spec)
+    fut_text = np.full(len(user_ids), -1, dtype=np.int64)
+    if summaries:
+        rows = np.fromiter(summaries.keys(), dtype=np.int64, count=len(summaries))
+        fut_text[rows] = texts.map(np.asarray(list(summaries.values()), dtype=object))
+
+    table = {
+        "user_id": pa.array(user_ids, pa.int64()),
+        "split": pa.array(split, pa.int8()),
+        "n_hist": pa.array(hcounts, pa.int32()),
+        "n_fut": pa.array(fcounts, pa.int32()),
+        "n_windows": pa.array(wk_counts, pa.int32()),
+        **hcols, "w_key": wk, **fcols,
+        "fut_text": pa.array(fut_text, pa.int32()),
+    }
+    if spec.tabular_inputs:
+        tab = users[spec.tabular_inputs].to_numpy(np.float32)
+        table["tabular"] = pa.FixedSizeListArray.from_arrays(pa.array(tab.reshape(-1)), len(spec.tabular_inputs))
+        tr = tab[split == 0]
+        stats.tab_sum += tr.sum(0)
+        stats.tab_sq += (tr.astype(np.float64) ** 2).sum(0)
+        stats.tab_n += len(tr)
+    for lab in spec.labels:
+        if lab.kind == "multilabel":
+            continue
+        vals = users[lab.name].to_numpy(np.int64)
+        table[f"label/{lab.name}"] = pa.array(vals, pa.int64())
+        stats.label_counts[lab.name] += np.bincount(vals, minlength=lab.num_classes)[: lab.num_classes]
+
+    stats.users += len(user_ids)
+    stats.empty_users += int((hcounts + fcounts == 0).sum())
+    stats.events_per_source += np.bincount(src, minlength=len(spec.sources))
+    stats.hist_events += int(hist.sum())
+    stats.fut_events += int(is_fut.sum())
+    stats.windows.append(wk_counts.astype(np.int32))
+    stats.splits += np.bincount(split, minlength=3)
+    return pa.table(table)
+
+
+def _write_stream(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def prepare_dataset(
+    cfg: PrepareConfig,
+    spec: DatasetSpec,
+    chunks: Iterator[tuple[pd.DataFrame, pd.DataFrame | None, str]],
+    out_dir: Path,
+    encoder_factory,
+    text_cache_dir: Path,
+    progress: bool = True,
+) -> dict:
+    """Run the pass, encode the texts, publish ``out_dir`` atomically; return the meta dict."""
+    from tqdm.auto import tqdm
+
+    from data_modules.text import TextCache
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        items, texts, stats = _Vocab(first_index=1), _Vocab(), _Stats(spec)
+        for k, (events, users, where) in enumerate(tqdm(chunks, desc=f"prepare {cfg.dataset}", unit="chunk",
+                                                        disable=not progress)):
+            table = _process_chunk(events, users, spec, cfg, items, texts, stats, where)
+            _write_stream(table, tmp / f"users-{k:05d}.arrow")
+        if stats.users == 0:
+            raise DataError(f"{cfg.dataset}: no users were found; nothing to prepare.")
+        encoder = encoder_factory()
+        cache = TextCache(text_cache_dir, encoder)
+        emb = cache.embed([str(t) for t in texts.keys], progress=progress) if texts.keys else \
+            np.zeros((0, encoder.dim), np.float16)
+        np.save(tmp / "text_emb.npy", emb.astype(np.float16))
+        _write_stream(pa.table({"text": pa.array([str(t) for t in texts.keys], pa.string())}), tmp / "texts.arrow")
+        item_keys = np.asarray(items.keys, dtype=np.int64)
+        item_src, item_raw = item_keys // ITEM_KEY_STRIDE, item_keys % ITEM_KEY_STRIDE
+        _write_stream(pa.table({"source": item_src, "item_id": item_raw}), tmp / "items.arrow")
+        windows = np.concatenate(stats.windows) if stats.windows else np.zeros(0)
+        mean = stats.tab_sum / max(stats.tab_n, 1)
+        std = np.sqrt(np.maximum(stats.tab_sq / max(stats.tab_n, 1) - mean**2, 0.0))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": {**asdict(cfg), "key": cfg.key()},
+            "spec": spec.to_dict(),
+            "users": stats.users,
+            "empty_users": stats.empty_users,
+            "splits": dict(zip(("train", "val", "test"), stats.splits.tolist(), strict=True)),
+            "events_per_source": dict(zip(spec.sources, stats.events_per_source.tolist(), strict=True)),
+            "history_events": stats.hist_events,
+            "future_events": stats.fut_events,
+            "windows_per_user": {
+                "mean": float(windows.mean()) if len(windows) else 0.0,
+                "median": float(np.median(windows)) if len(windows) else 0.0,
+                "max": int(windows.max()) if len(windows) else 0,
+            },
+            "window_period": cfg.window.period,
+            "label_balance": {k: v.tolist() for k, v in stats.label_counts.items()},
+            "num_items": len(items.keys),
+            "num_texts": len(texts.keys),
+            "text_dim": int(encoder.dim),
+            "text_encoder": encoder.name,
+            "tabular_mean": mean.tolist(),
+            "tabular_std": np.where(std > 0, std, 1.0).tolist(),
+            "filtered": stats.filtered,
+            "shards": sorted(p.name for p in tmp.glob("users-*.arrow")),
+            "prepare_seconds": time.perf_counter() - t0,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        return meta
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_meta(prepared_dir: Path) -> dict | None:
+    """meta.json of a prepared folder, or None when it is missing or from another format version."""
+    p = Path(prepared_dir) / "meta.json"
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{p}: the prepared-data cache is corrupt ({err}); delete {prepared_dir} to rebuild it.") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        return None
+    missing = [s for s in meta.get("shards", []) + ["text_emb.npy", "texts.arrow", "items.arrow"]
+               if not (Path(prepared_dir) / s).exists()]
+    if missing:
+        raise DataError(f"{prepared_dir}: the prepared-data cache is incomplete (missing {missing[:3]}); "
+                        f"delete the folder to rebuild it.")
+    return meta
+
+
+def summary_lines(meta: dict, where: Path) -> list[str]:
+    """The human summary printed by ``foundv2 data``."""
+    spec = meta["spec"]
+    lines = [
+        f"data set        {spec['name']}  ({meta['config']['window']['mode']} windows, split seed "
+        f"{meta['config']['split_seed']})",
+        f"users           {meta['users']:,}  (train {meta['splits']['train']:,} / val {meta['splits']['val']:,} / "
+        f"test {meta['splits']['test']:,}; {meta['empty_users']} without events)",
+        "events/source   " + ", ".join(f"{k} {v:,}" for k, v in meta["events_per_source"].items()),
+        f"windows/user    mean {meta['windows_per_user']['mean']:.1f}, median {meta['windows_per_user']['median']:.0f}, "
+        f"max {meta['windows_per_user']['max']}",
+        f"history/future  {meta['history_events']:,} / {meta['future_events']:,} events "
+        f"(future = last {math.ceil(meta['config']['future_frac'] * 100)}% per user)",
+        f"items, texts    {meta['num_items']:,} items, {meta['num_texts']:,} distinct texts "
+        f"({meta['text_encoder']}, {meta['text_dim']}-d)",
+    ]
+    for lab, counts in meta["label_balance"].items():
+        tot = max(sum(counts), 1)
+        shares = ", ".join(f"{c / tot:.0%}" for c in counts[:8]) + (" ..." if len(counts) > 8 else "")
+        lines.append(f"label {lab:<11} {len(counts)} classes: {shares}")
+    if meta.get("filtered"):
+        lines.append("filtered        " + ", ".join(f"{k}: {v}" for k, v in meta["filtered"].items()))
+    lines.append(f"cache           {where}")
+    return lines

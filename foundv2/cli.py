@@ -1,0 +1,123 @@
+"""The ``foundv2`` command.
+
+``fit | validate | test | predict`` are LightningCLI subcommands over any stage (``model:
+class_path: foundv2.stages....``) and the UserDataModule (``data:``). The framework's own
+commands read the same YAML files:
+
+    foundv2 data --config experiments/movielens-1m/data.yaml     prepare a data set, print its summary
+
+Expected mistakes (bad input files, a missing wheel, a corrupt cache) print one paragraph and
+exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a stage",
+    "validate": "run a stage's validation loop",
+    "test": "run a stage's test loop",
+    "predict": "write a stage's output dataset (features, tokens, embeddings)",
+}
+OWN_COMMANDS = {
+    "data": "prepare a configured data set and print its summary",
+}
+
+USAGE = """usage: foundv2 <command> [--config FILE.yaml] [options]
+
+Commands (LightningCLI: --help after a command lists every option; --print_config prints the merged config):
+{lightning}
+Framework commands:
+{own}
+
+Example: foundv2 data --config experiments/movielens-1m/data.yaml
+"""
+
+
+def _usage() -> str:
+    fmt = lambda d: "\n".join(f"  {k:<10} {v}" for k, v in d.items())  # noqa: E731
+    return USAGE.format(lightning=fmt(LIGHTNING_COMMANDS), own=fmt(OWN_COMMANDS))
+
+
+def _fail(err: BaseException) -> int:
+    print(f"foundv2: error: {err}", file=sys.stderr)
+    return 2
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """Build the LightningCLI (``run=False`` only parses and instantiates: used by config tests)."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from data_modules.datamodule import UserDataModule
+
+    return LightningCLI(
+        LightningModule,
+        UserDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+    )
+
+
+def _has_omegaconf() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("omegaconf") is not None
+
+
+def data_command(args: list[str]) -> int:
+    """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    from data_modules.datamodule import UserDataModule
+
+    parser = ArgumentParser(prog="foundv2 data", description=OWN_COMMANDS["data"], default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section")
+    parser.add_class_arguments(UserDataModule, "data")
+    # the same YAML files also hold trainer/model/ckpt sections: accept and ignore them here
+    for extra in ("trainer", "model", "ckpt_path", "seed_everything", "optimizer", "lr_scheduler", "pipeline", "bench"):
+        parser.add_argument(f"--{extra}", type=object, default=None, help="(read by other commands)")
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    dm: UserDataModule = init.data
+    dm.prepare_data()
+    dm.setup()
+    print("\n".join(dm.summary()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data_modules.schema import DataError
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command = argv[0]
+    try:
+        if command in OWN_COMMANDS:
+            return {"data": data_command}[command](argv[1:])
+        if command in LIGHTNING_COMMANDS:
+            lightning_cli(argv)
+            return 0
+    except DataError as err:
+        return _fail(err)
+    print(_usage(), file=sys.stderr)
+    return _fail(ValueError(f"unknown command '{command}'"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
