@@ -19,6 +19,7 @@ the first offending rows. The CLI prints that paragraph and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -85,7 +86,9 @@ def validate_events(df: pd.DataFrame, sources: list[str], where: str) -> pd.Data
         raise DataError(f"{where}: the events table is empty (0 rows); a data set needs events.")
     missing = [c for c in EVENT_REQUIRED if c not in df.columns]
     if missing:
-        near = {m: [c for c in df.columns if c.lower().replace(" ", "_") == m or m in c.lower()] for m in missing}
+        norm = {"".join(ch for ch in str(c).lower() if ch.isalnum()): c for c in df.columns}
+        near = {m: [norm[n] for n in difflib.get_close_matches(m.replace("_", ""), list(norm), n=2, cutoff=0.75)]
+                for m in missing}
         hint = "; ".join(f"'{m}' (did you mean {near[m]}?)" if near[m] else f"'{m}'" for m in missing)
         raise DataError(
             f"{where}: missing required event column(s) {hint}. Found columns {list(df.columns)}; "

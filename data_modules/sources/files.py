@@ -34,10 +34,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def load_files(
     events: str | list[str],
-    users: str | None,
     sources: list[str],
-    tabular_inputs: list[str],
-    labels: list[dict],
+    users: str | None = None,
+    tabular_inputs: list[str] = (),
+    labels: list[dict] = (),
     categories: list[str] | None = None,
     name: str = "files",
 ) -> tuple[DatasetSpec, list[tuple[pd.DataFrame, str]], pd.DataFrame | None, str]:
