@@ -38,8 +38,7 @@ def open_dataset(dataset: str, loader_args: dict | None = None) -> tuple[Dataset
         from data_modules.sources.synthetic import generate_synthetic, synthetic_spec
 
         n_users = int(args.pop("n_users", 2000))
-        spec_keys = {k: args[k] for k in list(args) if k in ("n_categories",)}
-        spec = synthetic_spec(**spec_keys) if spec_keys else synthetic_spec()
+        spec = synthetic_spec()
         gen = generate_synthetic(n_users, **args)
         chunks = ((ev, us, f"synthetic chunk {k}") for k, (ev, us) in enumerate(gen))
         return spec, chunks, None

@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in OWN_COMMANDS:
             return {"data": data_command}[command](argv[1:])
         if command in LIGHTNING_COMMANDS:
+            if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
+                argv.append("--return_predictions=false")  # outputs stream to disk; never hold them all
             lightning_cli(argv)
             return 0
     except DataError as err:
