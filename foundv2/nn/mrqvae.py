@@ -1,0 +1,300 @@
+"""Multi-view RQ-VAE: per-source MLP encoders, the group residual quantiser, per-source decoders.
+
+Also the collision tools for whole code tuples: `collision_stats` and `disambiguate`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from foundv2.nn.quantizer import ResidualGroupQuantizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _mlp(dims: Sequence[int], dropout: float) -> nn.Sequential:
+    """Linear layers with GELU (and dropout) between them, none after the last."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers += [nn.GELU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class MRQVAEOutput:
+    """What `MultiViewRQVAE.forward` returns."""
+
+    recon: Tensor  # [N, D] fp32; a source of input dim d fills columns [:d], zeros after
+    codes: Tensor  # [N, L] long, -1 for masked rows (and for levels a quantiser does not have)
+    latent: Tensor  # [N, code_dim] encoder output (fp32)
+    quantized: Tensor  # [N, code_dim] quantised latent
+    losses: dict[str, Tensor]  # recon_mse, recon_mse/<source>, loss_codebook, loss_commit, loss
+    counts: Tensor  # [vocab_size] this batch's code usage by global id
+
+
+class MultiViewRQVAE(nn.Module):
+    """Per-source MLP encoder → `ResidualGroupQuantizer` → per-source MLP decoder.
+
+    Reconstruction loss: per row, the squared error is **summed over the source's features**
+    (``recon_reduction="sum"``, default) or averaged over them (``"mean"``); rows are then
+    averaged: ``recon_mse/<source>`` over that source's rows (0 when the batch has none, never
+    NaN), ``recon_mse`` over all valid rows. The reduction decides collapse: averaging over
+    features shrinks the reconstruction term by the input dimension relative to the
+    (dimension-averaged) commitment term, so the encoder is pulled onto few codes; summing keeps
+    reconstruction dominant.
+
+    ``loss = recon_mse + loss_codebook + beta * loss_commit`` (quantiser terms as documented in
+    `foundv2.nn.quantizer`; with ``tabular_separate`` the tabular quantiser's terms are added).
+
+    Args:
+        input_dims: one input dim shared by all sources, or a dict source → input dim (then the
+            dict's order is the source order and ``sources`` may be omitted).
+        sources: source names (index = the ``source`` value in ``forward``).
+        code_dim: latent / code dimension (paper 256).
+        hidden: hidden widths of the encoder MLPs (decoders use them reversed).
+        dropout: dropout between MLP layers.
+        recon_reduction: ``"sum"`` or ``"mean"`` over features (see above).
+        layout, n_shared_levels, n_specific_levels, shared_codes, specific_codes, beta:
+            as in `ResidualGroupQuantizer`.
+        tabular_separate: the source named ``tabular_source`` gets its own plain residual
+            quantiser (``tabular_levels`` × ``tabular_codes``) instead of the group quantiser.
+        tabular_source: name of the tabular source.
+        tabular_levels: levels of the tabular quantiser (default: the group quantiser's).
+        tabular_codes: codebook size per level of the tabular quantiser.
+        quantizer_options: other keyword arguments of `ResidualGroupQuantizer` (kmeans_init,
+            respawn, ema, sinkhorn_last, rotation_trick, ...), used by both quantisers.
+    """
+
+    def __init__(
+        self,
+        input_dims: int | dict[str, int],
+        sources: Sequence[str] | None = None,
+        code_dim: int = 256,
+        hidden: Sequence[int] = (512,),
+        dropout: float = 0.0,
+        recon_reduction: Literal["sum", "mean"] = "sum",
+        layout: Literal["sequential", "union"] = "sequential",
+        n_shared_levels: int = 4,
+        n_specific_levels: int = 2,
+        shared_codes: int | Sequence[int] = 1024,
+        specific_codes: int | Sequence[int] = 1024,
+        beta: float = 0.25,
+        tabular_separate: bool = False,
+        tabular_source: str = "tabular",
+        tabular_levels: int | None = None,
+        tabular_codes: int = 1024,
+        quantizer_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(input_dims, dict):
+            sources = list(sources) if sources is not None else list(input_dims)
+            dims = {s: int(input_dims[s]) for s in sources}
+        else:
+            if sources is None:
+                raise ValueError("sources are required when input_dims is one int")
+            sources = list(sources)
+            dims = {s: int(input_dims) for s in sources}
+        if recon_reduction not in ("sum", "mean"):
+            raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {recon_reduction!r}")
+        self.config = dict(
+            input_dims=dims, sources=sources, code_dim=code_dim, hidden=list(hidden), dropout=dropout,
+            recon_reduction=recon_reduction, layout=layout, n_shared_levels=n_shared_levels,
+            n_specific_levels=n_specific_levels,
+            shared_codes=shared_codes if isinstance(shared_codes, int) else list(shared_codes),
+            specific_codes=specific_codes if isinstance(specific_codes, int) else list(specific_codes),
+            beta=beta, tabular_separate=tabular_separate, tabular_source=tabular_source,
+            tabular_levels=tabular_levels, tabular_codes=tabular_codes,
+            quantizer_options=dict(quantizer_options or {}),
+        )  # fmt: skip
+        self.sources = sources
+        self.input_dims = dims
+        self.max_dim = max(dims.values())
+        self.recon_reduction = recon_reduction
+        self.encoders = nn.ModuleList(_mlp([dims[s], *hidden, code_dim], dropout) for s in sources)
+        self.decoders = nn.ModuleList(
+            _mlp([code_dim, *reversed(list(hidden)), dims[s]], dropout) for s in sources
+        )
+
+        self.tabular_separate = tabular_separate and tabular_source in sources
+        grouped = [s for s in sources if not (self.tabular_separate and s == tabular_source)]
+        options = dict(quantizer_options or {})
+        self.quantizer = ResidualGroupQuantizer(
+            code_dim, grouped, layout=layout, n_shared_levels=n_shared_levels,
+            n_specific_levels=n_specific_levels, shared_codes=shared_codes,
+            specific_codes=specific_codes, beta=beta, **options,
+        )  # fmt: skip
+        # source index → index among the grouped sources (-1: the separate tabular source)
+        to_group = torch.tensor([grouped.index(s) if s in grouped else -1 for s in sources])
+        self.register_buffer("to_group", to_group, persistent=False)
+        self.tabular_quantizer: ResidualGroupQuantizer | None = None
+        if self.tabular_separate:
+            self.tabular_quantizer = ResidualGroupQuantizer(
+                code_dim, [tabular_source], layout="sequential",
+                n_shared_levels=tabular_levels or self.quantizer.n_levels, n_specific_levels=0,
+                shared_codes=tabular_codes, beta=beta, **options,
+            )  # fmt: skip
+        self.n_levels = max(
+            self.quantizer.n_levels, self.tabular_quantizer.n_levels if self.tabular_quantizer else 0
+        )
+        self.vocab_size = self.quantizer.vocab_size + (
+            self.tabular_quantizer.vocab_size if self.tabular_quantizer else 0
+        )
+
+    # ------------------------------------------------------------------------------ forward
+    def _rows(self, source: Tensor, valid: Tensor) -> list[Tensor]:
+        """Row indices of each source among the valid rows."""
+        return [((source == i) & valid).nonzero().flatten() for i in range(len(self.sources))]
+
+    def encode_latent(self, feat: Tensor, source: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Encoder outputs ``[N, code_dim]`` (fp32; zeros for masked rows)."""
+        valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
+        z = feat.new_zeros(feat.shape[0], self.config["code_dim"], dtype=torch.float32)
+        for i, rows in enumerate(self._rows(source, valid)):
+            if rows.numel():
+                z[rows] = self.encoders[i](feat[rows, : self.input_dims[self.sources[i]]]).float()
+        return z
+
+    def _quantize(self, z: Tensor, source: Tensor, valid: Tensor):
+        """Run the group quantiser (and the tabular one); combine their outputs."""
+        group_src = self.to_group[source.clamp(0, len(self.sources) - 1)]
+        is_tab = group_src < 0
+        out = self.quantizer(z, group_src.clamp_min(0), valid & ~is_tab)
+        codes = torch.full((z.shape[0], self.n_levels), -1, dtype=torch.long, device=z.device)
+        codes[:, : self.quantizer.n_levels] = out.codes
+        quantized, counts = out.quantized, out.counts
+        loss_codebook, loss_commit, loss = out.loss_codebook, out.loss_commit, out.loss
+        if self.tabular_quantizer is not None:
+            tab = self.tabular_quantizer(z, torch.zeros_like(group_src), valid & is_tab)
+            quantized = quantized + tab.quantized  # each is zero on the other's rows
+            tab_codes = torch.where(is_tab[:, None], tab.codes, -1)
+            codes[:, : self.tabular_quantizer.n_levels] = torch.where(
+                is_tab[:, None], tab_codes, codes[:, : self.tabular_quantizer.n_levels]
+            )
+            counts = torch.cat([counts, tab.counts])
+            loss_codebook, loss_commit = loss_codebook + tab.loss_codebook, loss_commit + tab.loss_commit
+            loss = loss + tab.loss
+        return quantized, codes, counts, loss_codebook, loss_commit, loss
+
+    def decode(self, quantized: Tensor, source: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Decoder outputs ``[N, max input dim]`` (fp32; a source fills its first d columns)."""
+        valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
+        recon = quantized.new_zeros(quantized.shape[0], self.max_dim, dtype=torch.float32)
+        for i, rows in enumerate(self._rows(source, valid)):
+            if rows.numel():
+                recon[rows, : self.input_dims[self.sources[i]]] = self.decoders[i](quantized[rows]).float()
+        return recon
+
+    def forward(self, feat: Tensor, source: Tensor, mask: Tensor | None = None) -> MRQVAEOutput:
+        """Encode, quantise and reconstruct ``feat [N, D]`` (D = the largest input dim) of sources
+        ``source [N]``; rows with ``mask`` False are ignored."""
+        source = source.long()
+        valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
+        z = self.encode_latent(feat, source, valid)
+        quantized, codes, counts, loss_codebook, loss_commit, loss_q = self._quantize(z, source, valid)
+        recon = self.decode(quantized, source, valid)
+
+        losses: dict[str, Tensor] = {}
+        total = recon.new_zeros(())
+        for i, rows in enumerate(self._rows(source, valid)):
+            d = self.input_dims[self.sources[i]]
+            err = (recon[rows, :d] - feat[rows, :d].float()).pow(2)
+            per_row = err.sum(1) if self.recon_reduction == "sum" else err.mean(1)
+            losses[f"recon_mse/{self.sources[i]}"] = per_row.sum() / max(rows.numel(), 1)
+            total = total + per_row.sum()
+        losses["recon_mse"] = total / valid.sum().clamp_min(1)
+        losses["loss_codebook"] = loss_codebook
+        losses["loss_commit"] = loss_commit
+        losses["loss"] = losses["recon_mse"] + loss_q
+        return MRQVAEOutput(
+            recon=recon, codes=codes, latent=z, quantized=quantized, losses=losses, counts=counts
+        )
+
+    @torch.no_grad()
+    def tokenize(self, feat: Tensor, source: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Codes ``[N, L]`` of the inputs (no reconstruction, no training side effects)."""
+        valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.encode_latent(feat, source.long(), valid)
+            return self._quantize(z, source.long(), valid)[1]
+        finally:
+            self.train(was_training)
+
+    # ---------------------------------------------------------------------------- global ids
+    def global_ids(self, codes: Tensor, source: Tensor) -> Tensor:
+        """Global token ids ``[N, L]`` in ``[0, vocab_size)`` (-1 stays -1): the group quantiser's
+        ids first, then the tabular quantiser's."""
+        group_src = self.to_group[source.long().clamp(0, len(self.sources) - 1)]
+        is_tab = (group_src < 0)[:, None]
+        out = torch.full_like(codes, -1)
+        n = self.quantizer.n_levels
+        out[:, :n] = self.quantizer.global_ids(codes[:, :n], group_src.clamp_min(0))
+        if self.tabular_quantizer is not None:
+            m = self.tabular_quantizer.n_levels
+            tab = self.tabular_quantizer.global_ids(codes[:, :m], torch.zeros_like(group_src))
+            tab = torch.where(tab >= 0, tab + self.quantizer.vocab_size, -1)
+            out[:, :m] = torch.where(is_tab, tab, out[:, :m])
+            out = torch.where(is_tab & (torch.arange(out.shape[1], device=out.device) >= m), -1, out)
+        return out
+
+    # -------------------------------------------------------------------------- persistence
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (weights and quantiser state)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MultiViewRQVAE:
+        """Rebuild a model saved by `save_pretrained` (in eval mode)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        model = cls(**json.loads((folder / CONFIG_FILE).read_text()))
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)))
+        return model.to(map_location).eval()
+
+
+# ------------------------------------------------------------------------------ collisions
+def collision_stats(tuples: Tensor) -> dict[str, float]:
+    """Collisions of whole code tuples ``[N, K]`` (one row per (user, window)):
+    ``collision_rate`` share of rows whose tuple also occurs in another row, ``max_dup`` the
+    largest number of rows sharing one tuple, ``unique_frac`` distinct tuples / rows."""
+    n = tuples.shape[0]
+    if n == 0:
+        return {"collision_rate": 0.0, "max_dup": 0.0, "unique_frac": 1.0}
+    _, inverse, counts = torch.unique(tuples, dim=0, return_inverse=True, return_counts=True)
+    return {
+        "collision_rate": float((counts[inverse] > 1).float().mean()),
+        "max_dup": float(counts.max()),
+        "unique_frac": counts.numel() / n,
+    }
+
+
+def disambiguate(tuples: Tensor) -> Tensor:
+    """Extra index ``[N]`` that makes every (tuple, index) unique: the occurrence number of the
+    row's tuple among the rows before it (0 for the first occurrence)."""
+    n = tuples.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=tuples.device)
+    _, inverse, counts = torch.unique(tuples, dim=0, return_inverse=True, return_counts=True)
+    order = torch.sort(inverse, stable=True).indices  # rows grouped by tuple, original order kept
+    starts = torch.cumsum(counts, 0) - counts
+    extra = torch.empty(n, dtype=torch.long, device=tuples.device)
+    extra[order] = torch.arange(n, device=tuples.device) - starts[inverse[order]]
+    return extra

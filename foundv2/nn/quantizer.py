@@ -1,0 +1,607 @@
+"""Residual quantisation with shared and source-specific codebooks (the core of stage 2).
+
+`ResidualGroupQuantizer` quantises latents of several *sources* over L residual levels. Every
+level owns one table laid out as ``[shared block | block of source 0 | block of source 1 | ...]``
+(either kind of block may be empty); a row of source ``s`` may only pick codes from the shared
+block or from block ``s``: the distances to every other block are masked with +inf.
+The two layouts are two ways to size the blocks:
+
+- ``sequential`` (the paper, default): levels ``0 .. n_shared_levels-1`` have a shared block only,
+  the next ``n_specific_levels`` levels have one block per source only.
+- ``union`` (the official code): every one of the ``n_shared_levels + n_specific_levels`` levels
+  has a shared block *and* one block per source.
+
+Stored codes (`codes[:, l]`) index *the level's table as the row's source sees it*: in
+``union`` the whole table (shared block first), in ``sequential`` the shared codebook on shared
+levels and the source's own codebook on specific levels. Every (level, block, code) also has one
+*global id* (`global_ids`), so code 12 of level 1 and code 12 of level 2 are different tokens.
+All tables live in one parameter ``codebook[vocab_size, dim]`` indexed by global id.
+
+Losses (RQ-VAE, Lee et al. 2022): per level ``l`` with residual ``r_l = z - sg(q_0 + .. + q_{l-1})``,
+``codebook = mse(q_l, sg(r_l))`` and ``commit = mse(r_l, sg(q_l))``, each averaged over valid rows
+and dimensions and then averaged over levels. ``loss_codebook`` and ``loss_commit`` are returned
+unweighted (for logging); ``loss = loss_codebook + beta * loss_commit`` is what to train on.
+With ``ema=True`` the codebook is not trained by gradients and ``loss_codebook`` is 0.
+
+Distances, argmin, k-means, respawn and EMA updates run in fp32 with autocast disabled.
+Codebook care (k-means init, dead-code respawn, EMA statistics) is decided identically on every
+DDP rank: latents are all-gathered, rank 0 computes, the result is broadcast. Without a process
+group everything runs locally.
+
+Note for DDP users: the usage counters are buffers meant to be *summed* over ranks
+(`usage_metrics(sync=True)` does it); wrap the model with ``broadcast_buffers=False`` so that DDP
+does not overwrite them with rank 0's (codebook and EMA state are synchronised here anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+SHARED = -1  # block id of a level's shared block; source blocks are numbered 0 .. S-1
+_EPS = 1e-8  # guards norms and divisions against zero
+
+
+# --------------------------------------------------------------------------- distributed helpers
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_rank0() -> bool:
+    return not _dist_on() or dist.get_rank() == 0
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (rows may differ in number) from every rank; ``x`` itself when alone."""
+    if not _dist_on():
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = max(int(s) for s in sizes)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+
+def _broadcast_(*tensors: Tensor) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's values."""
+    if _dist_on():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of ``t`` over ranks (a new tensor)."""
+    t = t.clone()
+    if _dist_on():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------- maths helpers
+def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
+    """Squared euclidean distances ``[N, K]`` between rows of ``x`` and ``c`` (fp32 inputs)."""
+    return x.pow(2).sum(1, keepdim=True) - 2.0 * x @ c.t() + c.pow(2).sum(1)[None, :]
+
+
+def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding then ``iters`` Lloyd iterations; returns ``[k, dim]`` centres.
+
+    With fewer points than centres, points are repeated; the duplicates end up unused and the
+    dead-code respawn replaces them later. Empty clusters keep their previous centre.
+    """
+    n = x.shape[0]
+    if n <= k:
+        pick = torch.cat(
+            [torch.randperm(n, generator=generator), torch.randint(n, (k - n,), generator=generator)]
+        )
+        return x[pick.to(x.device)].clone()
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [x[first]]
+    closest = (x - x[first]).pow(2).sum(1)
+    for _ in range(1, k):  # k-means++: next centre drawn with probability ∝ squared distance
+        weights = closest.clamp_min(0).cpu().double()
+        nxt = int(torch.multinomial(weights, 1, generator=generator)) if weights.sum() > 0 else 0
+        centres.append(x[nxt])
+        closest = torch.minimum(closest, (x - x[nxt]).pow(2).sum(1))
+    c = torch.stack(centres)
+    for _ in range(iters):
+        assign = _sq_dist(x, c).argmin(1)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        filled = counts > 0
+        c[filled] = sums[filled] / counts[filled, None]
+    return c
+
+
+def _sinkhorn_argmin(d: Tensor, iters: int, temperature: float) -> Tensor:
+    """Balanced assignment: Sinkhorn-Knopp on ``exp(-d / (temperature * std(d)))``, then argmax.
+
+    Masked (+inf) distances get zero mass; codes that no row may reach are left out of the
+    column normalisation. ``d`` is ``[N, K]`` fp32.
+    """
+    finite = torch.isfinite(d)
+    scale = d[finite].std().clamp_min(_EPS) * temperature
+    logits = torch.where(finite, -(d - d[finite].min()) / scale, torch.full_like(d, -math.inf))
+    reachable = finite.any(0, keepdim=True)
+    for _ in range(iters):
+        col = torch.logsumexp(logits, dim=0, keepdim=True)
+        logits = logits - torch.where(reachable, col, torch.zeros_like(col))  # equal mass per code
+        logits = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # one unit per row
+    return logits.argmax(1)
+
+
+def _rotate_to(e: Tensor, q: Tensor) -> Tensor:
+    """Rotation trick (Fifty et al. 2024): maps ``e`` onto ``q`` by a rotation + rescaling treated
+    as a constant, so the gradient wrt ``e`` is rotated instead of copied. Value ≈ ``q``."""
+    e_norm = e.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    q_norm = q.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    e_hat = (e / e_norm).detach()
+    q_hat = (q / q_norm).detach()
+    r = e_hat + q_hat
+    r = (r / r.norm(dim=1, keepdim=True).clamp_min(_EPS)).detach()
+    scale = (q_norm / e_norm).detach()
+    return scale * (e - 2 * r * (r * e).sum(1, keepdim=True) + 2 * q_hat * (e_hat * e).sum(1, keepdim=True))
+
+
+def _masked_mse(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
+    """Mean squared error over valid rows and all dimensions; 0 (not NaN) without valid rows."""
+    sq = (a - b).pow(2).sum(1) * valid
+    return sq.sum() / (valid.sum().clamp_min(1) * a.shape[1])
+
+
+def _as_list(x: int | Sequence[int], n: int, name: str) -> list[int]:
+    out = [int(x)] * n if isinstance(x, int) else [int(v) for v in x]
+    if len(out) != n:
+        raise ValueError(f"{name} has {len(out)} entries, expected {n}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class LevelLayout:
+    """One level's table: ``[shared block | S source blocks]``, global ids from ``offset``."""
+
+    offset: int  # global id of the level's first code
+    n_shared: int  # size of the shared block (0: none)
+    n_specific: int  # size of each source's block (0: none)
+    n_sources: int
+
+    @property
+    def size(self) -> int:
+        return self.n_shared + self.n_sources * self.n_specific
+
+    def block(self, block: int) -> tuple[int, int]:
+        """(start, stop) of a block inside the level's table; ``block`` is SHARED or a source."""
+        if block == SHARED:
+            return 0, self.n_shared
+        start = self.n_shared + block * self.n_specific
+        return start, start + self.n_specific
+
+    def blocks(self) -> list[int]:
+        """The non-empty blocks of this level."""
+        out = [SHARED] if self.n_shared else []
+        return out + (list(range(self.n_sources)) if self.n_specific else [])
+
+
+@dataclass
+class QuantizerOutput:
+    """What `ResidualGroupQuantizer.forward` returns."""
+
+    quantized: Tensor  # [N, dim] sum of the chosen codes, gradient straight-through (or rotated) to z
+    codes: Tensor  # [N, L] long, index in the level's table as the row's source sees it; -1 if masked
+    loss_codebook: Tensor  # scalar, unweighted
+    loss_commit: Tensor  # scalar, unweighted (multiply by beta, or use `loss`)
+    loss: Tensor  # loss_codebook + beta * loss_commit
+    counts: Tensor  # [vocab_size] float, this batch's code usage by global id (valid rows only)
+
+
+# --------------------------------------------------------------------------------- quantizer
+class ResidualGroupQuantizer(nn.Module):
+    """Residual quantiser over L levels with shared and per-source codebooks.
+
+    Args:
+        dim: latent (code) dimension.
+        sources: source names (their order defines the source index used in ``forward``).
+        layout: ``"sequential"`` (paper) or ``"union"`` (official code); see the module docstring.
+        n_shared_levels: sequential: levels using the shared codebook.
+        n_specific_levels: sequential: following levels using per-source codebooks.
+            In ``union`` every one of the ``n_shared_levels + n_specific_levels`` levels has both.
+        shared_codes: shared codebook (block) size, an int or one per shared level
+            (``union``: one per level).
+        specific_codes: per-source codebook (block) size, an int or one per specific level
+            (``union``: one per level).
+        beta: commitment weight used in ``loss`` (paper 0.25).
+        kmeans_init: initialise every level by k-means on the residuals of buffered real latents.
+        kmeans_buffer: latents (summed over ranks) to buffer before the k-means init.
+        kmeans_iters: Lloyd iterations of the k-means init.
+        respawn: replace dead codes on every level with recent residuals of that level.
+        respawn_every: training steps in a respawn window.
+        dead_fraction: a code used less than this fraction of its block's mean use in the
+            window is dead.
+        recent_size: recent residuals kept per level (per rank) to draw replacements from.
+        ema: update codes by exponential moving averages instead of gradients.
+        ema_decay: EMA decay.
+        sinkhorn_last: balance the last level's assignment with Sinkhorn-Knopp in training.
+        sinkhorn_iters: Sinkhorn iterations.
+        sinkhorn_temperature: softmax temperature, in units of the distances' std.
+        rotation_trick: pass gradients through the rotation trick instead of straight-through.
+        codebook_init_std: std of the N(0, std²) initial codebook (before any k-means).
+        seed: seed of the generator used by k-means and respawn (rank 0).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        sources: Sequence[str],
+        layout: Literal["sequential", "union"] = "sequential",
+        n_shared_levels: int = 4,
+        n_specific_levels: int = 2,
+        shared_codes: int | Sequence[int] = 1024,
+        specific_codes: int | Sequence[int] = 1024,
+        beta: float = 0.25,
+        kmeans_init: bool = True,  # k-means init from a buffer of real latents
+        kmeans_buffer: int = 4096,  # rows over all ranks; ≥ a few times the largest block
+        kmeans_iters: int = 10,  # Lloyd iterations after k-means++ seeding
+        respawn: bool = True,  # dead-code respawn on every level
+        respawn_every: int = 100,  # steps per usage window
+        dead_fraction: float = 0.03,  # dead: use < 3 % of the block's mean use in the window
+        recent_size: int = 2048,  # recent residuals kept per level for respawn
+        ema: bool = False,  # EMA codebook updates (paper: no EMA)
+        ema_decay: float = 0.99,  # EMA decay
+        sinkhorn_last: bool = False,  # Sinkhorn-balanced assignment of the last level (training)
+        sinkhorn_iters: int = 5,  # Sinkhorn-Knopp iterations
+        sinkhorn_temperature: float = 0.05,  # temperature in units of std(distances)
+        rotation_trick: bool = False,  # rotation trick instead of straight-through
+        codebook_init_std: float = 1.0,  # N(0, 1) like the official code
+        seed: int = 0,  # generator seed for k-means / respawn
+    ) -> None:
+        super().__init__()
+        if layout not in ("sequential", "union"):
+            raise ValueError(f"layout must be 'sequential' or 'union', got {layout!r}")
+        self.dim = dim
+        self.sources = list(sources)
+        self.layout = layout
+        self.beta = beta
+        self.kmeans_init, self.kmeans_buffer, self.kmeans_iters = kmeans_init, kmeans_buffer, kmeans_iters
+        self.respawn, self.respawn_every, self.dead_fraction = respawn, respawn_every, dead_fraction
+        self.recent_size = recent_size
+        self.ema, self.ema_decay = ema, ema_decay
+        self.sinkhorn_last, self.sinkhorn_iters = sinkhorn_last, sinkhorn_iters
+        self.sinkhorn_temperature = sinkhorn_temperature
+        self.rotation_trick = rotation_trick
+        self.seed = seed
+
+        n_src, n_levels = len(self.sources), n_shared_levels + n_specific_levels
+        if layout == "sequential":
+            sizes = [(k, 0) for k in _as_list(shared_codes, n_shared_levels, "shared_codes")]
+            sizes += [(0, k) for k in _as_list(specific_codes, n_specific_levels, "specific_codes")]
+        else:
+            sizes = list(
+                zip(
+                    _as_list(shared_codes, n_levels, "shared_codes"),
+                    _as_list(specific_codes, n_levels, "specific_codes"),
+                    strict=True,
+                )
+            )
+        self.levels: list[LevelLayout] = []
+        offset = 0
+        for n_shared, n_specific in sizes:
+            self.levels.append(LevelLayout(offset, n_shared, n_specific, n_src))
+            offset += self.levels[-1].size
+        self.vocab_size = offset
+        if min(lv.size for lv in self.levels) == 0:
+            raise ValueError("every level needs at least one code")
+
+        # allowed[s, g]: source s may pick global id g; local_base[l, s]: table index - stored code
+        allowed = torch.zeros(n_src, self.vocab_size, dtype=torch.bool)
+        local_base = torch.zeros(n_levels, n_src, dtype=torch.long)
+        for li, lv in enumerate(self.levels):
+            for s in range(n_src):
+                for b in (SHARED, s):
+                    start, stop = lv.block(b)
+                    allowed[s, lv.offset + start : lv.offset + stop] = True
+                if layout == "sequential" and lv.n_specific:
+                    local_base[li, s] = lv.block(s)[0]
+        self.register_buffer("allowed", allowed, persistent=False)
+        self.register_buffer("local_base", local_base, persistent=False)
+        self.register_buffer(
+            "level_offsets", torch.tensor([lv.offset for lv in self.levels]), persistent=False
+        )
+
+        self.codebook = nn.Parameter(
+            torch.randn(self.vocab_size, dim) * codebook_init_std, requires_grad=not ema
+        )
+        if ema:
+            self.register_buffer("ema_count", torch.ones(self.vocab_size))
+            self.register_buffer("ema_sum", self.codebook.detach().clone())
+        self.register_buffer("initialised", torch.tensor(not kmeans_init))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training forwards so far
+        self.register_buffer("usage", torch.zeros(self.vocab_size))  # since `reset_usage`, training
+        self.register_buffer("window_usage", torch.zeros(self.vocab_size))  # current respawn window
+        self.register_buffer("respawned", torch.zeros(n_levels))  # codes respawned since reset
+        # recent residuals for respawn (ring buffer, local to the rank, not saved)
+        self.register_buffer("recent", torch.zeros(recent_size, n_levels, dim), persistent=False)
+        self.register_buffer(
+            "recent_source", torch.full((recent_size,), -1, dtype=torch.long), persistent=False
+        )
+        self._recent_ptr = 0
+        self._init_rows: list[tuple[Tensor, Tensor]] = []  # buffered (latents, sources) before init
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    # ------------------------------------------------------------------------------ forward
+    def _assign(self, r: Tensor, level: int, source: Tensor, table: Tensor, balanced: bool = False) -> Tensor:
+        """Index in the level's table of the nearest allowed code for each row (no gradient)."""
+        lv = self.levels[level]
+        d = _sq_dist(r, table)
+        d = d.masked_fill(~self.allowed[source, lv.offset : lv.offset + lv.size], math.inf)
+        if balanced and r.shape[0] > 1:
+            return _sinkhorn_argmin(d, self.sinkhorn_iters, self.sinkhorn_temperature)
+        return d.argmin(1)
+
+    def forward(self, z: Tensor, source: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantise ``z [N, dim]`` of sources ``source [N]``; rows with ``mask`` False are ignored
+        (zero output, codes -1, no loss, no usage)."""
+        valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
+        src = torch.where(valid, source.long(), 0).clamp(0, len(self.sources) - 1)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z32 = z.float()
+            if self.training and not bool(self.initialised):
+                self._collect_for_init(z32[valid].detach(), src[valid])
+            codebook = self.codebook.float()
+            residual = z32
+            q_total = torch.zeros_like(z32)
+            codes = torch.full((z.shape[0], self.n_levels), -1, dtype=torch.long, device=z.device)
+            gids = torch.full_like(codes, -1)
+            loss_codebook = z32.new_zeros(())
+            loss_commit = z32.new_zeros(())
+            for li, lv in enumerate(self.levels):
+                table = codebook[lv.offset : lv.offset + lv.size]
+                r_det = residual.detach()
+                with torch.no_grad():
+                    last = li == self.n_levels - 1
+                    balanced = self.sinkhorn_last and last and self.training
+                    idx = torch.zeros_like(src)
+                    idx[valid] = self._assign(r_det[valid], li, src[valid], table.detach(), balanced)
+                q = torch.where(valid[:, None], table[idx], 0.0)
+                codes[:, li] = torch.where(valid, idx - self.local_base[li, src], -1)
+                gids[:, li] = torch.where(valid, idx + lv.offset, -1)
+                loss_codebook = loss_codebook + _masked_mse(q, r_det, valid)
+                loss_commit = loss_commit + _masked_mse(residual, q.detach(), valid)
+                q_total = q_total + q.detach()
+                residual = residual - q.detach()
+                if self.training and self.respawn and bool(self.initialised):
+                    self._remember(li, r_det[valid], src[valid])
+            loss_codebook = loss_codebook / self.n_levels
+            loss_commit = loss_commit / self.n_levels
+            if self.ema:
+                loss_codebook = loss_codebook.detach() * 0.0
+            # value exactly q_total; gradient of g (identity = straight-through, or rotated)
+            g = _rotate_to(z32, q_total) if self.rotation_trick else z32
+            quantized = q_total + torch.where(valid[:, None], g - g.detach(), 0.0)
+            counts = torch.bincount(gids[valid].flatten(), minlength=self.vocab_size).float()
+            if self.training:
+                self._after_step(counts, gids, residual_inputs=(z32.detach(), valid))
+        return QuantizerOutput(
+            quantized=quantized.to(z.dtype),
+            codes=codes,
+            loss_codebook=loss_codebook,
+            loss_commit=loss_commit,
+            loss=loss_codebook + self.beta * loss_commit,
+            counts=counts,
+        )
+
+    # ------------------------------------------------------------------------ ids and decode
+    def global_ids(self, codes: Tensor, source: Tensor) -> Tensor:
+        """Map stored ``codes [N, L]`` of sources ``source [N]`` to global ids in
+        ``[0, vocab_size)``; -1 stays -1."""
+        src = source.long().clamp(0, len(self.sources) - 1)
+        gid = codes + self.level_offsets[None, :] + self.local_base.t()[src]
+        return torch.where(codes >= 0, gid, -1)
+
+    def token_info(self, gids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inverse of `global_ids`: (level, block, index in block) per id; block is SHARED (-1)
+        or a source index. Entries of -1 ids are -1."""
+        ok = gids >= 0
+        g = gids.clamp_min(0)
+        level = torch.searchsorted(self.level_offsets, g, right=True) - 1
+        n_shared = torch.tensor([lv.n_shared for lv in self.levels], device=g.device)[level]
+        n_specific = torch.tensor([lv.n_specific for lv in self.levels], device=g.device)[level]
+        in_level = g - self.level_offsets[level]
+        is_shared = in_level < n_shared
+        spec = (in_level - n_shared).clamp_min(0)
+        block = torch.where(is_shared, SHARED, spec // n_specific.clamp_min(1))
+        index = torch.where(is_shared, in_level, spec % n_specific.clamp_min(1))
+        return tuple(torch.where(ok, t, -1) for t in (level, block, index))  # type: ignore[return-value]
+
+    def codes_from_global_ids(self, gids: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of `global_ids` for rows ``[N, L]``: (codes [N, L], source [N]). The source is
+        read from the first source-specific id of the row, -1 when the row has none."""
+        level, block, _ = self.token_info(gids)
+        blocks = torch.where(block >= 0, block, torch.iinfo(torch.long).max).min(1).values
+        source = torch.where(blocks == torch.iinfo(torch.long).max, -1, blocks)
+        bases = self.global_ids(torch.zeros_like(gids), source.clamp_min(0))  # global id of code 0
+        return torch.where(gids >= 0, gids - bases, -1), source
+
+    def decode_codes(self, codes: Tensor, source: Tensor) -> Tensor:
+        """Sum of the code vectors of ``codes [N, L]`` (fp32, zero for -1); in eval mode equal
+        to ``forward(...).quantized``."""
+        gid = self.global_ids(codes, source)
+        codebook = self.codebook.detach().float()
+        out = torch.zeros(codes.shape[0], self.dim, device=codes.device)
+        for li in range(self.n_levels):
+            out = out + torch.where(gid[:, li, None] >= 0, codebook[gid[:, li].clamp_min(0)], 0.0)
+        return out
+
+    # ------------------------------------------------------------------------- codebook care
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + int(self.step))
+
+    @torch.no_grad()
+    def _collect_for_init(self, z: Tensor, source: Tensor) -> None:
+        """Buffer latents; once ``kmeans_buffer`` rows exist over all ranks, run the k-means init."""
+        self._init_rows.append((z, source))
+        have = _all_reduce_sum(torch.tensor(sum(r.shape[0] for r, _ in self._init_rows), device=z.device))
+        if int(have) >= self.kmeans_buffer:
+            self.init_codebooks()
+
+    @torch.no_grad()
+    def init_codebooks(self) -> None:
+        """k-means init of every level from the buffered latents of all ranks (rank 0 computes,
+        broadcasts). Level l is fitted on the residuals left by levels < l; the shared block on all
+        rows, a source's block on that source's rows."""
+        z = (
+            torch.cat([r for r, _ in self._init_rows])
+            if self._init_rows
+            else self.codebook.new_zeros(0, self.dim)
+        )
+        s = (
+            torch.cat([s for _, s in self._init_rows])
+            if self._init_rows
+            else z.new_zeros(0, dtype=torch.long)
+        )
+        z, s = _gather_rows(z.float()), _gather_rows(s)
+        table = self.codebook.detach().float().clone()
+        if _is_rank0() and z.shape[0] > 0:
+            gen = self._generator()
+            residual = z
+            for li, lv in enumerate(self.levels):
+                for b in lv.blocks():
+                    rows = residual if b == SHARED else residual[s == b]
+                    start, stop = lv.block(b)
+                    if rows.shape[0] > 0:
+                        table[lv.offset + start : lv.offset + stop] = kmeans(
+                            rows, stop - start, self.kmeans_iters, gen
+                        )
+                level_table = table[lv.offset : lv.offset + lv.size]
+                residual = residual - level_table[self._assign(residual, li, s, level_table)]
+        _broadcast_(table)
+        self.codebook.data.copy_(table.to(self.codebook.dtype))
+        if self.ema:
+            self.ema_count.fill_(1.0)
+            self.ema_sum.copy_(table)
+        self.initialised.fill_(True)
+        self._init_rows = []
+
+    @torch.no_grad()
+    def _remember(self, level: int, residual: Tensor, source: Tensor) -> None:
+        """Write this step's residuals of ``level`` into the ring buffer (level 0 moves the pointer)."""
+        n = min(residual.shape[0], self.recent_size)
+        pos = (self._recent_ptr + torch.arange(n, device=residual.device)) % self.recent_size
+        self.recent[pos, level] = residual[-n:]
+        if level == self.n_levels - 1:
+            self.recent_source[pos] = source[-n:]
+            self._recent_ptr = (self._recent_ptr + n) % self.recent_size
+
+    @torch.no_grad()
+    def _after_step(self, counts: Tensor, gids: Tensor, residual_inputs: tuple[Tensor, Tensor]) -> None:
+        """Usage bookkeeping, EMA update and, every ``respawn_every`` steps, the respawn."""
+        self.step += 1
+        if not bool(self.initialised):
+            return
+        self.usage += counts
+        self.window_usage += counts
+        if self.ema:
+            self._ema_update(gids, *residual_inputs)
+        if self.respawn and int(self.step) % self.respawn_every == 0:
+            self.respawn_dead_codes()
+
+    @torch.no_grad()
+    def _ema_update(self, gids: Tensor, z: Tensor, valid: Tensor) -> None:
+        """EMA of per-code counts and residual sums (summed over ranks), codebook = sum / count."""
+        codebook = self.codebook.detach().float()
+        counts = torch.zeros(self.vocab_size, device=z.device)
+        sums = torch.zeros(self.vocab_size, self.dim, device=z.device)
+        residual = z[valid]
+        for li in range(self.n_levels):
+            g = gids[valid, li]
+            counts.index_add_(0, g, torch.ones_like(g, dtype=counts.dtype))
+            sums.index_add_(0, g, residual)
+            residual = residual - codebook[g]
+        counts, sums = _all_reduce_sum(counts), _all_reduce_sum(sums)
+        self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
+        alive = self.ema_count > _EPS
+        new = torch.where(alive[:, None], self.ema_sum / self.ema_count.clamp_min(_EPS)[:, None], codebook)
+        self.codebook.data.copy_(new.to(self.codebook.dtype))
+
+    @torch.no_grad()
+    def respawn_dead_codes(self) -> Tensor:
+        """Replace, on every level and block, the codes whose use in the current window (summed
+        over ranks) is below ``dead_fraction`` × the block's mean by random recent residuals of
+        that level (of the block's source). Returns the number respawned per level; resets the
+        window. Identical on every rank."""
+        window = _all_reduce_sum(self.window_usage)
+        have = self.recent_source >= 0
+        recent = _gather_rows(self.recent[have])
+        recent_source = _gather_rows(self.recent_source[have])
+        table = self.codebook.detach().float().clone()
+        replaced = torch.zeros(self.vocab_size, device=table.device)
+        if _is_rank0():
+            gen = self._generator()
+            for li, lv in enumerate(self.levels):
+                for b in lv.blocks():
+                    start, stop = lv.block(b)
+                    use = window[lv.offset + start : lv.offset + stop]
+                    dead = (use < self.dead_fraction * use.mean()).nonzero().flatten()
+                    pool = recent[:, li] if b == SHARED else recent[recent_source == b, li]
+                    if dead.numel() == 0 or pool.shape[0] == 0:
+                        continue
+                    if pool.shape[0] >= dead.numel():
+                        pick = torch.randperm(pool.shape[0], generator=gen)[: dead.numel()]
+                    else:
+                        pick = torch.randint(pool.shape[0], (dead.numel(),), generator=gen)
+                    table[lv.offset + start + dead] = pool[pick.to(pool.device)]
+                    replaced[lv.offset + start + dead] = 1.0
+        _broadcast_(table, replaced)
+        self.codebook.data.copy_(table.to(self.codebook.dtype))
+        if self.ema:
+            hit = replaced.bool()
+            self.ema_count[hit] = 1.0
+            self.ema_sum[hit] = table[hit]
+        per_level = torch.stack([replaced[lv.offset : lv.offset + lv.size].sum() for lv in self.levels])
+        self.respawned += per_level
+        self.window_usage.zero_()
+        return per_level
+
+    # --------------------------------------------------------------------------------- usage
+    def reset_usage(self) -> None:
+        """Zero the per-epoch usage and respawn counters (call at the start of an epoch)."""
+        self.usage.zero_()
+        self.respawned.zero_()
+
+    @torch.no_grad()
+    def usage_metrics(self, counts: Tensor | None = None, sync: bool = True) -> dict[str, float]:
+        """Codebook health from usage counts by global id (default: the training usage since
+        `reset_usage`, summed over ranks when ``sync``): ``util/L{l}/shared``,
+        ``util/L{l}/<source>`` (share of the block's codes used), ``perplexity/L{l}`` (exp of
+        the entropy of the level's code distribution), ``dead_codes/L{l}`` (unused codes of the
+        level), ``respawned/L{l}``. Levels are numbered from 0 like the columns of ``codes``."""
+        counts = self.usage if counts is None else counts
+        if sync:
+            counts = _all_reduce_sum(counts)
+        out: dict[str, float] = {}
+        for li, lv in enumerate(self.levels):
+            level = counts[lv.offset : lv.offset + lv.size].float()
+            for b in lv.blocks():
+                start, stop = lv.block(b)
+                name = "shared" if b == SHARED else self.sources[b]
+                out[f"util/L{li}/{name}"] = float((level[start:stop] > 0).float().mean())
+            p = level / level.sum().clamp_min(_EPS)
+            out[f"perplexity/L{li}"] = float(torch.exp(-(p * p.clamp_min(_EPS).log()).sum()))
+            out[f"dead_codes/L{li}"] = float((level == 0).sum())
+            out[f"respawned/L{li}"] = float(self.respawned[li])
+        return out
