@@ -1,0 +1,258 @@
+"""The causal Q-Former of stage 1 (U2QT) and its per-source reconstruction head.
+
+Every user has W windows and S sources. For every (window w, source s) view, ``Q`` learnable
+queries (one set per source, shared by all windows, plus a learned window-position embedding)
+produce that view's vector. All ``T = W * S * Q`` query tokens of a user are processed in one
+batched pass of pre-norm transformer blocks (self-attention, cross-attention, MLP) with masks:
+
+- **cross-attention (early fusion, causal)**: a query of window w attends to the encoded events
+  of *all* sources whose window is ≤ w (``ev_mask`` respected), to optional always-visible
+  context tokens (the tabular profile, which has no time), and to one learned *null* slot. The
+  null slot means a query of a window with no visible event at all (possible when
+  ``max_events`` keeps only the latest events, or for a user with no events) still has a key
+  to attend to: no all-masked row, no NaN.
+- **self-attention (block causal)**: a query of (w, s) sees every query of windows < w. Within
+  its own window the order is set by ``within_window``: ``"all"`` (default) — every query of
+  every source of window w is visible (the window is one time step, and cross-attention already
+  sees all its events, so nothing leaks); ``"source"`` — source-causal, queries of (w, s')
+  visible for s' ≤ s only (sources in index order), the queries of one view always see each
+  other.
+
+So the output for window w depends on events of windows ≤ w only — exactly, since masked keys
+get zero weight — whatever the later windows hold. ``views`` is the mean of the Q query outputs
+of each view (after a final LayerNorm); ``present`` says which (w, s) had ≥ 1 event. Views of
+absent slices are still defined (the source's view of the user's state at that window); views
+of padded windows (``win_mask`` False) are zeroed.
+
+Why not ``transformers``' ``Blip2QFormerModel``: its layers *can* take a 4-D per-query mask
+(in transformers 5 ``create_bidirectional_mask`` passes a prepared 4-D mask through), but it is
+a post-norm BERT with its own embedding LayerNorm and text/query splitting, its mask handling
+differs between the 4.x versions our floor allows and 5.x (``get_extended_attention_mask`` vs
+``masking_utils``), and an all-masked cross-attention row gives NaN under SDPA. A small
+pre-norm module over ``torch.nn.functional.scaled_dot_product_attention`` is ~80 lines, is
+version-independent, and has the null slot built in.
+
+Cost per layer: self-attention O(T²) and cross-attention O(T · E) per user (E = events of the
+user in the batch, capped by ``max_events`` in the data module).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QFormerOutput(NamedTuple):
+    """Output of :class:`CausalQFormer`: ``views`` [B, W, S, dim], ``present`` [B, W, S] bool."""
+
+    views: torch.Tensor
+    present: torch.Tensor
+
+
+def slice_presence(
+    ev_window: torch.Tensor,
+    ev_source: torch.Tensor,
+    ev_mask: torch.Tensor,
+    num_windows: int,
+    num_sources: int,
+) -> torch.Tensor:
+    """Event counts per (user, window, source): [B, W, S] float (events of window ≥ W dropped)."""
+    b = ev_window.shape[0]
+    ok = ev_mask & (ev_window >= 0) & (ev_window < num_windows) & (ev_source >= 0) & (ev_source < num_sources)
+    idx = torch.where(ok, ev_window * num_sources + ev_source, torch.zeros_like(ev_window))
+    counts = torch.zeros(b, num_windows * num_sources, device=ev_window.device)
+    counts.scatter_add_(1, idx, ok.float())
+    return counts.view(b, num_windows, num_sources)
+
+
+class _Attention(nn.Module):
+    """Multi-head attention with a boolean mask (True = may attend)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        m = mem.shape[1]
+        h = self.num_heads
+        q = self.q(x).view(b, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(mem).view(mem.shape[0], m, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(o.transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    """Pre-norm block: causal self-attention among queries, cross-attention to events, MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_sa = nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, num_heads, dropout)
+        self.norm_ca = nn.LayerNorm(dim)
+        self.norm_mem = nn.LayerNorm(dim)
+        self.cross_attn = _Attention(dim, num_heads, dropout)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def forward(
+        self, x: torch.Tensor, mem: torch.Tensor, self_mask: torch.Tensor, cross_mask: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.norm_sa(x)
+        x = x + self.self_attn(h, h, self_mask)
+        x = x + self.cross_attn(self.norm_ca(x), self.norm_mem(mem), cross_mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class CausalQFormer(nn.Module):
+    """Causal Q-Former: Q learnable queries per source view, early fusion over all sources,
+    causal over windows (see the module docstring for the exact masks).
+
+    Args:
+        num_sources: S, the number of event sources (one view per source and window).
+        dim: width of the event encodings, the queries and the output views.
+        num_queries: Q, learnable queries per source view.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads (must divide ``dim``).
+        max_windows: the most windows a user may have (size of the window-position table).
+        mlp_ratio: hidden width of the block MLP, as a multiple of ``dim``.
+        dropout: dropout on attention weights and in the MLP.
+        within_window: visibility among the queries of one window: ``"all"`` (every source of
+            the window) or ``"source"`` (source-causal, in source-index order).
+    """
+
+    def __init__(
+        self,
+        num_sources: int,
+        dim: int,
+        num_queries: int = 4,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        max_windows: int = 64,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        within_window: Literal["all", "source"] = "all",
+    ) -> None:
+        super().__init__()
+        if within_window not in ("all", "source"):
+            raise ValueError(f"within_window must be 'all' or 'source', got {within_window!r}")
+        self.num_sources = num_sources
+        self.dim = dim
+        self.num_queries = num_queries
+        self.max_windows = max_windows
+        self.within_window = within_window
+        # Small init as in BERT / BLIP-2 query tokens.
+        self.queries = nn.Parameter(torch.randn(num_sources, num_queries, dim) * 0.02)
+        self.window_pos = nn.Embedding(max_windows, dim)
+        nn.init.normal_(self.window_pos.weight, std=0.02)
+        self.null_kv = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def token_index(
+        self, num_windows: int, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window and source of each of the ``W * S * Q`` query tokens (order: w, then s, then q)."""
+        s, q = self.num_sources, self.num_queries
+        tok = torch.arange(num_windows * s * q, device=device)
+        return tok // (s * q), (tok // q) % s
+
+    def self_attention_mask(self, num_windows: int, device: torch.device | None = None) -> torch.Tensor:
+        """[T, T] bool, True where query token i may attend to token j (block causal)."""
+        win, src = self.token_index(num_windows, device)
+        earlier = win[None, :] < win[:, None]
+        same = win[None, :] == win[:, None]
+        if self.within_window == "all":
+            return earlier | same
+        return earlier | (same & (src[None, :] <= src[:, None]))
+
+    def forward(
+        self,
+        events: torch.Tensor,
+        ev_window: torch.Tensor,
+        ev_source: torch.Tensor,
+        ev_mask: torch.Tensor,
+        win_mask: torch.Tensor,
+        context: torch.Tensor | None = None,
+    ) -> QFormerOutput:
+        """Fuse a batch of users' encoded events into one vector per (window, source) view.
+
+        Args:
+            events: [B, E, dim] encoded events (:class:`~foundv2.nn.encoders.EventEncoder`).
+            ev_window: [B, E] window ordinal of each event.
+            ev_source: [B, E] source index of each event.
+            ev_mask: [B, E] True on real events.
+            win_mask: [B, W] True on the user's real windows; W ≤ ``max_windows``.
+            context: optional [B, M, dim] tokens every query may always see (e.g. the tabular
+                profile from :class:`~foundv2.nn.encoders.TabularEncoder`, unsqueezed).
+
+        Returns:
+            :class:`QFormerOutput` with ``views`` [B, W, S, dim] and ``present`` [B, W, S].
+        """
+        b, w_count = win_mask.shape
+        if w_count > self.max_windows:
+            raise ValueError(
+                f"the batch has {w_count} windows but the Q-Former was built with max_windows="
+                f"{self.max_windows}; raise max_windows or cap the windows per user in the data module"
+            )
+        s, q, d = self.num_sources, self.num_queries, self.dim
+        device = events.device
+        win_tok, src_tok = self.token_index(w_count, device)
+        x = self.queries[src_tok, torch.arange(len(win_tok), device=device) % q] + self.window_pos(win_tok)
+        x = x.unsqueeze(0).expand(b, -1, -1)
+
+        # Memory: null slot, context tokens, events. Cross mask [B, T, 1 + M + E].
+        parts = [self.null_kv.expand(b, -1, -1).to(events.dtype)]
+        always = [torch.ones(b, 1, dtype=torch.bool, device=device)]
+        if context is not None:
+            parts.append(context.to(events.dtype))
+            always.append(torch.ones(b, context.shape[1], dtype=torch.bool, device=device))
+        mem = torch.cat([*parts, events], dim=1)
+        visible_win = ev_mask[:, None, :] & (
+            ev_window[:, None, :] <= torch.arange(w_count, device=device)[None, :, None]
+        )
+        cross_win = torch.cat([torch.cat(always, 1)[:, None, :].expand(-1, w_count, -1), visible_win], dim=2)
+        cross_mask = cross_win[:, win_tok]  # [B, T, 1 + M + E]
+        self_mask = self.self_attention_mask(w_count, device)[None]
+
+        for block in self.blocks:
+            x = block(x, mem, self_mask, cross_mask)
+        views = self.norm_out(x).view(b, w_count, s, q, d).mean(dim=3)
+        views = views * win_mask[:, :, None, None]
+        present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
+        return QFormerOutput(views, present)
+
+
+class ReconstructionHead(nn.Module):
+    """Per-source linear head from views [B, W, S, dim] to each source's pooled input
+    features [B, W, S, target_dim] (see :func:`foundv2.objectives.pooled_slice_targets`).
+
+    Args:
+        num_sources: S.
+        dim: width of the views.
+        target_dim: width of the pooled targets (text-embedding width + 1).
+    """
+
+    def __init__(self, num_sources: int, dim: int, target_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_sources, dim, target_dim))
+        self.bias = nn.Parameter(torch.zeros(num_sources, target_dim))
+        bound = dim**-0.5  # the default nn.Linear init range
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """[B, W, S, dim] → [B, W, S, target_dim], source s through its own weights."""
+        return torch.einsum("bwsd,sdp->bwsp", views, self.weight) + self.bias
