@@ -65,7 +65,7 @@ class UserRows(Dataset):
     def __getitems__(self, idx: list[int]) -> dict:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
         batch = self.table[rows.tolist()]
-        batch["row"] = rows.tolist()
+        batch.setdefault("row", rows.tolist())  # a stage output carries the prepared row itself
         return batch
 
 
@@ -146,6 +146,30 @@ class EventCollate:
         return out
 
 
+class SliceCollate:
+    """Rows of a features dataset → the flat slice batch of data_modules/batch.py."""
+
+    def __call__(self, cols: dict) -> dict:
+        if isinstance(cols, list):
+            cols = {k: [c[k] for c in cols] for k in cols[0]}
+        counts = [len(w) for w in cols["slice_window"]]
+        B = len(counts)
+        feats = [np.asarray(f, np.float32).reshape(len(w), -1) for f, w in zip(cols["feat"], cols["slice_window"],
+                                                                                strict=True)]
+        dim = max((f.shape[1] for f in feats if f.size), default=0)
+        return {
+            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
+            "row": torch.as_tensor(np.asarray(cols["row"], np.int64)),
+            "split": torch.as_tensor(np.asarray(cols["split"], np.int64)),
+            "slice_user": torch.repeat_interleave(torch.arange(B), torch.as_tensor(counts, dtype=torch.long)),
+            "slice_window": torch.as_tensor(np.concatenate([np.asarray(w, np.int64) for w in cols["slice_window"]])
+                                            if B else np.zeros(0, np.int64)),
+            "slice_source": torch.as_tensor(np.concatenate([np.asarray(w, np.int64) for w in cols["slice_source"]])
+                                            if B else np.zeros(0, np.int64)),
+            "feat": torch.as_tensor(np.concatenate([f.reshape(-1, dim) for f in feats]) if B else np.zeros((0, dim))),
+        }
+
+
 class UserDataModule(L.LightningDataModule):
     """Users' multi-source histories for every stage.
 
@@ -166,6 +190,8 @@ class UserDataModule(L.LightningDataModule):
         max_events: most recent history events kept per user in a batch.
         predict_splits: which users ``predict`` covers.
         progress: show progress bars while preparing.
+        features_dir: a features dataset (a stage-1 ``predict`` output); when set, batches are
+            slice batches of those features instead of event batches.
     """
 
     def __init__(
@@ -185,11 +211,14 @@ class UserDataModule(L.LightningDataModule):
         max_events: int = 512,
         predict_splits: list[str] | None = None,
         progress: bool = True,
+        features_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.window = WindowConfig(window_mode, window_size, window_period)
         self.meta: dict | None = None
+        self.features_meta: dict | None = None
+        self.features = None
         self.table = None
         self.text_emb = None
 
@@ -237,6 +266,11 @@ class UserDataModule(L.LightningDataModule):
         except (ValueError, OSError) as err:
             raise DataError(f"{self.prepared_dir / 'text_emb.npy'}: corrupt ({err}); delete the folder to rebuild.") from err
         self.split = np.asarray(self.table["split"], dtype=np.int64)
+        if self.hparams.features_dir:
+            from foundv2.io import read_stage_output
+
+            self.features, self.features_meta = read_stage_output(self.hparams.features_dir)
+            self.features_split = np.asarray(self.features["split"], dtype=np.int64)
 
     def summary(self) -> list[str]:
         return summary_lines(self.meta or load_meta(self.prepared_dir), self.prepared_dir)
@@ -258,13 +292,17 @@ class UserDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- loaders
     def rows(self, splits: list[str] | str) -> np.ndarray:
         splits = [splits] if isinstance(splits, str) else splits
-        return np.flatnonzero(np.isin(self.split, [SPLITS[s] for s in splits]))
+        split = self.features_split if self.features is not None else self.split
+        return np.flatnonzero(np.isin(split, [SPLITS[s] for s in splits]))
 
     def collate(self):
+        if self.features is not None:
+            return SliceCollate()
         return EventCollate(self.meta, self.text_emb, self.hparams.max_windows, self.hparams.max_events)
 
     def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
-        return DataLoader(UserRows(self.table, rows), batch_size=self.hparams.batch_size, shuffle=shuffle,
+        table = self.features if self.features is not None else self.table
+        return DataLoader(UserRows(table, rows), batch_size=self.hparams.batch_size, shuffle=shuffle,
                           collate_fn=self.collate(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 

@@ -1,0 +1,267 @@
+"""TokenizerStage: stage 2, the multi-view RQ-VAE over (user, window, source) slice features.
+
+Input: a features dataset (``data.features_dir``: stage-1 output, Arrow) or, when none is given,
+the built-in pooled features computed on the fly from event batches. Output of ``predict``:
+the tokens dataset (codes and global token ids per slice, one Arrow part per rank) plus
+``report.json`` with collisions and storage (bits per code, bytes per user, ratio to fp32/fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from foundv2.io import ArrowPredictionWriter, read_stage_output
+from foundv2.nn.mrqvae import MultiViewRQVAE, collision_stats, disambiguate
+from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.stages.pooled import split_by_user
+
+
+def window_tuples(slice_user: torch.Tensor, slice_window: torch.Tensor, slice_source: torch.Tensor,
+                  codes: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """One row per (user, window): the codes of every source in that window (-1 where absent)."""
+    key = slice_user * (1 << 20) + slice_window
+    uniq, inv = torch.unique(key, return_inverse=True)
+    L_ = codes.shape[1]
+    out = torch.full((len(uniq), num_sources, L_), -1, dtype=torch.long)
+    out[inv, slice_source] = codes.long()
+    return out.reshape(len(uniq), num_sources * L_)
+
+
+def storage_report(model: MultiViewRQVAE, n_slices_per_user: float, n_windows_per_user: float,
+                   feature_dim: int) -> dict:
+    """Bits per code per level (ceil(log2 of the table a source picks from)), bytes per user."""
+    q = model.quantizer
+    bits = []
+    for lv in q.levels:
+        sizes = [lv.block(b)[1] - lv.block(b)[0] for b in lv.blocks()]
+        # union: a source picks from the shared block or its own; sequential: one codebook per level
+        choices = sizes[0] + max(sizes[1:], default=0) if q.layout == "union" else max(sizes)
+        bits.append(math.ceil(math.log2(max(choices, 2))))
+    bits_per_slice = sum(bits)
+    bytes_per_user = n_slices_per_user * bits_per_slice / 8
+    fp32 = n_slices_per_user * feature_dim * 4
+    return {
+        "bits_per_code": bits,
+        "bits_per_slice": bits_per_slice,
+        "slices_per_user": n_slices_per_user,
+        "windows_per_user": n_windows_per_user,
+        "bytes_per_user": bytes_per_user,
+        "fp32_bytes_per_user": fp32,
+        "fp16_bytes_per_user": fp32 / 2,
+        "ratio_fp32": fp32 / max(bytes_per_user, 1e-9),
+        "ratio_fp16": fp32 / 2 / max(bytes_per_user, 1e-9),
+    }
+
+
+class TokenizerStage(L.LightningModule):
+    """Stage 2: multi-view RQ-VAE with shared and source-specific codebooks.
+
+    Args:
+        layout: ``sequential`` (paper: shared levels then source-specific levels) or ``union``
+            (official code: every level = shared block + one block per source).
+        n_shared_levels: levels with the shared codebook (sequential) / per level shared block.
+        n_specific_levels: levels with source-specific codebooks (sequential).
+        shared_codes: codes per shared codebook (int, or one per level).
+        specific_codes: codes per source-specific codebook (int, or one per level).
+        code_dim: width of the code space.
+        hidden: hidden widths of the per-source encoder/decoder MLPs.
+        beta: commitment weight (paper 0.25).
+        recon_reduction: ``sum`` over features (default; keeps reconstruction dominant, which
+            prevents collapse) or ``mean``.
+        quantizer_options: extra ResidualGroupQuantizer keywords (kmeans_buffer, respawn_every,
+            dead_fraction, ema, sinkhorn_last, rotation_trick ...).
+        lr: AdamW learning rate (paper 1e-3).
+        weight_decay: AdamW weight decay.
+        item_dim: width of the item codes of the built-in pooled features.
+        predict_dir: where ``predict`` writes the tokens dataset and report.json.
+        export_dir: where ``fit`` saves the trained tokenizer (save_pretrained folder).
+        pretrained: a save_pretrained folder to start from (``foundv2 tokenize`` uses it).
+    """
+
+    def __init__(
+        self,
+        layout: str = "sequential",
+        n_shared_levels: int = 2,
+        n_specific_levels: int = 1,
+        shared_codes: int | list[int] = 256,
+        specific_codes: int | list[int] = 64,
+        code_dim: int = 64,
+        hidden: list[int] = (256,),
+        beta: float = 0.25,
+        recon_reduction: str = "sum",
+        quantizer_options: dict | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        item_dim: int = 32,
+        predict_dir: str | None = None,
+        export_dir: str | None = None,
+        pretrained: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: MultiViewRQVAE | None = None
+        self.pooled: PooledSliceFeatures | None = None
+        self.sources: list[str] = []
+        self._val_tuples: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ building
+    def setup(self, stage: str) -> None:
+        if self.model is not None:
+            return
+        dm = self.trainer.datamodule
+        dims = dm.dims()
+        if getattr(dm, "features_meta", None):
+            self.sources = list(dm.features_meta["sources"])
+            feat_dim = int(dm.features_meta["dim"])
+        else:
+            self.pooled = PooledSliceFeatures(dims["num_sources"], dims["num_items"], dims["num_categories"],
+                                              dims["text_dim"], dims["tabular_dim"], self.hparams.item_dim)
+            self.sources = dims["sources"] + (["profile"] if dims["tabular_dim"] else [])
+            feat_dim = self.pooled.dim
+        self.feature_dim = feat_dim
+        hp = self.hparams
+        if hp.pretrained:
+            self.model = MultiViewRQVAE.from_pretrained(hp.pretrained)
+            if list(self.model.sources) != self.sources:
+                from data_modules.schema import DataError
+
+                raise DataError(f"{hp.pretrained}: the tokenizer was trained on sources {list(self.model.sources)}, "
+                                f"but this data set has {self.sources}.")
+            return
+        self.model = MultiViewRQVAE(
+            input_dims=feat_dim, sources=self.sources, code_dim=hp.code_dim, hidden=tuple(hp.hidden),
+            recon_reduction=hp.recon_reduction, layout=hp.layout, n_shared_levels=hp.n_shared_levels,
+            n_specific_levels=hp.n_specific_levels, shared_codes=hp.shared_codes,
+            specific_codes=hp.specific_codes, beta=hp.beta, quantizer_options=dict(hp.quantizer_options or {}),
+        )
+
+    def configure_callbacks(self):
+        return [ArrowPredictionWriter(self.hparams.predict_dir)] if self.hparams.predict_dir else []
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ steps
+    def slices(self, batch: dict) -> dict:
+        if "feat" in batch:
+            return batch
+        out = self.pooled(batch)
+        return out
+
+    def model_step(self, batch: dict, stage: str):
+        s = self.slices(batch)
+        out = self.model(s["feat"].float(), s["slice_source"])
+        n = int(s["feat"].shape[0])
+        for k, v in out.losses.items():
+            self.log(f"{stage}/{k}", v, on_step=stage == "train", on_epoch=True, batch_size=n,
+                     sync_dist=stage != "train", prog_bar=k in ("loss", "recon_mse"))
+        return out, s
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out, _ = self.model_step(batch, "train")
+        return out.losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        out, s = self.model_step(batch, "val")
+        self._val_tuples.append(window_tuples(s["slice_user"] + batch_idx * 100_000, s["slice_window"],
+                                              s["slice_source"], out.codes, len(self.sources)).cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_tuples:
+            return
+        width = max(t.shape[1] for t in self._val_tuples)
+        local = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in self._val_tuples])
+        self._val_tuples.clear()
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            local = torch.cat(gathered)
+        stats = collision_stats(local)
+        # `val/collision_rate` can pick the checkpoint (LC-Rec keeps the lowest-collision one)
+        for k, v in stats.items():
+            self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=False)
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.model.quantizer.usage_metrics(sync=True)
+        self.log_dict({f"codebook/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self._log_usage_histograms()
+        self.model.quantizer.reset_usage()
+
+    def _log_usage_histograms(self) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_histogram") or not self.trainer.is_global_zero:
+            return
+        q = self.model.quantizer
+        for li, lv in enumerate(q.levels):
+            counts = q.usage[lv.offset: lv.offset + lv.size].float().cpu()
+            exp.add_histogram(f"codebook/usage_L{li}", counts, self.current_epoch)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.model.save_pretrained(self.hparams.export_dir)
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        s = self.slices(batch)
+        codes = self.model.tokenize(s["feat"].float(), s["slice_source"])
+        gids = self.model.global_ids(codes, s["slice_source"])
+        cols = split_by_user({**s, "feat": s["feat"][:, :0]}, batch)
+        cols.pop("feat")
+        counts = torch.bincount(s["slice_user"], minlength=batch["user_id"].shape[0]).tolist()
+        cols["codes"] = [a.numpy().astype(np.int32) for a in torch.split(codes.cpu(), counts)]
+        cols["token_ids"] = [a.numpy().astype(np.int64) for a in torch.split(gids.cpu(), counts)]
+        return cols
+
+    def output_meta(self) -> dict:
+        return {"kind": "tokens", "stage": "tokenizer", "sources": self.sources, "levels": self.model.quantizer.n_levels,
+                "vocab_size": int(self.model.vocab_size), "feature_dim": self.feature_dim,
+                "hparams": {k: v for k, v in self.hparams.items() if k not in ("predict_dir", "export_dir")}}
+
+    def on_predict_epoch_end(self) -> None:
+        if self.hparams.predict_dir and self.trainer.is_global_zero:
+            write_token_report(Path(self.hparams.predict_dir), self.model, self.feature_dim)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) -> dict:
+    """Collisions of whole (user, window) code tuples, with and without disambiguation, and storage."""
+    ds, meta = read_stage_output(folder)
+    ds = ds.with_format("numpy")
+    n_users = len(ds)
+    sources = len(meta["sources"])
+    tuples, n_slices, n_windows = [], 0, 0
+    for start in range(0, n_users, 4096):
+        part = ds[start:start + 4096]
+        for w, s, c in zip(part["slice_window"], part["slice_source"], part["codes"], strict=True):
+            if len(w) == 0:
+                continue
+            c = np.stack(c) if c.dtype == object else c
+            t = window_tuples(torch.zeros(len(w), dtype=torch.long), torch.as_tensor(w.astype(np.int64)),
+                              torch.as_tensor(s.astype(np.int64)), torch.as_tensor(c.astype(np.int64)), sources)
+            tuples.append(t)
+            n_slices += len(w)
+            n_windows += t.shape[0]
+    allt = torch.cat(tuples) if tuples else torch.zeros(0, 1, dtype=torch.long)
+    stats = collision_stats(allt)
+    extra = disambiguate(allt)
+    after = collision_stats(torch.cat([allt, extra[:, None]], dim=1))
+    report = {
+        "users": n_users,
+        "collisions": {k: float(v) for k, v in stats.items()},
+        "collisions_disambiguated": {k: float(v) for k, v in after.items()},
+        "disambiguation_max_index": int(extra.max()) if len(extra) else 0,
+        "storage": storage_report(model, n_slices / max(n_users, 1), n_windows / max(n_users, 1), feature_dim),
+    }
+    tmp = folder / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, folder / "report.json")
+    return report
