@@ -3,7 +3,10 @@
 For every (user, window, source) slice with at least one event::
 
     [ mean text embedding (d) | mean item code (item_dim) | category histogram (C) |
-      log1p(count), mean value, std value ]
+      log1p(count), signed-log mean value, signed-log std value | mean hour and weekday (sin, cos) ]
+
+Values (amounts, ratings) enter through a signed log so that a large amount does not swamp the
+reconstruction loss of its source.
 
 Item codes are fixed random Gaussian vectors (seeded), so identical items pool to identical
 features without any learning. The profile (tabular) source, when the data set has one, is one
@@ -16,6 +19,9 @@ import torch
 from torch import nn
 
 STATS = 3  # log1p(count), mean value, std value
+TIME = 4  # sin/cos of hour of day and of day of week, averaged over the slice's events
+SECONDS_PER_DAY = 86_400
+SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
 
 
 class PooledSliceFeatures(nn.Module):
@@ -32,7 +38,7 @@ class PooledSliceFeatures(nn.Module):
         self.num_categories = num_categories
         self.text_dim = text_dim
         self.tabular_dim = tabular_dim
-        self.dim = text_dim + item_dim + num_categories + STATS
+        self.dim = text_dim + item_dim + num_categories + STATS + TIME
         if tabular_dim > self.dim:
             raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
 
@@ -67,7 +73,12 @@ class PooledSliceFeatures(nn.Module):
         val = batch["ev_value"][mask].float()[:, None]
         m1, m2 = mean_of(val), mean_of(val**2)
         std = (m2 - m1**2).clamp(min=0).sqrt()
-        feat = torch.cat([text, items, cats, torch.log1p(count)[:, None], m1, std], dim=1)
+        t = batch["ev_time"][mask]
+        day_angle = (t % SECONDS_PER_DAY).double() / SECONDS_PER_DAY * 2 * torch.pi
+        week_angle = ((t + 3 * SECONDS_PER_DAY) % SECONDS_PER_WEEK).double() / SECONDS_PER_WEEK * 2 * torch.pi
+        clock = mean_of(torch.stack([day_angle.sin(), day_angle.cos(), week_angle.sin(), week_angle.cos()], 1).float())
+        slog = lambda x: torch.sign(x) * torch.log1p(x.abs())  # noqa: E731
+        feat = torch.cat([text, items, cats, torch.log1p(count)[:, None], slog(m1), slog(std), clock], dim=1)
         present = count > 0
         idx = present.nonzero().squeeze(1)
         out = {

@@ -94,6 +94,11 @@ def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
     return x.pow(2).sum(1, keepdim=True) - 2.0 * x @ c.t() + c.pow(2).sum(1)[None, :]
 
 
+def _nearest(x: Tensor, c: Tensor) -> Tensor:
+    """argmin_k ||x - c_k||² with one addmm: ||x||² is constant per row, so it is left out."""
+    return torch.addmm(c.pow(2).sum(1), x, c.t(), alpha=-2.0).argmin(1)
+
+
 def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
     """k-means++ seeding then ``iters`` Lloyd iterations; returns ``[k, dim]`` centres.
 
@@ -346,11 +351,21 @@ class ResidualGroupQuantizer(nn.Module):
     def _assign(self, r: Tensor, level: int, source: Tensor, table: Tensor, balanced: bool = False) -> Tensor:
         """Index in the level's table of the nearest allowed code for each row (no gradient)."""
         lv = self.levels[level]
-        d = _sq_dist(r, table)
-        d = d.masked_fill(~self.allowed[source, lv.offset : lv.offset + lv.size], math.inf)
-        if balanced and r.shape[0] > 1:
+        if balanced and r.shape[0] > 1:  # Sinkhorn needs the whole masked distance matrix
+            d = _sq_dist(r, table)
+            d = d.masked_fill(~self.allowed[source, lv.offset : lv.offset + lv.size], math.inf)
             return _sinkhorn_argmin(d, self.sinkhorn_iters, self.sinkhorn_temperature)
-        return d.argmin(1)
+        if not lv.n_specific:
+            return _nearest(r, table)
+        # per source, only the blocks it may use: no distances computed just to be masked away
+        idx = torch.empty(r.shape[0], dtype=torch.long, device=r.device)
+        shared = torch.arange(lv.n_shared, device=r.device)
+        for s in torch.unique(source).tolist():
+            rows = (source == s).nonzero().flatten()
+            start, stop = lv.block(s)
+            cols = torch.cat([shared, torch.arange(start, stop, device=r.device)])
+            idx[rows] = cols[_nearest(r[rows], table[cols])]
+        return idx
 
     def forward(self, z: Tensor, source: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         """Quantise ``z [N, dim]`` of sources ``source [N]``; rows with ``mask`` False are ignored
