@@ -131,41 +131,36 @@ def future_summaries(uid: np.ndarray, cat: np.ndarray, src: np.ndarray, text: np
                      spec: DatasetSpec) -> dict[int, str]:
     """Templated text describing each user's future events (binned, frequency-aware).
 
+    Coarse on purpose: the two most frequent categories (or, without categories, the most
+    frequent text), the binned number of events and the dominant source. The number of distinct
+    summaries stays bounded however many users there are, so encoding them stays cheap.
     ``uid`` etc. hold the future events of *training* users only; the caller guarantees it.
     """
     if len(uid) == 0:
         return {}
     df = pd.DataFrame({"u": uid, "c": cat, "s": src, "t": text})
-    out: dict[int, str] = {}
-    counts = df.groupby(["u", "s"]).size()
-    by_src: dict[int, list[str]] = {}
-    for (u, s), n in counts.items():
-        by_src.setdefault(int(u), []).append(f"{_count_bin(int(n))} {spec.sources[int(s)]} events")
+    n_events = df.groupby("u").size()
+    top_src = df.groupby(["u", "s"]).size().rename("n").reset_index()
+    top_src = top_src.sort_values(["u", "n", "s"], ascending=[True, False, True]).groupby("u").head(1)
+    dominant = dict(zip(top_src["u"].astype(int), top_src["s"].astype(int), strict=True))
+    what: dict[int, str] = {}
     with_cat = df[df["c"] >= 0]
-    top_cat: dict[int, list[str]] = {}
     if len(with_cat):
         cc = with_cat.groupby(["u", "c"]).size().rename("n").reset_index()
-        cc = cc.sort_values(["u", "n", "c"], ascending=[True, False, True]).groupby("u").head(3)
+        cc = cc.sort_values(["u", "n", "c"], ascending=[True, False, True]).groupby("u").head(2)
         for u, grp in cc.groupby("u"):
-            top_cat[int(u)] = [spec.categories[int(c)] for c in grp["c"]]
-    no_cat = [u for u in by_src if u not in top_cat]
-    top_text: dict[int, list[str]] = {}
-    if no_cat:
-        tt = df[df["u"].isin(no_cat) & (df["t"] != "")]
-        if len(tt):
-            tc = tt.groupby(["u", "t"]).size().rename("n").reset_index()
-            tc = tc.sort_values(["u", "n", "t"], ascending=[True, False, True]).groupby("u").head(2)
-            for u, grp in tc.groupby("u"):
-                top_text[int(u)] = list(grp["t"])
-    for u, parts in by_src.items():
-        if u in top_cat:
-            what = "mostly " + ", ".join(top_cat[u])
-        elif u in top_text:
-            what = "things like " + "; ".join(top_text[u])
-        else:
-            what = "varied things"
-        out[u] = f"Next, this user will engage with {what}; " + ", ".join(parts) + "."
-    return out
+            what[int(u)] = "mostly " + " and ".join(spec.categories[int(c)] for c in grp["c"])
+    rest = df[~df["u"].isin(list(what)) & (df["t"] != "")]
+    if len(rest):
+        tc = rest.groupby(["u", "t"]).size().rename("n").reset_index()
+        tc = tc.sort_values(["u", "n", "t"], ascending=[True, False, True]).groupby("u").head(1)
+        for u, t in zip(tc["u"], tc["t"], strict=True):
+            what[int(u)] = f"things like {t}"
+    return {
+        int(u): f"Next, this user will engage with {what.get(int(u), 'varied things')}: "
+        f"{_count_bin(int(n))} events, mostly {spec.sources[dominant[int(u)]]}."
+        for u, n in n_events.items()
+    }
 
 
 @dataclass
