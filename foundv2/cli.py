@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -29,6 +30,7 @@ LIGHTNING_COMMANDS = {
 }
 OWN_COMMANDS = {
     "data": "prepare a configured data set and print its summary",
+    "tokenize": "tokenize a data set with a trained tokenizer folder (save_pretrained)",
 }
 
 USAGE = """usage: foundv2 <command> [--config FILE.yaml] [options]
@@ -77,18 +79,50 @@ def _has_omegaconf() -> bool:
     return importlib.util.find_spec("omegaconf") is not None
 
 
-def data_command(args: list[str]) -> int:
-    """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
-    from jsonargparse import ArgumentParser, ActionConfigFile
+def _data_parser(prog: str, description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     from data_modules.datamodule import UserDataModule
 
-    parser = ArgumentParser(prog="foundv2 data", description=OWN_COMMANDS["data"], default_meta=False)
+    parser = ArgumentParser(prog=prog, description=description, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section")
     parser.add_class_arguments(UserDataModule, "data")
     # the same YAML files also hold trainer/model/ckpt sections: accept and ignore them here
     for extra in ("trainer", "model", "ckpt_path", "seed_everything", "optimizer", "lr_scheduler", "pipeline", "bench"):
         parser.add_argument(f"--{extra}", type=object, default=None, help="(read by other commands)")
+    return parser
+
+
+def tokenize_command(args: list[str]) -> int:
+    """``foundv2 tokenize --tokenizer DIR --output DIR --config data.yaml``."""
+    import lightning as L
+
+    from foundv2.stages.tokenizer import TokenizerStage
+
+    parser = _data_parser("foundv2 tokenize", OWN_COMMANDS["tokenize"])
+    parser.add_argument("--tokenizer", required=True, help="a folder written by save_pretrained (export_dir)")
+    parser.add_argument("--output", required=True, help="where the tokens dataset and report.json go")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", default="auto")
+    cfg = parser.parse_args(args)
+    from data_modules.schema import DataError
+
+    if not (Path(cfg.tokenizer) / "config.json").exists():
+        raise DataError(f"{cfg.tokenizer}: not a tokenizer folder (no config.json); pass the fit's export_dir.")
+    dm = parser.instantiate_classes(cfg).data
+    stage = TokenizerStage(pretrained=cfg.tokenizer, predict_dir=cfg.output)
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, logger=False)
+    trainer.predict(stage, datamodule=dm, return_predictions=False)
+    if trainer.is_global_zero:
+        print((Path(cfg.output) / "report.json").read_text())
+    return 0
+
+
+def data_command(args: list[str]) -> int:
+    """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
+    from data_modules.datamodule import UserDataModule
+
+    parser = _data_parser("foundv2 data", OWN_COMMANDS["data"])
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
     dm: UserDataModule = init.data
@@ -109,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in OWN_COMMANDS:
-            return {"data": data_command}[command](argv[1:])
+            return {"data": data_command, "tokenize": tokenize_command}[command](argv[1:])
         if command in LIGHTNING_COMMANDS:
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
                 argv.append("--return_predictions=false")  # outputs stream to disk; never hold them all
