@@ -1,0 +1,84 @@
+"""Tokenizer health on synthetic and MovieLens-1M data, and training speed against ResidualVQ.
+
+Run:  make bench-tokenizer      (writes bench-results/tokenizer.json)
+
+For each data set the shipped config (experiments/<data>/tokenizer.yaml) is trained as it is,
+then its predict writes the tokens dataset and report.json. Figures: util_min (the lowest
+share of codes used in the last epoch over every level and block), collision_rate of whole
+(user, window) code tuples with the disambiguation token off, recon_mse (validation),
+bytes_per_user of the codes and fp32_bytes_per_user of the continuous features they replace.
+Speed: benchmarks/tokenizer_speed.py, ours and ResidualVQ side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write_results  # noqa: E402
+
+CONFIGS = {"synthetic": "experiments/synthetic/tokenizer.yaml", "movielens-1m": "experiments/movielens-1m/tokenizer.yaml"}
+
+
+def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
+    from foundv2.cli import lightning_cli
+
+    run_dir = out / name
+    args = ["--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.logger.init_args.save_dir", str(run_dir), "--model.export_dir", str(run_dir / "export"),
+            "--trainer.enable_progress_bar", "false", *extra]
+    cli = lightning_cli(args, run=False)
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_s = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    util = {k.removeprefix("codebook/"): v for k, v in metrics.items() if k.startswith("codebook/util/")}
+    cli.model.hparams.predict_dir = str(run_dir / "tokens")
+    import lightning as L
+
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(
+        cli.model, datamodule=cli.datamodule, return_predictions=False)
+    report = json.loads((run_dir / "tokens" / "report.json").read_text())
+    return {
+        "util_min": min(util.values()),
+        "util": util,
+        "collision_rate": report["collisions"]["collision_rate"],
+        "unique_frac": report["collisions"]["unique_frac"],
+        "max_dup": report["collisions"]["max_dup"],
+        "collision_rate_disambiguated": report["collisions_disambiguated"]["collision_rate"],
+        "recon_mse": metrics.get("val/recon_mse"),
+        "bytes_per_user": report["storage"]["bytes_per_user"],
+        "fp32_bytes_per_user": report["storage"]["fp32_bytes_per_user"],
+        "fp16_bytes_per_user": report["storage"]["fp16_bytes_per_user"],
+        "ratio_fp32": report["storage"]["ratio_fp32"],
+        "bits_per_code": report["storage"]["bits_per_code"],
+        "fit_seconds": fit_s,
+        "config": config,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-tokenizer"))
+    ap.add_argument("--only", default=None, help="one data set name")
+    ap.add_argument("--no-speed", action="store_true")
+    a = ap.parse_args()
+    figures: dict = {}
+    for name, config in CONFIGS.items():
+        if a.only and name != a.only:
+            continue
+        figures[name] = run_config(name, config, Path(a.out), [])
+        print(name, json.dumps({k: v for k, v in figures[name].items() if k != "util"}), flush=True)
+    if not a.no_speed:
+        from tokenizer_speed import measure_speed
+
+        figures["speed"] = measure_speed()
+    write_results("tokenizer", figures, {"configs": CONFIGS})
+
+
+if __name__ == "__main__":
+    main()
