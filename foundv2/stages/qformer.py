@@ -1,0 +1,354 @@
+"""QFormerStage: stage 1, one vector per (user, window, source) view; ``predict`` writes the
+features dataset that the tokenizer reads.
+
+Three backbones, chosen by ``backbone`` (an ablation is a config change):
+
+- ``qformer`` (U2QT, default): :class:`~foundv2.nn.encoders.EventEncoder` →
+  :class:`~foundv2.nn.qformer.CausalQFormer` with the tabular profile
+  (:class:`~foundv2.nn.encoders.TabularEncoder`) as an always-visible context token. Trained with
+  reconstruction of each slice's pooled input (:func:`~foundv2.objectives.pooled_slice_targets`)
+  plus the multi-scale alignment objectives (:class:`~foundv2.objectives.MultiScaleObjectives`):
+
+  ========  ==========================================================================
+  fine      window reps ``views.mean(2)`` [B, W, D] → predict window w + 1 from window w
+  window    the same window reps; periodic partners by ``win_key`` (period from the data)
+  semantic  ``last_valid(window reps)`` ↔ the future-summary text embedding, *training users
+            only*: ``has_fut_text & split == 0`` (val/test futures never reach a loss)
+  recon     per-source linear head on the views vs the pooled slice targets
+  ========  ==========================================================================
+
+- ``text_encoder`` (FOUNDv2's v2 way, frozen): a slice's feature is the mean of its events'
+  cached text embeddings plus ``log1p(count)``; nothing to train.
+- ``pooled``: the parameter-free :class:`~foundv2.nn.pooled.PooledSliceFeatures`; nothing to train.
+
+Predict output (the format :class:`~foundv2.stages.tokenizer.TokenizerStage` reads through
+``UserDataModule(features_dir=...)``): one row per user with ``user_id, row, split,
+slice_window [n], slice_source [n], feat [n, D]`` (one slice per *present* (window, source),
+plus, when the data set has profile inputs, a ``profile`` slice at window 0 whose source index is
+the last one) and ``user_emb [D]`` (see :meth:`QFormerStage.user_embedding`). Windows are the
+ones the DataModule hands over: each user's latest ``max_windows`` windows of history (and at
+most ``max_events`` events), numbered 0.. from the oldest kept window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from foundv2.io import ArrowPredictionWriter
+from foundv2.nn.encoders import EventEncoder, TabularEncoder
+from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
+from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets
+from foundv2.stages.pooled import split_by_user
+
+BACKBONES = ("qformer", "text_encoder", "pooled")
+TRAIN_SPLIT = 0
+
+
+def semantic_mask(batch: dict) -> torch.Tensor:
+    """[B] bool: users whose future text may feed the semantic objective — training users that
+    have one. The DataModule already sets ``has_fut_text`` False for val/test users; the split
+    check makes that a property of the stage as well, not only of the data."""
+    return batch["has_fut_text"].bool() & (batch["split"] == TRAIN_SPLIT)
+
+
+def flat_slices(values: torch.Tensor, present: torch.Tensor) -> dict:
+    """[B, W, S, D] values and [B, W, S] presence → flat slices sorted by (user, window, source)."""
+    u, w, s = present.nonzero(as_tuple=True)
+    return {"slice_user": u, "slice_window": w, "slice_source": s, "feat": values[u, w, s]}
+
+
+def add_profile_slices(out: dict, profile: torch.Tensor, num_sources: int) -> dict:
+    """Append one profile slice per user (window 0, source index ``num_sources``) and re-sort
+    the slices by (user, window, source), as :class:`PooledSliceFeatures` orders them."""
+    users = torch.arange(profile.shape[0], device=profile.device)
+    merged = {
+        "slice_user": torch.cat([out["slice_user"], users]),
+        "slice_window": torch.cat([out["slice_window"], torch.zeros_like(users)]),
+        "slice_source": torch.cat([out["slice_source"], torch.full_like(users, num_sources)]),
+        "feat": torch.cat([out["feat"], profile.to(out["feat"].dtype)]),
+    }
+    width = int(merged["slice_window"].max()) + 1 if len(users) else 1
+    key = (merged["slice_user"] * width + merged["slice_window"]) * (num_sources + 1) + merged["slice_source"]
+    order = torch.sort(key, stable=True).indices
+    return {k: v[order] for k, v in merged.items()}
+
+
+def mean_by_user(feat: torch.Tensor, slice_user: torch.Tensor, num_users: int) -> torch.Tensor:
+    """[N, D] slice features → [num_users, D] mean per user (zeros for a user with no slice)."""
+    acc = torch.zeros(num_users, feat.shape[1], device=feat.device).index_add_(0, slice_user, feat.float())
+    n = torch.bincount(slice_user, minlength=num_users).clamp_min(1)
+    return acc / n[:, None]
+
+
+class TextSliceFeatures(torch.nn.Module):
+    """Frozen slice features (FOUNDv2 v2): [mean text embedding of the slice's events that
+    have text | log1p(number of events)]; the profile slice holds the standardised profile
+    fields in its first F entries (zeros after)."""
+
+    def __init__(self, num_sources: int, text_dim: int, tabular_dim: int = 0):
+        super().__init__()
+        self.num_sources, self.tabular_dim = num_sources, tabular_dim
+        self.dim = text_dim + 1
+        if tabular_dim > self.dim:
+            raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> dict:
+        target, present = pooled_slice_targets(batch, self.num_sources)
+        out = flat_slices(target, present)
+        if self.tabular_dim:
+            tab = batch["tabular"].float()
+            profile = torch.zeros(tab.shape[0], self.dim, device=tab.device)
+            profile[:, : self.tabular_dim] = tab
+            out = add_profile_slices(out, profile, self.num_sources)
+        return out
+
+
+class QFormerStage(L.LightningModule):
+    """Stage 1: per-source event encoders → causal Q-Former (or a frozen backbone).
+
+    Args:
+        backbone: ``qformer`` (trained), ``text_encoder`` or ``pooled`` (frozen: no ``fit``, run
+            ``predict`` directly).
+        dim: width of the event encodings, queries and views (``qformer``).
+        num_queries: Q, learnable queries per source view.
+        num_layers: Q-Former blocks.
+        num_heads: attention heads (must divide ``dim``).
+        mlp_ratio: block MLP width as a multiple of ``dim``.
+        dropout: attention and MLP dropout.
+        within_window: ``all`` (every source of a window sees each other) or ``source``
+            (source-causal within a window).
+        per_source_proj: give every source its own output layer in the event encoder.
+        weights: objective weights (fine, window, semantic, recon); missing → paper defaults
+            0.2 / 0.4 / 0.4 and recon 1.0.
+        enabled: objective switches, e.g. ``{semantic: false}``; missing → on.
+        tau: InfoNCE temperature of the contrastive terms.
+        fine_mode: ``infonce`` or the paper's weighted ``cosine``.
+        window_fn_margin: false-negative margin of the window term (None = off).
+        semantic_fn_margin: false-negative margin of the semantic term (None = off).
+        max_pairs: cap on fine/window pairs per batch and rank.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps (0 = none).
+        cosine: cosine decay to ``min_lr_ratio * lr`` over the run's optimizer steps.
+        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
+        item_dim: width of the fixed item codes of the ``pooled`` backbone.
+        seed: seed of those item codes.
+        predict_dir: where ``predict`` writes the features dataset (one Arrow part per rank).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "qformer",
+        dim: int = 64,
+        num_queries: int = 2,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        within_window: str = "all",
+        per_source_proj: bool = False,
+        weights: dict[str, float] | None = None,
+        enabled: dict[str, bool] | None = None,
+        tau: float = 0.07,
+        fine_mode: str = "infonce",
+        window_fn_margin: float | None = None,
+        semantic_fn_margin: float | None = 0.1,
+        max_pairs: int | None = 4096,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        cosine: bool = False,
+        min_lr_ratio: float = 0.1,
+        item_dim: int = 32,
+        seed: int = 0,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        # predict_dir is not a hyperparameter: LightningCLI re-applies a checkpoint's hparams over the
+        # command line (`predict --ckpt_path ... --model.predict_dir X` would lose X)
+        self.save_hyperparameters(ignore=["predict_dir"])
+        self.predict_dir = predict_dir
+        self.dims: dict | None = None
+        self.sources: list[str] = []
+        self.encoder: EventEncoder | None = None
+        self.tabular: TabularEncoder | None = None
+        self.qformer: CausalQFormer | None = None
+        self.recon_head: ReconstructionHead | None = None
+        self.objectives: MultiScaleObjectives | None = None
+        self.frozen: torch.nn.Module | None = None
+        self._warned_leak = False
+
+    # ------------------------------------------------------------------ building
+    def build(self, dims: dict) -> None:
+        """Create the modules for a data set's ``UserDataModule.dims()`` (once)."""
+        if self.dims is not None:
+            return
+        hp = self.hparams
+        self.dims = dict(dims)
+        S = dims["num_sources"]
+        self.sources = list(dims["sources"]) + (["profile"] if dims["tabular_dim"] else [])
+        if hp.backbone == "pooled":
+            self.frozen = PooledSliceFeatures(S, dims["num_items"], dims["num_categories"], dims["text_dim"],
+                                              dims["tabular_dim"], hp.item_dim, hp.seed)
+            return
+        if hp.backbone == "text_encoder":
+            self.frozen = TextSliceFeatures(S, dims["text_dim"], dims["tabular_dim"])
+            return
+        self.encoder = EventEncoder(S, dims["num_items"], dims["text_dim"], hp.dim, dims["num_categories"],
+                                    per_source_proj=hp.per_source_proj)
+        self.tabular = TabularEncoder(dims["tabular_dim"], hp.dim)
+        self.qformer = CausalQFormer(S, hp.dim, hp.num_queries, hp.num_layers, hp.num_heads, dims["max_windows"],
+                                     hp.mlp_ratio, hp.dropout, hp.within_window)
+        self.recon_head = ReconstructionHead(S, hp.dim, dims["text_dim"] + 1)
+        self.objectives = MultiScaleObjectives(
+            hp.dim, dims["text_dim"], weights=hp.weights, enabled=hp.enabled, period=dims["window_period"],
+            tau=hp.tau, fine_mode=hp.fine_mode, window_fn_margin=hp.window_fn_margin,
+            semantic_fn_margin=hp.semantic_fn_margin, max_pairs=hp.max_pairs,
+        )
+
+    def setup(self, stage: str) -> None:
+        self.build(self.trainer.datamodule.dims())
+        if stage == "fit" and self.hparams.backbone != "qformer":
+            raise ValueError(f"QFormerStage(backbone={self.hparams.backbone!r}) is frozen and has nothing to train: "
+                             f"run `foundv2 predict` with this config directly (no `fit`, no ckpt_path).")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["foundv2_dims"] = self.dims
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # build the modules before their weights load: load_from_checkpoint works without a DataModule
+        if checkpoint.get("foundv2_dims"):
+            self.build(checkpoint["foundv2_dims"])
+
+    def configure_callbacks(self):
+        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if not hp.warmup_steps and not hp.cosine:
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if not hp.cosine:
+                return 1.0
+            t = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``qformer`` backbone: (views [B, W, S, D], present [B, W, S], profile [B, D] or None)."""
+        if self.qformer is None:
+            raise RuntimeError(f"encode() needs the qformer backbone (this stage is {self.hparams.backbone!r})")
+        events = self.encoder(batch)
+        profile = self.tabular(batch["tabular"])
+        context = profile.unsqueeze(1) if profile is not None else None
+        out = self.qformer(events, batch["ev_window"], batch["ev_source"], batch["ev_mask"], batch["win_mask"],
+                           context=context)
+        return out.views, out.present, profile
+
+    @torch.no_grad()
+    def slices_and_users(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """(flat slices: slice_user, slice_window, slice_source [N], feat [N, D]; user_emb [B, D]).
+
+        ``user_emb`` is the mean over the user's real windows of the window representation
+        ``views.mean(2)`` (``qformer``), or the mean of the user's event-slice features (frozen
+        backbones; profile slices are left out). Inference only (no gradients).
+        """
+        if self.frozen is not None:
+            out = self.frozen(batch)
+            keep = out["slice_source"] < self.dims["num_sources"]
+            return out, mean_by_user(out["feat"][keep], out["slice_user"][keep], batch["user_id"].shape[0])
+        views, present, profile = self.encode(batch)
+        out = flat_slices(views, present)
+        if profile is not None:
+            out = add_profile_slices(out, profile, self.dims["num_sources"])
+        m = batch["win_mask"].float()[..., None]
+        user = (views.mean(2).float() * m).sum(1) / m.sum(1).clamp_min(1)
+        return out, user
+
+    def forward(self, batch: dict) -> dict:
+        """Flat slices of a batch (slice_user, slice_window, slice_source [N], feat [N, D])."""
+        return self.slices_and_users(batch)[0]
+
+    @torch.no_grad()
+    def user_embedding(self, batch: dict) -> torch.Tensor:
+        """[B, D] one vector per user (see :meth:`slices_and_users`)."""
+        return self.slices_and_users(batch)[1]
+
+    # ------------------------------------------------------------------ training
+    def _semantic_users(self, batch: dict) -> torch.Tensor:
+        has = semantic_mask(batch)
+        if not self._warned_leak and bool((batch["has_fut_text"].bool() & ~has).any()):
+            self._warned_leak = True
+            rank_zero_warn("a val/test user arrived with has_fut_text=True; QFormerStage ignores its future text")
+        return has
+
+    def model_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """All active objectives on one event batch → (total loss, detached logs)."""
+        views, _, _ = self.encode(batch)
+        windows = views.mean(2)
+        win_mask = batch["win_mask"]
+        target, t_present = pooled_slice_targets(batch, self.dims["num_sources"], max_windows=win_mask.shape[1])
+        total, logs = self.objectives(
+            seq=windows, seq_mask=win_mask,
+            windows=windows, win_mask=win_mask, win_key=batch["win_key"], user_keys=batch["user_id"],
+            user_rep=last_valid(windows, win_mask), fut_text_emb=batch["fut_text_emb"],
+            has_fut_text=self._semantic_users(batch),
+            recon=self.recon_head(views), recon_target=target, present=t_present,
+        )
+        names = self.dims["sources"]
+        renamed = {}
+        for k, v in logs.items():
+            if k.startswith("recon_mse/"):
+                k = f"recon_mse/{names[int(k.split('/')[1])]}"
+            renamed[k] = v
+        return total, renamed
+
+    def _log(self, logs: dict, stage: str, batch_size: int) -> None:
+        for k, v in logs.items():
+            if stage != "train" and k.endswith("/semantic"):
+                continue  # val/test users carry no future text by design: the term is always empty there
+            self.log(f"{stage}/{k}", v, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                     sync_dist=stage != "train", prog_bar=k == "loss/total")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, logs = self.model_step(batch)
+        self._log(logs, "train", batch["user_id"].shape[0])
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # val/loss/total has no semantic part (it is 0 for users without future text): compare
+        # it across runs, not with train/loss/total
+        _, logs = self.model_step(batch)
+        self._log(logs, "val", batch["user_id"].shape[0])
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _, logs = self.model_step(batch)
+        self._log(logs, "test", batch["user_id"].shape[0])
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out, user = self.slices_and_users(batch)
+        cols = split_by_user(out, batch)
+        cols["user_emb"] = user.float().cpu().numpy()
+        return cols
+
+    def output_meta(self) -> dict:
+        dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
+        return {"kind": "features", "stage": "qformer", "backbone": self.hparams.backbone, "sources": self.sources,
+                "dim": dim, "hparams": dict(self.hparams)}

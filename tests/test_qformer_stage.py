@@ -1,0 +1,206 @@
+"""QFormerStage (stage 1): training, no future leak, the features dataset the tokenizer reads,
+bf16 on CPU, the frozen backbones, checkpoints and the shipped configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from data_modules.datamodule import UserDataModule
+from foundv2.io import read_stage_output
+from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.stages.qformer import QFormerStage, semantic_mask
+from foundv2.stages.tokenizer import TokenizerStage
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [ROOT / "experiments" / d / "qformer.yaml" for d in ("synthetic", "movielens-100k", "movielens-1m")]
+TINY = {"dim": 16, "num_layers": 1, "num_heads": 2, "num_queries": 2}
+
+
+def make_dm(cache: Path, **kw) -> UserDataModule:
+    args = {"dataset": "synthetic", "loader_args": {"n_users": 300, "seed": 0}, "window_mode": "day",
+            "text_encoder": "hashing", "cache_dir": str(cache), "progress": False, "batch_size": 32, **kw}
+    return UserDataModule(**args)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qformer") / "cache"
+    make_dm(path).prepare_data()
+    return path
+
+
+def trainer(**kw) -> L.Trainer:
+    args = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, **kw}
+    return L.Trainer(**args)
+
+
+class StepLosses(L.Callback):
+    def __init__(self):
+        self.total: list[float] = []
+        self.keys: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.total.append(float(outputs["loss"]))
+        self.keys |= set(trainer.callback_metrics)
+
+
+def test_fit_losses_finite_and_total_falls(cache):
+    L.seed_everything(0)
+    rec = StepLosses()
+    stage = QFormerStage(**TINY, lr=3e-3)
+    trainer(max_steps=30, limit_val_batches=1, callbacks=[rec]).fit(stage, make_dm(cache))
+    assert len(rec.total) == 30 and all(math.isfinite(v) for v in rec.total)
+    assert np.mean(rec.total[-5:]) < 0.7 * np.mean(rec.total[:5])
+    for term in ("fine", "window", "semantic", "recon", "total"):
+        assert f"train/loss/{term}_step" in rec.keys
+    assert {"train/acc/window_step", "train/acc/semantic_step", "train/recon_mse/payment_step",
+            "val/loss/total", "val/recon_mse/app"} <= rec.keys
+    assert "val/loss/semantic" not in rec.keys  # val users have no future text: nothing to log
+
+
+def test_semantic_term_never_reads_val_or_test_futures(cache):
+    dm = make_dm(cache, batch_size=16)
+    dm.setup()
+    stage = QFormerStage(**TINY)
+    stage.build(dm.dims())
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["has_fut_text"].all()
+    # hand-made leak: rows 0 and 1 are val / test users that still claim a future text
+    batch["split"][0], batch["split"][1] = 1, 2
+    assert semantic_mask(batch).tolist() == [False, False] + [True] * 14
+    batch["fut_text_emb"] = batch["fut_text_emb"].clone().requires_grad_(True)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="has_fut_text"):
+        total, logs = stage.model_step(batch)
+    total.backward()
+    grad = batch["fut_text_emb"].grad
+    assert float(logs["n/semantic"]) == 14
+    assert grad[:2].abs().sum() == 0  # the val/test futures reach no loss
+    assert grad[2:].abs().sum() > 0
+    # and the loss does not change when those futures change
+    other = dict(batch, fut_text_emb=batch["fut_text_emb"].detach().clone())
+    other["fut_text_emb"][:2] = torch.randn_like(other["fut_text_emb"][:2])
+    torch.manual_seed(0)
+    _, logs2 = stage.model_step(other)
+    assert torch.allclose(logs["loss/semantic"], logs2["loss/semantic"])
+
+
+def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
+    L.seed_everything(0)
+    stage = QFormerStage(**TINY, predict_dir=str(tmp_path / "features"))
+    dm = make_dm(cache)
+    trainer(max_steps=3, limit_val_batches=0).fit(stage, dm)
+    trainer().predict(stage, dm, return_predictions=False)
+    ds, meta = read_stage_output(tmp_path / "features")
+    assert meta["kind"] == "features" and meta["dim"] == 16
+    assert meta["sources"] == ["payment", "item", "search", "app", "profile"]
+    assert len(ds) == 300 and sorted(ds["user_id"]) == sorted(np.asarray(dm.table["user_id"]).tolist())
+    row = ds.with_format("numpy")[0]
+    n = len(row["slice_window"])
+    assert np.stack(row["feat"]).shape == (n, 16) and row["user_emb"].shape == (16,)
+    assert (row["slice_source"] == 4).sum() == 1  # one profile slice, at window 0
+    assert row["slice_window"][row["slice_source"] == 4][0] == 0
+    # one slice per present (window, source): compare with the event batch
+    batch = next(iter(dm.predict_dataloader()))
+    counts = torch.zeros(int(batch["win_mask"].shape[1]), 4)
+    ok = batch["ev_mask"][0]
+    counts.index_put_((batch["ev_window"][0][ok], batch["ev_source"][0][ok]), torch.ones(int(ok.sum())),
+                      accumulate=True)
+    assert n == int((counts > 0).sum()) + 1
+    # the tokenizer reads the folder through the DataModule
+    tok = TokenizerStage(n_shared_levels=1, n_specific_levels=1, shared_codes=16, specific_codes=8, code_dim=8,
+                         hidden=[16], quantizer_options={"kmeans_buffer": 64})
+    rec = StepLosses()
+    trainer(max_steps=5, limit_val_batches=1, callbacks=[rec]).fit(
+        tok, make_dm(cache, features_dir=str(tmp_path / "features")))
+    assert tok.sources == meta["sources"] and tok.feature_dim == 16
+    assert len(rec.total) == 5 and all(math.isfinite(v) for v in rec.total)
+
+
+def test_bf16_mixed_fit_on_cpu(cache):
+    L.seed_everything(0)
+    rec = StepLosses()
+    trainer(max_steps=4, limit_val_batches=0, precision="bf16-mixed", callbacks=[rec]).fit(
+        QFormerStage(**TINY), make_dm(cache))
+    assert len(rec.total) == 4 and all(math.isfinite(v) for v in rec.total)
+
+
+@pytest.mark.parametrize("backbone", ["text_encoder", "pooled"])
+def test_frozen_backbones_predict_and_refuse_fit(cache, tmp_path, backbone):
+    stage = QFormerStage(backbone=backbone, predict_dir=str(tmp_path / "features"))
+    dm = make_dm(cache)
+    trainer().predict(stage, dm, return_predictions=False)
+    d = dm.dims()
+    dim = (d["text_dim"] + 1 if backbone == "text_encoder" else
+           PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"]).dim)
+    ds, meta = read_stage_output(tmp_path / "features")
+    assert meta["dim"] == dim and meta["backbone"] == backbone and meta["sources"][-1] == "profile"
+    row = ds.with_format("numpy")[0]
+    assert np.stack(row["feat"]).shape == (len(row["slice_window"]), dim) and row["user_emb"].shape == (dim,)
+    with pytest.raises(ValueError, match="predict"):
+        trainer(max_steps=1).fit(QFormerStage(backbone=backbone), dm)
+
+
+def test_text_encoder_features_are_mean_text_and_log_count(cache):
+    dm = make_dm(cache, batch_size=4)
+    dm.setup()
+    stage = QFormerStage(backbone="text_encoder")
+    stage.build(dm.dims())
+    batch = next(iter(dm.predict_dataloader()))
+    out = stage(batch)
+    first = (out["slice_user"] == 0) & (out["slice_source"] < 4)
+    w, s = int(out["slice_window"][first][0]), int(out["slice_source"][first][0])
+    sel = batch["ev_mask"][0] & (batch["ev_window"][0] == w) & (batch["ev_source"][0] == s)
+    feat = out["feat"][first][0]
+    assert torch.allclose(feat[:-1], batch["ev_text_emb"][0][sel].mean(0), atol=1e-5)
+    assert torch.isclose(feat[-1], torch.log1p(sel.sum().float()))
+
+
+def test_checkpoint_loads_without_a_datamodule(cache, tmp_path):
+    L.seed_everything(0)
+    stage = QFormerStage(**TINY)
+    dm = make_dm(cache)
+    tr = trainer(max_steps=2, limit_val_batches=0)
+    tr.fit(stage, dm)
+    tr.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = QFormerStage.load_from_checkpoint(tmp_path / "last.ckpt")
+    batch = next(iter(dm.predict_dataloader()))
+    stage.eval()
+    loaded.eval()
+    assert torch.allclose(stage.user_embedding(batch), loaded.user_embedding(batch))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)
+def test_configs_parse(path):
+    from foundv2.cli import lightning_cli
+
+    cli = lightning_cli(["--config", str(path)], run=False)
+    assert isinstance(cli.model, QFormerStage) and cli.model.hparams.backbone == "qformer"
+    assert cli.datamodule.hparams.dataset == path.parent.name
+    assert path.read_text().startswith("#") and "foundv2 fit --config" in path.read_text()
+
+
+def test_cli_predict_from_checkpoint_writes_to_the_given_folder(cache, tmp_path):
+    """LightningCLI re-applies a checkpoint's hyperparameters over the command line: the output
+    folder must still be the one given at predict time."""
+    from foundv2.cli import lightning_cli
+
+    common = ["--config", str(CONFIGS[0]), "--data.loader_args", "{n_users: 300, seed: 0}",
+              "--data.cache_dir", str(cache), "--data.progress", "false", "--trainer.logger", "false",
+              "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path)]  # the CLI saves its config.yaml there
+    cli = lightning_cli(["fit", *common, "--model.dim", "16", "--model.num_layers", "1", "--trainer.max_steps", "1",
+                         "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false"])
+    cli.trainer.save_checkpoint(tmp_path / "last.ckpt")
+    out = tmp_path / "features"
+    lightning_cli(["predict", *common, "--ckpt_path", str(tmp_path / "last.ckpt"), "--model.predict_dir", str(out),
+                   "--return_predictions", "false"])
+    ds, meta = read_stage_output(out)
+    assert len(ds) == 300 and meta["dim"] == 16  # the checkpoint's dim, not the config's 64
