@@ -37,7 +37,7 @@ def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
     fit_s = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     util = {k.removeprefix("codebook/"): v for k, v in metrics.items() if k.startswith("codebook/util/")}
-    cli.model.hparams.predict_dir = str(run_dir / "tokens")
+    cli.model.predict_dir = str(run_dir / "tokens")
     import lightning as L
 
     L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(

@@ -33,7 +33,8 @@ class PooledStage(L.LightningModule):
 
     def __init__(self, item_dim: int = 32, seed: int = 0, predict_dir: str | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["predict_dir"])  # a run setting, not stored in checkpoints
+        self.predict_dir = predict_dir
         self.net: PooledSliceFeatures | None = None
         self.sources: list[str] = []
 
@@ -46,7 +47,7 @@ class PooledStage(L.LightningModule):
                                            self.hparams.seed)
 
     def configure_callbacks(self):
-        return [ArrowPredictionWriter(self.hparams.predict_dir)] if self.hparams.predict_dir else []
+        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
 
     def forward(self, batch: dict) -> dict:
         return self.net(batch)

@@ -106,7 +106,11 @@ class TokenizerStage(L.LightningModule):
         pretrained: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # output folders are run settings, not model settings: kept out of the checkpoint so that
+        # `predict --ckpt_path X --model.predict_dir Y` is not overridden by the stored value
+        self.save_hyperparameters(ignore=["predict_dir", "export_dir"])
+        self.predict_dir = predict_dir
+        self.export_dir = export_dir
         self.model: MultiViewRQVAE | None = None
         self.pooled: PooledSliceFeatures | None = None
         self.sources: list[str] = []
@@ -144,7 +148,7 @@ class TokenizerStage(L.LightningModule):
         )
 
     def configure_callbacks(self):
-        return [ArrowPredictionWriter(self.hparams.predict_dir)] if self.hparams.predict_dir else []
+        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -205,8 +209,8 @@ class TokenizerStage(L.LightningModule):
             exp.add_histogram(f"codebook/usage_L{li}", counts, self.current_epoch)
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.model.save_pretrained(self.hparams.export_dir)
+        if self.export_dir and self.trainer.is_global_zero:
+            self.model.save_pretrained(self.export_dir)
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -223,11 +227,11 @@ class TokenizerStage(L.LightningModule):
     def output_meta(self) -> dict:
         return {"kind": "tokens", "stage": "tokenizer", "sources": self.sources, "levels": self.model.quantizer.n_levels,
                 "vocab_size": int(self.model.vocab_size), "feature_dim": self.feature_dim,
-                "hparams": {k: v for k, v in self.hparams.items() if k not in ("predict_dir", "export_dir")}}
+                "hparams": dict(self.hparams)}
 
     def on_predict_epoch_end(self) -> None:
-        if self.hparams.predict_dir and self.trainer.is_global_zero:
-            write_token_report(Path(self.hparams.predict_dir), self.model, self.feature_dim)
+        if self.predict_dir and self.trainer.is_global_zero:
+            write_token_report(Path(self.predict_dir), self.model, self.feature_dim)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
