@@ -31,6 +31,7 @@ LIGHTNING_COMMANDS = {
 OWN_COMMANDS = {
     "data": "prepare a configured data set and print its summary",
     "tokenize": "tokenize a data set with a trained tokenizer folder (save_pretrained)",
+    "bench": "linear-probe benchmark (foundv2-bench-v1): representations and baselines side by side",
 }
 
 USAGE = """usage: foundv2 <command> [--config FILE.yaml] [options]
@@ -79,7 +80,7 @@ def _has_omegaconf() -> bool:
     return importlib.util.find_spec("omegaconf") is not None
 
 
-def _data_parser(prog: str, description: str):
+def _data_parser(prog: str, description: str, skip: tuple[str, ...] = ()):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from data_modules.datamodule import UserDataModule
@@ -89,6 +90,8 @@ def _data_parser(prog: str, description: str):
     parser.add_class_arguments(UserDataModule, "data")
     # the same YAML files also hold trainer/model/ckpt sections: accept and ignore them here
     for extra in ("trainer", "model", "ckpt_path", "seed_everything", "optimizer", "lr_scheduler", "pipeline", "bench"):
+        if extra in skip:
+            continue
         parser.add_argument(f"--{extra}", type=object, default=None, help="(read by other commands)")
     return parser
 
@@ -118,6 +121,21 @@ def tokenize_command(args: list[str]) -> int:
     return 0
 
 
+def bench_command(args: list[str]) -> int:
+    """``foundv2 bench --config experiments/<data>/bench.yaml``: probes, baselines, report."""
+    from foundv2.bench.report import table
+    from foundv2.bench.run import run_bench
+
+    parser = _data_parser("foundv2 bench", OWN_COMMANDS["bench"], skip=("bench",))
+    parser.add_function_arguments(run_bench, "bench", skip={"dm"})
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    bench = run_bench(init.data, **cfg.bench.as_dict())
+    print(table(bench))
+    print(f"\nreport: {Path(cfg.bench.output_dir) / 'report.md'}")
+    return 0
+
+
 def data_command(args: list[str]) -> int:
     """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
     from data_modules.datamodule import UserDataModule
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in OWN_COMMANDS:
-            return {"data": data_command, "tokenize": tokenize_command}[command](argv[1:])
+            return {"data": data_command, "tokenize": tokenize_command, "bench": bench_command}[command](argv[1:])
         if command in LIGHTNING_COMMANDS:
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
                 argv.append("--return_predictions=false")  # outputs stream to disk; never hold them all
