@@ -39,24 +39,40 @@ def verdicts(bench: dict) -> dict[str, dict]:
         tn, tv = max(tok.items(), key=lambda kv: kv[1])
         tok_bytes = res[tn].get("bytes_per_user")
         ref = res.get("pooled", {}).get("bytes_per_user")
-        out[task] = {"metric": key, "best_tokens": tn, "tokens": tv, "best_baseline": bn, "baseline": bv,
-                     "delta": tv - bv, "tokens_win": tv > bv, "tokens_bytes_per_user": tok_bytes,
-                     "storage_ratio_vs_pooled_fp32": (ref / tok_bytes) if ref and tok_bytes else None}
+        out[task] = {
+            "metric": key,
+            "best_tokens": tn,
+            "tokens": tv,
+            "best_baseline": bn,
+            "baseline": bv,
+            "delta": tv - bv,
+            "tokens_win": tv > bv,
+            "tokens_bytes_per_user": tok_bytes,
+            "storage_ratio_vs_pooled_fp32": (ref / tok_bytes) if ref and tok_bytes else None,
+        }
     return out
 
 
 def markdown(bench: dict, verdict: dict) -> str:
     res = bench["results"]
-    lines = [f"# {bench['protocol']} on {bench['dataset']}", "",
-             f"Users train/val/test: {bench['split_sizes']}; items: {bench['num_items']}; seed {bench['seed']}; "
-             f"{bench['seconds']:.0f} s on {bench['machine']['cores']} cores.", ""]
+    lines = [
+        f"# {bench['protocol']} on {bench['dataset']}",
+        "",
+        f"Users train/val/test: {bench['split_sizes']}; items: {bench['num_items']}; seed {bench['seed']}; "
+        f"{bench['seconds']:.0f} s on {bench['machine']['cores']} cores.",
+        "",
+    ]
     for task, kind in bench["tasks"].items():
         cols = METRICS[kind]
         rows = [(n, r[task]) for n, r in res.items() if task in r]
         if not rows:
             continue
-        lines += [f"## {task} ({kind})", "", "| representation | " + " | ".join(cols) + " | bytes/user |",
-                  "|---|" + "---|" * (len(cols) + 1)]
+        lines += [
+            f"## {task} ({kind})",
+            "",
+            "| representation | " + " | ".join(cols) + " | bytes/user |",
+            "|---|" + "---|" * (len(cols) + 1),
+        ]
         for n, r in sorted(rows, key=lambda nr: -nr[1].get(MAIN[kind], -1)):
             b = res[n].get("bytes_per_user")
             cells = " | ".join(f"{r[c]:.4f}" if c in r else "" for c in cols)
@@ -64,11 +80,17 @@ def markdown(bench: dict, verdict: dict) -> str:
         if task in verdict:
             v = verdict[task]
             word = "beat" if v["tokens_win"] else "do not beat"
-            ratio = (f", at 1/{v['storage_ratio_vs_pooled_fp32']:.0f} of the pooled fp32 features' storage"
-                     if v["storage_ratio_vs_pooled_fp32"] else "")
-            lines += ["", f"Tokens ({v['best_tokens']}, {v['tokens_bytes_per_user']:.0f} B/user) {word} the best "
-                          f"baseline ({v['best_baseline']}) on {v['metric']}: {v['tokens']:.4f} vs {v['baseline']:.4f} "
-                          f"({v['delta']:+.4f}){ratio}."]
+            ratio = (
+                f", at 1/{v['storage_ratio_vs_pooled_fp32']:.0f} of the pooled fp32 features' storage"
+                if v["storage_ratio_vs_pooled_fp32"]
+                else ""
+            )
+            lines += [
+                "",
+                f"Tokens ({v['best_tokens']}, {v['tokens_bytes_per_user']:.0f} B/user) {word} the best "
+                f"baseline ({v['best_baseline']}) on {v['metric']}: {v['tokens']:.4f} vs {v['baseline']:.4f} "
+                f"({v['delta']:+.4f}){ratio}.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -83,9 +105,16 @@ def plots(bench: dict, out_dir: Path, usage=None) -> list[Path]:
     paths = []
     for task, kind in bench["tasks"].items():
         key = MAIN[kind]
-        pts = [(n, r["bytes_per_user"], r[task][key]) for n, r in res.items()
-               if task in r and key in r[task] and r.get("bytes_per_user")]
-        others = [(n, r[task][key]) for n, r in res.items() if task in r and key in r[task] and not r.get("bytes_per_user")]
+        pts = [
+            (n, r["bytes_per_user"], r[task][key])
+            for n, r in res.items()
+            if task in r and key in r[task] and r.get("bytes_per_user")
+        ]
+        others = [
+            (n, r[task][key])
+            for n, r in res.items()
+            if task in r and key in r[task] and not r.get("bytes_per_user")
+        ]
         if not pts and not others:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -61,7 +61,7 @@ def load_bench_data(dm: UserDataModule) -> BenchData:
     rows_h, cols_h, rows_f, cols_f, seqs = [], [], [], [], []
     fut_cat = np.zeros((U, len(spec.categories)), np.int64)
     for start in range(0, U, 4096):
-        part = table[start:start + 4096]
+        part = table[start : start + 4096]
         for i, (h, f, fc) in enumerate(zip(part["h_item"], part["f_item"], part["f_category"], strict=True)):
             u = start + i
             h = np.asarray(h, np.int64)
@@ -79,8 +79,11 @@ def load_bench_data(dm: UserDataModule) -> BenchData:
     history = sp.csr_matrix((np.ones(len(cat(rows_h))), (cat(rows_h), cat(cols_h))), shape=(U, n_items))
     future = sp.csr_matrix((np.ones(len(cat(rows_f))), (cat(rows_f), cat(cols_f))), shape=(U, n_items))
     future.data[:] = 1.0
-    tasks = [Task(lab.name, lab.kind, np.asarray(dm.table[f"label/{lab.name}"], np.int64))
-             for lab in spec.labels if lab.kind != "multilabel"]
+    tasks = [
+        Task(lab.name, lab.kind, np.asarray(dm.table[f"label/{lab.name}"], np.int64))
+        for lab in spec.labels
+        if lab.kind != "multilabel"
+    ]
     if spec.categories:
         name = "future_genres" if spec.name.startswith("movielens") else "future_categories"
         tasks.append(Task(name, "multilabel", fut_cat))
@@ -94,7 +97,9 @@ def pooled_representation(dm: UserDataModule) -> tuple[np.ndarray, float]:
     from foundv2.nn.pooled import PooledSliceFeatures
 
     d = dm.dims()
-    net = PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"])
+    net = PooledSliceFeatures(
+        d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"]
+    )
     S = net.total_sources
     out = np.zeros((len(dm.table), S * net.dim), np.float32)
     for batch in dm.predict_dataloader():
@@ -125,8 +130,10 @@ def token_representations(tokens_dir: Path, tokenizer_dir: Path | None, n_rows: 
     rows, cols = [], []
     summed = None
     for start in range(0, len(ds), 2048):
-        part = ds[start:start + 2048]
-        for r, ids, codes, src in zip(part["row"], part["token_ids"], part["codes"], part["slice_source"], strict=True):
+        part = ds[start : start + 2048]
+        for r, ids, codes, src in zip(
+            part["row"], part["token_ids"], part["codes"], part["slice_source"], strict=True
+        ):
             if len(src) == 0:
                 continue
             ids = np.stack(ids) if ids.dtype == object else ids
@@ -137,8 +144,9 @@ def token_representations(tokens_dir: Path, tokenizer_dir: Path | None, n_rows: 
             if model is not None:
                 codes = np.stack(codes) if codes.dtype == object else codes
                 with torch.no_grad():
-                    q = model.quantizer.decode_codes(torch.as_tensor(codes, dtype=torch.long),
-                                                     torch.as_tensor(src, dtype=torch.long))
+                    q = model.quantizer.decode_codes(
+                        torch.as_tensor(codes, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)
+                    )
                 if summed is None:
                     summed = np.zeros((n_rows, S, q.shape[1]), np.float32)
                 np.add.at(summed[r], src.astype(np.int64), q.numpy())
@@ -158,7 +166,9 @@ def embedding_representation(folder: Path, n_rows: int, column: str = "user_emb"
 
     ds, _ = read_stage_output(folder)
     if column not in ds.column_names:
-        raise DataError(f"{folder}: no '{column}' column in this stage output; columns are {ds.column_names}.")
+        raise DataError(
+            f"{folder}: no '{column}' column in this stage output; columns are {ds.column_names}."
+        )
     ds = ds.with_format("numpy", columns=["row", column])
     emb = np.asarray(ds[column], np.float32)
     out = np.zeros((n_rows, emb.shape[1]), np.float32)
@@ -188,18 +198,29 @@ def run_baselines(data: BenchData, names: list[str], sasrec_epochs: int, probe_e
         if name == "tfidf":
             X = B.tfidf_features(data.history, data.split)
             out[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs)
-            out[name]["bytes_per_user"] = float(data.history.nnz / data.history.shape[0] * 8)  # (id, weight) pairs
+            out[name]["bytes_per_user"] = float(
+                data.history.nnz / data.history.shape[0] * 8
+            )  # (id, weight) pairs
         elif name == "majority":
-            out[name] = {t.name: {**B.majority(t.y, data.split, t.kind)[0]} for t in data.tasks if t.kind != "ranking"}
+            out[name] = {
+                t.name: {**B.majority(t.y, data.split, t.kind)[0]} for t in data.tasks if t.kind != "ranking"
+            }
         elif name in ("popularity", "ease", "itemknn"):
             res, secs = getattr(B, name)(data.history, data.future, data.split)
             out[name] = {"next_items": {**res, "seconds": secs}}
         elif name == "sasrec":
-            res, secs = B.sasrec(data.sequences, data.future, data.split, B.SASRecConfig(epochs=sasrec_epochs),
-                                 history=data.history)
+            res, secs = B.sasrec(
+                data.sequences,
+                data.future,
+                data.split,
+                B.SASRecConfig(epochs=sasrec_epochs),
+                history=data.history,
+            )
             out[name] = {"next_items": {**res, "seconds": secs}}
         else:
-            raise DataError(f"unknown baseline '{name}'; known: tfidf, majority, popularity, ease, itemknn, sasrec.")
+            raise DataError(
+                f"unknown baseline '{name}'; known: tfidf, majority, popularity, ease, itemknn, sasrec."
+            )
         log.info("baseline %s done in %.1fs", name, time.perf_counter() - t0)
     return out
 
@@ -214,10 +235,18 @@ def _versions() -> dict:
     return v
 
 
-def run_bench(dm: UserDataModule, output_dir: str, tokens_dir: str | None = None, tokenizer_dir: str | None = None,
-              embeddings: dict[str, str] | None = None, baselines: list[str] | None = None,
-              representations: list[str] | None = None, sasrec_epochs: int = 15, probe_epochs: int = 30,
-              seed: int = 0) -> dict:
+def run_bench(
+    dm: UserDataModule,
+    output_dir: str,
+    tokens_dir: str | None = None,
+    tokenizer_dir: str | None = None,
+    embeddings: dict[str, str] | None = None,
+    baselines: list[str] | None = None,
+    representations: list[str] | None = None,
+    sasrec_epochs: int = 15,
+    probe_epochs: int = 30,
+    seed: int = 0,
+) -> dict:
     """Run the whole protocol; returns the bench.json dict."""
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -244,8 +273,14 @@ def run_bench(dm: UserDataModule, output_dir: str, tokens_dir: str | None = None
         results[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs)
         results[name]["bytes_per_user"] = bytes_per_user
         log.info("representation %s probed in %.1fs", name, time.perf_counter() - t0)
-    results.update(run_baselines(data, baselines or ["tfidf", "majority", "popularity", "ease", "itemknn", "sasrec"],
-                                 sasrec_epochs, probe_epochs))
+    results.update(
+        run_baselines(
+            data,
+            baselines or ["tfidf", "majority", "popularity", "ease", "itemknn", "sasrec"],
+            sasrec_epochs,
+            probe_epochs,
+        )
+    )
     bench = {
         "protocol": PROTOCOL,
         "dataset": dm.hparams.dataset,

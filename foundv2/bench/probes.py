@@ -1,0 +1,409 @@
+"""Linear probes of frozen user representations (benchmark protocol ``foundv2-bench-v1``).
+
+- :func:`fit_logistic_probe`: logistic regression per task; C chosen on the validation users,
+  metrics reported on the test users only.
+- :func:`fit_next_item_probe`: a linear softmax layer from the representation to the items,
+  trained on the train users' future items; weight decay and early stopping chosen on the
+  validation users; Recall@K / NDCG@K on the test users with their history items excluded.
+
+Splits are integer arrays over users: ``0`` train, ``1`` validation, ``2`` test.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from foundv2.metrics.classification import (
+    binary_auc,
+    ks_statistic,
+    multiclass_metrics,
+    multilabel_macro_auc,
+)
+from foundv2.metrics.ranking import evaluate_ranking
+
+logger = logging.getLogger(__name__)
+
+TRAIN, VAL, TEST = 0, 1, 2
+TaskKind = Literal["binary", "multiclass", "multilabel"]
+Features = np.ndarray | sp.spmatrix | sp.sparray
+
+#: validation metric that picks C, per task kind
+SELECTION_METRIC: dict[str, str] = {"binary": "auc", "multiclass": "macro_auc", "multilabel": "macro_auc"}
+#: guards the division by a feature's standard deviation (constant features stay 0 after centring)
+_STD_EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def split_indices(split: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the train, validation and test users of a ``split`` array."""
+    split = np.asarray(split)
+    return tuple(np.flatnonzero(split == part) for part in (TRAIN, VAL, TEST))  # type: ignore[return-value]
+
+
+def standardise(X: Features, train: np.ndarray) -> Features:
+    """Centre and scale dense ``X`` with the mean and std of the ``train`` rows.
+
+    Sparse ``X`` is returned unchanged (centring would densify it; TF-IDF rows are already
+    L2-normalised).
+    """
+    if sp.issparse(X):
+        return X
+    X = np.asarray(X, dtype=np.float64)
+    mean = X[train].mean(axis=0)
+    std = X[train].std(axis=0)
+    return ((X - mean) / np.where(std > _STD_EPS, std, 1.0)).astype(np.float32)
+
+
+def _check_kind(kind: str) -> None:
+    """Raise on an unknown task kind."""
+    if kind not in SELECTION_METRIC:
+        raise ValueError(f"kind must be one of {sorted(SELECTION_METRIC)}, got {kind!r}")
+
+
+def n_classes_of(y: np.ndarray, kind: TaskKind) -> int:
+    """Number of classes (multi-class) or labels (multi-label); 2 for binary."""
+    if kind == "multiclass":
+        return int(np.max(y)) + 1
+    if kind == "multilabel":
+        return int(np.asarray(y).shape[1])
+    return 2
+
+
+def score_predictions(kind: TaskKind, scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Metrics of one evaluation set.
+
+    Args:
+        kind: task kind.
+        scores: binary ``[N]`` P(y=1); multi-class ``[N, C]`` class probabilities;
+            multi-label ``[N, C]`` per-label P(y=1).
+        y: ground truth (``[N]`` ints, or ``[N, C]`` 0/1 for multi-label).
+
+    Returns:
+        binary ``{'auc', 'ks'}``; multi-class ``{'accuracy', 'macro_auc'}``; multi-label
+        ``{'macro_auc'}``.
+    """
+    if kind == "binary":
+        return {"auc": binary_auc(scores, y), "ks": ks_statistic(scores, y)}
+    if kind == "multiclass":
+        return multiclass_metrics(scores, y)
+    return {"macro_auc": multilabel_macro_auc(scores, y)}
+
+
+# ---------------------------------------------------------------------------------------------
+# logistic probes
+
+
+class _ConstantModel:
+    """Predicts fixed scores; stands in for a label that is constant among the train users."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores = scores
+
+    def predict(self, X: Features) -> np.ndarray:
+        """The fixed scores, one row per sample."""
+        return np.broadcast_to(self.scores, (X.shape[0],) + self.scores.shape).copy()
+
+
+class _LogisticModel:
+    """A fitted ``LogisticRegression`` whose scores follow the task's column convention."""
+
+    def __init__(self, clf: LogisticRegression, kind: TaskKind, n_classes: int) -> None:
+        self.clf, self.kind, self.n_classes = clf, kind, n_classes
+
+    def predict(self, X: Features) -> np.ndarray:
+        """Binary / per-label: P(y=1) ``[N]``; multi-class: ``[N, C]`` (absent classes get 0)."""
+        proba = self.clf.predict_proba(X)
+        if self.kind != "multiclass":
+            return proba[:, 1]
+        full = np.zeros((X.shape[0], self.n_classes))
+        full[:, self.clf.classes_.astype(int)] = proba
+        return full
+
+
+def _fit_one(
+    X: Features, y: np.ndarray, kind: TaskKind, C: float, n_classes: int, max_iter: int, seed: int
+) -> _LogisticModel | _ConstantModel:
+    """Fit one logistic regression on (X, y); a constant model when y has a single class."""
+    classes = np.unique(y)
+    if classes.size < 2:
+        if kind == "multiclass":
+            return _ConstantModel(np.eye(n_classes)[int(classes[0])])
+        return _ConstantModel(np.asarray(float(classes[0])))
+    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(X, y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        logger.warning("logistic probe (C=%g) did not converge in %d iterations", C, max_iter)
+    return _LogisticModel(clf, kind, n_classes)
+
+
+class _Probe:
+    """One fitted probe: a model per label (multi-label) or a single model."""
+
+    def __init__(self, models: list[_LogisticModel | _ConstantModel], kind: TaskKind) -> None:
+        self.models, self.kind = models, kind
+
+    def predict(self, X: Features) -> np.ndarray:
+        """Scores in the layout :func:`score_predictions` expects."""
+        if self.kind == "multilabel":
+            return np.stack([m.predict(X) for m in self.models], axis=1)
+        return self.models[0].predict(X)
+
+
+def _fit_probe(
+    X: Features, y: np.ndarray, kind: TaskKind, C: float, n_classes: int, max_iter: int, seed: int
+) -> _Probe:
+    """Fit the probe of one C on the given (train) rows."""
+    if kind == "multilabel":
+        models = [_fit_one(X, y[:, c], kind, C, n_classes, max_iter, seed) for c in range(y.shape[1])]
+    else:
+        models = [_fit_one(X, y, kind, C, n_classes, max_iter, seed)]
+    return _Probe(models, kind)
+
+
+def fit_logistic_probe(
+    X: Features,
+    y: np.ndarray,
+    split: np.ndarray,
+    kind: TaskKind,
+    Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Logistic-regression probe; C chosen on the validation users, metrics on the test users.
+
+    Dense ``X`` is standardised with the train users' statistics; sparse ``X`` (e.g. TF-IDF) is
+    used as is. For every C a model is fitted on the train users and scored on the validation
+    users; the C with the best validation metric (AUC for binary, macro AUC otherwise; the
+    smallest C on ties) is kept and only that model ever sees the test users. Multi-label tasks
+    fit one binary model per label (one-vs-rest); a label constant among the train users gets a
+    constant prediction.
+
+    Args:
+        X: ``[U, d]`` representations, dense float or scipy sparse.
+        y: binary / multi-class ``[U]`` ints; multi-label ``[U, C]`` 0/1.
+        split: ``[U]`` 0 train, 1 val, 2 test.
+        kind: ``'binary'``, ``'multiclass'`` or ``'multilabel'``.
+        Cs: inverse regularisation strengths to try.
+        max_iter: LBFGS iterations per fit.
+        seed: random state of the solver.
+
+    Returns:
+        Test metrics — binary ``{'auc', 'ks'}``, multi-class ``{'accuracy', 'macro_auc'}``,
+        multi-label ``{'macro_auc'}`` — plus ``'C'`` (the chosen C) and ``'val_<metric>'`` (its
+        validation value, e.g. ``'val_auc'``).
+    """
+    _check_kind(kind)
+    y = np.asarray(y)
+    if kind == "multilabel" and y.ndim != 2:
+        raise ValueError(f"multi-label y must be [U, C], got shape {y.shape}")
+    train, val, test = split_indices(split)
+    X = standardise(X, train)
+    n_classes = n_classes_of(y, kind)
+    key = SELECTION_METRIC[kind]
+
+    best_C, best_val, best_probe = float(Cs[0]), -np.inf, None
+    for C in sorted(Cs):
+        probe = _fit_probe(X[train], y[train], kind, C, n_classes, max_iter, seed)
+        val_metric = score_predictions(kind, probe.predict(X[val]), y[val])[key]
+        logger.info("logistic probe C=%g: val %s=%.4f", C, key, val_metric)
+        if best_probe is None or val_metric > best_val:
+            best_C, best_val, best_probe = float(C), val_metric, probe
+
+    metrics = score_predictions(kind, best_probe.predict(X[test]), y[test])
+    metrics["C"] = best_C
+    metrics[f"val_{key}"] = float(best_val)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# next-item probe
+
+
+def _feature_rows(X: Features, rows: np.ndarray) -> torch.Tensor:
+    """Rows of X as a float32 tensor: dense, or sparse COO when X is scipy sparse."""
+    block = X[rows]
+    if sp.issparse(block):
+        coo = sp.coo_matrix(block, dtype=np.float32)
+        indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+        return torch.sparse_coo_tensor(
+            indices, torch.from_numpy(coo.data), coo.shape, check_invariants=False
+        ).coalesce()
+    return torch.from_numpy(np.asarray(block, dtype=np.float32))
+
+
+class ItemScorer(torch.nn.Linear):
+    """``Linear(d, I)`` that also takes sparse COO inputs (``O(nnz · I)`` instead of ``O(d · I)``:
+    a TF-IDF input has thousands of columns but ~100 nonzeros a row)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Item logits ``[B, I]`` of dense or sparse ``[B, d]`` inputs."""
+        if x.is_sparse:
+            return torch.sparse.mm(x, self.weight.T) + self.bias
+        return super().forward(x)
+
+
+def _targets(
+    history: sp.csr_matrix, future: sp.csr_matrix, rows: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target, seen)`` bool masks ``[B, I]``: future items not in the history, history items."""
+    seen = torch.from_numpy(history[rows].toarray() != 0)
+    target = torch.from_numpy(future[rows].toarray() != 0) & ~seen
+    return target, seen
+
+
+def multi_target_softmax_loss(logits: torch.Tensor, target: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy averaged over each user's target items, then over users.
+
+    History items (``seen``) are removed from the softmax, as they are from the ranking.
+    ``-(1/|T_u|) Σ_{j ∈ T_u} log softmax(z_u)_j``; users must have at least one target.
+    """
+    log_p = torch.log_softmax(logits.masked_fill(seen, float("-inf")), dim=1)
+    per_user = torch.where(target, log_p, torch.zeros_like(log_p)).sum(1) / target.sum(1)
+    return -per_user.mean()
+
+
+def _users_with_targets(users: np.ndarray, history: sp.csr_matrix, future: sp.csr_matrix) -> np.ndarray:
+    """The users that have at least one future item outside their history."""
+    fut = (future[users] != 0).astype(np.int64)
+    n_new = np.asarray(fut.sum(axis=1) - fut.multiply(history[users] != 0).sum(axis=1)).ravel()
+    return users[n_new > 0]
+
+
+@torch.no_grad()
+def _popularity_initialised(dim: int, train_targets: sp.csr_matrix) -> ItemScorer:
+    """An item scorer that starts as the popularity ranking: zero weights, bias = log of the
+    items' (add-one smoothed) target frequency. The loss is convex in the layer, so the start
+    only saves steps; with early stopping the probe is never below that start on validation."""
+    layer = ItemScorer(dim, train_targets.shape[1])
+    counts = np.asarray((train_targets != 0).sum(axis=0), dtype=np.float32).ravel()
+    layer.weight.zero_()
+    layer.bias.copy_(torch.from_numpy(np.log(counts + 1.0)))  # +1: unseen items stay finite
+    return layer
+
+
+def _train_linear_softmax(
+    X: Features,
+    history: sp.csr_matrix,
+    future: sp.csr_matrix,
+    train: np.ndarray,
+    val: np.ndarray,
+    weight_decay: float,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    ks: Sequence[int],
+    seed: int,
+) -> tuple[ItemScorer, float]:
+    """Train one linear softmax layer; returns the best-on-validation weights and that score."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = _popularity_initialised(X.shape[1], future[train])
+    opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    select = f"ndcg@{max(ks)}"
+    best_val = _rank_with_layer(layer, X, history, future, val, ks)[select]  # the popularity start
+    best_state, bad_epochs = copy.deepcopy(layer.state_dict()), 0
+    for epoch in range(epochs):
+        layer.train()
+        for idx in torch.randperm(train.size, generator=gen).split(batch_size):
+            rows = train[idx.numpy()]
+            target, seen = _targets(history, future, rows)
+            loss = multi_target_softmax_loss(layer(_feature_rows(X, rows)), target, seen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        val_score = _rank_with_layer(layer, X, history, future, val, ks)[select]
+        logger.info("next-item probe wd=%g epoch %d: val %s=%.4f", weight_decay, epoch, select, val_score)
+        if val_score > best_val:
+            best_val, best_state, bad_epochs = val_score, copy.deepcopy(layer.state_dict()), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= patience:
+                break
+    layer.load_state_dict(best_state)
+    return layer, float(best_val)
+
+
+@torch.no_grad()
+def _rank_with_layer(
+    layer: ItemScorer,
+    X: Features,
+    history: sp.csr_matrix,
+    future: sp.csr_matrix,
+    users: np.ndarray,
+    ks: Sequence[int],
+) -> dict[str, float]:
+    """Ranking metrics of a linear layer's item scores for ``users``."""
+    layer.eval()
+    return evaluate_ranking(lambda rows: layer(_feature_rows(X, rows)), users, history, future, ks)
+
+
+def fit_next_item_probe(
+    X: Features,
+    history: sp.csr_matrix,
+    future: sp.csr_matrix,
+    split: np.ndarray,
+    weight_decays: Sequence[float] = (0.0, 1e-4),
+    lr: float = 1e-2,
+    epochs: int = 100,
+    batch_size: int = 64,
+    patience: int = 3,
+    ks: Sequence[int] = (10, 20),
+    seed: int = 0,
+) -> dict[str, float]:
+    """Linear softmax probe from the representation to the items (next-items task).
+
+    A ``Linear(d, I)`` layer (with bias) is trained with Adam on the train users to predict
+    their future items (:func:`multi_target_softmax_loss`, history items removed from the
+    softmax). It starts as the popularity ranking (zero weights, log-frequency bias), and the
+    starting point counts as epoch 0 of the early stopping. For each weight decay, training stops early on the validation users'
+    ``ndcg@max(ks)`` (best epoch kept); the weight decay with the best validation score is
+    evaluated on the test users, ranking every item not in their history.
+
+    Args:
+        X: ``[U, d]`` representations (dense float, standardised with train statistics; or
+            scipy sparse, used as is).
+        history: ``[U, I]`` history interactions (the items excluded from the ranking).
+        future: ``[U, I]`` binary future items (the targets / relevant items).
+        split: ``[U]`` 0 train, 1 val, 2 test.
+        weight_decays: L2 strengths tried (chosen on validation).
+        lr: Adam learning rate.
+        epochs: maximum epochs per weight decay.
+        batch_size: users per step.
+        patience: epochs without validation improvement before stopping.
+        ks: ranking cut-offs.
+        seed: seed of the initialisation and the shuffling.
+
+    Returns:
+        ``{'recall@K', 'ndcg@K'}`` on the test users for each K in ``ks``.
+    """
+    history, future = sp.csr_matrix(history), sp.csr_matrix(future)
+    train, val, test = split_indices(split)
+    X = standardise(X, train)
+    train = _users_with_targets(train, history, future)
+    best: tuple[float, float, ItemScorer] | None = None
+    for wd in weight_decays:
+        layer, val_score = _train_linear_softmax(
+            X, history, future, train, val, wd, lr, epochs, batch_size, patience, ks, seed
+        )
+        logger.info("next-item probe wd=%g: val ndcg@%d=%.4f", wd, max(ks), val_score)
+        if best is None or val_score > best[0]:
+            best = (val_score, wd, layer)
+    assert best is not None, "weight_decays must not be empty"
+    logger.info("next-item probe: chose weight decay %g", best[1])
+    return _rank_with_layer(best[2], X, history, future, test, ks)

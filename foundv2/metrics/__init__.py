@@ -1,0 +1,1 @@
+"""Metrics: classification (AUC, KS), full-catalogue ranking, DDP-safe torchmetrics with sum states."""
