@@ -69,6 +69,27 @@ class UserRows(Dataset):
         return batch
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A random order that depends only on (seed, epoch): a resumed run sees the same batches.
+
+    Lightning calls ``set_epoch`` at every epoch; under DDP it swaps this for its own
+    DistributedSampler, which is seeded the same way.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class EventCollate:
     """Columns of a few users → the padded event batch of data_modules/batch.py."""
 
@@ -302,7 +323,8 @@ class UserDataModule(L.LightningDataModule):
 
     def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
         table = self.features if self.features is not None else self.table
-        return DataLoader(UserRows(table, rows), batch_size=self.hparams.batch_size, shuffle=shuffle,
+        sampler = EpochShuffleSampler(len(rows), self.hparams.split_seed) if shuffle else None
+        return DataLoader(UserRows(table, rows), batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=self.collate(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 

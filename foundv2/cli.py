@@ -32,6 +32,7 @@ OWN_COMMANDS = {
     "data": "prepare a configured data set and print its summary",
     "tokenize": "tokenize a data set with a trained tokenizer folder (save_pretrained)",
     "bench": "linear-probe benchmark (foundv2-bench-v1): representations and baselines side by side",
+    "pipeline": "stage 1 fit+predict, tokenizer fit+predict, bench: one run folder, resumable",
 }
 
 USAGE = """usage: foundv2 <command> [--config FILE.yaml] [options]
@@ -57,8 +58,13 @@ def _fail(err: BaseException) -> int:
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
     """Build the LightningCLI (``run=False`` only parses and instantiates: used by config tests)."""
+    import warnings
+
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    # the pipeline builds stage CLIs from its own arguments on purpose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
     from data_modules.datamodule import UserDataModule
 
@@ -136,6 +142,20 @@ def bench_command(args: list[str]) -> int:
     return 0
 
 
+def pipeline_command(args: list[str]) -> int:
+    """``foundv2 pipeline --config experiments/<data>/pipeline.yaml``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from foundv2.pipeline import PipelineConfig, run_pipeline
+
+    parser = ArgumentParser(prog="foundv2 pipeline", description=OWN_COMMANDS["pipeline"], default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `pipeline:` section")
+    parser.add_class_arguments(PipelineConfig, "pipeline")
+    cfg = parser.parse_args(args)
+    run_pipeline(parser.instantiate_classes(cfg).pipeline)
+    return 0
+
+
 def data_command(args: list[str]) -> int:
     """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
     from data_modules.datamodule import UserDataModule
@@ -161,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in OWN_COMMANDS:
-            return {"data": data_command, "tokenize": tokenize_command, "bench": bench_command}[command](argv[1:])
+            return {"data": data_command, "tokenize": tokenize_command, "bench": bench_command,
+                    "pipeline": pipeline_command}[command](argv[1:])
         if command in LIGHTNING_COMMANDS:
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
                 argv.append("--return_predictions=false")  # outputs stream to disk; never hold them all

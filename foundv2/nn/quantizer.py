@@ -335,12 +335,11 @@ class ResidualGroupQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(self.vocab_size))  # since `reset_usage`, training
         self.register_buffer("window_usage", torch.zeros(self.vocab_size))  # current respawn window
         self.register_buffer("respawned", torch.zeros(n_levels))  # codes respawned since reset
-        # recent residuals for respawn (ring buffer, local to the rank, not saved)
-        self.register_buffer("recent", torch.zeros(recent_size, n_levels, dim), persistent=False)
-        self.register_buffer(
-            "recent_source", torch.full((recent_size,), -1, dtype=torch.long), persistent=False
-        )
-        self._recent_ptr = 0
+        # recent residuals for respawn (ring buffer, local to the rank); saved in checkpoints so that
+        # a resumed run respawns from the same rows as an uninterrupted one
+        self.register_buffer("recent", torch.zeros(recent_size, n_levels, dim))
+        self.register_buffer("recent_source", torch.full((recent_size,), -1, dtype=torch.long))
+        self.register_buffer("recent_ptr", torch.zeros((), dtype=torch.long))
         self._init_rows: list[tuple[Tensor, Tensor]] = []  # buffered (latents, sources) before init
 
     @property
@@ -515,11 +514,11 @@ class ResidualGroupQuantizer(nn.Module):
     def _remember(self, level: int, residual: Tensor, source: Tensor) -> None:
         """Write this step's residuals of ``level`` into the ring buffer (level 0 moves the pointer)."""
         n = min(residual.shape[0], self.recent_size)
-        pos = (self._recent_ptr + torch.arange(n, device=residual.device)) % self.recent_size
+        pos = (int(self.recent_ptr) + torch.arange(n, device=residual.device)) % self.recent_size
         self.recent[pos, level] = residual[-n:]
         if level == self.n_levels - 1:
             self.recent_source[pos] = source[-n:]
-            self._recent_ptr = (self._recent_ptr + n) % self.recent_size
+            self.recent_ptr.fill_((int(self.recent_ptr) + n) % self.recent_size)
 
     @torch.no_grad()
     def _after_step(self, counts: Tensor, gids: Tensor, residual_inputs: tuple[Tensor, Tensor]) -> None:
@@ -527,6 +526,9 @@ class ResidualGroupQuantizer(nn.Module):
         self.step += 1
         if not bool(self.initialised):
             return
+        # usage summed over ranks every step: the counters are identical everywhere, so DDP's
+        # buffer broadcast (on by default) cannot corrupt them; shares are unchanged by the sum
+        counts = _all_reduce_sum(counts)
         self.usage += counts
         self.window_usage += counts
         if self.ema:

@@ -171,7 +171,10 @@ class TokenizerStage(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         out, _ = self.model_step(batch, "train")
-        return out.losses["loss"]
+        # a batch without some source leaves its encoder/decoder unused; a zero-weighted term keeps
+        # every parameter in the graph so that plain `--trainer.strategy ddp` needs no extra flags
+        unused = sum(p.sum() for p in self.model.parameters()) * 0.0
+        return out.losses["loss"] + unused
 
     def validation_step(self, batch: dict, batch_idx: int):
         out, s = self.model_step(batch, "val")
