@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv (if missing) and install everything
 
-demo: $(STAMP)  ## the main job end to end on the default data, then print the results
-	$(BIN)/foundv2 data --config experiments/movielens-1m/data.yaml
+demo: $(STAMP)  ## the whole pipeline on MovieLens-100k (Q-Former, tokenizer, bench), then the results table
+	$(BIN)/foundv2 pipeline --config experiments/movielens-100k/pipeline.yaml
 
 test: $(STAMP)  ## the fast test suite (CI runs this)
 	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider

@@ -144,7 +144,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                              str(run / "tokenizer" / "export")]
                 if cfg.stage1:
                     args += ["--bench.embeddings", json.dumps({"qformer": str(features)})]
-                bench_command(args + cfg.bench_args)
+                from contextlib import redirect_stdout
+                from io import StringIO
+
+                with redirect_stdout(StringIO()):  # the table is printed once, at the end
+                    bench_command(args + cfg.bench_args)
         timings[step] = time.perf_counter() - t0
         _say(f"[{k}/{len(steps)}] {step}: finished in {timings[step]:.0f}s")
     timings["total"] = time.perf_counter() - t_all
@@ -152,5 +156,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         tmp = run / "timings.json.tmp"
         tmp.write_text(json.dumps(timings, indent=1))
         os.replace(tmp, run / "timings.json")
+        bench_json = run / "bench" / "bench.json"
+        if bench_json.exists():
+            from foundv2.bench.report import table
+
+            print("\n" + table(json.loads(bench_json.read_text())), flush=True)
         _say(f"all steps done in {timings['total']:.0f}s; report: {run / 'bench' / 'report.md'}")
     return timings
