@@ -177,9 +177,11 @@ def embedding_representation(folder: Path, n_rows: int, column: str = "user_emb"
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def probe_all(X, data: BenchData, next_items: bool, probe_epochs: int) -> dict:
+def probe_all(X, data: BenchData, next_items: bool, probe_epochs: int, skip_tasks: tuple = ()) -> dict:
     results = {}
     for task in data.tasks:
+        if task.name in skip_tasks:
+            continue
         t0 = time.perf_counter()
         if task.kind == "ranking":
             if not next_items:
@@ -191,13 +193,16 @@ def probe_all(X, data: BenchData, next_items: bool, probe_epochs: int) -> dict:
     return results
 
 
-def run_baselines(data: BenchData, names: list[str], sasrec_epochs: int, probe_epochs: int) -> dict:
+def run_baselines(data: BenchData, names: list[str], sasrec_epochs: int, probe_epochs: int,
+                  skip: tuple = ()) -> dict:
     out: dict[str, dict] = {}
     for name in names:
+        if name in ("popularity", "ease", "itemknn", "sasrec") and "next_items" in skip:
+            continue
         t0 = time.perf_counter()
         if name == "tfidf":
             X = B.tfidf_features(data.history, data.split)
-            out[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs)
+            out[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs, skip_tasks=skip)
             out[name]["bytes_per_user"] = float(
                 data.history.nnz / data.history.shape[0] * 8
             )  # (id, weight) pairs
@@ -270,7 +275,7 @@ def run_bench(
     results: dict[str, dict] = {}
     for name, (X, bytes_per_user) in reps.items():
         t0 = time.perf_counter()
-        results[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs)
+        results[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs, skip_tasks=skip)
         results[name]["bytes_per_user"] = bytes_per_user
         log.info("representation %s probed in %.1fs", name, time.perf_counter() - t0)
     results.update(
@@ -288,7 +293,7 @@ def run_bench(
         "seed": seed,
         "split_seed": dm.hparams.split_seed,
         "num_items": int(data.history.shape[1]),
-        "tasks": {t.name: t.kind for t in data.tasks},
+        "tasks": {t.name: t.kind for t in data.tasks if t.name not in skip},
         "versions": _versions(),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
         "seconds": time.perf_counter() - t_start,

@@ -1,0 +1,82 @@
+"""Stage 1: Q-Former features against pooled features, an objective ablation, training speed.
+
+Run:  make bench-qformer      (writes bench-results/qformer.json)
+
+For each data set the shipped config (experiments/<data>/qformer.yaml) is trained as is (the
+full objective), then once more with each objective switched off in turn; each variant's
+predict writes its features and per-user embeddings, which go through the bench's logistic
+probes (a quick bench: next_items is left out). Pooled features are probed beside them.
+`users_per_s` is training users per second of fit wall time (2 CPU cores here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write_results  # noqa: E402
+
+CONFIGS = {"synthetic": "experiments/synthetic/qformer.yaml", "movielens-1m": "experiments/movielens-1m/qformer.yaml"}
+VARIANTS = {"full": {}, "no_fine": {"fine": False}, "no_window": {"window": False},
+            "no_semantic": {"semantic": False}, "no_recon": {"recon": False}}
+
+
+def fit_and_predict(config: str, run_dir: Path, enabled: dict, extra: list[str]) -> dict:
+    import lightning as L
+
+    from foundv2.cli import lightning_cli
+
+    args = ["--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+            "--model.enabled", json.dumps(enabled), *extra]
+    cli = lightning_cli(args, run=False)
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_s = time.perf_counter() - t0
+    n_train = len(cli.datamodule.rows("train")) * cli.trainer.current_epoch
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    cli.model.predict_dir = str(run_dir / "features")
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(
+        cli.model, datamodule=cli.datamodule, return_predictions=False)
+    return {"fit_seconds": fit_s, "users_per_s": n_train / fit_s, "metrics": metrics,
+            "features": str(run_dir / "features"), "dm": cli.datamodule}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-qformer"))
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--extra", default="", help="extra CLI flags for every fit, e.g. '--trainer.max_epochs 1'")
+    a = ap.parse_args()
+    from foundv2.bench.run import run_bench
+
+    figures: dict = {}
+    for name, config in CONFIGS.items():
+        if a.only and name != a.only:
+            continue
+        runs = {}
+        for v in a.variants.split(","):
+            runs[v] = fit_and_predict(config, Path(a.out) / name / v, VARIANTS[v], a.extra.split())
+            print(name, v, f"{runs[v]['users_per_s']:.1f} users/s", flush=True)
+        dm = runs["full"]["dm"]
+        bench = run_bench(dm, str(Path(a.out) / name / "bench"), embeddings={f"qformer_{v}": r["features"]
+                                                                             for v, r in runs.items()},
+                          representations=["pooled"], baselines=["majority"], skip_tasks=["next_items"])
+        figures[name] = {
+            "probe": bench["results"],
+            "users_per_s": runs["full"]["users_per_s"],
+            "fit_seconds": {v: r["fit_seconds"] for v, r in runs.items()},
+            "final_losses": {v: r["metrics"] for v, r in runs.items()},
+            "config": config,
+        }
+        print(json.dumps({k: v for k, v in figures[name].items() if k != "final_losses"}, indent=1), flush=True)
+    write_results("qformer", figures, {"configs": CONFIGS, "variants": a.variants, "extra": a.extra})
+
+
+if __name__ == "__main__":
+    main()
