@@ -30,7 +30,7 @@ def window_tuples(slice_user: torch.Tensor, slice_window: torch.Tensor, slice_so
     key = slice_user * (1 << 20) + slice_window
     uniq, inv = torch.unique(key, return_inverse=True)
     L_ = codes.shape[1]
-    out = torch.full((len(uniq), num_sources, L_), -1, dtype=torch.long)
+    out = torch.full((len(uniq), num_sources, L_), -1, dtype=torch.long, device=codes.device)
     out[inv, slice_source] = codes.long()
     return out.reshape(len(uniq), num_sources * L_)
 
