@@ -252,8 +252,24 @@ def run_bench(
     sasrec_epochs: int = 15,
     probe_epochs: int = 30,
     seed: int = 0,
+    skip_tasks: list[str] | None = None,
 ) -> dict:
-    """Run the whole protocol; returns the bench.json dict."""
+    """Run the whole protocol; returns the bench.json dict.
+
+    Args:
+        dm: the data (its prepared cache is reused).
+        output_dir: where bench.json, report.md, the plots and tb/ go.
+        tokens_dir: a tokens dataset (TokenizerStage predict) for the token rows.
+        tokenizer_dir: the tokenizer's export folder, to sum code vectors (``tokens_sum``).
+        embeddings: name → a stage output folder with a ``user_emb`` column (e.g. stage 1).
+        baselines: which baselines to train (default: all).
+        representations: which built-in representations to probe (pooled, tokens_bag, tokens_sum).
+        sasrec_epochs: SASRec's epoch budget (early-stopped on val).
+        probe_epochs: the next-item probe's epoch budget (early-stopped on val).
+        seed: seed of the probes.
+        skip_tasks: tasks left out (a quick bench, e.g. ["next_items"]).
+    """
+    skip = tuple(skip_tasks or ())
     torch.manual_seed(seed)
     np.random.seed(seed)
     out_dir = Path(output_dir)
@@ -279,14 +295,9 @@ def run_bench(
         results[name] = probe_all(X, data, next_items=True, probe_epochs=probe_epochs, skip_tasks=skip)
         results[name]["bytes_per_user"] = bytes_per_user
         log.info("representation %s probed in %.1fs", name, time.perf_counter() - t0)
-    results.update(
-        run_baselines(
-            data,
-            baselines or ["tfidf", "majority", "popularity", "ease", "itemknn", "sasrec"],
-            sasrec_epochs,
-            probe_epochs,
-        )
-    )
+    all_baselines = ["tfidf", "majority", "popularity", "ease", "itemknn", "sasrec"]
+    results.update(run_baselines(data, all_baselines if baselines is None else baselines, sasrec_epochs,
+                                 probe_epochs, skip))
     bench = {
         "protocol": PROTOCOL,
         "dataset": dm.hparams.dataset,
