@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 
-
 def child(kind: str, n_users: int, cache: str, chunk_users: int) -> None:
     """Runs inside the measuring subprocess; prints one JSON line."""
     import time

@@ -68,6 +68,10 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     a = ap.parse_args()
     figures: dict = {}
+    previous = ROOT / "bench-results" / "tokenizer.json"
+    if (a.only or a.no_speed) and previous.exists():  # a partial run updates the last full one
+        old = json.loads(previous.read_text())
+        figures = {k: v for k, v in old.items() if k in (*CONFIGS, "speed")}
     for name, config in CONFIGS.items():
         if a.only and name != a.only:
             continue

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,3 +20,22 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     if res.returncode != 0:
         raise AssertionError(f"foundv2 {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
+
+
+def empty_event_batch(b: int, e: int, w: int, text_dim: int, tabular: torch.Tensor) -> dict:
+    """An event batch (data_modules/batch.py) of ``b`` users with ``e`` event slots and ``w``
+    windows, all padding: tests fill in the events they need."""
+    return {
+        "ev_source": torch.zeros(b, e, dtype=torch.long),
+        "ev_item": torch.zeros(b, e, dtype=torch.long),
+        "ev_text": torch.full((b, e), -1, dtype=torch.long),
+        "ev_text_emb": torch.zeros(b, e, text_dim),
+        "ev_value": torch.zeros(b, e),
+        "ev_time": torch.zeros(b, e, dtype=torch.long),
+        "ev_category": torch.full((b, e), -1, dtype=torch.long),
+        "ev_window": torch.zeros(b, e, dtype=torch.long),
+        "ev_mask": torch.zeros(b, e, dtype=torch.bool),
+        "win_key": torch.zeros(b, w, dtype=torch.long),
+        "win_mask": torch.zeros(b, w, dtype=torch.bool),
+        "tabular": tabular,
+    }

@@ -193,14 +193,6 @@ def _sequential_data(seed: int = 0) -> tuple[list[list[int]], sp.csr_matrix, np.
     return seqs, _csr(fut, N_ITEMS), _split(N_USERS, seed)
 
 
-@pytest.fixture
-def one_thread():
-    """Run a tiny torch model on one thread (far faster than 2 on a shared, busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_sasrec_learns_sequential_pattern(one_thread) -> None:
     seqs, future, split = _sequential_data()

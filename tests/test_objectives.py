@@ -19,6 +19,7 @@ from foundv2.objectives import (
     last_valid,
     pooled_slice_targets,
 )
+from tests.helpers import empty_event_batch
 
 DAY = 86400
 S, ITEMS, TEXT_D, DIM, WEEKS, PERIOD = 2, 24, 8, 16, 3, 7
@@ -43,18 +44,7 @@ def weekly_batch(b: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     out = {
         "user_id": torch.arange(b) + 1000,
         "split": torch.zeros(b, dtype=torch.long),
-        "ev_source": torch.zeros(b, e, dtype=torch.long),
-        "ev_item": torch.zeros(b, e, dtype=torch.long),
-        "ev_text": torch.full((b, e), -1, dtype=torch.long),
-        "ev_text_emb": torch.zeros(b, e, TEXT_D),
-        "ev_value": torch.zeros(b, e),
-        "ev_time": torch.zeros(b, e, dtype=torch.long),
-        "ev_category": torch.full((b, e), -1, dtype=torch.long),
-        "ev_window": torch.zeros(b, e, dtype=torch.long),
-        "ev_mask": torch.zeros(b, e, dtype=torch.bool),
-        "win_key": torch.zeros(b, w, dtype=torch.long),
-        "win_mask": torch.zeros(b, w, dtype=torch.bool),
-        "tabular": torch.randn(b, 2, generator=g),
+        **empty_event_batch(b, e, w, TEXT_D, torch.randn(b, 2, generator=g)),
         "fut_text_emb": fut_text,
         "has_fut_text": torch.arange(b) % 4 != 3,  # every 4th user is "val": no future text
     }

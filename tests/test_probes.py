@@ -24,14 +24,6 @@ N_USERS, DIM, N_ITEMS = 300, 16, 50
 CS = (0.01, 0.1, 1.0, 10.0)
 
 
-@pytest.fixture
-def one_thread():
-    """Small torch models run far faster on one thread of a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------- metrics
 

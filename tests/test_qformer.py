@@ -8,6 +8,7 @@ import torch
 from foundv2.nn.encoders import EventEncoder, TabularEncoder, gap_since_previous, time_features
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
 from foundv2.objectives import pooled_slice_targets
+from tests.helpers import empty_event_batch
 
 DAY = 86400
 S, ITEMS, TEXT_D, DIM, CATS = 2, 30, 8, 16, 3
@@ -20,20 +21,7 @@ def make_batch(
     ``per_window`` events each (sorted by time), plus ``pad`` padding slots per user."""
     g = torch.Generator().manual_seed(seed)
     e = w * per_window + pad
-    batch = {
-        "ev_source": torch.zeros(b, e, dtype=torch.long),
-        "ev_item": torch.zeros(b, e, dtype=torch.long),
-        "ev_text": torch.full((b, e), -1, dtype=torch.long),
-        "ev_text_emb": torch.zeros(b, e, TEXT_D),
-        "ev_value": torch.zeros(b, e),
-        "ev_time": torch.zeros(b, e, dtype=torch.long),
-        "ev_category": torch.full((b, e), -1, dtype=torch.long),
-        "ev_window": torch.zeros(b, e, dtype=torch.long),
-        "ev_mask": torch.zeros(b, e, dtype=torch.bool),
-        "win_key": torch.zeros(b, w, dtype=torch.long),
-        "win_mask": torch.zeros(b, w, dtype=torch.bool),
-        "tabular": torch.randn(b, 2, generator=g),
-    }
+    batch = empty_event_batch(b, e, w, TEXT_D, torch.randn(b, 2, generator=g))
     for u in range(b):
         n_win = max(w - u, 1)
         batch["win_mask"][u, :n_win] = True

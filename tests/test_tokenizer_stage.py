@@ -80,9 +80,10 @@ def test_tokenize_command_and_bad_folder(tmp_path):
     res = run_cli("tokenize", "--tokenizer", str(tmp_path / "export"), "--output", str(tmp_path / "tok"), *data,
                   "--accelerator", "cpu", "--devices", "1")
     assert "collisions" in res.stdout
-    from tests.helpers import ROOT
     import subprocess
     import sys
+
+    from tests.helpers import ROOT
 
     bad = subprocess.run([sys.executable, "-m", "foundv2", "tokenize", "--tokenizer", str(tmp_path), "--output",
                           str(tmp_path / "x"), *data], capture_output=True, text=True, cwd=ROOT)
