@@ -170,6 +170,25 @@ def data_command(args: list[str]) -> int:
     return 0
 
 
+def check_checkpoint(argv: list[str]) -> None:
+    """A ``--ckpt_path`` that names a file must be a readable checkpoint (torch's zip format)."""
+    import zipfile
+
+    from data_modules.schema import DataError
+
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else (
+            argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None)
+        if value is None or value in ("last", "best", "hpc", "registry", "null"):
+            continue
+        path = Path(value)
+        if not path.exists():
+            raise DataError(f"--ckpt_path {path}: no such checkpoint file.")
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"--ckpt_path {path}: not a readable checkpoint (truncated or corrupt?); "
+                            f"use another one, e.g. --ckpt_path last.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -184,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"data": data_command, "tokenize": tokenize_command, "bench": bench_command,
                     "pipeline": pipeline_command}[command](argv[1:])
         if command in LIGHTNING_COMMANDS:
+            check_checkpoint(argv)
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
                 argv.append("--return_predictions=false")  # outputs stream to disk; never hold them all
             lightning_cli(argv)

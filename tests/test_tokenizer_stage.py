@@ -100,3 +100,25 @@ def test_features_input_from_a_stage_output(tmp_path):
     _trainer(max_steps=5, limit_val_batches=1).fit(stage, datamodule=_dm(tmp_path, features_dir=str(tmp_path / "feat")))
     assert torch.isfinite(stage.trainer.callback_metrics["train/loss_step"])
     assert stage.sources[-1] == "profile"
+
+
+def test_corrupt_checkpoint_and_tokenizer_folder_are_clear_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"\x00" * 64)
+    res = subprocess.run([sys.executable, "-m", "foundv2", "predict", "--config",
+                          str(ROOT / "experiments/synthetic/tokenizer.yaml"), "--ckpt_path", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "not a readable checkpoint" in res.stderr and "Traceback" not in res.stderr
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    stage = TokenizerStage(pretrained=str(folder))
+    from data_modules.schema import DataError
+
+    with pytest.raises(DataError, match="cannot be loaded"):
+        _trainer().predict(stage, datamodule=_dm(tmp_path), return_predictions=False)

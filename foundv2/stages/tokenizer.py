@@ -133,10 +133,14 @@ class TokenizerStage(L.LightningModule):
         self.feature_dim = feat_dim
         hp = self.hparams
         if hp.pretrained:
-            self.model = MultiViewRQVAE.from_pretrained(hp.pretrained)
-            if list(self.model.sources) != self.sources:
-                from data_modules.schema import DataError
+            from data_modules.schema import DataError
 
+            try:
+                self.model = MultiViewRQVAE.from_pretrained(hp.pretrained)
+            except Exception as err:  # safetensors / json raise several kinds on a damaged folder
+                raise DataError(f"{hp.pretrained}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
+                                f"{err}); export it again with fit's --model.export_dir.") from err
+            if list(self.model.sources) != self.sources:
                 raise DataError(f"{hp.pretrained}: the tokenizer was trained on sources {list(self.model.sources)}, "
                                 f"but this data set has {self.sources}.")
             return
