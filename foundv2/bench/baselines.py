@@ -93,6 +93,13 @@ def _choose_on_val(
 # popularity, EASE, item-kNN
 
 
+def _item_item_inputs(history: sp.spmatrix, future: sp.spmatrix, split: np.ndarray):
+    """CSR history and future, the binarised history every item-item model fits, val and test users."""
+    history, future = sp.csr_matrix(history), sp.csr_matrix(future)
+    _, val, test = split_indices(split)
+    return history, future, _binary(history), val, test
+
+
 def popularity(
     history: sp.spmatrix, future: sp.spmatrix, split: np.ndarray, ks: Sequence[int] = DEFAULT_KS
 ) -> RankingResult:
@@ -136,9 +143,7 @@ def ease(
         ``(test ranking metrics, seconds)``.
     """
     start = time.perf_counter()
-    history, future = sp.csr_matrix(history), sp.csr_matrix(future)
-    _, val, test = split_indices(split)
-    X = _binary(history)
+    history, future, X, val, test = _item_item_inputs(history, future, split)
     _, scorer = _choose_on_val(
         lambdas, lambda lam: _dense_scorer(X, ease_weights(X, lam)), history, future, val, ks, "EASE lambda"
     )
@@ -182,9 +187,7 @@ def itemknn(
         ``(test ranking metrics, seconds)``.
     """
     start = time.perf_counter()
-    history, future = sp.csr_matrix(history), sp.csr_matrix(future)
-    _, val, test = split_indices(split)
-    X = _binary(history)
+    history, future, X, val, test = _item_item_inputs(history, future, split)
     sim = cosine_item_similarity(X)
     _, scorer = _choose_on_val(
         neighbours,
