@@ -9,7 +9,6 @@ sampler, so every user is predicted exactly once).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -342,6 +341,3 @@ class UserDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {"prepared_key": self.prepare_config().key()}
-
-    def describe(self) -> str:
-        return json.dumps(self.dims())

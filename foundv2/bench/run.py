@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -29,7 +28,6 @@ from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe
 
 log = logging.getLogger(__name__)
 PROTOCOL = "foundv2-bench-v1"
-MAIN_METRIC = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc", "ranking": "ndcg@10"}
 
 
 @dataclass
@@ -319,7 +317,3 @@ def run_bench(
 
     write_report(bench, out_dir, usage)
     return bench
-
-
-def fmt_ratio(a: float, b: float) -> str:
-    return f"{a / b:.0f}x" if b > 0 and math.isfinite(a / b) else "n/a"
