@@ -10,15 +10,18 @@ from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.pooled import PooledSliceFeatures
 
 
-def split_by_user(out: dict, batch: dict) -> dict:
-    """Flat slice tensors of a batch → per-user columns for the Arrow writer."""
+def split_by_user(out: dict, batch: dict, per_slice: tuple = (("feat", np.float32),)) -> dict:
+    """Flat slice tensors of a batch → per-user columns for the Arrow writer.
+
+    ``per_slice`` names the slice columns written beside the window and source (and their dtype).
+    """
     B = batch["user_id"].shape[0]
     counts = torch.bincount(out["slice_user"], minlength=B).tolist()
     cols = {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
             "split": batch["split"].cpu().numpy().astype(np.int8)}
-    for key, dtype in (("slice_window", np.int32), ("slice_source", np.int8)):
-        cols[key] = [a.numpy().astype(dtype) for a in torch.split(out[key].cpu(), counts)]
-    cols["feat"] = [a.float().numpy() for a in torch.split(out["feat"].detach().cpu(), counts)]
+    for key, dtype in (("slice_window", np.int32), ("slice_source", np.int8), *per_slice):
+        cols[key] = [a.numpy().astype(dtype) for a in torch.split(out[key].detach().float().cpu()
+                                                                 if dtype == np.float32 else out[key].cpu(), counts)]
     return cols
 
 

@@ -159,10 +159,7 @@ class TokenizerStage(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def slices(self, batch: dict) -> dict:
-        if "feat" in batch:
-            return batch
-        out = self.pooled(batch)
-        return out
+        return batch if "feat" in batch else self.pooled(batch)
 
     def model_step(self, batch: dict, stage: str):
         s = self.slices(batch)
@@ -224,12 +221,8 @@ class TokenizerStage(L.LightningModule):
         s = self.slices(batch)
         codes = self.model.tokenize(s["feat"].float(), s["slice_source"])
         gids = self.model.global_ids(codes, s["slice_source"])
-        cols = split_by_user({**s, "feat": s["feat"][:, :0]}, batch)
-        cols.pop("feat")
-        counts = torch.bincount(s["slice_user"], minlength=batch["user_id"].shape[0]).tolist()
-        cols["codes"] = [a.numpy().astype(np.int32) for a in torch.split(codes.cpu(), counts)]
-        cols["token_ids"] = [a.numpy().astype(np.int64) for a in torch.split(gids.cpu(), counts)]
-        return cols
+        return split_by_user({**s, "codes": codes, "token_ids": gids}, batch,
+                             per_slice=(("codes", np.int32), ("token_ids", np.int64)))
 
     def output_meta(self) -> dict:
         return {"kind": "tokens", "stage": "tokenizer", "sources": self.sources, "levels": self.model.quantizer.n_levels,
