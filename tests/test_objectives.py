@@ -3,6 +3,8 @@ that each term's loss falls when stage-1 modules are optimised on a planted week
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from foundv2.objectives import (
     info_nce,
     last_valid,
     pooled_slice_targets,
+    slice_target_dim,
 )
 from tests.helpers import empty_event_batch
 
@@ -159,10 +162,19 @@ def test_semantic_uses_only_training_users():
 def test_reconstruction_objective_and_targets():
     batch = weekly_batch(b=2)
     targets, present = pooled_slice_targets(batch, S)
-    assert targets.shape == (2, 21, S, TEXT_D + 1)
+    assert targets.shape == (2, 21, S, slice_target_dim(TEXT_D)) and slice_target_dim(TEXT_D) == TEXT_D + 6
     # user 0, window 0: source 1 had one text event → its text; count 1 → log 2
     assert torch.allclose(targets[0, 0, 1, :TEXT_D], batch["ev_text_emb"][0, 1])
-    assert targets[0, 0, 1, -1].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert targets[0, 0, 1, TEXT_D].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    # value: source 0's event of window w has value w % 7 → signed log; source 1's value is 0
+    assert targets[0, 3, 0, TEXT_D + 1].item() == pytest.approx(torch.log1p(torch.tensor(3.0)).item())
+    assert targets[0, 3, 1, TEXT_D + 1].item() == 0.0
+    # clock: source 0 at 09:00, source 1 at 18:00 → hour sin/cos; weekday sin/cos differ by day
+    hour = lambda h: [math.sin(2 * math.pi * h / 24), math.cos(2 * math.pi * h / 24)]  # noqa: E731
+    assert targets[0, 0, 0, TEXT_D + 2 : TEXT_D + 4].tolist() == pytest.approx(hour(9), abs=1e-5)
+    assert targets[0, 0, 1, TEXT_D + 2 : TEXT_D + 4].tolist() == pytest.approx(hour(18), abs=1e-5)
+    assert not torch.allclose(targets[0, 0, 0, TEXT_D + 4 :], targets[0, 1, 0, TEXT_D + 4 :])
+    assert torch.allclose(targets[0, 0, 0, TEXT_D + 4 :], targets[0, 7, 0, TEXT_D + 4 :], atol=1e-5)
     assert not present[0, 5, 1] and present[0, 5, 0]  # weekend: source 1 silent
     assert not present[1, 19:].any() and present[1, 18, 0]  # user 1 has 19 windows
     obj = ReconstructionObjective()
@@ -267,7 +279,7 @@ def test_each_loss_falls_on_weekly_batch(fine_mode, content_targets):
         EventEncoder(S, ITEMS, TEXT_D, DIM),
         TabularEncoder(2, DIM),
         CausalQFormer(S, DIM, num_queries=2, num_layers=2, num_heads=2, max_windows=WEEKS * PERIOD),
-        ReconstructionHead(S, DIM, TEXT_D + 1),
+        ReconstructionHead(S, DIM, slice_target_dim(TEXT_D)),
     )
     objectives = MultiScaleObjectives(
         DIM,
@@ -276,7 +288,7 @@ def test_each_loss_falls_on_weekly_batch(fine_mode, content_targets):
         period=PERIOD,
         tau=0.1,
         fine_mode=fine_mode,
-        fine_target_dim=S * (TEXT_D + 1) if content_targets else None,
+        fine_target_dim=S * slice_target_dim(TEXT_D) if content_targets else None,
     )
     params = [p for m in (*models, objectives) for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=5e-3)

@@ -7,7 +7,7 @@ import torch
 
 from foundv2.nn.encoders import EventEncoder, TabularEncoder, gap_since_previous, time_features
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
-from foundv2.objectives import pooled_slice_targets
+from foundv2.objectives import pooled_slice_targets, slice_target_dim
 from tests.helpers import empty_event_batch
 
 DAY = 86400
@@ -81,9 +81,9 @@ def test_shapes_and_present():
     assert present[2, :4].all() and not present[2, 4:].any()
     assert (views[2, 4:] == 0).all()  # padded windows are zeroed
     targets, present_t = pooled_slice_targets(batch, S)
-    assert targets.shape == (3, 6, S, TEXT_D + 1)
+    assert targets.shape == (3, 6, S, slice_target_dim(TEXT_D))
     assert torch.equal(present, present_t)
-    head = ReconstructionHead(S, DIM, TEXT_D + 1)
+    head = ReconstructionHead(S, DIM, slice_target_dim(TEXT_D))
     assert head(views).shape == targets.shape
 
 

@@ -63,23 +63,27 @@ def gap_since_previous(ev_time: torch.Tensor, ev_mask: torch.Tensor) -> torch.Te
     return gap.float()
 
 
-def time_features(ev_time: torch.Tensor, ev_mask: torch.Tensor) -> torch.Tensor:
-    """[B, E, 5] time features: hour-of-day sin/cos, day-of-week sin/cos (UTC), and
-    ``log1p(gap in hours)`` since the user's previous event."""
+def clock_features(ev_time: torch.Tensor) -> torch.Tensor:
+    """[..., 4] hour-of-day sin/cos and day-of-week sin/cos (UTC) of unix times [...]."""
     tau = 2 * math.pi
     hour = (ev_time % SECONDS_PER_DAY).float() / SECONDS_PER_HOUR
     day = ((ev_time // SECONDS_PER_DAY + EPOCH_WEEKDAY_SHIFT) % DAYS_PER_WEEK).float()
-    gap_h = gap_since_previous(ev_time, ev_mask) / SECONDS_PER_HOUR
     return torch.stack(
         [
             torch.sin(tau * hour / HOURS_PER_DAY),
             torch.cos(tau * hour / HOURS_PER_DAY),
             torch.sin(tau * day / DAYS_PER_WEEK),
             torch.cos(tau * day / DAYS_PER_WEEK),
-            torch.log1p(gap_h),
         ],
         dim=-1,
     )
+
+
+def time_features(ev_time: torch.Tensor, ev_mask: torch.Tensor) -> torch.Tensor:
+    """[B, E, 5] time features: :func:`clock_features` and ``log1p(gap in hours)`` since the
+    user's previous event."""
+    gap_h = gap_since_previous(ev_time, ev_mask) / SECONDS_PER_HOUR
+    return torch.cat([clock_features(ev_time), torch.log1p(gap_h)[..., None]], dim=-1)
 
 
 class EventEncoder(nn.Module):
