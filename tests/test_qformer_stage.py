@@ -14,6 +14,7 @@ import torch
 from data_modules.datamodule import UserDataModule
 from foundv2.io import read_stage_output
 from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.objectives import slice_target_dim
 from foundv2.stages.qformer import QFormerStage, semantic_mask
 from foundv2.stages.tokenizer import TokenizerStage
 
@@ -104,7 +105,8 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
     assert len(ds) == 300 and sorted(ds["user_id"]) == sorted(np.asarray(dm.table["user_id"]).tolist())
     row = ds.with_format("numpy")[0]
     n = len(row["slice_window"])
-    assert np.stack(row["feat"]).shape == (n, 16) and row["user_emb"].shape == (16,)
+    # user_emb: mean and last window representation (user_pool=mean_last)
+    assert np.stack(row["feat"]).shape == (n, 16) and row["user_emb"].shape == (32,) and meta["user_dim"] == 32
     assert (row["slice_source"] == 4).sum() == 1  # one profile slice, at window 0
     assert row["slice_window"][row["slice_source"] == 4][0] == 0
     # one slice per present (window, source): compare with the event batch
@@ -138,7 +140,7 @@ def test_frozen_backbones_predict_and_refuse_fit(cache, tmp_path, backbone):
     dm = make_dm(cache)
     trainer().predict(stage, dm, return_predictions=False)
     d = dm.dims()
-    dim = (d["text_dim"] + 1 if backbone == "text_encoder" else
+    dim = (slice_target_dim(d["text_dim"]) if backbone == "text_encoder" else
            PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"]).dim)
     ds, meta = read_stage_output(tmp_path / "features")
     assert meta["dim"] == dim and meta["backbone"] == backbone and meta["sources"][-1] == "profile"
@@ -159,8 +161,50 @@ def test_text_encoder_features_are_mean_text_and_log_count(cache):
     w, s = int(out["slice_window"][first][0]), int(out["slice_source"][first][0])
     sel = batch["ev_mask"][0] & (batch["ev_window"][0] == w) & (batch["ev_source"][0] == s)
     feat = out["feat"][first][0]
-    assert torch.allclose(feat[:-1], batch["ev_text_emb"][0][sel].mean(0), atol=1e-5)
-    assert torch.isclose(feat[-1], torch.log1p(sel.sum().float()))
+    d = batch["ev_text_emb"].shape[-1]
+    assert torch.allclose(feat[:d], batch["ev_text_emb"][0][sel].mean(0), atol=1e-5)
+    assert torch.isclose(feat[d], torch.log1p(sel.sum().float()))
+    value = batch["ev_value"][0][sel].float()
+    assert torch.isclose(feat[d + 1], (value.sign() * value.abs().log1p()).mean(), atol=1e-5)
+
+
+def test_user_pool_modes(cache):
+    """mean_last = [mean over real windows | last real window] of the window representations."""
+    dm = make_dm(cache)
+    dm.setup()
+    batch = next(iter(dm.predict_dataloader()))
+    L.seed_everything(0)
+    stages = {}
+    for pool in ("mean", "last", "mean_last"):
+        stages[pool] = QFormerStage(**TINY, user_pool=pool)
+        stages[pool].build(dm.dims())
+        stages[pool].load_state_dict(stages["mean"].state_dict())
+        stages[pool].eval()
+    emb = {p: st.user_embedding(batch) for p, st in stages.items()}
+    assert emb["mean"].shape[1] == 16 and emb["mean_last"].shape[1] == 32
+    assert torch.equal(emb["mean_last"], torch.cat([emb["mean"], emb["last"]], 1))
+    assert not torch.allclose(emb["mean"], emb["last"])
+    with pytest.raises(ValueError, match="user_pool"):
+        QFormerStage(user_pool="max")
+
+
+@pytest.mark.parametrize("fine_target", ["content", "state"])
+def test_fine_target(cache, fine_target):
+    """``content``: the fine term predicts the next window's pooled slice targets (every source
+    side by side); ``state``: the next window's own representation."""
+    dm = make_dm(cache)
+    dm.setup()
+    d = dm.dims()
+    stage = QFormerStage(**TINY, fine_target=fine_target, enabled={"window": False, "semantic": False,
+                                                                   "recon": False})
+    stage.build(d)
+    width = d["num_sources"] * slice_target_dim(d["text_dim"]) + 1 if fine_target == "content" else 16
+    assert stage.objectives.fine.predictor[-1].out_features == width
+    batch = next(iter(dm.train_dataloader()))
+    total, logs = stage.model_step(batch)
+    assert torch.isfinite(total) and set(logs) >= {"loss/fine", "acc/fine"}
+    with pytest.raises(ValueError, match="fine_target"):
+        QFormerStage(fine_target="events")
 
 
 def test_checkpoint_loads_without_a_datamodule(cache, tmp_path):

@@ -10,7 +10,8 @@ Three backbones, chosen by ``backbone`` (an ablation is a config change):
   plus the multi-scale alignment objectives (:class:`~foundv2.objectives.MultiScaleObjectives`):
 
   ========  ==========================================================================
-  fine      window reps ``views.mean(2)`` [B, W, D] → predict window w + 1 from window w
+  fine      window reps ``views.mean(2)`` [B, W, D] → predict window w + 1's pooled content
+            (all sources) from window w (``fine_target=state``: w + 1's representation)
   window    the same window reps; periodic partners by ``win_key`` (period from the data)
   semantic  ``last_valid(window reps)`` ↔ the future-summary text embedding, *training users
             only*: ``has_fut_text & split == 0`` (val/test futures never reach a loss)
@@ -42,10 +43,12 @@ from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
 from foundv2.nn.pooled import PooledSliceFeatures
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
-from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets
+from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets, slice_target_dim
 from foundv2.stages.pooled import split_by_user
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
+USER_POOLS = ("mean", "last", "mean_last")
+FINE_TARGETS = ("content", "state")
 TRAIN_SPLIT = 0
 
 
@@ -86,14 +89,14 @@ def mean_by_user(feat: torch.Tensor, slice_user: torch.Tensor, num_users: int) -
 
 
 class TextSliceFeatures(torch.nn.Module):
-    """Frozen slice features (FOUNDv2 v2): [mean text embedding of the slice's events that
-    have text | log1p(number of events)]; the profile slice holds the standardised profile
+    """Frozen slice features (FOUNDv2 v2): the slice's pooled text, count, value and clock
+    (:func:`~foundv2.objectives.pooled_slice_targets`, no learning); the profile slice holds the standardised profile
     fields in its first F entries (zeros after)."""
 
     def __init__(self, num_sources: int, text_dim: int, tabular_dim: int = 0):
         super().__init__()
         self.num_sources, self.tabular_dim = num_sources, tabular_dim
-        self.dim = text_dim + 1
+        self.dim = slice_target_dim(text_dim)
         if tabular_dim > self.dim:
             raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
 
@@ -124,11 +127,21 @@ class QFormerStage(L.LightningModule):
         within_window: ``all`` (every source of a window sees each other) or ``source``
             (source-causal within a window).
         per_source_proj: give every source its own output layer in the event encoder.
+        user_pool: how ``user_emb`` is made from the window representations (``qformer``):
+            ``mean`` (over real windows, D wide), ``last`` (the last real window, which sees
+            the whole history) or ``mean_last`` (both, concatenated: 2·D wide; a linear probe
+            then also sees the drift between the average and the latest state).
         weights: objective weights (fine, window, semantic, recon); missing → paper defaults
             0.2 / 0.4 / 0.4 and recon 1.0.
         enabled: objective switches, e.g. ``{semantic: false}``; missing → on.
         tau: InfoNCE temperature of the contrastive terms.
         fine_mode: ``infonce`` or the paper's weighted ``cosine``.
+        fine_target: what the fine term predicts for window w + 1 from the state at window w:
+            ``content`` (default: that window's pooled slice targets, all sources side by side,
+            i.e. the next step's events) or ``state`` (its own detached window representation).
+            Predicting the next window's content makes each causal state an estimate of the
+            user's tendencies (what, when, how much); predicting the next state mostly teaches
+            the queries to be self-similar.
         window_fn_margin: false-negative margin of the window term (None = off).
         semantic_fn_margin: false-negative margin of the semantic term (None = off).
         max_pairs: cap on fine/window pairs per batch and rank.
@@ -153,10 +166,12 @@ class QFormerStage(L.LightningModule):
         dropout: float = 0.0,
         within_window: str = "all",
         per_source_proj: bool = False,
+        user_pool: str = "mean_last",
         weights: dict[str, float] | None = None,
         enabled: dict[str, bool] | None = None,
         tau: float = 0.07,
         fine_mode: str = "infonce",
+        fine_target: str = "content",
         window_fn_margin: float | None = None,
         semantic_fn_margin: float | None = 0.1,
         max_pairs: int | None = 4096,
@@ -172,6 +187,10 @@ class QFormerStage(L.LightningModule):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if fine_target not in FINE_TARGETS:
+            raise ValueError(f"fine_target must be one of {FINE_TARGETS}, got {fine_target!r}")
+        if user_pool not in USER_POOLS:
+            raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
         # predict_dir is not a hyperparameter: LightningCLI re-applies a checkpoint's hparams over the
         # command line (`predict --ckpt_path ... --model.predict_dir X` would lose X)
         self.save_hyperparameters(ignore=["predict_dir"])
@@ -207,12 +226,27 @@ class QFormerStage(L.LightningModule):
         self.tabular = TabularEncoder(dims["tabular_dim"], hp.dim)
         self.qformer = CausalQFormer(S, hp.dim, hp.num_queries, hp.num_layers, hp.num_heads, dims["max_windows"],
                                      hp.mlp_ratio, hp.dropout, hp.within_window)
-        self.recon_head = ReconstructionHead(S, hp.dim, dims["text_dim"] + 1)
+        self.recon_head = ReconstructionHead(S, hp.dim, slice_target_dim(dims["text_dim"]))
         self.objectives = MultiScaleObjectives(
             hp.dim, dims["text_dim"], weights=hp.weights, enabled=hp.enabled, period=dims["window_period"],
-            tau=hp.tau, fine_mode=hp.fine_mode, window_fn_margin=hp.window_fn_margin,
+            tau=hp.tau, fine_mode=hp.fine_mode, fine_target_dim=self._fine_target_dim(), window_fn_margin=hp.window_fn_margin,
             semantic_fn_margin=hp.semantic_fn_margin, max_pairs=hp.max_pairs,
         )
+
+    def _fine_target_dim(self) -> int | None:
+        if self.hparams.fine_target != "content":
+            return None
+        return self.dims["num_sources"] * slice_target_dim(self.dims["text_dim"]) + 1
+
+    def _next_targets(self, target: torch.Tensor, win_key: torch.Tensor) -> torch.Tensor | None:
+        """Content targets of the fine term: step t is [window t's slice targets, all sources |
+        log1p of its key distance from window t - 1] — what the next step holds and *when* it
+        comes (the gap is the activity rate a fading user shows)."""
+        if self._fine_target_dim() is None:
+            return None
+        gap = torch.zeros_like(win_key, dtype=torch.float32)
+        gap[:, 1:] = (win_key[:, 1:] - win_key[:, :-1]).clamp_min(0).float()
+        return torch.cat([target.flatten(2), torch.log1p(gap)[..., None]], dim=-1)
 
     def setup(self, stage: str) -> None:
         self.build(self.trainer.datamodule.dims())
@@ -265,8 +299,8 @@ class QFormerStage(L.LightningModule):
     def slices_and_users(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """(flat slices: slice_user, slice_window, slice_source [N], feat [N, D]; user_emb [B, D]).
 
-        ``user_emb`` is the mean over the user's real windows of the window representation
-        ``views.mean(2)`` (``qformer``), or the mean of the user's event-slice features (frozen
+        ``user_emb`` pools the window representations ``views.mean(2)`` as ``user_pool`` says
+        (``qformer``), or the mean of the user's event-slice features (frozen
         backbones; profile slices are left out). Inference only (no gradients).
         """
         if self.frozen is not None:
@@ -277,8 +311,11 @@ class QFormerStage(L.LightningModule):
         out = flat_slices(views, present)
         if profile is not None:
             out = add_profile_slices(out, profile, self.dims["num_sources"])
+        windows = views.mean(2).float()
         m = batch["win_mask"].float()[..., None]
-        user = (views.mean(2).float() * m).sum(1) / m.sum(1).clamp_min(1)
+        parts = {"mean": (windows * m).sum(1) / m.sum(1).clamp_min(1), "last": last_valid(windows, batch["win_mask"])}
+        pool = self.hparams.user_pool
+        user = torch.cat([parts[p] for p in ("mean", "last") if p in pool], dim=1)
         return out, user
 
     def forward(self, batch: dict) -> dict:
@@ -305,7 +342,7 @@ class QFormerStage(L.LightningModule):
         win_mask = batch["win_mask"]
         target, t_present = pooled_slice_targets(batch, self.dims["num_sources"], max_windows=win_mask.shape[1])
         total, logs = self.objectives(
-            seq=windows, seq_mask=win_mask,
+            seq=windows, seq_mask=win_mask, seq_targets=self._next_targets(target, batch["win_key"]),
             windows=windows, win_mask=win_mask, win_key=batch["win_key"], user_keys=batch["user_id"],
             user_rep=last_valid(windows, win_mask), fut_text_emb=batch["fut_text_emb"],
             has_fut_text=self._semantic_users(batch),
@@ -350,5 +387,6 @@ class QFormerStage(L.LightningModule):
 
     def output_meta(self) -> dict:
         dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
+        user_dim = dim * (2 if self.frozen is None and self.hparams.user_pool == "mean_last" else 1)
         return {"kind": "features", "stage": "qformer", "backbone": self.hparams.backbone, "sources": self.sources,
-                "dim": dim, "hparams": dict(self.hparams)}
+                "dim": dim, "user_dim": user_dim, "hparams": dict(self.hparams)}
