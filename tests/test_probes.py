@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from foundv2.bench.baselines import majority, popularity
-from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe
+from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe, paired_bootstrap
 from foundv2.metrics.classification import (
     KSStatistic,
     binary_auc,
@@ -121,6 +121,26 @@ def test_binary_probe_recovers_label_and_majority_is_chance(planted) -> None:
     base, seconds = majority(planted["binary"], planted["split"], "binary")
     assert base["auc"] == pytest.approx(0.5) and base["ks"] == pytest.approx(0.0) and seconds >= 0
     assert set(base) == {"auc", "ks", "val_auc"}
+
+
+def test_paired_bootstrap_separates_a_real_gap_from_noise(planted) -> None:
+    """A probe on the informative features against one on pure noise: the interval of the
+    difference excludes 0; a probe against itself: delta 0 and an interval around it."""
+    good: dict = {}
+    fit_logistic_probe(planted["X"], planted["binary"], planted["split"], "binary", Cs=CS, scores_out=good)
+    noise = np.random.default_rng(5).normal(size=planted["X"].shape).astype(np.float32)
+    bad: dict = {}
+    fit_logistic_probe(noise, planted["binary"], planted["split"], "binary", Cs=CS, scores_out=bad)
+    y = planted["binary"][planted["split"] == 2]
+    assert good["test"].shape == y.shape
+    gap = paired_bootstrap("binary", good["test"], bad["test"], y, n_boot=200)
+    assert gap["delta"] > 0.2 and gap["lo"] > 0 and gap["p_le_0"] == 0.0
+    same = paired_bootstrap("binary", good["test"], good["test"], y, n_boot=50)
+    assert same["delta"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
+    multi: dict = {}
+    fit_logistic_probe(planted["X"], planted["multilabel"], planted["split"], "multilabel", Cs=CS, scores_out=multi)
+    ym = planted["multilabel"][planted["split"] == 2]
+    assert paired_bootstrap("multilabel", multi["test"], multi["test"] * 0, ym, n_boot=20)["lo"] > 0.2
 
 
 def test_multiclass_probe(planted) -> None:
