@@ -19,7 +19,8 @@ Three backbones, chosen by ``backbone`` (an ablation is a config change):
   ========  ==========================================================================
 
 - ``text_encoder`` (FOUNDv2's v2 way, frozen): a slice's feature is the mean of its events'
-  cached text embeddings plus ``log1p(count)``; nothing to train.
+  cached text embeddings plus the count, value and clock statistics of
+  :func:`~foundv2.objectives.pooled_slice_targets`; nothing to train.
 - ``pooled``: the parameter-free :class:`~foundv2.nn.pooled.PooledSliceFeatures`; nothing to train.
 
 Predict output (the format :class:`~foundv2.stages.tokenizer.TokenizerStage` reads through
