@@ -55,7 +55,8 @@ def probe_vs_pooled(dm, features: dict[str, str], n_boot: int = 1000) -> tuple[d
     (:func:`foundv2.bench.probes.paired_bootstrap`). "Clearly better" = the interval is above 0.
 
     Returns ``(probe, vs_pooled)``: ``probe[rep][task]`` metrics (plus ``bytes_per_user``),
-    ``vs_pooled[rep][task]`` = ``{delta, lo, hi, p_le_0}``.
+    ``vs_pooled[rep][task]`` = ``{delta, lo, hi, p_le_0}`` (multi-class tasks also under
+    ``task:accuracy``).
     """
     from foundv2.bench.baselines import majority
     from foundv2.bench.probes import fit_logistic_probe, paired_bootstrap
@@ -80,9 +81,12 @@ def probe_vs_pooled(dm, features: dict[str, str], n_boot: int = 1000) -> tuple[d
             probe[name][task.name]["seconds"] = time.perf_counter() - t0
             scores[name] = keep["test"]
         probe.setdefault("majority", {})[task.name] = majority(task.y, data.split, task.kind)[0]
+        metrics = ["macro_auc", "accuracy"] if task.kind == "multiclass" else [None]  # None: the task's own
         for name in features:
-            vs_pooled[name][task.name] = paired_bootstrap(task.kind, scores[name], scores["pooled"], y_test,
-                                                          n_boot=n_boot)
+            for metric in metrics:
+                key = task.name if metric in (None, "macro_auc") else f"{task.name}:{metric}"
+                vs_pooled[name][key] = paired_bootstrap(task.kind, scores[name], scores["pooled"], y_test,
+                                                        metric=metric, n_boot=n_boot)
         print(task.name, {k: round(v[task.name]["delta"], 3) for k, v in vs_pooled.items()}, flush=True)
     return probe, vs_pooled
 
