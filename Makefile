@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv (if missing) and install everything
 
 demo: $(STAMP)  ## the whole pipeline on MovieLens-100k (Q-Former, tokenizer, bench), then the results table
-	$(BIN)/foundv2 pipeline --config experiments/movielens-100k/pipeline.yaml
+	$(BIN)/foundv2 pipeline --config experiments/movielens-100k/pipeline.yaml --pipeline.on_change restart
 
 test: $(STAMP)  ## the fast test suite (CI runs this)
 	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider

@@ -13,6 +13,8 @@ Run folder::
     <run_dir>/tokenizer/       logs, checkpoints, export/ (save_pretrained), fit.done
     <run_dir>/tokens/          tokens dataset + report.json
     <run_dir>/bench/           bench.json, report.md, plots, tb/
+    <run_dir>/fingerprint.json what the results depend on (config, stage YAMLs, code); a folder
+                               written by another fingerprint is not silently reused
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class PipelineConfig:
         stage1_args: extra CLI flags for stage 1 only (e.g. a shorter schedule).
         tokenizer_args: extra CLI flags for the tokenizer only.
         bench_args: extra flags for the bench (e.g. ["--bench.sasrec_epochs", "5"]).
+        on_change: what to do when the run folder holds steps made by another pipeline config,
+            other stage YAMLs or other foundv2 code (see :func:`fingerprint`): ``error`` (stop
+            and say so; nothing is touched) or ``restart`` (remove those steps' outputs and run
+            them again). Complete steps of an unchanged run are always skipped.
     """
 
     run_dir: str
@@ -50,7 +56,83 @@ class PipelineConfig:
     stage1_args: list[str] = field(default_factory=list)
     tokenizer_args: list[str] = field(default_factory=list)
     bench_args: list[str] = field(default_factory=list)
+    on_change: str = "error"
 
+
+#: the folders and files a pipeline run writes under its run_dir (what ``restart`` removes)
+STEP_OUTPUTS = ("stage1", "features", "tokenizer", "tokens", "bench", "timings.json")
+FINGERPRINT = "fingerprint.json"
+FINGERPRINT_WAIT_S = 600
+
+
+def fingerprint(cfg: PipelineConfig) -> dict:
+    """What a run folder's results depend on: the pipeline config, the text of every stage YAML
+    it names, and a hash of the foundv2 and data_modules sources. Two runs with equal
+    fingerprints may share a folder; otherwise skipping "complete" steps would report results
+    of other code or other settings as this run's."""
+    import hashlib
+    from dataclasses import asdict
+
+    import data_modules
+    import foundv2
+
+    h = hashlib.sha256()
+    for pkg in (foundv2, data_modules):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    conf = {k: v for k, v in asdict(cfg).items() if k != "on_change"}
+    yamls = {s: hashlib.sha256(Path(p).read_bytes()).hexdigest() for s in ("stage1", "tokenizer", "bench")
+             if (p := getattr(cfg, s)) and Path(p).exists()}
+    return {"config": conf, "yaml_sha256": yamls, "code_sha256": h.hexdigest()}
+
+
+def _check_fingerprint(cfg: PipelineConfig, run: Path) -> None:
+    """Compare the run folder's recorded fingerprint with this run's; act on ``on_change``."""
+    if cfg.on_change not in ("error", "restart"):
+        raise DataError(f"pipeline.on_change must be 'error' or 'restart', got {cfg.on_change!r}.")
+    now = fingerprint(cfg)
+    path = run / FINGERPRINT
+    existing = [name for name in STEP_OUTPUTS if (run / name).exists()]
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            before = {}
+    else:
+        before = None if not existing else {}
+    if before is not None and before != now and existing:
+        changed = [k for k in ("config", "yaml_sha256", "code_sha256") if before.get(k) != now[k]] or ["fingerprint"]
+        if cfg.on_change == "error":
+            raise DataError(
+                f"{run}: this run folder holds steps ({', '.join(existing)}) made with a different "
+                f"{' and '.join(changed)} than this run; skipping them would report stale results. "
+                f"Use a new pipeline.run_dir, delete the folder, or pass --pipeline.on_change restart "
+                f"to remove those steps and run them again."
+            )
+        if _is_rank_zero():
+            import shutil
+
+            _say(f"the {' and '.join(changed)} changed since this folder was written: restarting every step")
+            for name in existing:
+                target = run / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if _is_rank_zero():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(now, indent=1))
+        os.replace(tmp, path)
+        return
+    # other ranks (torchrun starts the pipeline on each) go on once rank 0 has cleaned up
+    deadline = time.monotonic() + FINGERPRINT_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(path.read_text()) == now:
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise DataError(f"{path}: rank 0 did not record this run's fingerprint within {FINGERPRINT_WAIT_S} s.")
 
 def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -114,6 +196,7 @@ def _predict(config: str, stage_dir: Path, out_dir: Path, extra: list[str]) -> N
 def run_pipeline(cfg: PipelineConfig) -> dict:
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    _check_fingerprint(cfg, run)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     features = run / "features"
