@@ -103,18 +103,20 @@ def _check_fingerprint(cfg: PipelineConfig, run: Path) -> None:
     else:
         before = None if not existing else {}
     if before is not None and before != now and existing:
-        changed = [k for k in ("config", "yaml_sha256", "code_sha256") if before.get(k) != now[k]] or ["fingerprint"]
+        changed = [k for k in ("config", "yaml_sha256", "code_sha256") if before.get(k) != now[k]]
+        why = (f"made with a different {' and '.join(changed)} than this run" if before
+               else f"but no {FINGERPRINT} says what made them")
         if cfg.on_change == "error":
             raise DataError(
-                f"{run}: this run folder holds steps ({', '.join(existing)}) made with a different "
-                f"{' and '.join(changed)} than this run; skipping them would report stale results. "
+                f"{run}: this run folder holds steps ({', '.join(existing)}) {why}; skipping them "
+                f"could report stale results. "
                 f"Use a new pipeline.run_dir, delete the folder, or pass --pipeline.on_change restart "
                 f"to remove those steps and run them again."
             )
         if _is_rank_zero():
             import shutil
 
-            _say(f"the {' and '.join(changed)} changed since this folder was written: restarting every step")
+            _say(f"the steps in {run} were {why}: restarting every step")
             for name in existing:
                 target = run / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()

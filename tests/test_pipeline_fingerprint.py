@@ -52,7 +52,7 @@ def test_folder_without_fingerprint_but_with_steps_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
     run = tmp_path / "run"
     (run / "bench").mkdir(parents=True)
-    with pytest.raises(DataError, match="different"):
+    with pytest.raises(DataError, match="no fingerprint.json says what made them"):
         _check_fingerprint(cfg, run)
 
 
