@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_results  # noqa: E402
+from common import ROOT, previous_figures, write_results  # noqa: E402
 
 CONFIGS = {"synthetic": "experiments/synthetic/qformer.yaml", "movielens-1m": "experiments/movielens-1m/qformer.yaml"}
 VARIANTS = {"full": {}, "no_fine": {"fine": False}, "no_window": {"window": False},
@@ -98,7 +98,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--extra", default="", help="extra CLI flags for every fit, e.g. '--trainer.max_epochs 1'")
     a = ap.parse_args()
-    figures: dict = {}
+    # one data set re-run: keep the other data set's figures from the last run
+    figures = previous_figures("qformer", CONFIGS) if a.only else {}
     for name, config in CONFIGS.items():
         if a.only and name != a.only:
             continue
@@ -116,10 +117,6 @@ def main() -> None:
             "config": config,
         }
         print(json.dumps({k: v for k, v in figures[name].items() if k != "final_losses"}, indent=1), flush=True)
-    previous = RESULTS / "qformer.json"
-    if a.only and previous.exists():  # one data set re-run: keep the other data sets' figures
-        kept = {k: v for k, v in json.loads(previous.read_text()).items() if k in CONFIGS and k not in figures}
-        figures = {**kept, **figures}
     write_results("qformer", figures, {"configs": CONFIGS, "variants": a.variants, "extra": a.extra})
 
 

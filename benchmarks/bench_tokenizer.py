@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from common import ROOT, previous_figures, write_results  # noqa: E402
 
 CONFIGS = {"synthetic": "experiments/synthetic/tokenizer.yaml", "movielens-1m": "experiments/movielens-1m/tokenizer.yaml"}
 
@@ -69,11 +69,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="one data set name")
     ap.add_argument("--no-speed", action="store_true")
     a = ap.parse_args()
-    figures: dict = {}
-    previous = ROOT / "bench-results" / "tokenizer.json"
-    if (a.only or a.no_speed) and previous.exists():  # a partial run updates the last full one
-        old = json.loads(previous.read_text())
-        figures = {k: v for k, v in old.items() if k in (*CONFIGS, "speed")}
+    # a partial run updates the last full one
+    figures = previous_figures("tokenizer", (*CONFIGS, "speed")) if a.only or a.no_speed else {}
     for name, config in CONFIGS.items():
         if a.only and name != a.only:
             continue

@@ -32,6 +32,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def previous_figures(name: str, keys) -> dict:
+    """The figures under ``keys`` from the last ``bench-results/<name>.json`` (empty if none):
+    what a partial run (one data set) keeps of the last full one."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k in keys}
+
+
 def write_results(name: str, figures: dict, config: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{name}.json"

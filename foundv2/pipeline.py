@@ -95,14 +95,11 @@ def _check_fingerprint(cfg: PipelineConfig, run: Path) -> None:
     now = fingerprint(cfg)
     path = run / FINGERPRINT
     existing = [name for name in STEP_OUTPUTS if (run / name).exists()]
-    if path.exists():
-        try:
-            before = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            before = {}
-    else:
-        before = None if not existing else {}
-    if before is not None and before != now and existing:
+    try:
+        before = json.loads(path.read_text())  # none or unreadable: nothing says what made the steps
+    except (OSError, json.JSONDecodeError):
+        before = {}
+    if existing and before != now:
         changed = [k for k in ("config", "yaml_sha256", "code_sha256") if before.get(k) != now[k]]
         why = (f"made with a different {' and '.join(changed)} than this run" if before
                else f"but no {FINGERPRINT} says what made them")

@@ -97,17 +97,14 @@ def pooled_representation(dm: UserDataModule) -> tuple[np.ndarray, float]:
     histogram, values), so one mean keeps them apart at a quarter of a per-source concatenation's
     width, which keeps the probes fast.
     """
-    from foundv2.nn.pooled import PooledSliceFeatures
+    from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
 
     d = dm.dims()
     net = PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"])
     out = np.zeros((len(dm.table), net.dim), np.float32)
     for batch in dm.predict_dataloader():
         s = net(batch)
-        B = batch["user_id"].shape[0]
-        acc = torch.zeros(B, net.dim).index_add_(0, s["slice_user"], s["feat"])
-        n = torch.bincount(s["slice_user"], minlength=B).clamp(min=1)[:, None]
-        out[batch["row"].numpy()] = (acc / n).numpy()
+        out[batch["row"].numpy()] = mean_by_user(s["feat"], s["slice_user"], batch["user_id"].shape[0]).numpy()
     return out, float(out.shape[1] * 4)
 
 

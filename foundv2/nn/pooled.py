@@ -101,3 +101,10 @@ class PooledSliceFeatures(nn.Module):
                                + out["slice_source"]).indices
             out = {k: v[order] for k, v in out.items()}
         return out
+
+
+def mean_by_user(feat: torch.Tensor, slice_user: torch.Tensor, num_users: int) -> torch.Tensor:
+    """[N, D] slice features → [num_users, D] mean per user (zeros for a user with no slice)."""
+    acc = torch.zeros(num_users, feat.shape[1], device=feat.device).index_add_(0, slice_user, feat.float())
+    n = torch.bincount(slice_user, minlength=num_users).clamp_min(1)
+    return acc / n[:, None]

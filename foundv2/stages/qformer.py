@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
-from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
 from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets, slice_target_dim
 from foundv2.stages.pooled import split_by_user
@@ -80,13 +80,6 @@ def add_profile_slices(out: dict, profile: torch.Tensor, num_sources: int) -> di
     key = (merged["slice_user"] * width + merged["slice_window"]) * (num_sources + 1) + merged["slice_source"]
     order = torch.sort(key, stable=True).indices
     return {k: v[order] for k, v in merged.items()}
-
-
-def mean_by_user(feat: torch.Tensor, slice_user: torch.Tensor, num_users: int) -> torch.Tensor:
-    """[N, D] slice features → [num_users, D] mean per user (zeros for a user with no slice)."""
-    acc = torch.zeros(num_users, feat.shape[1], device=feat.device).index_add_(0, slice_user, feat.float())
-    n = torch.bincount(slice_user, minlength=num_users).clamp_min(1)
-    return acc / n[:, None]
 
 
 class TextSliceFeatures(torch.nn.Module):
@@ -314,9 +307,9 @@ class QFormerStage(L.LightningModule):
             out = add_profile_slices(out, profile, self.dims["num_sources"])
         windows = views.mean(2).float()
         m = batch["win_mask"].float()[..., None]
-        parts = {"mean": (windows * m).sum(1) / m.sum(1).clamp_min(1), "last": last_valid(windows, batch["win_mask"])}
-        pool = self.hparams.user_pool
-        user = torch.cat([parts[p] for p in ("mean", "last") if p in pool], dim=1)
+        parts = {"mean": lambda: (windows * m).sum(1) / m.sum(1).clamp_min(1),
+                 "last": lambda: last_valid(windows, batch["win_mask"])}
+        user = torch.cat([parts[p]() for p in self.hparams.user_pool.split("_")], dim=1)
         return out, user
 
     def forward(self, batch: dict) -> dict:
@@ -388,6 +381,6 @@ class QFormerStage(L.LightningModule):
 
     def output_meta(self) -> dict:
         dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
-        user_dim = dim * (2 if self.frozen is None and self.hparams.user_pool == "mean_last" else 1)
+        user_dim = dim * (len(self.hparams.user_pool.split("_")) if self.frozen is None else 1)
         return {"kind": "features", "stage": "qformer", "backbone": self.hparams.backbone, "sources": self.sources,
                 "dim": dim, "user_dim": user_dim, "hparams": dict(self.hparams)}
