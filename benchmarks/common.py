@@ -10,6 +10,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from data_modules.store import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench-results"
 LIBS = ("torch", "lightning", "torchmetrics", "datasets", "transformers", "numpy", "pyarrow", "scikit-learn",
@@ -45,9 +47,7 @@ def write_results(name: str, figures: dict, config: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "config": config, **figures}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    os.replace(tmp, out)
+    atomic_write_json(out, payload, default=float)
     print(json.dumps(figures, indent=1, default=float))
     print(f"wrote {out}")
     return out

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.loaders import files_fingerprint, open_dataset
 from data_modules.prepare import PrepareConfig, WindowConfig, load_meta, prepare_dataset, summary_lines
 from data_modules.schema import DataError, DatasetSpec
+from data_modules.store import Split, read_stage_output
 
 log = logging.getLogger(__name__)
-SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 def _open_shards(folder: Path, names: list[str]):
@@ -287,8 +287,6 @@ class UserDataModule(L.LightningDataModule):
             raise DataError(f"{self.prepared_dir / 'text_emb.npy'}: corrupt ({err}); delete the folder to rebuild.") from err
         self.split = np.asarray(self.table["split"], dtype=np.int64)
         if self.hparams.features_dir:
-            from foundv2.io import read_stage_output
-
             self.features, self.features_meta = read_stage_output(self.hparams.features_dir)
             self.features_split = np.asarray(self.features["split"], dtype=np.int64)
 
@@ -313,7 +311,7 @@ class UserDataModule(L.LightningDataModule):
     def rows(self, splits: list[str] | str) -> np.ndarray:
         splits = [splits] if isinstance(splits, str) else splits
         split = self.features_split if self.features is not None else self.split
-        return np.flatnonzero(np.isin(split, [SPLITS[s] for s in splits]))
+        return np.flatnonzero(np.isin(split, [Split.code(s) for s in splits]))
 
     def collate(self):
         if self.features is not None:

@@ -1,4 +1,5 @@
-"""Stage outputs on disk: one Arrow stream file per rank, written aside and renamed into place.
+"""The Lightning side of stage outputs: one Arrow stream file per rank, written aside and renamed
+into place. The format itself (complete marker, reader) is :mod:`data_modules.store`.
 
 A stage's ``predict_step`` returns a dict of per-user columns (lists or arrays of equal length);
 :class:`ArrowPredictionWriter` appends them batch by batch to ``part-rank{r}.arrow.tmp`` and, at
@@ -9,7 +10,6 @@ memory-mapped through ``datasets``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from data_modules.schema import DataError
+from data_modules.store import META_FILE, atomic_write_json
 
 
 def _to_arrow(values) -> pa.Array:
@@ -61,7 +61,7 @@ class ArrowPredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
-            (self.output_dir / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
+            (self.output_dir / META_FILE).unlink(missing_ok=True)  # incomplete until rewritten
         for old in self.output_dir.glob(f"part-rank{trainer.global_rank:03d}.arrow*"):
             old.unlink()
         self._writer, self._sink, self._rows = None, None, 0
@@ -85,36 +85,5 @@ class ArrowPredictionWriter(BasePredictionWriter):
             parts = sorted(p.name for p in self.output_dir.glob("part-rank*.arrow"))
             meta = {**self.meta, **getattr(pl_module, "output_meta", lambda: {})(), "parts": parts,
                     "world_size": trainer.world_size}
-            tmp = self.output_dir / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta, indent=1, default=str))
-            os.replace(tmp, self.output_dir / "meta.json")
+            atomic_write_json(self.output_dir / META_FILE, meta, default=str)
         trainer.strategy.barrier("arrow-writer-meta")
-
-
-def read_stage_output(folder: str | Path):
-    """(datasets.Dataset over every part, meta) of a complete stage output folder."""
-    import datasets
-
-    folder = Path(folder)
-    meta_path = folder / "meta.json"
-    if not meta_path.exists():
-        raise DataError(f"{folder}: no complete stage output here (meta.json missing): run the stage's predict first.")
-    try:
-        meta = json.loads(meta_path.read_text())
-        parts = [datasets.Dataset.from_file(str(folder / p)) for p in meta["parts"]]
-    except Exception as err:
-        raise DataError(f"{folder}: the stage output is corrupt ({err}); delete it and run predict again.") from err
-    if not parts:
-        raise DataError(f"{folder}: the stage output holds no rows.")
-    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), meta
-
-
-def output_is_complete(folder: str | Path) -> bool:
-    folder = Path(folder)
-    if not (folder / "meta.json").exists():
-        return False
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except json.JSONDecodeError:
-        return False
-    return all((folder / p).exists() for p in meta.get("parts", [])) and bool(meta.get("parts"))

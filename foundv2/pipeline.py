@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_modules.schema import DataError
-from foundv2.io import output_is_complete
+from data_modules.store import atomic_write_json, output_is_complete
 
 
 @dataclass
@@ -118,9 +118,7 @@ def _check_fingerprint(cfg: PipelineConfig, run: Path) -> None:
                 target = run / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
     if _is_rank_zero():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(now, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(path, now)
         return
     # other ranks (torchrun starts the pipeline on each) go on once rank 0 has cleaned up
     deadline = time.monotonic() + FINGERPRINT_WAIT_S
@@ -158,9 +156,7 @@ def _fit(config: str, stage_dir: Path, extra: list[str]) -> None:
         _say(f"  fit: resuming from {last}")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last else None)
     if cli.trainer.is_global_zero:
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}))
-        os.replace(tmp, done)
+        atomic_write_json(done, {"metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}})
     cli.trainer.strategy.barrier("pipeline-fit")
 
 
@@ -235,9 +231,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         _say(f"[{k}/{len(steps)}] {step}: finished in {timings[step]:.0f}s")
     timings["total"] = time.perf_counter() - t_all
     if _is_rank_zero():
-        tmp = run / "timings.json.tmp"
-        tmp.write_text(json.dumps(timings, indent=1))
-        os.replace(tmp, run / "timings.json")
+        atomic_write_json(run / "timings.json", timings)
         bench_json = run / "bench" / "bench.json"
         if bench_json.exists():
             from foundv2.bench.report import table

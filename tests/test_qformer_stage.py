@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_modules.datamodule import UserDataModule
-from foundv2.io import read_stage_output
+from data_modules.store import read_stage_output
 from foundv2.nn.pooled import PooledSliceFeatures
 from foundv2.objectives import slice_target_dim
 from foundv2.stages.qformer import QFormerStage, semantic_mask

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from foundv2.io import read_stage_output
+from data_modules.store import read_stage_output
 from tests.helpers import ROOT, run_cli
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from foundv2.io import read_stage_output
+from data_modules.store import read_stage_output
 from tests.helpers import ROOT, run_cli
 
 DATA = ["--data.loader_args", '{"n_users": 240, "seed": 4}', "--data.window_mode", "week",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_modules.datamodule import UserDataModule
-from foundv2.io import read_stage_output
+from data_modules.store import read_stage_output
 from foundv2.stages.tokenizer import TokenizerStage
 from tests.helpers import run_cli
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from data_modules.store import atomic_write_text
 
 METRICS = {
     "binary": ["auc", "ks"],
@@ -17,12 +18,6 @@ METRICS = {
 MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc", "ranking": "ndcg@10"}
 BASELINES = ("tfidf", "majority", "popularity", "ease", "itemknn", "sasrec")
 TOKENS = ("tokens_bag", "tokens_sum")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def verdicts(bench: dict) -> dict[str, dict]:
@@ -174,8 +169,8 @@ def tensorboard(bench: dict, out_dir: Path, pngs: list[Path]) -> None:
 def write_report(bench: dict, out_dir: Path, usage=None) -> None:
     verdict = verdicts(bench)
     bench["verdicts"] = verdict
-    _atomic_write(out_dir / "bench.json", json.dumps(bench, indent=1, default=float))
-    _atomic_write(out_dir / "report.md", markdown(bench, verdict))
+    atomic_write_text(out_dir / "bench.json", json.dumps(bench, indent=1, default=float))
+    atomic_write_text(out_dir / "report.md", markdown(bench, verdict))
     pngs = plots(bench, out_dir, usage)
     tensorboard(bench, out_dir, pngs)
 

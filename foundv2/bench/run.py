@@ -110,7 +110,7 @@ def pooled_representation(dm: UserDataModule) -> tuple[np.ndarray, float]:
 
 def token_representations(tokens_dir: Path, tokenizer_dir: Path | None, n_rows: int) -> dict:
     """``tokens_bag`` (counts of global token ids) and ``tokens_sum`` (summed code vectors per source)."""
-    from foundv2.io import read_stage_output
+    from data_modules.store import read_stage_output
 
     ds, meta = read_stage_output(tokens_dir)
     report = json.loads((tokens_dir / "report.json").read_text())
@@ -158,7 +158,7 @@ def token_representations(tokens_dir: Path, tokenizer_dir: Path | None, n_rows: 
 
 def embedding_representation(folder: Path, n_rows: int, column: str = "user_emb") -> tuple[np.ndarray, float]:
     """A per-user embedding column of a stage output (stage 1, stage 3, Q-Anchor)."""
-    from foundv2.io import read_stage_output
+    from data_modules.store import read_stage_output
 
     ds, _ = read_stage_output(folder)
     if column not in ds.column_names:

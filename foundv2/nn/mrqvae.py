@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from data_modules.store import atomic_dir, atomic_write_json
 from foundv2.nn.quantizer import ResidualGroupQuantizer
 
 CONFIG_FILE = "config.json"
@@ -253,11 +254,10 @@ class MultiViewRQVAE(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` (weights and quantiser state)."""
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE))
+        with atomic_dir(folder) as tmp:  # a reader sees the old folder or the whole new one
+            atomic_write_json(tmp / CONFIG_FILE, self.config)
+            save_file(state, str(tmp / WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MultiViewRQVAE:

@@ -40,6 +40,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from data_modules.store import Split
 from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
 from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
@@ -50,14 +51,13 @@ from foundv2.stages.pooled import split_by_user
 BACKBONES = ("qformer", "text_encoder", "pooled")
 USER_POOLS = ("mean", "last", "mean_last")
 FINE_TARGETS = ("content", "state")
-TRAIN_SPLIT = 0
 
 
 def semantic_mask(batch: dict) -> torch.Tensor:
     """[B] bool: users whose future text may feed the semantic objective — training users that
     have one. The DataModule already sets ``has_fut_text`` False for val/test users; the split
     check makes that a property of the stage as well, not only of the data."""
-    return batch["has_fut_text"].bool() & (batch["split"] == TRAIN_SPLIT)
+    return batch["has_fut_text"].bool() & (batch["split"] == Split.TRAIN)
 
 
 def flat_slices(values: torch.Tensor, present: torch.Tensor) -> dict:

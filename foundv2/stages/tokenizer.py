@@ -8,9 +8,7 @@ the tokens dataset (codes and global token ids per slice, one Arrow part per ran
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from foundv2.io import ArrowPredictionWriter, read_stage_output
+from data_modules.store import atomic_write_json, read_stage_output
+from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.mrqvae import MultiViewRQVAE, collision_stats, disambiguate
 from foundv2.nn.pooled import PooledSliceFeatures
 from foundv2.stages.pooled import split_by_user
@@ -265,7 +264,5 @@ def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) ->
         "disambiguation_max_index": int(extra.max()) if len(extra) else 0,
         "storage": storage_report(model, n_slices / max(n_users, 1), n_windows / max(n_users, 1), feature_dim),
     }
-    tmp = folder / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, folder / "report.json")
+    atomic_write_json(folder / "report.json", report)
     return report
