@@ -1,13 +1,15 @@
 """The batch contract: what :class:`UserDataModule` hands each stage.
 
-Two batch kinds, both dicts of tensors, user-level (a user's windows stay together):
+Batch kinds, all dicts of tensors, user-level (a user's windows stay together); the
+DataModule picks one in ``setup`` from ``datamodule.BATCH_KINDS`` (kind → dataset, collate):
 
-**Event batch** (``collate_events``; stage 1 and the pooled extractor read it). B users,
+**Event batch** (kind ``events``, ``EventCollate``; stage 1 and the pooled extractor read it). B users,
 E = the most history events of a user in the batch (after the ``max_events`` cap, which keeps
 the *latest* events), W = the most windows, d = text-embedding width, F = tabular width::
 
     user_id      [B]        int64
-    split        [B]        int64   0 train, 1 val, 2 test
+    row          [B]        int64   the user's row in the prepared table
+    split        [B]        int64   ``store.Split``: 0 train, 1 val, 2 test
     ev_source    [B, E]     int64   source index into DatasetSpec.sources (0 on padding)
     ev_item      [B, E]     int64   global item index, 1..num_items; 0 = no item / padding
     ev_text      [B, E]     int64   row of the text table; -1 = no text / padding
@@ -27,16 +29,20 @@ the *latest* events), W = the most windows, d = text-embedding width, F = tabula
     has_fut_text [B]        bool    True only for *training* users: no val/test future leaks
     label/<name> [B] int64, or [B, C] float32 for multilabel
 
-**Slice batch** (``collate_slices``; the tokenizer reads it): N = all (user, window, source)
-slices of the B users in the batch, flattened, D = feature width::
+**Slice batch** (kind ``slices``, ``SliceCollate``, from ``features_dir``; the tokenizer reads
+it): N = all (user, window, source) slices of the B users in the batch, flattened, D = feature
+width::
 
     user_id      [B]  int64
+    row          [B]  int64
+    split        [B]  int64
     slice_user   [N]  int64   row in the batch of the slice's user
-    slice_window [N]  int64
+    slice_window [N]  int64   window number from the user's oldest kept window
     slice_source [N]  int64   source index (the profile source, if any, is the last index)
+    slice_key    [N]  int64   the window key the prepared data assigned (``win_key`` of that
+                              window); -1 for the profile slice
     feat         [N, D] float32
+
+Every stage output (features, tokens) keeps ``user_id, row, split`` per user and
+``slice_window, slice_source, slice_key`` per slice, so the next stage's batches carry them on.
 """
-
-from __future__ import annotations
-
-SPLIT_NAMES = ("train", "val", "test")

@@ -10,6 +10,8 @@ sampler, so every user is predicted exactly once).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -177,17 +179,49 @@ class SliceCollate:
         feats = [np.asarray(f, np.float32).reshape(len(w), -1) for f, w in zip(cols["feat"], cols["slice_window"],
                                                                                 strict=True)]
         dim = max((f.shape[1] for f in feats if f.size), default=0)
+
+        def flat(name: str) -> torch.Tensor:
+            return torch.as_tensor(np.concatenate([np.asarray(v, np.int64) for v in cols[name]]) if B
+                                   else np.zeros(0, np.int64))
+
         return {
             "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
             "row": torch.as_tensor(np.asarray(cols["row"], np.int64)),
             "split": torch.as_tensor(np.asarray(cols["split"], np.int64)),
             "slice_user": torch.repeat_interleave(torch.arange(B), torch.as_tensor(counts, dtype=torch.long)),
-            "slice_window": torch.as_tensor(np.concatenate([np.asarray(w, np.int64) for w in cols["slice_window"]])
-                                            if B else np.zeros(0, np.int64)),
-            "slice_source": torch.as_tensor(np.concatenate([np.asarray(w, np.int64) for w in cols["slice_source"]])
-                                            if B else np.zeros(0, np.int64)),
+            "slice_window": flat("slice_window"),
+            "slice_source": flat("slice_source"),
+            "slice_key": flat("slice_key"),
             "feat": torch.as_tensor(np.concatenate([f.reshape(-1, dim) for f in feats]) if B else np.zeros((0, dim))),
         }
+
+
+@dataclass(frozen=True)
+class BatchKind:
+    """One kind of batch the DataModule hands out: which dataset its rows come from and how a
+    few rows become a batch (the contracts are in data_modules/batch.py).
+
+    ``input_arg`` names the UserDataModule argument that points at its dataset (a stage output
+    whose ``meta.json`` kind is ``output_kind`` and which holds ``columns``); None means the
+    prepared table itself. A stage output carries each user's ``split`` and prepared ``row``.
+    """
+
+    name: str
+    input_arg: str | None
+    output_kind: str | None
+    columns: tuple[str, ...]
+    collate: Callable[[UserDataModule], Callable]
+
+
+BATCH_KINDS = {k.name: k for k in (
+    BatchKind("events", None, None, ("user_id", "split", "h_source", "h_window", "w_key"),
+              lambda dm: EventCollate(dm.meta, dm.text_emb, dm.hparams.max_windows, dm.hparams.max_events)),
+    BatchKind("slices", "features_dir", "features",
+              ("user_id", "row", "split", "slice_window", "slice_source", "slice_key", "feat"),
+              lambda dm: SliceCollate()),
+    # next: BatchKind("tokens", "tokens_dir", "tokens", (... "token_ids"), lambda dm: TokenCollate(...)),
+    # with a `tokens_dir` argument below; question/answer pairs the same way
+)}
 
 
 class UserDataModule(L.LightningDataModule):
@@ -212,6 +246,9 @@ class UserDataModule(L.LightningDataModule):
         progress: show progress bars while preparing.
         features_dir: a features dataset (a stage-1 ``predict`` output); when set, batches are
             slice batches of those features instead of event batches.
+
+    The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
+    given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
     """
 
     def __init__(
@@ -237,10 +274,12 @@ class UserDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.window = WindowConfig(window_mode, window_size, window_period)
         self.meta: dict | None = None
-        self.features_meta: dict | None = None
-        self.features = None
         self.table = None
         self.text_emb = None
+        self.batch_kind: str | None = None
+        self.input_meta: dict | None = None
+        self.input_table = None  # the dataset batches are read from (the prepared table for events)
+        self.input_split: np.ndarray | None = None
 
     # ---------------------------------------------------------------- preparation
     def prepare_config(self) -> PrepareConfig:
@@ -286,9 +325,30 @@ class UserDataModule(L.LightningDataModule):
         except (ValueError, OSError) as err:
             raise DataError(f"{self.prepared_dir / 'text_emb.npy'}: corrupt ({err}); delete the folder to rebuild.") from err
         self.split = np.asarray(self.table["split"], dtype=np.int64)
-        if self.hparams.features_dir:
-            self.features, self.features_meta = read_stage_output(self.hparams.features_dir)
-            self.features_split = np.asarray(self.features["split"], dtype=np.int64)
+        self._open_input(self._choose_batch_kind())
+
+    def _choose_batch_kind(self) -> BatchKind:
+        given = [k for k in BATCH_KINDS.values() if k.input_arg and self.hparams[k.input_arg]]
+        if len(given) > 1:
+            raise DataError(f"data: give at most one input dataset, not {[k.input_arg for k in given]}.")
+        return given[0] if given else BATCH_KINDS["events"]
+
+    def _open_input(self, kind: BatchKind) -> None:
+        self.batch_kind = kind.name
+        if kind.input_arg is None:
+            self.input_meta, self.input_table = None, self.table
+        else:
+            folder = self.hparams[kind.input_arg]
+            self.input_table, self.input_meta = read_stage_output(folder)
+            if self.input_meta.get("kind") != kind.output_kind:
+                raise DataError(f"data.{kind.input_arg} {folder}: a {self.input_meta.get('kind')!r} dataset, not a "
+                                f"{kind.output_kind!r} one; point it at the predict output of the right stage.")
+        missing = [c for c in kind.columns if c not in self.input_table.column_names]
+        if missing:
+            where = self.hparams[kind.input_arg] if kind.input_arg else self.prepared_dir
+            raise DataError(f"{where}: the dataset lacks the column(s) {missing} that {kind.name} batches read "
+                            f"(written by an older foundv2?); run the step that writes it again.")
+        self.input_split = np.asarray(self.input_table["split"], dtype=np.int64)
 
     def summary(self) -> list[str]:
         return summary_lines(self.meta or load_meta(self.prepared_dir), self.prepared_dir)
@@ -309,19 +369,17 @@ class UserDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- loaders
     def rows(self, splits: list[str] | str) -> np.ndarray:
+        """Rows of the input dataset whose users are in ``splits``."""
         splits = [splits] if isinstance(splits, str) else splits
-        split = self.features_split if self.features is not None else self.split
-        return np.flatnonzero(np.isin(split, [Split.code(s) for s in splits]))
+        return np.flatnonzero(np.isin(self.input_split, [Split.code(s) for s in splits]))
 
     def collate(self):
-        if self.features is not None:
-            return SliceCollate()
-        return EventCollate(self.meta, self.text_emb, self.hparams.max_windows, self.hparams.max_events)
+        """The collate function of this DataModule's batch kind."""
+        return BATCH_KINDS[self.batch_kind].collate(self)
 
     def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
-        table = self.features if self.features is not None else self.table
         sampler = EpochShuffleSampler(len(rows), self.hparams.split_seed) if shuffle else None
-        return DataLoader(UserRows(table, rows), batch_size=self.hparams.batch_size, sampler=sampler,
+        return DataLoader(UserRows(self.input_table, rows), batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=self.collate(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 

@@ -11,7 +11,7 @@ from tests.helpers import run_cli
 
 @pytest.mark.ddp
 def test_two_ranks_get_disjoint_shards_and_match_one_process(tmp_path):
-    common = ["--model", "foundv2.stages.pooled.PooledStage", "--data.dataset", "synthetic",
+    common = ["--model", "foundv2.stages.qformer.QFormerStage", "--model.backbone", "pooled", "--data.dataset", "synthetic",
               "--data.loader_args", '{"n_users": 300, "seed": 3}', "--data.window_mode", "day",
               "--data.text_encoder", "hashing", "--data.cache_dir", str(tmp_path / "cache"),
               "--data.batch_size", "16", "--data.progress", "false", "--trainer.accelerator", "cpu",

@@ -91,10 +91,10 @@ def test_tokenize_command_and_bad_folder(tmp_path):
 
 
 def test_features_input_from_a_stage_output(tmp_path):
-    """The tokenizer reads any features dataset: here the pooled stage's predict output."""
-    from foundv2.stages.pooled import PooledStage
+    """The tokenizer reads any features dataset: here the frozen pooled stage 1's predict output."""
+    from foundv2.stages.qformer import QFormerStage
 
-    _trainer().predict(PooledStage(predict_dir=str(tmp_path / "feat")), datamodule=_dm(tmp_path),
+    _trainer().predict(QFormerStage(backbone="pooled", predict_dir=str(tmp_path / "feat")), datamodule=_dm(tmp_path),
                        return_predictions=False)
     stage = _stage(tmp_path)
     _trainer(max_steps=5, limit_val_batches=1).fit(stage, datamodule=_dm(tmp_path, features_dir=str(tmp_path / "feat")))

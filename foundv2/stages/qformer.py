@@ -25,28 +25,26 @@ Three backbones, chosen by ``backbone`` (an ablation is a config change):
 
 Predict output (the format :class:`~foundv2.stages.tokenizer.TokenizerStage` reads through
 ``UserDataModule(features_dir=...)``): one row per user with ``user_id, row, split,
-slice_window [n], slice_source [n], feat [n, D]`` (one slice per *present* (window, source),
-plus, when the data set has profile inputs, a ``profile`` slice at window 0 whose source index is
-the last one) and ``user_emb [D]`` (see :meth:`QFormerStage.user_embedding`). Windows are the
-ones the DataModule hands over: each user's latest ``max_windows`` windows of history (and at
-most ``max_events`` events), numbered 0.. from the oldest kept window.
+slice_window [n], slice_source [n], slice_key [n], feat [n, D]`` (one slice per *present*
+(window, source), plus, when the data set has profile inputs, a ``profile`` slice at window 0
+whose source index is the last one and whose key is -1) and ``user_emb [D]`` (see
+:meth:`QFormerStage.user_embedding`). Windows are the ones the DataModule hands over: each
+user's latest ``max_windows`` windows of history (and at most ``max_events`` events);
+``slice_window`` numbers them 0.. from the oldest kept window, ``slice_key`` is the window key
+the prepared data gave them (calendar day or week number, or the event-window number).
 """
 
 from __future__ import annotations
 
-import math
-
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from data_modules.store import Split
-from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
 from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
 from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets, slice_target_dim
-from foundv2.stages.pooled import split_by_user
+from foundv2.stages.base import PredictStage, split_by_user, with_window_keys
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
 USER_POOLS = ("mean", "last", "mean_last")
@@ -106,7 +104,7 @@ class TextSliceFeatures(torch.nn.Module):
         return out
 
 
-class QFormerStage(L.LightningModule):
+class QFormerStage(PredictStage):
     """Stage 1: per-source event encoders → causal Q-Former (or a frozen backbone).
 
     Args:
@@ -140,7 +138,7 @@ class QFormerStage(L.LightningModule):
         semantic_fn_margin: false-negative margin of the semantic term (None = off).
         max_pairs: cap on fine/window pairs per batch and rank.
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (on matrices only, :func:`~foundv2.stages.base.param_groups`).
         warmup_steps: linear warm-up steps (0 = none).
         cosine: cosine decay to ``min_lr_ratio * lr`` over the run's optimizer steps.
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
@@ -148,6 +146,9 @@ class QFormerStage(L.LightningModule):
         seed: seed of those item codes.
         predict_dir: where ``predict`` writes the features dataset (one Arrow part per rank).
     """
+
+    OUTPUT_KIND = "features"
+    STAGE = "qformer"
 
     def __init__(
         self,
@@ -178,18 +179,14 @@ class QFormerStage(L.LightningModule):
         seed: int = 0,
         predict_dir: str | None = None,
     ):
-        super().__init__()
+        super().__init__(predict_dir)
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         if fine_target not in FINE_TARGETS:
             raise ValueError(f"fine_target must be one of {FINE_TARGETS}, got {fine_target!r}")
         if user_pool not in USER_POOLS:
             raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
-        # predict_dir is not a hyperparameter: LightningCLI re-applies a checkpoint's hparams over the
-        # command line (`predict --ckpt_path ... --model.predict_dir X` would lose X)
-        self.save_hyperparameters(ignore=["predict_dir"])
-        self.predict_dir = predict_dir
-        self.dims: dict | None = None
+        self.save_settings()
         self.sources: list[str] = []
         self.encoder: EventEncoder | None = None
         self.tabular: TabularEncoder | None = None
@@ -200,12 +197,9 @@ class QFormerStage(L.LightningModule):
         self._warned_leak = False
 
     # ------------------------------------------------------------------ building
-    def build(self, dims: dict) -> None:
-        """Create the modules for a data set's ``UserDataModule.dims()`` (once)."""
-        if self.dims is not None:
-            return
+    def build_nets(self, dims: dict) -> None:
+        """Create the modules for a data set's ``UserDataModule.dims()``."""
         hp = self.hparams
-        self.dims = dict(dims)
         S = dims["num_sources"]
         self.sources = list(dims["sources"]) + (["profile"] if dims["tabular_dim"] else [])
         if hp.backbone == "pooled":
@@ -223,59 +217,29 @@ class QFormerStage(L.LightningModule):
         self.recon_head = ReconstructionHead(S, hp.dim, slice_target_dim(dims["text_dim"]))
         self.objectives = MultiScaleObjectives(
             hp.dim, dims["text_dim"], weights=hp.weights, enabled=hp.enabled, period=dims["window_period"],
-            tau=hp.tau, fine_mode=hp.fine_mode, fine_target_dim=self._fine_target_dim(), window_fn_margin=hp.window_fn_margin,
+            tau=hp.tau, fine_mode=hp.fine_mode, fine_target_dim=self._fine_target_dim(dims), window_fn_margin=hp.window_fn_margin,
             semantic_fn_margin=hp.semantic_fn_margin, max_pairs=hp.max_pairs,
         )
 
-    def _fine_target_dim(self) -> int | None:
+    def _fine_target_dim(self, dims: dict) -> int | None:
         if self.hparams.fine_target != "content":
             return None
-        return self.dims["num_sources"] * slice_target_dim(self.dims["text_dim"]) + 1
+        return dims["num_sources"] * slice_target_dim(dims["text_dim"]) + 1
 
     def _next_targets(self, target: torch.Tensor, win_key: torch.Tensor) -> torch.Tensor | None:
         """Content targets of the fine term: step t is [window t's slice targets, all sources |
         log1p of its key distance from window t - 1] — what the next step holds and *when* it
         comes (the gap is the activity rate a fading user shows)."""
-        if self._fine_target_dim() is None:
+        if self._fine_target_dim(self.dims) is None:
             return None
         gap = torch.zeros_like(win_key, dtype=torch.float32)
         gap[:, 1:] = (win_key[:, 1:] - win_key[:, :-1]).clamp_min(0).float()
         return torch.cat([target.flatten(2), torch.log1p(gap)[..., None]], dim=-1)
 
     def setup(self, stage: str) -> None:
-        self.build(self.trainer.datamodule.dims())
         if stage == "fit" and self.hparams.backbone != "qformer":
             raise ValueError(f"QFormerStage(backbone={self.hparams.backbone!r}) is frozen and has nothing to train: "
                              f"run `foundv2 predict` with this config directly (no `fit`, no ckpt_path).")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["foundv2_dims"] = self.dims
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # build the modules before their weights load: load_from_checkpoint works without a DataModule
-        if checkpoint.get("foundv2_dims"):
-            self.build(checkpoint["foundv2_dims"])
-
-    def configure_callbacks(self):
-        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if not hp.warmup_steps and not hp.cosine:
-            return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if not hp.cosine:
-                return 1.0
-            t = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -291,20 +255,22 @@ class QFormerStage(L.LightningModule):
 
     @torch.no_grad()
     def slices_and_users(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        """(flat slices: slice_user, slice_window, slice_source [N], feat [N, D]; user_emb [B, D]).
+        """(flat slices: slice_user, slice_window, slice_source, slice_key [N], feat [N, D]; user_emb [B, D]).
 
         ``user_emb`` pools the window representations ``views.mean(2)`` as ``user_pool`` says
         (``qformer``), or the mean of the user's event-slice features (frozen
         backbones; profile slices are left out). Inference only (no gradients).
         """
+        S = self.dims["num_sources"]
         if self.frozen is not None:
-            out = self.frozen(batch)
-            keep = out["slice_source"] < self.dims["num_sources"]
+            out = with_window_keys(self.frozen(batch), batch, S)
+            keep = out["slice_source"] < S
             return out, mean_by_user(out["feat"][keep], out["slice_user"][keep], batch["user_id"].shape[0])
         views, present, profile = self.encode(batch)
         out = flat_slices(views, present)
         if profile is not None:
-            out = add_profile_slices(out, profile, self.dims["num_sources"])
+            out = add_profile_slices(out, profile, S)
+        out = with_window_keys(out, batch, S)
         windows = views.mean(2).float()
         m = batch["win_mask"].float()[..., None]
         parts = {"mean": lambda: (windows * m).sum(1) / m.sum(1).clamp_min(1),
@@ -313,7 +279,7 @@ class QFormerStage(L.LightningModule):
         return out, user
 
     def forward(self, batch: dict) -> dict:
-        """Flat slices of a batch (slice_user, slice_window, slice_source [N], feat [N, D])."""
+        """Flat slices of a batch (slice_user, slice_window, slice_source, slice_key [N], feat [N, D])."""
         return self.slices_and_users(batch)[0]
 
     @torch.no_grad()
@@ -379,8 +345,7 @@ class QFormerStage(L.LightningModule):
         cols["user_emb"] = user.float().cpu().numpy()
         return cols
 
-    def output_meta(self) -> dict:
+    def output_info(self) -> dict:
         dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
         user_dim = dim * (len(self.hparams.user_pool.split("_")) if self.frozen is None else 1)
-        return {"kind": "features", "stage": "qformer", "backbone": self.hparams.backbone, "sources": self.sources,
-                "dim": dim, "user_dim": user_dim, "hparams": dict(self.hparams)}
+        return {"backbone": self.hparams.backbone, "sources": self.sources, "dim": dim, "user_dim": user_dim}

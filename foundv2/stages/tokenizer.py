@@ -2,7 +2,9 @@
 
 Input: a features dataset (``data.features_dir``: stage-1 output, Arrow) or, when none is given,
 the built-in pooled features computed on the fly from event batches. Output of ``predict``:
-the tokens dataset (codes and global token ids per slice, one Arrow part per rank) plus
+the tokens dataset (per user ``user_id, row, split``; per slice ``slice_window, slice_source,
+slice_key`` — the window key the prepared data assigned, carried over from the features — and
+``codes, token_ids``; one Arrow part per rank) plus
 ``report.json`` with collisions and storage (bits per code, bytes per user, ratio to fp32/fp16).
 """
 
@@ -11,16 +13,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, read_stage_output
-from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.mrqvae import MultiViewRQVAE, collision_stats, disambiguate
 from foundv2.nn.pooled import PooledSliceFeatures
-from foundv2.stages.pooled import split_by_user
+from foundv2.stages.base import PredictStage, split_by_user, with_window_keys
+
+POOLED_DIMS = ("num_sources", "num_items", "num_categories", "text_dim", "tabular_dim")
 
 
 def window_tuples(slice_user: torch.Tensor, slice_window: torch.Tensor, slice_source: torch.Tensor,
@@ -60,7 +63,7 @@ def storage_report(model: MultiViewRQVAE, n_slices_per_user: float, n_windows_pe
     }
 
 
-class TokenizerStage(L.LightningModule):
+class TokenizerStage(PredictStage):
     """Stage 2: multi-view RQ-VAE with shared and source-specific codebooks.
 
     Args:
@@ -78,12 +81,18 @@ class TokenizerStage(L.LightningModule):
         quantizer_options: extra ResidualGroupQuantizer keywords (kmeans_buffer, respawn_every,
             dead_fraction, ema, sinkhorn_last, rotation_trick ...).
         lr: AdamW learning rate (paper 1e-3).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (on matrices only, :func:`~foundv2.stages.base.param_groups`).
+        warmup_steps: linear warm-up steps (0 = none).
+        cosine: cosine decay to ``min_lr_ratio * lr`` over the run's optimizer steps.
+        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         item_dim: width of the item codes of the built-in pooled features.
         predict_dir: where ``predict`` writes the tokens dataset and report.json.
         export_dir: where ``fit`` saves the trained tokenizer (save_pretrained folder).
         pretrained: a save_pretrained folder to start from (``foundv2 tokenize`` uses it).
     """
+
+    OUTPUT_KIND = "tokens"
+    STAGE = "tokenizer"
 
     def __init__(
         self,
@@ -99,66 +108,71 @@ class TokenizerStage(L.LightningModule):
         quantizer_options: dict | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        cosine: bool = False,
+        min_lr_ratio: float = 0.1,
         item_dim: int = 32,
         predict_dir: str | None = None,
         export_dir: str | None = None,
         pretrained: str | None = None,
     ):
-        super().__init__()
-        # output folders are run settings, not model settings: kept out of the checkpoint so that
-        # `predict --ckpt_path X --model.predict_dir Y` is not overridden by the stored value
-        self.save_hyperparameters(ignore=["predict_dir", "export_dir"])
-        self.predict_dir = predict_dir
+        super().__init__(predict_dir)
+        self.save_settings("export_dir")
         self.export_dir = export_dir
         self.model: MultiViewRQVAE | None = None
         self.pooled: PooledSliceFeatures | None = None
         self.sources: list[str] = []
+        self.feature_dim: int | None = None
         self._val_tuples: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ building
-    def setup(self, stage: str) -> None:
-        if self.model is not None:
-            return
-        dm = self.trainer.datamodule
-        dims = dm.dims()
-        if getattr(dm, "features_meta", None):
-            self.sources = list(dm.features_meta["sources"])
-            feat_dim = int(dm.features_meta["dim"])
-        else:
-            self.pooled = PooledSliceFeatures(dims["num_sources"], dims["num_items"], dims["num_categories"],
-                                              dims["text_dim"], dims["tabular_dim"], self.hparams.item_dim)
-            self.sources = dims["sources"] + (["profile"] if dims["tabular_dim"] else [])
-            feat_dim = self.pooled.dim
-        self.feature_dim = feat_dim
+    def data_dims(self, datamodule) -> dict:
+        """A features dataset's sources and width, or what the built-in pooled features need."""
+        if datamodule.batch_kind == "slices":
+            meta = datamodule.input_meta
+            return {"sources": list(meta["sources"]), "feature_dim": int(meta["dim"])}
+        dims = datamodule.dims()
+        return {"sources": dims["sources"] + (["profile"] if dims["tabular_dim"] else []),
+                "pooled": {k: dims[k] for k in POOLED_DIMS}}
+
+    def build_nets(self, dims: dict) -> None:
         hp = self.hparams
-        if hp.pretrained:
-            from data_modules.schema import DataError
+        self.sources = list(dims["sources"])
+        if dims.get("pooled"):
+            self.pooled = PooledSliceFeatures(**dims["pooled"], item_dim=hp.item_dim)
+        self.feature_dim = int(dims["feature_dim"]) if "feature_dim" in dims else self.pooled.dim
+        if dims.get("rqvae"):  # a checkpoint: the exact net it holds the weights of
+            self.model = MultiViewRQVAE(**dims["rqvae"])
+        elif hp.pretrained:
+            self.model = self._load_pretrained(hp.pretrained)
+        else:
+            self.model = MultiViewRQVAE(
+                input_dims=self.feature_dim, sources=self.sources, code_dim=hp.code_dim, hidden=tuple(hp.hidden),
+                recon_reduction=hp.recon_reduction, layout=hp.layout, n_shared_levels=hp.n_shared_levels,
+                n_specific_levels=hp.n_specific_levels, shared_codes=hp.shared_codes,
+                specific_codes=hp.specific_codes, beta=hp.beta, quantizer_options=dict(hp.quantizer_options or {}),
+            )
 
-            try:
-                self.model = MultiViewRQVAE.from_pretrained(hp.pretrained)
-            except Exception as err:  # safetensors / json raise several kinds on a damaged folder
-                raise DataError(f"{hp.pretrained}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
-                                f"{err}); export it again with fit's --model.export_dir.") from err
-            if list(self.model.sources) != self.sources:
-                raise DataError(f"{hp.pretrained}: the tokenizer was trained on sources {list(self.model.sources)}, "
-                                f"but this data set has {self.sources}.")
-            return
-        self.model = MultiViewRQVAE(
-            input_dims=feat_dim, sources=self.sources, code_dim=hp.code_dim, hidden=tuple(hp.hidden),
-            recon_reduction=hp.recon_reduction, layout=hp.layout, n_shared_levels=hp.n_shared_levels,
-            n_specific_levels=hp.n_specific_levels, shared_codes=hp.shared_codes,
-            specific_codes=hp.specific_codes, beta=hp.beta, quantizer_options=dict(hp.quantizer_options or {}),
-        )
+    def _load_pretrained(self, folder: str) -> MultiViewRQVAE:
+        try:
+            model = MultiViewRQVAE.from_pretrained(folder)
+        except Exception as err:  # safetensors / json raise several kinds on a damaged folder
+            raise DataError(f"{folder}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
+                            f"{err}); export it again with fit's --model.export_dir.") from err
+        if list(model.sources) != self.sources:
+            raise DataError(f"{folder}: the tokenizer was trained on sources {list(model.sources)}, "
+                            f"but this data set has {self.sources}.")
+        return model
 
-    def configure_callbacks(self):
-        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def checkpoint_dims(self) -> dict:
+        return {**super().checkpoint_dims(), "rqvae": self.model.config} if self.model is not None else {}
 
     # ------------------------------------------------------------------ steps
     def slices(self, batch: dict) -> dict:
-        return batch if "feat" in batch else self.pooled(batch)
+        """The batch's slices: a slice batch as it is, or the pooled features of an event batch."""
+        if "feat" in batch:
+            return batch
+        return with_window_keys(self.pooled(batch), batch, self.pooled.num_sources)
 
     def model_step(self, batch: dict, stage: str):
         s = self.slices(batch)
@@ -216,6 +230,14 @@ class TokenizerStage(L.LightningModule):
             self.model.save_pretrained(self.export_dir)
 
     # ------------------------------------------------------------------ predict
+    def on_predict_start(self) -> None:
+        quantizers = [q for q in (self.model.quantizer, self.model.tabular_quantizer) if q is not None]
+        if any(not bool(q.initialised) or int(q.step) == 0 for q in quantizers):
+            raise DataError("the tokenizer's quantizer was never initialised (no fit ran: no checkpoint, no "
+                            "--model.pretrained folder, and the k-means init never ran), so its codes would say "
+                            "nothing about the data. Fit it first (foundv2 fit --config ...), then predict with "
+                            "--ckpt_path <the fit's checkpoint> or --model.pretrained <its export_dir>.")
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         s = self.slices(batch)
         codes = self.model.tokenize(s["feat"].float(), s["slice_source"])
@@ -223,10 +245,9 @@ class TokenizerStage(L.LightningModule):
         return split_by_user({**s, "codes": codes, "token_ids": gids}, batch,
                              per_slice=(("codes", np.int32), ("token_ids", np.int64)))
 
-    def output_meta(self) -> dict:
-        return {"kind": "tokens", "stage": "tokenizer", "sources": self.sources, "levels": self.model.quantizer.n_levels,
-                "vocab_size": int(self.model.vocab_size), "feature_dim": self.feature_dim,
-                "hparams": dict(self.hparams)}
+    def output_info(self) -> dict:
+        return {"sources": self.sources, "levels": self.model.quantizer.n_levels,
+                "vocab_size": int(self.model.vocab_size), "feature_dim": self.feature_dim}
 
     def on_predict_epoch_end(self) -> None:
         if self.predict_dir and self.trainer.is_global_zero:

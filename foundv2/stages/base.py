@@ -1,0 +1,203 @@
+"""The base of every stage that writes a dataset with ``predict``: :class:`PredictStage`.
+
+What each stage would otherwise repeat lives here once:
+
+- **run settings**: ``predict_dir`` (and a stage's own output folders) are kept out of the
+  hyperparameters (:meth:`PredictStage.save_settings`): LightningCLI re-applies a checkpoint's
+  hyperparameters over the command line, so ``predict --ckpt_path X --model.predict_dir Y`` would
+  otherwise write to the folder stored in X.
+- **nets built late**: Lightning's ``configure_model`` hook builds the nets from the data's sizes
+  (:meth:`PredictStage.data_dims`, by default ``UserDataModule.dims()``); the sizes are saved in
+  the checkpoint, so ``Stage.load_from_checkpoint(path)`` rebuilds the nets with no DataModule.
+- **the output**: ``predict_dir`` set → an :class:`~foundv2.io.ArrowPredictionWriter` streams the
+  per-user columns of ``predict_step`` (:func:`split_by_user` makes them from flat slices) and
+  rank 0 writes ``meta.json`` from :meth:`PredictStage.output_meta`: always ``kind``, ``stage``,
+  ``dims`` and ``hparams``, plus what the stage adds in :meth:`PredictStage.output_info`.
+- **one optimiser**: :func:`adamw` (AdamW, optional linear warm-up, optional cosine decay to a
+  floor; weight decay only on matrices), configured from the stage's ``lr``, ``weight_decay``,
+  ``warmup_steps``, ``cosine`` and ``min_lr_ratio`` arguments (those it declares).
+
+A stage writes only what is its own: ``OUTPUT_KIND`` and ``STAGE``, ``__init__`` (calling
+``super().__init__(predict_dir)`` and ``self.save_settings()``), ``build_nets(dims)``, its steps
+and ``output_info``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from data_modules.schema import DataError
+from foundv2.io import ArrowPredictionWriter
+
+DIMS_KEY = "foundv2_dims"  # where a checkpoint keeps the sizes the nets were built for
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "warmup_steps", "cosine", "min_lr_ratio")
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+# ------------------------------------------------------------------------------ predict columns
+def with_window_keys(out: dict, batch: dict, num_sources: int) -> dict:
+    """Add ``slice_key [N]`` to flat slices of an event batch: the window key the prepared data
+    gave each slice's window (the batch's ``win_key``: calendar day or week number, or the
+    event-window number), -1 for profile slices (source index ``num_sources``), which belong to
+    no window."""
+    key = batch["win_key"][out["slice_user"], out["slice_window"]]
+    return {**out, "slice_key": torch.where(out["slice_source"] < num_sources, key, -1)}
+
+
+def split_by_user(out: dict, batch: dict, per_slice: tuple = (("feat", np.float32),)) -> dict:
+    """Flat slices of a batch → per-user columns for the Arrow writer.
+
+    Every output carries ``user_id``, ``row`` and ``split`` per user and, per slice, its
+    ``slice_window`` (number from the user's oldest kept window), ``slice_source`` and
+    ``slice_key`` (the prepared data's window key, :func:`with_window_keys`); ``per_slice`` names
+    the stage's own slice columns and their dtype.
+    """
+    B = batch["user_id"].shape[0]
+    counts = torch.bincount(out["slice_user"], minlength=B).tolist()
+    cols = {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
+            "split": batch["split"].cpu().numpy().astype(np.int8)}
+    for key, dtype in (("slice_window", np.int32), ("slice_source", np.int8), ("slice_key", np.int64), *per_slice):
+        values = out[key].detach().cpu()
+        cols[key] = [a.numpy().astype(dtype) for a in torch.split(values.float() if dtype == np.float32 else values,
+                                                                 counts)]
+    return cols
+
+
+# ------------------------------------------------------------------------------ optimiser
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only (nanoGPT), none on biases, norms and
+    every other 1-D parameter, nor on embedding tables (minGPT): an embedding row only gets a
+    gradient when its id occurs, so decoupled decay would shrink rare items' rows, and the
+    null/padding row, on every step whether they are used or not. Frozen parameters are left out."""
+    decay, no_decay, seen = [], [], set()
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            plain = p.ndim < 2 or name == "bias" or isinstance(mod, (*NORMS, nn.Embedding, nn.EmbeddingBag))
+            (no_decay if plain else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, cosine: bool = False,
+              min_lr_ratio: float = 0.1) -> float:
+    """The learning rate at ``step`` relative to the peak: linear warm-up over ``warmup_steps``,
+    then constant, or (``cosine``) a half cosine down to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not cosine:
+        return 1.0
+    t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def adamw(module: nn.Module, total_steps: int, lr: float = 1e-3, weight_decay: float = 0.0,
+          warmup_steps: int = 0, cosine: bool = False, min_lr_ratio: float = 0.1):
+    """AdamW over :func:`param_groups`, with the :func:`lr_factor` schedule stepped every optimiser
+    step when there is one; the return value is what ``configure_optimizers`` returns."""
+    opt = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr)
+    if not warmup_steps and not cosine:
+        return opt
+    total = max(int(total_steps), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, total, warmup_steps, cosine, min_lr_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ------------------------------------------------------------------------------ the base
+class PredictStage(L.LightningModule):
+    """Base of the stages that write a dataset with ``predict`` (see the module docstring).
+
+    Args:
+        predict_dir: where ``predict`` writes the stage's dataset (one Arrow part per rank).
+    """
+
+    OUTPUT_KIND: ClassVar[str] = ""  # meta.json "kind": features, tokens, embeddings ...
+    STAGE: ClassVar[str] = ""  # meta.json "stage"
+
+    def __init__(self, predict_dir: str | None = None):
+        super().__init__()
+        self.predict_dir = predict_dir
+        self.dims: dict | None = None
+
+    def save_settings(self, *run_settings: str) -> None:
+        """``save_hyperparameters`` of the calling ``__init__`` without ``predict_dir`` and the
+        other ``run_settings`` (output folders: run settings, not model settings)."""
+        self.save_hyperparameters(ignore=["predict_dir", *run_settings], frame=inspect.currentframe().f_back)
+
+    # ------------------------------------------------------------------ nets
+    def data_dims(self, datamodule) -> dict:
+        """The sizes the nets are built for, from the DataModule (saved in checkpoints)."""
+        return datamodule.dims()
+
+    def build_nets(self, dims: dict) -> None:
+        """Create the stage's modules for ``dims`` (called once)."""
+        raise NotImplementedError
+
+    def build(self, dims: dict) -> None:
+        """Build the nets for ``dims`` once; later calls do nothing."""
+        if self.dims is None:
+            self.build_nets(dims)
+            self.dims = dict(dims)
+
+    def configure_model(self) -> None:
+        # load_from_checkpoint calls this hook with no trainer: on_load_checkpoint builds instead
+        if self.dims is not None or self._trainer is None:
+            return
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise DataError(f"{type(self).__name__} builds its nets from the data's sizes: give the trainer a "
+                            f"datamodule, or load the stage with {type(self).__name__}.load_from_checkpoint(path).")
+        self.build(self.data_dims(dm))
+
+    def checkpoint_dims(self) -> dict:
+        """What a checkpoint stores to rebuild the nets (by default the data's sizes)."""
+        return dict(self.dims or {})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[DIMS_KEY] = self.checkpoint_dims()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(DIMS_KEY)
+        if not saved:
+            if self.dims is None:
+                raise DataError(f"this checkpoint holds no {DIMS_KEY} (written by an older foundv2): load it through "
+                                f"the trainer with a DataModule (--ckpt_path), or train the stage again.")
+            return
+        if self.dims is None:
+            self.build(saved)
+            return
+        differ = sorted(k for k in self.dims if k in saved and saved[k] != self.dims[k])
+        if differ:
+            raise DataError(f"the checkpoint's {type(self).__name__} was built for other data: "
+                            + "; ".join(f"{k} {saved[k]!r} there, {self.dims[k]!r} here" for k in differ)
+                            + ". Use the data config it was trained with.")
+
+    # ------------------------------------------------------------------ output
+    def configure_callbacks(self):
+        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
+
+    def output_info(self) -> dict:
+        """The stage's own entries of ``meta.json`` (sources, widths, ...)."""
+        return {}
+
+    def output_meta(self) -> dict:
+        """What ``meta.json`` records about the output: kind, stage, dims, hparams and
+        :meth:`output_info`."""
+        return {"kind": self.OUTPUT_KIND, "stage": self.STAGE, "dims": self.checkpoint_dims(),
+                "hparams": dict(self.hparams), **self.output_info()}
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        settings = {k: self.hparams[k] for k in OPTIMIZER_SETTINGS if k in self.hparams}
+        return adamw(self, total_steps=self.trainer.estimated_stepping_batches, **settings)
