@@ -268,7 +268,7 @@ class UserDataModule(L.LightningDataModule):
         max_events: int = 512,
         predict_splits: list[str] | None = None,
         progress: bool = True,
-        features_dir: str | None = None,
+        features_dir: str | None = None,  # the next input folders (tokens_dir ...) go here, one per BATCH_KINDS entry
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -1,5 +1,6 @@
 """QFormerStage (stage 1): training, no future leak, the features dataset the tokenizer reads,
-bf16 on CPU, the frozen backbones, checkpoints and the shipped configs."""
+bf16 on CPU, the frozen backbones, the CLI predict from a checkpoint and the shipped configs
+(a checkpoint loaded with no DataModule: tests/test_stage_base.py)."""
 
 from __future__ import annotations
 
@@ -205,20 +206,6 @@ def test_fine_target(cache, fine_target):
     assert torch.isfinite(total) and set(logs) >= {"loss/fine", "acc/fine"}
     with pytest.raises(ValueError, match="fine_target"):
         QFormerStage(fine_target="events")
-
-
-def test_checkpoint_loads_without_a_datamodule(cache, tmp_path):
-    L.seed_everything(0)
-    stage = QFormerStage(**TINY)
-    dm = make_dm(cache)
-    tr = trainer(max_steps=2, limit_val_batches=0)
-    tr.fit(stage, dm)
-    tr.save_checkpoint(tmp_path / "last.ckpt")
-    loaded = QFormerStage.load_from_checkpoint(tmp_path / "last.ckpt")
-    batch = next(iter(dm.predict_dataloader()))
-    stage.eval()
-    loaded.eval()
-    assert torch.allclose(stage.user_embedding(batch), loaded.user_embedding(batch))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)

@@ -51,18 +51,22 @@ def with_window_keys(out: dict, batch: dict, num_sources: int) -> dict:
     return {**out, "slice_key": torch.where(out["slice_source"] < num_sources, key, -1)}
 
 
+def user_columns(batch: dict) -> dict:
+    """The columns every stage output has per user: ``user_id``, ``row`` (in the prepared table)
+    and ``split``; a stage adds its own (``user_emb`` ...) beside them."""
+    return {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
+            "split": batch["split"].cpu().numpy().astype(np.int8)}
+
+
 def split_by_user(out: dict, batch: dict, per_slice: tuple = (("feat", np.float32),)) -> dict:
     """Flat slices of a batch → per-user columns for the Arrow writer.
 
-    Every output carries ``user_id``, ``row`` and ``split`` per user and, per slice, its
-    ``slice_window`` (number from the user's oldest kept window), ``slice_source`` and
-    ``slice_key`` (the prepared data's window key, :func:`with_window_keys`); ``per_slice`` names
-    the stage's own slice columns and their dtype.
+    :func:`user_columns` and, per slice, its ``slice_window`` (number from the user's oldest
+    kept window), ``slice_source`` and ``slice_key`` (the prepared data's window key,
+    :func:`with_window_keys`); ``per_slice`` names the stage's own slice columns and their dtype.
     """
-    B = batch["user_id"].shape[0]
-    counts = torch.bincount(out["slice_user"], minlength=B).tolist()
-    cols = {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
-            "split": batch["split"].cpu().numpy().astype(np.int8)}
+    counts = torch.bincount(out["slice_user"], minlength=batch["user_id"].shape[0]).tolist()
+    cols = user_columns(batch)
     for key, dtype in (("slice_window", np.int32), ("slice_source", np.int8), ("slice_key", np.int64), *per_slice):
         values = out[key].detach().cpu()
         cols[key] = [a.numpy().astype(dtype) for a in torch.split(values.float() if dtype == np.float32 else values,
