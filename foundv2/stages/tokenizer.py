@@ -82,9 +82,6 @@ class TokenizerStage(PredictStage):
             dead_fraction, ema, sinkhorn_last, rotation_trick ...).
         lr: AdamW learning rate (paper 1e-3).
         weight_decay: AdamW weight decay (on matrices only, :func:`~foundv2.stages.base.param_groups`).
-        warmup_steps: linear warm-up steps (0 = none).
-        cosine: cosine decay to ``min_lr_ratio * lr`` over the run's optimizer steps.
-        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         item_dim: width of the item codes of the built-in pooled features.
         predict_dir: where ``predict`` writes the tokens dataset and report.json.
         export_dir: where ``fit`` saves the trained tokenizer (save_pretrained folder).
@@ -108,9 +105,6 @@ class TokenizerStage(PredictStage):
         quantizer_options: dict | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        cosine: bool = False,
-        min_lr_ratio: float = 0.1,
         item_dim: int = 32,
         predict_dir: str | None = None,
         export_dir: str | None = None,
