@@ -155,7 +155,7 @@ class EventCollate:
         }
         fut_text = np.asarray(cols["fut_text"], np.int64)
         out["fut_text_emb"] = torch.as_tensor(self._text(fut_text))
-        out["has_fut_text"] = torch.as_tensor((fut_text >= 0) & (out["split"].numpy() == 0))
+        out["has_fut_text"] = torch.as_tensor((fut_text >= 0) & (out["split"].numpy() == Split.TRAIN))
         if "tabular" in cols:
             tab = (np.asarray(cols["tabular"], np.float32) - self.tab_mean) / self.tab_std
             out["tabular"] = torch.as_tensor(tab)
@@ -393,7 +393,7 @@ class UserDataModule(L.LightningDataModule):
         return self._loader(self.rows("test"), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.rows(self.hparams.predict_splits or ["train", "val", "test"]), shuffle=False)
+        return self._loader(self.rows(self.hparams.predict_splits or [s.name.lower() for s in Split]), shuffle=False)
 
     def state_dict(self) -> dict:
         return {"prepared_key": self.prepare_config().key()}

@@ -14,7 +14,7 @@ Three backbones, chosen by ``backbone`` (an ablation is a config change):
             (all sources) from window w (``fine_target=state``: w + 1's representation)
   window    the same window reps; periodic partners by ``win_key`` (period from the data)
   semantic  ``last_valid(window reps)`` ↔ the future-summary text embedding, *training users
-            only*: ``has_fut_text & split == 0`` (val/test futures never reach a loss)
+            only*: ``has_fut_text & split == Split.TRAIN`` (val/test futures never reach a loss)
   recon     per-source linear head on the views vs the pooled slice targets
   ========  ==========================================================================
 
