@@ -11,13 +11,19 @@ import torch
 
 from foundv2.bench.baselines import (
     SASRecConfig,
+    activity_features,
+    dequantise_int8,
     ease,
     ease_weights,
     itemknn,
     popularity,
+    quantise_int8,
     sasrec,
     tfidf_features,
+    tfidf_svd_int8,
+    top_items,
 )
+from foundv2.bench.probes import fit_logistic_probe
 from foundv2.metrics.ranking import TopKRanking, evaluate_ranking
 
 RANK_KEYS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
@@ -213,3 +219,79 @@ def test_evaluate_ranking_excludes_history() -> None:
         lambda u: np.array([[9.0, 5.0, 1.0, 0.0]]), np.array([0]), history, future, ks=(1,)
     )
     assert out == {"recall@1": 1.0, "ndcg@1": 1.0}
+
+
+# ----------------------------------------------------------------------------- storage-matched
+
+
+def test_int8_round_trip_within_half_a_step() -> None:
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(200, 6)) * np.array([0.01, 1, 5, 100, 1e-4, 3])
+    split = _split(200)
+    train = np.flatnonzero(split == 0)
+    codes, scales = quantise_int8(Z, train)
+    assert codes.dtype == np.int8 and scales.shape == (6,) and scales.dtype == np.float32
+    back = dequantise_int8(codes, scales)
+    inside = np.abs(Z) <= np.abs(Z[train]).max(0)  # val/test values beyond the train range saturate
+    assert np.all(np.abs(back - Z)[inside] <= scales.repeat(200).reshape(6, 200).T[inside] * 0.5 + 1e-6)
+    assert np.abs(codes[train]).max(0).tolist() == [127] * 6  # the train peak uses the full range
+    assert np.abs(codes).max() <= 127
+
+
+def test_tfidf_svd_is_fitted_on_train_users_only(cooc) -> None:
+    history, _, split = cooc
+    codes, scales = tfidf_svd_int8(history, split, k=8)
+    assert codes.shape == (N_USERS, 8) and codes.dtype == np.int8
+    # rewrite every val/test user's history: train codes and scales must not move at all
+    rng = np.random.default_rng(1)
+    other = history.tolil()
+    for u in np.flatnonzero(split != 0):
+        other.rows[u], other.data[u] = sorted(rng.choice(N_ITEMS, 20, replace=False).tolist()), [3.0] * 20
+    codes2, scales2 = tfidf_svd_int8(other.tocsr(), split, k=8)
+    train = split == 0
+    np.testing.assert_array_equal(codes2[train], codes[train])
+    np.testing.assert_array_equal(scales2, scales)
+    assert not np.array_equal(codes2[~train], codes[~train])
+
+
+def test_tfidf_svd16_carries_the_groups(cooc) -> None:
+    history, _, split = cooc
+    group = np.asarray(history.argmax(axis=1)).ravel() // (N_ITEMS // 5)  # a mostly-correct group label
+    codes, scales = tfidf_svd_int8(history, split, k=16)
+    res = fit_logistic_probe(dequantise_int8(codes, scales), group, split, "multiclass")
+    assert res["accuracy"] > 0.8
+
+
+def test_top_items_bytes_exact() -> None:
+    hist = sp.csr_matrix(np.array([[5, 0, 1, 3, 3, 0, 2, 1], [0, 0, 0, 0, 0, 0, 1, 0], [0] * 8], np.float32))
+    for n_bytes in (2, 5, 6, 64):
+        bag = top_items(hist, n_bytes)
+        per_user = np.diff(bag.indptr)
+        assert per_user.tolist() == [min(n_bytes // 2, 6), 1, 0]
+        assert (per_user * 2 <= n_bytes).all()
+    bag = top_items(hist, 6)  # 3 ids: item 0 (5), then the tie 3/4 (3 each) broken by the lower id
+    assert bag[0].indices.tolist() == [0, 3, 4] and bag[0].data.tolist() == [5, 3, 3]
+
+
+def test_activity_features_see_time_and_values() -> None:
+    day = 86400
+    sources = [np.array([0, 0, 1]), np.array([1]), np.array([], np.int64)]
+    times = [np.array([0, day, 10 * day]), np.array([20 * day]), np.array([], np.int64)]
+    values = [np.array([1.0, 3.0, np.nan]), np.array([np.nan]), np.array([])]
+    split = np.array([0, 0, 1])
+    X, names = activity_features(sources, times, values, 2, split)
+    f = dict(zip(names, X[0], strict=True))
+    assert X.shape == (3, len(names)) and X.dtype == np.float32
+    assert f["value_mean/0"] == 2.0 and f["share/1"] == pytest.approx(1 / 3)
+    assert f["tenure_days"] == 10 and f["recency_days"] == 10 and f["first_day_before_ref"] == 20
+    assert f["active_days"] == 3 and f["no_history"] == 0
+    assert X[2, names.index("no_history")] == 1 and X[1, names.index("recency_days")] == 0
+
+
+def test_per_user_ranking_metrics_average_to_the_metric(cooc) -> None:
+    history, future, split = cooc
+    out: dict = {}
+    res, _ = ease(history, future, split, scores_out=out)
+    for k, v in res.items():
+        assert out["test"][k].mean() == pytest.approx(v)
+    assert out["test"]["ndcg@10"].size == int(((future[split == 2] != 0).sum(1) > 0).sum())

@@ -215,3 +215,14 @@ def test_next_item_probe_starts_from_popularity(one_thread) -> None:
     out = fit_next_item_probe(noise, history, future, split, epochs=10)
     pop, _ = popularity(history, future, split)
     assert out["ndcg@20"] > pop["ndcg@20"] - 0.05, (out, pop)
+
+
+def test_paired_bootstrap_ranking_means() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.uniform(size=500)
+    same = paired_bootstrap("ranking", a, a.copy(), n_boot=100)
+    assert same["delta"] == 0 and same["lo"] == 0 == same["hi"] and same["n"] == 500
+    noisy = paired_bootstrap("ranking", a, rng.permutation(a), n_boot=200)
+    assert noisy["lo"] < 0 < noisy["hi"]  # the same distribution: the interval includes 0
+    better = paired_bootstrap("ranking", a + 0.05, a, n_boot=100)
+    assert better["lo"] == pytest.approx(0.05) and better["delta"] == pytest.approx(0.05)

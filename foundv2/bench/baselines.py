@@ -1,7 +1,8 @@
 """Reference baselines of the benchmark protocol ``foundv2-bench-v1``.
 
 Next items (each returns ``({'recall@10', 'ndcg@10', 'recall@20', 'ndcg@20'}, seconds)``, scored
-on the test users with their history items excluded from the ranking):
+on the test users with their history items excluded from the ranking; with ``scores_out`` each
+also puts the test users' per-user metrics in ``scores_out['test']``, for a paired bootstrap):
 
 - :func:`popularity`: item interaction counts over the train users' histories;
 - :func:`ease`: EASE (Steck 2019), λ chosen on the validation users;
@@ -10,6 +11,17 @@ on the test users with their history items excluded from the ranking):
 
 Classification: :func:`tfidf_features` (fed to :func:`~foundv2.bench.probes.fit_logistic_probe`)
 and :func:`majority` (a constant predictor).
+
+Storage-matched representations (the claim under test is storage efficiency, so every one has
+an exact size in bytes per user):
+
+- :func:`tfidf_svd_int8`: TF-IDF of the history items → truncated SVD fitted on the train users →
+  one int8 per dimension with per-dimension scales from the train users (``k`` bytes per user;
+  the ``k`` scales are shared by all users and not counted);
+- :func:`top_items`: each user's most frequent history item ids, kept up to a byte budget as
+  uint16 (2 bytes an id), read as a bag;
+- :func:`activity_features`: what any event log has without item ids: counts and value
+  statistics per source, recency, frequency, tenure and calendar position (float32).
 
 Histories are inputs (EASE and item-kNN fit on every user's history rows, like any
 unsupervised representation); futures are targets, and only the validation users' futures
@@ -49,6 +61,11 @@ DEFAULT_KS: tuple[int, ...] = (10, 20)
 def _select_key(ks: Sequence[int]) -> str:
     """Validation metric that chooses hyper-parameters: NDCG at the largest cut-off."""
     return f"ndcg@{max(ks)}"
+
+
+def _per_user(scores_out: dict | None) -> dict | None:
+    """Where a ranking baseline puts its test users' per-user metrics: ``scores_out['test']``."""
+    return None if scores_out is None else scores_out.setdefault("test", {})
 
 
 def _binary(history: sp.spmatrix) -> sp.csr_matrix:
@@ -101,7 +118,8 @@ def _item_item_inputs(history: sp.spmatrix, future: sp.spmatrix, split: np.ndarr
 
 
 def popularity(
-    history: sp.spmatrix, future: sp.spmatrix, split: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+    history: sp.spmatrix, future: sp.spmatrix, split: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+    scores_out: dict | None = None,
 ) -> RankingResult:
     """Rank items by their interaction counts summed over the train users' histories.
 
@@ -112,7 +130,8 @@ def popularity(
     history, future = sp.csr_matrix(history), sp.csr_matrix(future)
     train, _, test = split_indices(split)
     counts = np.asarray(history[train].sum(axis=0), dtype=np.float32).ravel()
-    metrics = evaluate_ranking(lambda users: np.tile(counts, (users.size, 1)), test, history, future, ks)
+    metrics = evaluate_ranking(lambda users: np.tile(counts, (users.size, 1)), test, history, future, ks,
+                               per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start
 
 
@@ -134,6 +153,7 @@ def ease(
     split: np.ndarray,
     lambdas: Sequence[float] = (10.0, 100.0, 500.0, 2000.0, 10000.0),
     ks: Sequence[int] = DEFAULT_KS,
+    scores_out: dict | None = None,
 ) -> RankingResult:
     """EASE fitted on every user's binarised history; λ chosen on the validation users' futures.
 
@@ -147,7 +167,7 @@ def ease(
     _, scorer = _choose_on_val(
         lambdas, lambda lam: _dense_scorer(X, ease_weights(X, lam)), history, future, val, ks, "EASE lambda"
     )
-    metrics = evaluate_ranking(scorer, test, history, future, ks)
+    metrics = evaluate_ranking(scorer, test, history, future, ks, per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start
 
 
@@ -178,6 +198,7 @@ def itemknn(
     split: np.ndarray,
     neighbours: Sequence[int] = (5, 10, 20, 50, 100, 200),
     ks: Sequence[int] = DEFAULT_KS,
+    scores_out: dict | None = None,
 ) -> RankingResult:
     """Item-kNN: ``score(u, j) = Σ_{i ∈ hist(u)} sim_k(i, j)``, cosine similarity of the items'
     binarised history columns over every user, each item keeping its ``k`` most similar items;
@@ -198,7 +219,7 @@ def itemknn(
         ks,
         "item-kNN k",
     )
-    metrics = evaluate_ranking(scorer, test, history, future, ks)
+    metrics = evaluate_ranking(scorer, test, history, future, ks, per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start
 
 
@@ -216,11 +237,142 @@ def tfidf_features(history: sp.spmatrix, split: np.ndarray | None = None) -> sp.
     return sp.csr_matrix(TfidfTransformer().fit(fit_rows).transform(history))
 
 
-def majority(y: np.ndarray, split: np.ndarray, kind: TaskKind) -> tuple[dict[str, float], float]:
+# ---------------------------------------------------------------------------------------------
+# storage-matched representations
+
+INT8_MAX = 127
+UINT16_BYTES = 2
+
+
+def quantise_int8(Z: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-dimension int8: ``scale_d = max_train |Z_d| / 127``, ``q = round(Z / scale)``
+    clipped to ±127 (a val/test value beyond the train range saturates).
+
+    Returns:
+        ``(codes [U, d] int8, scales [d] float32)``; :func:`dequantise_int8` inverts it up to
+        half a step (``scale / 2``) inside the train range.
+    """
+    Z = np.asarray(Z, np.float64)
+    peak = np.abs(Z[train]).max(axis=0) if len(train) else np.zeros(Z.shape[1])
+    scales = np.where(peak > 0, peak / INT8_MAX, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(Z / scales), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return codes, scales
+
+
+def dequantise_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 values of int8 codes."""
+    return codes.astype(np.float32) * scales
+
+
+def tfidf_svd_int8(history: sp.spmatrix, split: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """TF-IDF of the history items (IDF from the train users) → truncated SVD to ``k`` dimensions
+    fitted on the train users → :func:`quantise_int8` with scales from the train users.
+
+    Validation and test users are only transformed, never fitted on. ``k`` is capped at
+    ``min(items, train users) - 1`` (the SVD's limit); the returned codes' width is the real ``k``.
+
+    Returns:
+        ``(codes [U, k] int8, scales [k] float32)``: ``k`` bytes per user.
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    train = split_indices(split)[0]
+    X = tfidf_features(history, split)
+    k = int(min(k, X.shape[1] - 1, train.size - 1))
+    if k < 1:
+        raise ValueError(f"tfidf_svd needs at least 2 items and 2 train users, got {X.shape[1]} and {train.size}")
+    svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=7, random_state=seed).fit(X[train])
+    return quantise_int8(svd.transform(X), train)
+
+
+def top_items(history: sp.spmatrix, n_bytes: int) -> sp.csr_matrix:
+    """Each user's ``n_bytes // 2`` most frequent history items (uint16 ids, 2 bytes each; ties
+    broken by the lower item id), as a ``[U, I]`` CSR bag of their counts.
+
+    A user with fewer distinct items keeps them all; the stored record is still ``n_bytes // 2``
+    ids wide (padded), so the size is exactly ``2 * (n_bytes // 2)`` bytes per user.
+    """
+    history = sp.csr_matrix(history, dtype=np.float32)
+    history.sum_duplicates()
+    if history.shape[1] > 2**16:
+        raise ValueError(f"top_items stores uint16 ids; {history.shape[1]} items do not fit")
+    n_ids = n_bytes // UINT16_BYTES
+    rows, cols, vals = [], [], []
+    for u in range(history.shape[0]):
+        lo, hi = history.indptr[u], history.indptr[u + 1]
+        items, counts = history.indices[lo:hi], history.data[lo:hi]
+        keep = np.lexsort((items, -counts))[:n_ids]
+        rows.append(np.full(keep.size, u))
+        cols.append(items[keep])
+        vals.append(counts[keep])
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return sp.csr_matrix((cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=history.shape)
+
+
+DAY = 86400.0
+
+
+def activity_features(
+    sources: Sequence[np.ndarray],
+    times: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    n_sources: int,
+    split: np.ndarray,
+) -> tuple[np.ndarray, list[str]]:
+    """Item-free per-user features from the history events alone.
+
+    Per source: ``log1p`` event count, share of the user's events, and of its non-NaN values
+    the mean, std and ``log1p`` of the absolute sum. Over all events: ``log1p`` count, active
+    days, events per active day (frequency), tenure (last − first event, days), recency and the
+    first active day as days before the reference date, and the last event's day of week (sin,
+    cos). The reference date is the latest history event of the train users, so val/test users
+    never set it. A user without history gets zeros and a "no history" flag.
+
+    Returns:
+        ``([U, d] float32, d feature names)``: ``4 d`` bytes per user.
+    """
+    train = split_indices(split)[0]
+    ends = [t.max() for u in train for t in [times[u]] if len(t)]
+    ref = float(max(ends)) if ends else 0.0
+    names = [f"{kind}/{s}" for s in range(n_sources) for kind in ("log_count", "share", "value_mean",
+                                                                    "value_std", "value_log_abs_sum")]
+    names += ["log_count", "active_days", "events_per_day", "tenure_days", "recency_days", "first_day_before_ref",
+              "last_dow_sin", "last_dow_cos", "no_history"]
+    out = np.zeros((len(times), len(names)), np.float32)
+    for u, (src, t, v) in enumerate(zip(sources, times, values, strict=True)):
+        n = len(t)
+        if n == 0:
+            out[u, -1] = 1.0
+            continue
+        src = np.asarray(src, np.int64)
+        t = np.asarray(t, np.float64)
+        v = np.asarray(v, np.float64)
+        row = []
+        for s in range(n_sources):
+            sel = src == s
+            vs = v[sel]
+            vs = vs[np.isfinite(vs)]
+            row += [np.log1p(sel.sum()), sel.mean(), vs.mean() if vs.size else 0.0, vs.std() if vs.size else 0.0,
+                    np.log1p(np.abs(vs.sum())) if vs.size else 0.0]
+        days = np.floor(t / DAY)
+        active = np.unique(days).size
+        dow = 2 * np.pi * ((days.max() + 3) % 7) / 7  # 1970-01-01 was a Thursday: +3 makes Monday 0
+        row += [np.log1p(n), active, n / active, (t.max() - t.min()) / DAY, (ref - t.max()) / DAY,
+                (ref - t.min()) / DAY, np.sin(dow), np.cos(dow), 0.0]
+        out[u] = row
+    return out, names
+
+
+def majority(y: np.ndarray, split: np.ndarray, kind: TaskKind,
+             scores_out: dict | None = None) -> tuple[dict[str, float], float]:
     """Constant predictor: the train users' class (or label) frequencies for every user.
 
     Its AUCs are 0.5 and its KS 0 by construction; multi-class accuracy is the test share of
     the most frequent train class.
+
+    Args:
+        scores_out: if given, ``scores_out['test']`` receives the test scores (as in
+            :func:`~foundv2.bench.probes.fit_logistic_probe`).
 
     Returns:
         ``(metrics, seconds)`` with the keys of :func:`~foundv2.bench.probes.fit_logistic_probe`
@@ -238,6 +390,8 @@ def majority(y: np.ndarray, split: np.ndarray, kind: TaskKind) -> tuple[dict[str
         return np.broadcast_to(prior, (rows.size,) + prior.shape).copy()
 
     key = SELECTION_METRIC[kind]
+    if scores_out is not None:
+        scores_out["test"] = constant(test)
     metrics = score_predictions(kind, constant(test), y[test])
     metrics[f"val_{key}"] = score_predictions(kind, constant(val), y[val])[key]
     return metrics, time.perf_counter() - start
@@ -386,6 +540,7 @@ def sasrec(
     config: SASRecConfig | None = None,
     history: sp.spmatrix | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    scores_out: dict | None = None,
 ) -> RankingResult:
     """Task-specific SASRec: trained on the train users' history sequences (next item at every
     position, full softmax cross-entropy over the items), early-stopped on the validation users'
@@ -434,5 +589,6 @@ def sasrec(
             if bad_epochs >= cfg.patience:
                 break
     model.load_state_dict(best_state)
-    metrics = evaluate_ranking(_sasrec_scorer(model, seqs), test, history, future, ks)
+    metrics = evaluate_ranking(_sasrec_scorer(model, seqs), test, history, future, ks,
+                               per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start

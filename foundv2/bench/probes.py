@@ -103,8 +103,8 @@ def score_predictions(kind: TaskKind, scores: np.ndarray, y: np.ndarray) -> dict
 
 
 def paired_bootstrap(
-    kind: TaskKind, scores_a: np.ndarray, scores_b: np.ndarray, y: np.ndarray, metric: str | None = None,
-    n_boot: int = 1000, seed: int = 0,
+    kind: TaskKind | Literal["ranking"], scores_a: np.ndarray, scores_b: np.ndarray, y: np.ndarray | None = None,
+    metric: str | None = None, n_boot: int = 1000, seed: int = 0,
 ) -> dict[str, float]:
     """Difference ``metric(a) - metric(b)`` on the same evaluation users, with a 95 % interval
     from a paired bootstrap (users resampled with replacement, both score sets on the same
@@ -114,30 +114,46 @@ def paired_bootstrap(
     a difference whose interval excludes 0 is one the data supports. A resample in which a
     metric is undefined (e.g. one class only) is skipped.
 
+    Args:
+        kind: the task kind; ``'ranking'`` takes per-user metric values (e.g. each test user's
+            NDCG@10 from ``evaluate_ranking(per_user_out=...)``) as the scores, ``y`` unused, and
+            the metric is their mean.
+        scores_a, scores_b: the two representations' test scores, same users in the same order.
+        y: the test labels (classification).
+        metric: a key of :func:`score_predictions` (default: the kind's selection metric).
+
     Returns:
-        ``{'delta', 'lo', 'hi', 'p_le_0'}``: the difference on the full set, the 2.5 % and
-        97.5 % quantiles over resamples, and the fraction of resamples with a difference ≤ 0.
+        ``{'delta', 'lo', 'hi', 'p_le_0', 'n'}``: the difference on the full set, the 2.5 % and
+        97.5 % quantiles over resamples, the fraction of resamples with a difference ≤ 0, and the
+        number of users.
     """
-    metric = metric or SELECTION_METRIC[kind]
-    y = np.asarray(y)
-    delta = score_predictions(kind, scores_a, y)[metric] - score_predictions(kind, scores_b, y)[metric]
     rng = np.random.default_rng(seed)
-    n = len(y)
-    diffs = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                d = (score_predictions(kind, scores_a[idx], y[idx])[metric]
-                     - score_predictions(kind, scores_b[idx], y[idx])[metric])
-        except ValueError:  # a resample with one class only
-            continue
-        if np.isfinite(d):
-            diffs.append(d)
-    diffs = np.asarray(diffs) if diffs else np.asarray([np.nan])
+    n = len(scores_a)
+    if len(scores_b) != n:
+        raise ValueError(f"paired scores must cover the same users: {n} vs {len(scores_b)}")
+    if kind == "ranking":
+        d_user = np.asarray(scores_a, np.float64) - np.asarray(scores_b, np.float64)
+        delta = float(d_user.mean()) if n else float("nan")
+        diffs = np.asarray([d_user[rng.integers(0, n, n)].mean() for _ in range(n_boot)]) if n else np.asarray([np.nan])
+    else:
+        metric = metric or SELECTION_METRIC[kind]
+        y = np.asarray(y)
+        delta = score_predictions(kind, scores_a, y)[metric] - score_predictions(kind, scores_b, y)[metric]
+        diffs = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, n)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    d = (score_predictions(kind, scores_a[idx], y[idx])[metric]
+                         - score_predictions(kind, scores_b[idx], y[idx])[metric])
+            except ValueError:  # a resample with one class only
+                continue
+            if np.isfinite(d):
+                diffs.append(d)
+        diffs = np.asarray(diffs) if diffs else np.asarray([np.nan])
     return {"delta": float(delta), "lo": float(np.quantile(diffs, 0.025)), "hi": float(np.quantile(diffs, 0.975)),
-            "p_le_0": float(np.mean(diffs <= 0))}
+            "p_le_0": float(np.mean(diffs <= 0)), "n": int(n)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,10 +408,12 @@ def _rank_with_layer(
     future: sp.csr_matrix,
     users: np.ndarray,
     ks: Sequence[int],
+    per_user_out: dict | None = None,
 ) -> dict[str, float]:
     """Ranking metrics of a linear layer's item scores for ``users``."""
     layer.eval()
-    return evaluate_ranking(lambda rows: layer(_feature_rows(X, rows)), users, history, future, ks)
+    return evaluate_ranking(lambda rows: layer(_feature_rows(X, rows)), users, history, future, ks,
+                            per_user_out=per_user_out)
 
 
 def fit_next_item_probe(
@@ -410,6 +428,7 @@ def fit_next_item_probe(
     patience: int = 3,
     ks: Sequence[int] = (10, 20),
     seed: int = 0,
+    scores_out: dict | None = None,
 ) -> dict[str, float]:
     """Linear softmax probe from the representation to the items (next-items task).
 
@@ -433,6 +452,8 @@ def fit_next_item_probe(
         patience: epochs without validation improvement before stopping.
         ks: ranking cut-offs.
         seed: seed of the initialisation and the shuffling.
+        scores_out: if given, ``scores_out['test']`` receives the test users' per-user metrics
+            (``{'recall@K', 'ndcg@K'}`` → ``[n]`` arrays), for :func:`paired_bootstrap`.
 
     Returns:
         ``{'recall@K', 'ndcg@K'}`` on the test users for each K in ``ks``.
@@ -451,4 +472,5 @@ def fit_next_item_probe(
             best = (val_score, wd, layer)
     assert best is not None, "weight_decays must not be empty"
     logger.info("next-item probe: chose weight decay %g", best[1])
-    return _rank_with_layer(best[2], X, history, future, test, ks)
+    return _rank_with_layer(best[2], X, history, future, test, ks,
+                            None if scores_out is None else scores_out.setdefault("test", {}))

@@ -43,6 +43,8 @@ class TopKRanking(Metric):
 
     Args:
         ks: cut-offs K; ``compute()`` returns ``recall@K`` and ``ndcg@K`` for each.
+        keep_per_user: also keep every user's values in ``per_user`` (a list of batches of
+            :func:`per_user_metrics`; local to this process, not reduced across ranks).
     """
 
     is_differentiable = False
@@ -52,8 +54,9 @@ class TopKRanking(Metric):
     n_users: torch.Tensor
     n_skipped: torch.Tensor
 
-    def __init__(self, ks: Sequence[int] = (10, 20), **kwargs) -> None:
+    def __init__(self, ks: Sequence[int] = (10, 20), keep_per_user: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.per_user: list[dict[str, torch.Tensor]] | None = [] if keep_per_user else None
         if not ks or min(ks) < 1:
             raise ValueError(f"ks must be positive cut-offs, got {ks}")
         self.ks = tuple(sorted(set(int(k) for k in ks)))
@@ -94,19 +97,11 @@ class TopKRanking(Metric):
 
     def _add_batch(self, scores: torch.Tensor, rel: torch.Tensor, n_rel: torch.Tensor) -> None:
         """Accumulate recall and NDCG sums of users that all have relevant items."""
-        k_max = min(max(self.ks), scores.shape[1])
-        top = scores.topk(k_max, dim=1).indices
-        hits = rel.gather(1, top).double()  # [B, k_max], 1 where the r-th item is relevant
-        ranks = torch.arange(k_max, device=scores.device, dtype=torch.float64)
-        discounts = 1.0 / torch.log2(ranks + 2.0)  # rank r (1-based) → 1 / log2(r + 1)
-        ideal = discounts.cumsum(0)  # ideal[n - 1] = IDCG with n relevant items in the top
-        for k in self.ks:
-            kk = min(k, k_max)
-            recall = hits[:, :kk].sum(1) / n_rel
-            dcg = (hits[:, :kk] * discounts[:kk]).sum(1)
-            idcg = ideal[n_rel.clamp(max=kk).long() - 1]
-            self._add(f"recall_sum_{k}", recall.sum())
-            self._add(f"ndcg_sum_{k}", (dcg / idcg).sum())
+        values = per_user_metrics(scores, rel, n_rel, self.ks)
+        for name, v in values.items():
+            self._add(name.replace("@", "_sum_"), v.sum())
+        if self.per_user is not None:
+            self.per_user.append(values)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Mean metrics over users: ``{'recall@K', 'ndcg@K'}`` for each K (NaN with no users)."""
@@ -116,6 +111,27 @@ class TopKRanking(Metric):
             out[f"recall@{k}"] = getattr(self, f"recall_sum_{k}") / n
             out[f"ndcg@{k}"] = getattr(self, f"ndcg_sum_{k}") / n
         return out
+
+
+def per_user_metrics(
+    scores: torch.Tensor, rel: torch.Tensor, n_rel: torch.Tensor, ks: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Per-user ``{'recall@K', 'ndcg@K'}`` ``[B]`` float64 of users that all have relevant items
+    (``rel`` already without excluded items, ``n_rel`` its row sums); definitions as in
+    :class:`TopKRanking`."""
+    k_max = min(max(ks), scores.shape[1])
+    top = scores.topk(k_max, dim=1).indices
+    hits = rel.gather(1, top).double()  # [B, k_max], 1 where the r-th item is relevant
+    ranks = torch.arange(k_max, device=scores.device, dtype=torch.float64)
+    discounts = 1.0 / torch.log2(ranks + 2.0)  # rank r (1-based) → 1 / log2(r + 1)
+    ideal = discounts.cumsum(0)  # ideal[n - 1] = IDCG with n relevant items in the top
+    out = {}
+    for k in ks:
+        kk = min(k, k_max)
+        dcg = (hits[:, :kk] * discounts[:kk]).sum(1)
+        out[f"recall@{k}"] = hits[:, :kk].sum(1) / n_rel
+        out[f"ndcg@{k}"] = dcg / ideal[n_rel.clamp(max=kk).long() - 1]
+    return out
 
 
 ScoreFn = Callable[[np.ndarray], torch.Tensor | np.ndarray]
@@ -128,6 +144,7 @@ def evaluate_ranking(
     future: sp.csr_matrix,
     ks: Sequence[int] = (10, 20),
     batch_size: int = 1024,
+    per_user_out: dict | None = None,
 ) -> dict[str, float]:
     """Rank all items not in each user's history; relevant = the user's future items.
 
@@ -138,14 +155,20 @@ def evaluate_ranking(
         future: ``[U, I]`` future interactions (nonzero = relevant).
         ks: cut-offs.
         batch_size: users scored at a time (bounds memory to ``batch_size × I`` scores).
+        per_user_out: if given, receives ``{'recall@K', 'ndcg@K'}`` → ``[n]`` float64 arrays of
+            the users with relevant items, in ``users`` order (e.g. for a paired bootstrap).
 
     Returns:
         ``{'recall@K', 'ndcg@K'}`` as floats for each K in ``ks``.
     """
-    metric = TopKRanking(ks)
+    metric = TopKRanking(ks, keep_per_user=per_user_out is not None)
     users = np.asarray(users)
     for start in range(0, users.size, batch_size):
         batch = users[start : start + batch_size]
         scores = torch.as_tensor(score_fn(batch))
         metric.update(scores, future[batch], exclude=history[batch])
+    if per_user_out is not None:
+        for k in metric.compute():
+            per_user_out[k] = (torch.cat([p[k] for p in metric.per_user]).cpu().numpy() if metric.per_user
+                               else np.zeros(0))
     return {name: float(value) for name, value in metric.compute().items()}
