@@ -1,24 +1,32 @@
-"""foundv2 bench end to end at toy size: every key of bench.json, the report, the plots."""
+"""foundv2 bench end to end at toy size: every key of bench.json, the storage-matched rows, the
+verdicts with paired intervals, the report and plots, resuming after a failure, item-free data."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import lightning as L
+import numpy as np
+import pandas as pd
 import pytest
 
 from data_modules.datamodule import UserDataModule
-from foundv2.bench.run import run_bench
+from data_modules.schema import DataError
+from foundv2.bench.report import MAX_CI_WIDTH, table
+from foundv2.bench.run import PROGRESS_FILE, SCORES_DIR, run_bench
 from foundv2.stages.tokenizer import TokenizerStage
+from tests.helpers import run_cli
 
 RANKING = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+DATA = {"dataset": "synthetic", "loader_args": {"n_users": 400, "seed": 5}, "window_mode": "week",
+        "text_encoder": "hashing", "batch_size": 64, "progress": False}
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def tokens(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    dm = UserDataModule(dataset="synthetic", loader_args={"n_users": 400, "seed": 5}, window_mode="week",
-                        text_encoder="hashing", cache_dir=str(tmp / "cache"), batch_size=64, progress=False)
+    dm = UserDataModule(**DATA, cache_dir=str(tmp / "cache"))
     L.seed_everything(0)
     stage = TokenizerStage(shared_codes=16, specific_codes=8, code_dim=8, hidden=[32],
                            quantizer_options={"kmeans_buffer": 512, "respawn_every": 10},
@@ -27,8 +35,14 @@ def bench(tmp_path_factory):
                         enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(stage, datamodule=dm)
     trainer.predict(stage, datamodule=dm, return_predictions=False)
+    return dm, tmp
+
+
+@pytest.fixture(scope="module")
+def bench(tokens):
+    dm, tmp = tokens
     out = run_bench(dm, str(tmp / "out"), tokens_dir=str(tmp / "tokens"), tokenizer_dir=str(tmp / "export"),
-                    sasrec_epochs=2, probe_epochs=5)
+                    storage_bytes=[16], sasrec_epochs=2, probe_epochs=5, progress=False)
     return out, tmp / "out"
 
 
@@ -38,32 +52,155 @@ def test_bench_json_has_every_key(bench):
     assert saved["protocol"] == "foundv2-bench-v1" and saved["dataset"] == "synthetic"
     assert sum(saved["split_sizes"].values()) == 400
     res = saved["results"]
-    for name in ("pooled", "tokens_bag", "tokens_sum", "tfidf"):
-        assert res[name]["segment"].keys() >= {"accuracy", "macro_auc"}
+    tok = res["tokens_bag"]["bytes_per_user"]
+    sizes = sorted({16, int(round(tok))})
+    storage_rows = [f"tfidf_svd{k}_int8" for k in sizes] + [f"top_items{2 * (k // 2)}" for k in sizes]
+    for name in ("pooled", "tokens_bag", "tokens_sum", "tfidf", "activity", *storage_rows):
+        assert res[name]["segment"].keys() >= {"accuracy", "macro_auc"}, name
         assert res[name]["churn"].keys() >= {"auc", "ks"}
         assert "macro_auc" in res[name]["future_categories"]
         assert all(k in res[name]["next_items"] for k in RANKING)
         assert res[name]["bytes_per_user"] > 0
+    for k in sizes:  # storage-matched: exactly k bytes (int8 × k; uint16 ids × k/2)
+        assert res[f"tfidf_svd{k}_int8"]["bytes_per_user"] == k
+        assert res[f"top_items{2 * (k // 2)}"]["bytes_per_user"] == 2 * (k // 2)
+    assert res["pooled"]["bytes_per_user"] % 4 == 0 and res["activity"]["bytes_per_user"] % 4 == 0
     for name in ("popularity", "ease", "itemknn", "sasrec"):
         assert all(k in res[name]["next_items"] for k in RANKING)
+    assert res["ease"]["bytes_per_user"] is None and res["majority"]["bytes_per_user"] == 0
     assert res["majority"]["churn"]["auc"] == pytest.approx(0.5)
     assert res["tokens_bag"]["bytes_per_user"] < res["pooled"]["bytes_per_user"] / 10
-    assert "verdicts" in saved and "segment" in saved["verdicts"]
 
 
 def test_planted_signal_and_sane_baselines(bench):
     res = bench[0]["results"]
     # the archetype is planted in behaviour: every representation recovers it far above chance (1/6)
-    for name in ("pooled", "tokens_bag", "tfidf"):
+    for name in ("pooled", "tokens_bag", "tfidf", "tfidf_svd64_int8"):
         assert res[name]["segment"]["accuracy"] > 0.5, name
     pop = res["popularity"]["next_items"]["ndcg@10"]
     assert res["ease"]["next_items"]["ndcg@10"] > pop and res["itemknn"]["next_items"]["ndcg@10"] > pop
 
 
-def test_report_and_plots(bench):
+def test_verdicts_carry_paired_intervals(bench):
+    out, _ = bench
+    res = out["results"]
+    assert set(out["verdicts"]) == set(out["tasks"])
+    for task, v in out["verdicts"].items():
+        assert v["best"] in ("tokens_bag", "tokens_sum")
+        size = v["bytes_per_user"]
+        names = {c["baseline"] for c in v["comparisons"]}
+        # every row of equal or larger size (or unbounded) is compared, no smaller one
+        expect = {n for n, r in res.items() if task in r and r["kind"] != "tokens"
+                  and (r["bytes_per_user"] is None or r["bytes_per_user"] >= size)}
+        assert names == expect, task
+        assert "majority" not in names and "tfidf_svd16_int8" not in names
+        for c in v["comparisons"]:
+            assert c["lo"] <= c["delta"] <= c["hi"] or np.isclose(c["lo"], c["hi"])
+            word = "beats" if c["lo"] > 0 else "loses" if c["hi"] < 0 else "tie"
+            assert c["verdict"] == word
+        # 40 test users: flagged as too small to tell
+        assert any("test users" in w for w in v["warnings"]) and v["test_users"] < 100
+    assert any(c["verdict"] == "tie" for v in out["verdicts"].values() for c in v["comparisons"])
+    printed = table(out)
+    for task in out["tasks"]:
+        line = next(x for x in printed.splitlines() if x.startswith(f"{task} ("))
+        assert "[" in line and "too small to tell" in line  # the interval is printed with the verdict
+    assert MAX_CI_WIDTH > 0
+
+
+def test_report_plots_and_marker_last(bench):
     folder = bench[1]
     md = (folder / "report.md").read_text()
-    assert "## segment (multiclass)" in md and "the best baseline" in md
+    assert "## segment (multiclass)" in md and "95 % interval" in md and "| tie |" in md
+    assert "![metric against bytes per user](metric_vs_bytes.png)" in md
+    assert (folder / "metric_vs_bytes.png").stat().st_size > 5000
     assert (folder / "next_items_vs_bytes.png").stat().st_size > 1000
     assert (folder / "code_usage.png").exists()
     assert any((folder / "tb").iterdir())
+    marker = (folder / "bench.json").stat().st_mtime_ns
+    others = [p for p in folder.rglob("*") if p.is_file() and p.name != "bench.json" and p.name != "bench.log"]
+    assert others and all(p.stat().st_mtime_ns <= marker for p in others)
+    assert not (folder / PROGRESS_FILE).exists() and not (folder / SCORES_DIR).exists()
+    log = (folder / "bench.log").read_text()
+    assert "logistic probe C=" in log  # the per-C lines went to the log, not the console
+
+
+def test_failure_keeps_finished_tasks_and_rerun_finishes(tokens, capsys):
+    dm, tmp = tokens
+    broken = tmp / "tokens-broken"
+    shutil.copytree(tmp / "tokens", broken)
+    part = sorted(broken.glob("*.arrow"))[0]
+    good = part.read_bytes()
+    part.write_bytes(good[: len(good) // 3])  # truncated
+    out = tmp / "out-resume"
+    kw = dict(tokens_dir=str(broken), representations=["pooled", "tokens_bag"], baselines=["majority"],
+              skip_tasks=["next_items"], progress=False)
+    with pytest.raises(DataError, match="tokens-broken"):
+        run_bench(dm, str(out), **kw)
+    progress = json.loads((out / PROGRESS_FILE).read_text())
+    assert set(progress["results"]["pooled"]) >= {"segment", "churn", "future_categories"}
+    assert not (out / "bench.json").exists()
+    part.write_bytes(good)
+    capsys.readouterr()
+    done = run_bench(dm, str(out), **kw)
+    for task in ("segment", "churn", "future_categories"):  # reused, not probed again
+        assert done["results"]["pooled"][task] == progress["results"]["pooled"][task]
+    assert "tokens_bag" in done["results"] and (out / "bench.json").exists()
+    assert not (out / PROGRESS_FILE).exists()
+    assert "logistic probe" not in capsys.readouterr().err
+
+
+def test_cli_corrupt_tokens_is_one_paragraph_exit_2(tokens, tmp_path):
+    dm, tmp = tokens
+    broken = tmp_path / "tokens"
+    shutil.copytree(tmp / "tokens", broken)
+    (broken / "report.json").write_text("{not json")
+    cfg = tmp_path / "bench.json"
+    cfg.write_text(json.dumps({"data": {**DATA, "cache_dir": str(tmp / "cache")},
+                               "bench": {"output_dir": str(tmp_path / "out"), "tokens_dir": str(broken)}}))
+    res = run_cli("bench", "--config", str(cfg), check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert str(broken) in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+# ------------------------------------------------------------------------------ item-free data
+def _purchases(tmp_path, n_users: int = 240, single_class: bool = False) -> UserDataModule:
+    """Purchases with dates and amounts, no item ids; 'late' = the user started in the second half."""
+    rng = np.random.default_rng(0)
+    t0, span = 1_700_000_000, 200 * 86400
+    rows, users = [], []
+    for u in range(1, n_users + 1):
+        start = t0 + int(rng.uniform(0, span * 0.8))
+        for _ in range(int(rng.integers(6, 14))):
+            rows.append({"user_id": u, "source": ["card", "cash"][int(rng.integers(2))],
+                         "timestamp": start + int(rng.uniform(0, 30 * 86400)), "value": float(rng.gamma(2, 20))})
+        users.append({"user_id": u, "late": 0 if single_class else int(start > t0 + span * 0.4)})
+    pd.DataFrame(rows).to_csv(tmp_path / "events.csv", index=False)
+    pd.DataFrame(users).to_csv(tmp_path / "users.csv", index=False)
+    args = {"events": str(tmp_path / "events.csv"), "users": str(tmp_path / "users.csv"), "sources": ["card", "cash"],
+            "labels": [{"name": "late", "kind": "binary", "num_classes": 2}]}
+    return UserDataModule(dataset="files", loader_args=args, window_mode="day", text_encoder="hashing",
+                          cache_dir=str(tmp_path / "cache"), batch_size=32, progress=False)
+
+
+def test_item_free_data_runs_to_the_end(tmp_path, capsys):
+    dm = _purchases(tmp_path)
+    out = run_bench(dm, str(tmp_path / "out"), progress=False)
+    said = capsys.readouterr().out
+    assert said.count("no item ids") == 1 and "next_items" in said
+    assert list(out["tasks"]) == ["late"]
+    assert set(out["results"]) == {"pooled", "activity", "majority"}
+    assert out["results"]["activity"]["bytes_per_user"] > 0
+    # the label is tied to the calendar: the activity features (first active day) see it
+    assert out["results"]["activity"]["late"]["auc"] > 0.9
+    v = out["verdicts"]["late"]
+    assert v["best"] == "pooled" and {c["baseline"] for c in v["comparisons"]} <= {"activity"}
+    assert (tmp_path / "out" / "bench.json").exists() and (tmp_path / "out" / "late_vs_bytes.png").exists()
+
+
+def test_single_class_label_is_a_data_error(tmp_path):
+    dm = _purchases(tmp_path, n_users=60, single_class=True)
+    with pytest.raises(DataError, match="late"):
+        run_bench(dm, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "bench.json").exists()

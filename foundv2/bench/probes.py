@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.stats import rankdata
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
@@ -102,6 +103,36 @@ def score_predictions(kind: TaskKind, scores: np.ndarray, y: np.ndarray) -> dict
     return {"macro_auc": multilabel_macro_auc(scores, y)}
 
 
+def _rank_auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """ROC AUC as the Mann–Whitney statistic of average ranks (ties count half); NaN with one class."""
+    y = y.astype(bool)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores, method="average")
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _macro_rank_auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """Mean of the per-column AUCs over the columns with both classes (multi-label / one-vs-rest)."""
+    aucs = [_rank_auc(scores[:, c], y[:, c]) for c in range(y.shape[1])]
+    aucs = [a for a in aucs if np.isfinite(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _resample_metric(kind: str, metric: str):
+    """A fast numpy version of ``score_predictions(kind, ...)[metric]`` for bootstrap resamples
+    (the same values as the torchmetrics ones up to float rounding), or None to use that."""
+    if kind == "binary" and metric == "auc":
+        return _rank_auc
+    if kind == "multiclass" and metric == "accuracy":
+        return lambda s, y: float(np.mean(np.argmax(s, axis=1) == y))
+    if kind == "multilabel" and metric == "macro_auc":
+        return _macro_rank_auc
+    return None
+
+
 def paired_bootstrap(
     kind: TaskKind | Literal["ranking"], scores_a: np.ndarray, scores_b: np.ndarray, y: np.ndarray | None = None,
     metric: str | None = None, n_boot: int = 1000, seed: int = 0,
@@ -139,14 +170,18 @@ def paired_bootstrap(
         metric = metric or SELECTION_METRIC[kind]
         y = np.asarray(y)
         delta = score_predictions(kind, scores_a, y)[metric] - score_predictions(kind, scores_b, y)[metric]
+        fast = _resample_metric(kind, metric)
         diffs = []
         for _ in range(n_boot):
             idx = rng.integers(0, n, n)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    d = (score_predictions(kind, scores_a[idx], y[idx])[metric]
-                         - score_predictions(kind, scores_b[idx], y[idx])[metric])
+                if fast is not None:
+                    d = fast(scores_a[idx], y[idx]) - fast(scores_b[idx], y[idx])
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        d = (score_predictions(kind, scores_a[idx], y[idx])[metric]
+                             - score_predictions(kind, scores_b[idx], y[idx])[metric])
             except ValueError:  # a resample with one class only
                 continue
             if np.isfinite(d):

@@ -1,4 +1,14 @@
-"""The bench's outputs: bench.json, report.md (tables + verdicts), PNG plots, TensorBoard scalars."""
+"""The bench's outputs: report.md (tables + verdicts with paired intervals), PNG plots of each task's
+metric against bytes per user with the Pareto front, TensorBoard scalars, and bench.json (last).
+
+Verdict rule: per task, the best token row (or, without tokens, the best learned representation)
+is compared with every other row of equal or larger size (bytes per user; rows over the full
+history count as larger) by a paired bootstrap over the test users
+(:func:`foundv2.bench.probes.paired_bootstrap`, 1000 resamples): it *beats* a row when the 95 %
+interval of the difference lies above 0, *loses* when it lies below, and it is a *tie* otherwise.
+A task is flagged as *too small to tell* when it has fewer than :data:`MIN_TEST_USERS` test users
+or an interval wider than :data:`MAX_CI_WIDTH` (in the metric's units).
+"""
 
 from __future__ import annotations
 
@@ -16,39 +26,98 @@ METRICS = {
     "ranking": ["recall@10", "ndcg@10", "recall@20", "ndcg@20"],
 }
 MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc", "ranking": "ndcg@10"}
-BASELINES = ("tfidf", "majority", "popularity", "ease", "itemknn", "sasrec")
+MIN_TEST_USERS = 100
+MAX_CI_WIDTH = 0.10
+N_BOOT = 1000
 TOKENS = ("tokens_bag", "tokens_sum")
 
 
-def verdicts(bench: dict) -> dict[str, dict]:
-    """Per task: the best token representation against the best baseline, and the storage ratio."""
+def _kind(name: str, row: dict) -> str:
+    """A row's kind (bench.json rows carry it; older ones are told by name)."""
+    if "kind" in row:
+        return row["kind"]
+    return "tokens" if name in TOKENS else "representation" if name == "pooled" else "baseline"
+
+
+def _word(lo: float, hi: float) -> str:
+    return "beats" if lo > 0 else "loses" if hi < 0 else "tie"
+
+
+def _fmt_interval(c: dict) -> str:
+    return f"{c['delta']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+
+
+def verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
+    """Per task: the best token row against every row of equal or larger size, with paired intervals.
+
+    Args:
+        bench: the bench dict (``results``, ``tasks``).
+        scores: ``(row, task) → test scores`` (None when missing): classification scores, or
+            per-user values of the ranking metric.
+        labels: ``task → test labels`` (classification tasks).
+    """
+    from foundv2.bench.probes import paired_bootstrap
+
     res = bench["results"]
+    n_test = bench["split_sizes"]["test"]
     out = {}
     for task, kind in bench["tasks"].items():
         key = MAIN[kind]
-        base = {n: r[task][key] for n, r in res.items() if n in BASELINES and task in r and key in r[task]}
-        tok = {n: r[task][key] for n, r in res.items() if n in TOKENS and task in r and key in r[task]}
-        if not base or not tok:
+        have = {n: r for n, r in res.items() if isinstance(r.get(task), dict) and key in r[task]}
+        kinds = {n: _kind(n, r) for n, r in have.items()}
+        pool = [n for n in have if kinds[n] == "tokens"] or [n for n in have if kinds[n] == "representation"]
+        if not pool:
             continue
-        bn, bv = max(base.items(), key=lambda kv: kv[1])
-        tn, tv = max(tok.items(), key=lambda kv: kv[1])
-        tok_bytes = res[tn].get("bytes_per_user")
-        ref = res.get("pooled", {}).get("bytes_per_user")
-        out[task] = {
-            "metric": key,
-            "best_tokens": tn,
-            "tokens": tv,
-            "best_baseline": bn,
-            "baseline": bv,
-            "delta": tv - bv,
-            "tokens_win": tv > bv,
-            "tokens_bytes_per_user": tok_bytes,
-            "storage_ratio_vs_pooled_fp32": (ref / tok_bytes) if ref and tok_bytes else None,
-        }
+        best = max(pool, key=lambda n: have[n][task][key])
+        size = have[best].get("bytes_per_user")
+        a = scores(best, task)
+        comparisons = []
+        for n, r in have.items():
+            if n == best or kinds[n] == kinds[best]:
+                continue
+            b_size = r.get("bytes_per_user")
+            if size is not None and b_size is not None and b_size < size:
+                continue
+            b = scores(n, task)
+            if a is None or b is None or len(a) != len(b):
+                continue
+            ci = paired_bootstrap(kind, a, b, labels.get(task), metric=key, n_boot=N_BOOT)
+            comparisons.append({"baseline": n, "bytes_per_user": b_size, "value": r[task][key],
+                                "delta": ci["delta"], "lo": ci["lo"], "hi": ci["hi"], "verdict": _word(ci["lo"], ci["hi"])})
+        comparisons.sort(key=lambda c: -c["value"])
+        warn = []
+        n_eval = len(a) if a is not None else n_test
+        if n_eval < MIN_TEST_USERS:
+            warn.append(f"only {n_eval} test users (< {MIN_TEST_USERS}): differences of a few points cannot be "
+                        f"told apart")
+        widths = [c["hi"] - c["lo"] for c in comparisons if np.isfinite(c["hi"] - c["lo"])]
+        if widths and max(widths) > MAX_CI_WIDTH:
+            warn.append(f"paired intervals up to {max(widths):.3f} wide (> {MAX_CI_WIDTH}): the test split is too "
+                        f"small to tell these representations apart")
+        count = {w: sum(c["verdict"] == w for c in comparisons) for w in ("beats", "tie", "loses")}
+        out[task] = {"metric": key, "best": best, "value": have[best][task][key], "bytes_per_user": size,
+                     "test_users": int(n_eval), "comparisons": comparisons, "count": count, "warnings": warn}
     return out
 
 
-def markdown(bench: dict, verdict: dict) -> str:
+def _size(b) -> str:
+    return "unbounded" if b is None else f"{b:,.0f}"
+
+
+def verdict_line(task: str, v: dict) -> str:
+    """One line: the best row's record against rows of its size or larger, with the strongest one's interval."""
+    c = v["count"]
+    head = (f"{task} ({v['metric']}): {v['best']} at {_size(v['bytes_per_user'])} B/user "
+            f"beats {c['beats']}, ties {c['tie']}, loses {c['loses']} of {len(v['comparisons'])} rows of its size or larger")
+    if v["comparisons"]:
+        top = v["comparisons"][0]
+        head += f"; vs the strongest ({top['baseline']}): {_fmt_interval(top)} {top['verdict']}"
+    if v["warnings"]:
+        head += " [too small to tell]"
+    return head
+
+
+def markdown(bench: dict, verdict: dict, pngs: list[Path]) -> str:
     res = bench["results"]
     lines = [
         f"# {bench['protocol']} on {bench['dataset']}",
@@ -56,10 +125,24 @@ def markdown(bench: dict, verdict: dict) -> str:
         f"Users train/val/test: {bench['split_sizes']}; items: {bench['num_items']}; seed {bench['seed']}; "
         f"{bench['seconds']:.0f} s on {bench['machine']['cores']} cores.",
         "",
+        *[f"- {n}" for n in bench.get("notes", [])],
+        "",
+        "Verdicts: the best token row (or learned representation, without tokens) against every row of equal or "
+        f"larger size, by the paired bootstrap over the test users ({N_BOOT} resamples): *beats* when the 95 % "
+        "interval of the difference is above 0, *loses* below, *tie* when it includes 0. A task is too small to "
+        f"tell when it has < {MIN_TEST_USERS} test users or an interval wider than {MAX_CI_WIDTH}.",
+        "",
+        "Bytes per user: tokens as stored (the tokens' report); float32 features 4 × dim; `tfidf_svd<k>_int8` k "
+        "(its k scales are shared); `top_items<b>` b (uint16 ids, padded); `tfidf` its mean sparse (id, weight) "
+        "storage; `majority`/`popularity` 0; EASE, item-kNN and SASRec read the full history (unbounded).",
+        "",
     ]
+    combined = [p for p in pngs if p.name == "metric_vs_bytes.png"]
+    if combined:
+        lines += [f"![metric against bytes per user]({combined[0].name})", ""]
     for task, kind in bench["tasks"].items():
         cols = METRICS[kind]
-        rows = [(n, r[task]) for n, r in res.items() if task in r]
+        rows = [(n, r[task]) for n, r in res.items() if isinstance(r.get(task), dict)]
         if not rows:
             continue
         lines += [
@@ -69,63 +152,94 @@ def markdown(bench: dict, verdict: dict) -> str:
             "|---|" + "---|" * (len(cols) + 1),
         ]
         for n, r in sorted(rows, key=lambda nr: -nr[1].get(MAIN[kind], -1)):
-            b = res[n].get("bytes_per_user")
             cells = " | ".join(f"{r[c]:.4f}" if c in r else "" for c in cols)
-            lines.append(f"| {n} | {cells} | {b:,.0f} |" if b else f"| {n} | {cells} | |")
-        if task in verdict:
-            v = verdict[task]
-            word = "beat" if v["tokens_win"] else "do not beat"
-            ratio = (
-                f", at 1/{v['storage_ratio_vs_pooled_fp32']:.0f} of the pooled fp32 features' storage"
-                if v["storage_ratio_vs_pooled_fp32"]
-                else ""
-            )
-            lines += [
-                "",
-                f"Tokens ({v['best_tokens']}, {v['tokens_bytes_per_user']:.0f} B/user) {word} the best "
-                f"baseline ({v['best_baseline']}) on {v['metric']}: {v['tokens']:.4f} vs {v['baseline']:.4f} "
-                f"({v['delta']:+.4f}){ratio}.",
-            ]
+            lines.append(f"| {n} | {cells} | {_size(res[n].get('bytes_per_user'))} |")
+        v = verdict.get(task)
+        if v:
+            lines += ["", verdict_line(task, v) + ".", ""]
+            if v["comparisons"]:
+                lines += [f"| {v['best']} vs | bytes/user | {v['metric']} | Δ | 95 % interval | verdict |",
+                          "|---|---|---|---|---|---|"]
+                lines += [f"| {c['baseline']} | {_size(c['bytes_per_user'])} | {c['value']:.4f} | {c['delta']:+.4f} | "
+                          f"[{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['verdict']} |" for c in v["comparisons"]]
+            for w in v["warnings"]:
+                lines += ["", f"**Warning:** {w}."]
         lines.append("")
     return "\n".join(lines)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats with fewer or equal bytes: sorted by bytes, each strictly
+    better than every smaller one (ties in bytes: the best value)."""
+    front: list[tuple[float, float]] = []
+    for b, v in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or v > front[-1][1]:
+            front.append((b, v))
+    return front
+
+
+COLOURS = {"tokens": "tab:red", "representation": "tab:blue", "baseline": "tab:grey"}
+
+
+def _draw(ax, bench: dict, task: str, kind: str) -> bool:
+    res = bench["results"]
+    key = MAIN[kind]
+    have = [(n, r) for n, r in res.items() if isinstance(r.get(task), dict) and key in r[task]]
+    pts = [(n, r["bytes_per_user"], r[task][key], _kind(n, r)) for n, r in have if r.get("bytes_per_user")]
+    lines = [(n, r[task][key]) for n, r in have if not r.get("bytes_per_user")]
+    if not pts and not lines:
+        return False
+    for n, b, v, k in pts:
+        ax.scatter(b, v, s=30, color=COLOURS.get(k, "black"), zorder=3)
+        ax.annotate(n, (b, v), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    front = pareto_front([(b, v) for _, b, v, _ in pts])
+    if front:
+        xs = [b for b, _ in front] + [max(b for _, b, _, _ in pts) * 1.5]
+        ys = [v for _, v in front] + [front[-1][1]]
+        ax.step(xs, ys, where="post", color="black", lw=0.8, alpha=0.6, label="Pareto front")
+    for n, v in lines:
+        size = res[n].get("bytes_per_user")
+        ax.axhline(v, ls="--", lw=0.7, color="grey")
+        ax.annotate(f"{n} ({'0 B' if size == 0 else 'full history'})", (0.01, v), xycoords=("axes fraction", "data"),
+                    fontsize=6, color="grey", va="bottom")
+    if pts:
+        ax.set_xscale("log")
+    ax.set_xlabel("bytes per user (log)")
+    ax.set_ylabel(key)
+    ax.set_title(task, fontsize=9)
+    return True
+
+
 def plots(bench: dict, out_dir: Path, usage=None) -> list[Path]:
+    """One PNG per task (``<task>_vs_bytes.png``), all tasks in ``metric_vs_bytes.png``, and the code usage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = bench["results"]
     paths = []
-    for task, kind in bench["tasks"].items():
-        key = MAIN[kind]
-        pts = [
-            (n, r["bytes_per_user"], r[task][key])
-            for n, r in res.items()
-            if task in r and key in r[task] and r.get("bytes_per_user")
-        ]
-        others = [
-            (n, r[task][key])
-            for n, r in res.items()
-            if task in r and key in r[task] and not r.get("bytes_per_user")
-        ]
-        if not pts and not others:
-            continue
+    tasks = list(bench["tasks"].items())
+    for task, kind in tasks:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for n, b, v in pts:
-            ax.scatter(b, v, s=40)
-            ax.annotate(n, (b, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        for n, v in others:
-            ax.axhline(v, ls="--", lw=0.8, color="grey")
-            ax.annotate(n, (ax.get_xlim()[0] if pts else 0, v), fontsize=7, color="grey")
-        if pts:
-            ax.set_xscale("log")
-        ax.set_xlabel("bytes per user (log)")
-        ax.set_ylabel(key)
-        ax.set_title(f"{bench['dataset']}: {task}")
+        if _draw(ax, bench, task, kind):
+            ax.set_title(f"{bench['dataset']}: {task}")
+            fig.tight_layout()
+            p = out_dir / f"{task}_vs_bytes.png"
+            fig.savefig(p, dpi=110)
+            paths.append(p)
+        plt.close(fig)
+    if tasks:
+        cols = min(3, len(tasks))
+        nrow = -(-len(tasks) // cols)
+        fig, axes = plt.subplots(nrow, cols, figsize=(5 * cols, 3.6 * nrow), squeeze=False)
+        for ax, (task, kind) in zip(axes.ravel(), tasks, strict=False):
+            _draw(ax, bench, task, kind)
+        for ax in axes.ravel()[len(tasks):]:
+            ax.axis("off")
+        fig.suptitle(f"{bench['dataset']}: each task's metric against bytes per user (red: tokens, blue: learned, "
+                     f"grey: baselines; line: Pareto front)", fontsize=9)
         fig.tight_layout()
-        p = out_dir / f"{task}_vs_bytes.png"
+        p = out_dir / "metric_vs_bytes.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
@@ -150,13 +264,13 @@ def tensorboard(bench: dict, out_dir: Path, pngs: list[Path]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(out_dir / "tb"))
-    for name, r in bench["results"].items():
-        for task, m in r.items():
-            if isinstance(m, dict):
-                for k, v in m.items():
-                    if isinstance(v, (int, float)) and k != "seconds":
-                        w.add_scalar(f"bench/{task}/{k}/{name}", float(v), 0)
     try:
+        for name, r in bench["results"].items():
+            for task, m in r.items():
+                if isinstance(m, dict):
+                    for k, v in m.items():
+                        if isinstance(v, (int, float)) and k != "seconds":
+                            w.add_scalar(f"bench/{task}/{k}/{name}", float(v), 0)
         import matplotlib.image as mpimg
 
         for p in pngs:
@@ -166,24 +280,33 @@ def tensorboard(bench: dict, out_dir: Path, pngs: list[Path]) -> None:
         w.close()
 
 
-def write_report(bench: dict, out_dir: Path, usage=None) -> None:
-    verdict = verdicts(bench)
-    bench["verdicts"] = verdict
-    atomic_write_text(out_dir / "bench.json", json.dumps(bench, indent=1, default=float))
-    atomic_write_text(out_dir / "report.md", markdown(bench, verdict))
+def write_report(bench: dict, out_dir: Path, usage=None, labels: dict | None = None) -> None:
+    """Verdicts, report.md, plots, TensorBoard, and bench.json last: it marks the bench complete."""
+    from foundv2.bench.run import load_scores
+
+    bench["verdicts"] = verdicts(bench, lambda row, task: load_scores(out_dir, row, task), labels or {})
     pngs = plots(bench, out_dir, usage)
+    atomic_write_text(out_dir / "report.md", markdown(bench, bench["verdicts"], pngs))
     tensorboard(bench, out_dir, pngs)
+    atomic_write_text(out_dir / "bench.json", json.dumps(bench, indent=1, default=float))
 
 
 def table(bench: dict) -> str:
-    """A compact terminal table: rows = representations/baselines, columns = each task's main metric."""
+    """A compact terminal table (rows = representations/baselines, columns = each task's main metric
+    and bytes per user), then one verdict line per task with its paired interval."""
     tasks = list(bench["tasks"].items())
     head = ["name"] + [f"{t}:{MAIN[k]}" for t, k in tasks] + ["B/user"]
     rows = []
     for n, r in bench["results"].items():
-        cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if t in r and MAIN[k] in r[t] else "-" for t, k in tasks]
-        cells.append(f"{r['bytes_per_user']:,.0f}" if r.get("bytes_per_user") else "-")
+        cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if isinstance(r.get(t), dict) and MAIN[k] in r[t] else "-"
+                       for t, k in tasks]
+        cells.append(_size(r.get("bytes_per_user")))
         rows.append(cells)
     widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows]
+    verdict = bench.get("verdicts") or {}
+    if verdict:
+        out += ["", "verdicts (Δ [95 % paired interval]; beats/loses only when the interval excludes 0):"]
+        out += [verdict_line(t, v) for t, v in verdict.items()]
+    return "\n".join(out)
