@@ -1,0 +1,111 @@
+"""The token batch: rows of a tokens dataset (the tokenizer's predict output) → padded token
+sequences for stage 3 (and for the Query-as-Anchor token prefix).
+
+Every slice of a user contributes one token per level (global token ids; a -1 id, e.g. a level
+the profile's quantiser does not have, is dropped). Windows are numbered 0.. from the user's
+oldest kept window; the latest ``max_windows`` windows are kept. B users, T = the most tokens of
+a user in the batch, W = the most windows::
+
+    user_id      [B]        int64
+    row          [B]        int64   the user's row in the prepared table
+    split        [B]        int64   0 train, 1 val, 2 test
+    token_id     [B, T]     int64   global token id (-1 on padding)
+    tok_level    [B, T]     int64   level of the token (0 on padding)
+    tok_source   [B, T]     int64   source index of its slice (0 on padding)
+    tok_window   [B, T]     int64   window position 0..W-1 (0 on padding)
+    tok_mask     [B, T]     bool
+    win_key      [B, W]     int64   the window's real key (calendar day/week or event-window
+                                    index, as the prepared data assigned it)
+    win_mask     [B, W]     bool
+    fut_text_emb [B, d]     float32 future-summary embedding (zeros if none)
+    has_fut_text [B]        bool    True only for training users
+    label/<name> [B]        int64
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data_modules.store import Split
+
+
+def _window_positions(keys: np.ndarray, max_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slice window keys → (kept-slice mask, window position per kept slice, the kept
+    windows' keys in order)."""
+    uniq, pos = np.unique(keys, return_inverse=True)
+    first = max(0, len(uniq) - max_windows)
+    keep = pos >= first
+    return keep, pos[keep] - first, uniq[first:]
+
+
+class TokenCollate:
+    """Rows of a tokens dataset → the token batch above.
+
+    Args:
+        prepared: the prepared users table (``datasets.Dataset``), for each user's future-summary
+            text and labels, looked up by the token row's ``row``.
+        text_emb: the prepared text-embedding table [texts, d].
+        label_names: the data set's label names.
+        max_windows: most recent windows kept per user.
+    """
+
+    def __init__(self, prepared, text_emb: np.ndarray, label_names: list[str], max_windows: int):
+        self.label_cols = [f"label/{n}" for n in label_names if f"label/{n}" in prepared.column_names]
+        self.prepared = prepared.select_columns(["fut_text", *self.label_cols])
+        self.text_emb = text_emb
+        self.max_windows = max_windows
+
+    def __call__(self, cols: dict) -> dict:
+        if isinstance(cols, list):
+            cols = {k: [c[k] for c in cols] for k in cols[0]}
+        B = len(cols["user_id"])
+        key_col = "slice_key" if "slice_key" in cols else "slice_window"
+        seqs, keys = [], []
+        for i in range(B):
+            ids = np.asarray(cols["token_ids"][i], np.int64).reshape(len(cols[key_col][i]), -1)
+            keep, pos, wkeys = _window_positions(np.asarray(cols[key_col][i], np.int64), self.max_windows)
+            src = np.asarray(cols["slice_source"][i], np.int64)[keep]
+            ids = ids[keep]
+            level = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+            real = ids >= 0
+            seqs.append((ids[real], level[real], np.repeat(src, ids.shape[1]).reshape(ids.shape)[real],
+                         np.repeat(pos, ids.shape[1]).reshape(ids.shape)[real]))
+            keys.append(wkeys)
+        T = max((len(s[0]) for s in seqs), default=0) or 1
+        W = max((len(k) for k in keys), default=0) or 1
+        out = {name: np.full((B, T), fill, np.int64) for name, fill in
+               (("token_id", -1), ("tok_level", 0), ("tok_source", 0), ("tok_window", 0))}
+        tok_mask = np.zeros((B, T), bool)
+        win_key = np.zeros((B, W), np.int64)
+        win_mask = np.zeros((B, W), bool)
+        for i, (s, k) in enumerate(zip(seqs, keys, strict=True)):
+            n = len(s[0])
+            for name, col in zip(("token_id", "tok_level", "tok_source", "tok_window"), s, strict=True):
+                out[name][i, :n] = col
+            tok_mask[i, :n] = True
+            win_key[i, : len(k)] = k
+            win_mask[i, : len(k)] = True
+        rows = np.asarray(cols["row"], np.int64)
+        split = np.asarray(cols["split"], np.int64)
+        prep = self.prepared[rows.tolist()]
+        fut = np.asarray(prep["fut_text"], np.int64)
+        fut_emb = np.zeros((B, self.text_emb.shape[1]), np.float32)
+        has = fut >= 0
+        if has.any():
+            fut_emb[has] = self.text_emb[fut[has]]
+        batch = {
+            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
+            "row": torch.as_tensor(rows),
+            "split": torch.as_tensor(split),
+            **{k: torch.as_tensor(v) for k, v in out.items()},
+            "tok_mask": torch.as_tensor(tok_mask),
+            "win_key": torch.as_tensor(win_key),
+            "win_mask": torch.as_tensor(win_mask),
+            "fut_text_emb": torch.as_tensor(fut_emb),
+            # only training users' futures may reach a loss
+            "has_fut_text": torch.as_tensor(has & (split == Split.TRAIN)),
+        }
+        for c in self.label_cols:
+            batch[c] = torch.as_tensor(np.asarray(prep[c], np.int64))
+        return batch
