@@ -23,6 +23,7 @@ from data_modules.loaders import files_fingerprint, open_dataset
 from data_modules.prepare import PrepareConfig, WindowConfig, load_meta, prepare_dataset, summary_lines
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, read_stage_output
+from data_modules.tokens import TokenCollate
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,11 @@ BATCH_KINDS = {k.name: k for k in (
     BatchKind("slices", "features_dir", "features",
               ("user_id", "row", "split", "slice_window", "slice_source", "slice_key", "feat"),
               lambda dm: SliceCollate()),
-    # next: BatchKind("tokens", "tokens_dir", "tokens", (... "token_ids"), lambda dm: TokenCollate(...)),
-    # with a `tokens_dir` argument below; question/answer pairs the same way
+    BatchKind("tokens", "tokens_dir", "tokens",
+              ("user_id", "row", "split", "slice_source", "slice_key", "token_ids"),
+              lambda dm: TokenCollate(dm.table, dm.text_emb, [lab.name for lab in dm.spec.labels],
+                                      dm.hparams.max_windows)),
+    # question/answer pairs the same way
 )}
 
 
@@ -246,6 +250,8 @@ class UserDataModule(L.LightningDataModule):
         progress: show progress bars while preparing.
         features_dir: a features dataset (a stage-1 ``predict`` output); when set, batches are
             slice batches of those features instead of event batches.
+        tokens_dir: a tokens dataset (the tokenizer's ``predict`` output); when set, batches are
+            token batches (data_modules/tokens.py): stage 3 reads them.
 
     The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
     given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
@@ -268,7 +274,8 @@ class UserDataModule(L.LightningDataModule):
         max_events: int = 512,
         predict_splits: list[str] | None = None,
         progress: bool = True,
-        features_dir: str | None = None,  # the next input folders (tokens_dir ...) go here, one per BATCH_KINDS entry
+        features_dir: str | None = None,
+        tokens_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -3,7 +3,8 @@ sequences for stage 3 (and for the Query-as-Anchor token prefix).
 
 Every slice of a user contributes one token per level (global token ids; a -1 id, e.g. a level
 the profile's quantiser does not have, is dropped). Windows are numbered 0.. from the user's
-oldest kept window; the latest ``max_windows`` windows are kept. B users, T = the most tokens of
+oldest kept window; the latest ``max_windows`` windows are kept; the profile slice (window key -1) is placed in
+position 0, where every window sees it. B users, T = the most tokens of
 a user in the batch, W = the most windows::
 
     user_id      [B]        int64
@@ -32,11 +33,14 @@ from data_modules.store import Split
 
 def _window_positions(keys: np.ndarray, max_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per slice window keys → (kept-slice mask, window position per kept slice, the kept
-    windows' keys in order)."""
-    uniq, pos = np.unique(keys, return_inverse=True)
+    windows' keys in order). A slice with key -1 (the profile, which belongs to no window) is
+    kept at position 0, so every window sees it, and makes no window of its own."""
+    timed = keys >= 0
+    uniq = np.unique(keys[timed])
     first = max(0, len(uniq) - max_windows)
-    keep = pos >= first
-    return keep, pos[keep] - first, uniq[first:]
+    pos = np.searchsorted(uniq, keys) - first
+    keep = ~timed | (pos >= 0)
+    return keep, np.where(timed, pos, 0)[keep], uniq[first:]
 
 
 class TokenCollate:

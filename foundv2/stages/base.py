@@ -205,3 +205,17 @@ class PredictStage(L.LightningModule):
     def configure_optimizers(self):
         settings = {k: self.hparams[k] for k in OPTIMIZER_SETTINGS if k in self.hparams}
         return adamw(self, total_steps=self.trainer.estimated_stepping_batches, **settings)
+
+
+# ------------------------------------------------------------------------------ user vectors
+def pool_windows(windows: torch.Tensor, win_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per user from window states [B, W, D]: ``mean`` over the real windows,
+    ``last`` (the last real window, which sees the whole history) or ``mean_last`` (both side by
+    side, 2·D wide: a linear probe then also sees the drift between the average and the latest
+    state)."""
+    from foundv2.objectives import last_valid
+
+    m = win_mask.float()[..., None]
+    parts = {"mean": lambda: (windows * m).sum(1) / m.sum(1).clamp_min(1),
+             "last": lambda: last_valid(windows, win_mask)}
+    return torch.cat([parts[p]() for p in how.split("_")], dim=1)

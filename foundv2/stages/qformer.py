@@ -44,7 +44,7 @@ from foundv2.nn.encoders import EventEncoder, TabularEncoder
 from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
 from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets, slice_target_dim
-from foundv2.stages.base import PredictStage, split_by_user, with_window_keys
+from foundv2.stages.base import PredictStage, pool_windows, split_by_user, with_window_keys
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
 USER_POOLS = ("mean", "last", "mean_last")
@@ -271,11 +271,7 @@ class QFormerStage(PredictStage):
         if profile is not None:
             out = add_profile_slices(out, profile, S)
         out = with_window_keys(out, batch, S)
-        windows = views.mean(2).float()
-        m = batch["win_mask"].float()[..., None]
-        parts = {"mean": lambda: (windows * m).sum(1) / m.sum(1).clamp_min(1),
-                 "last": lambda: last_valid(windows, batch["win_mask"])}
-        user = torch.cat([parts[p]() for p in self.hparams.user_pool.split("_")], dim=1)
+        user = pool_windows(views.mean(2).float(), batch["win_mask"], self.hparams.user_pool)
         return out, user
 
     def forward(self, batch: dict) -> dict:

@@ -1,0 +1,219 @@
+"""AlignmentStage: stage 3 (FOUNDv2), a causal Transformer over each user's token sequence,
+trained with the multi-scale alignment objectives of :mod:`foundv2.objectives`, so that the
+tokens' representation gains predictive power; ``predict`` writes a user embedding built from
+tokens alone.
+
+Input: a tokens dataset (``data.tokens_dir``: the tokenizer's predict output; token batches,
+:mod:`data_modules.tokens`) and, for a fresh fit, the tokenizer folder whose code vectors start
+the token table (``tokenizer_dir``; a checkpoint carries them, so ``load_from_checkpoint`` needs
+neither). Objectives on the window states ``windows [B, W, D]`` of
+:class:`~foundv2.nn.sequence.TokenSequenceEncoder`:
+
+========  ==============================================================================
+fine      from the state at window w predict window w + 1's codes (their mean code vector,
+          from the tokenizer's fixed code vectors): the paper's ``(1 + k/τ)(1 − cos)``
+          (``fine_mode: cosine``) or InfoNCE against the batch's other next windows
+window    InfoNCE between a user's periodic windows (real window keys ``period`` apart: the
+          same weekday in other weeks for day windows, a fixed stride for event windows),
+          negatives from other users
+semantic  the state at the user's last window ↔ the text embedding of the user's future
+          summary, *training users only* (:func:`~foundv2.stages.qformer.semantic_mask`)
+========  ==============================================================================
+
+Predict output (``kind: embeddings``): per user ``user_id, row, split, user_emb [D']``
+(pooled as ``user_pool`` says) and the per-window states ``window_states [W, D]`` with their
+real keys ``window_key [W]``. Being causal, the state of window w never changes when later
+windows are appended.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data_modules.schema import DataError
+from foundv2.nn.sequence import TokenSequenceEncoder, code_vectors
+from foundv2.objectives import MultiScaleObjectives, last_valid
+from foundv2.stages.base import PredictStage, pool_windows
+from foundv2.stages.qformer import USER_POOLS, semantic_mask
+
+FINE_MODES = ("cosine", "infonce")
+
+
+class AlignmentStage(PredictStage):
+    """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
+
+    Args:
+        tokenizer_dir: the tokenizer folder (save_pretrained) that made the tokens; its code
+            vectors start the token table (needed for a fresh ``fit`` only).
+        dim: model width.
+        num_layers: transformer blocks.
+        num_heads: attention heads (must divide ``dim``).
+        mlp_ratio: block MLP width as a multiple of ``dim``.
+        dropout: attention and MLP dropout.
+        freeze_codes: keep the token table at the code vectors (else trained from them).
+        user_pool: ``mean``, ``last`` or ``mean_last`` over the real windows' states.
+        weights: objective weights (fine, window, semantic); missing → paper 0.2 / 0.4 / 0.4.
+        enabled: objective switches, e.g. ``{semantic: false}``; missing → on.
+        tau: InfoNCE temperature.
+        fine_mode: ``cosine`` (the paper's weighted cosine) or ``infonce``.
+        step_tau: τ of the cosine mode's ``1 + k/τ`` step weighting.
+        window_fn_margin: false-negative margin of the window term (None = off).
+        semantic_fn_margin: false-negative margin of the semantic term (None = off).
+        max_pairs: cap on fine/window pairs per batch and rank.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (matrices only).
+        warmup_steps: linear warm-up steps (0 = none).
+        cosine: cosine decay to ``min_lr_ratio * lr`` over the run.
+        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
+        predict_dir: where ``predict`` writes the embeddings dataset.
+    """
+
+    OUTPUT_KIND = "embeddings"
+    STAGE = "alignment"
+
+    def __init__(
+        self,
+        tokenizer_dir: str | None = None,
+        dim: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        freeze_codes: bool = False,
+        user_pool: str = "mean_last",
+        weights: dict[str, float] | None = None,
+        enabled: dict[str, bool] | None = None,
+        tau: float = 0.07,
+        fine_mode: str = "cosine",
+        step_tau: float = 10.0,
+        window_fn_margin: float | None = None,
+        semantic_fn_margin: float | None = 0.1,
+        max_pairs: int | None = 4096,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        cosine: bool = False,
+        min_lr_ratio: float = 0.1,
+        predict_dir: str | None = None,
+    ):
+        super().__init__(predict_dir)
+        if user_pool not in USER_POOLS:
+            raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
+        if fine_mode not in FINE_MODES:
+            raise ValueError(f"fine_mode must be one of {FINE_MODES}, got {fine_mode!r}")
+        unknown = set(weights or {}) | set(enabled or {})
+        if unknown - {"fine", "window", "semantic"}:
+            raise ValueError(f"stage 3's objective terms are fine, window and semantic; got {sorted(unknown)}")
+        self.tokenizer_dir = tokenizer_dir
+        self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
+        self.net: TokenSequenceEncoder | None = None
+        self.objectives: MultiScaleObjectives | None = None
+
+    # ------------------------------------------------------------------ building
+    def data_dims(self, datamodule) -> dict:
+        meta = datamodule.input_meta or {}
+        if datamodule.batch_kind != "tokens":
+            raise DataError("AlignmentStage reads token batches: set data.tokens_dir to a tokens dataset "
+                            "(the tokenizer's predict output).")
+        if not self.tokenizer_dir:
+            raise DataError("AlignmentStage needs model.tokenizer_dir (the tokenizer folder that made "
+                            f"{datamodule.hparams.tokens_dir}) to start its token table from the code vectors.")
+        vectors = self._code_vectors()
+        if vectors.shape[0] != int(meta["vocab_size"]):
+            raise DataError(f"{self.tokenizer_dir}: a tokenizer of {vectors.shape[0]} tokens, but the tokens dataset "
+                            f"{datamodule.hparams.tokens_dir} has a vocabulary of {meta['vocab_size']}: "
+                            f"give the tokenizer that made it.")
+        dims = datamodule.dims()
+        return {"vocab_size": int(vectors.shape[0]), "code_dim": int(vectors.shape[1]),
+                "num_levels": int(meta["levels"]), "num_sources": len(meta["sources"]),
+                "sources": list(meta["sources"]), "text_dim": dims["text_dim"],
+                "window_period": dims["window_period"], "max_windows": dims["max_windows"]}
+
+    def _code_vectors(self) -> torch.Tensor:
+        from foundv2.nn.mrqvae import MultiViewRQVAE
+
+        try:
+            return code_vectors(MultiViewRQVAE.from_pretrained(self.tokenizer_dir))
+        except Exception as err:  # safetensors / json raise several kinds on a damaged folder
+            raise DataError(f"{self.tokenizer_dir}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
+                            f"{err}); pass the tokenizer's export_dir.") from err
+
+    def build_nets(self, dims: dict) -> None:
+        hp = self.hparams
+        self.net = TokenSequenceEncoder(
+            torch.zeros(dims["vocab_size"], dims["code_dim"]), dims["num_levels"], dims["num_sources"], hp.dim,
+            hp.num_layers, hp.num_heads, dims["max_windows"], hp.mlp_ratio, hp.dropout, hp.freeze_codes)
+        self.objectives = MultiScaleObjectives(
+            hp.dim, dims["text_dim"], weights=hp.weights, enabled={"recon": False, **(hp.enabled or {})},
+            period=dims["window_period"], tau=hp.tau, fine_mode=hp.fine_mode, fine_target_dim=dims["code_dim"],
+            step_tau=hp.step_tau, window_fn_margin=hp.window_fn_margin, semantic_fn_margin=hp.semantic_fn_margin,
+            max_pairs=hp.max_pairs)
+
+    def configure_model(self) -> None:
+        fresh = self.dims is None and self._trainer is not None
+        super().configure_model()
+        if fresh:  # a fit from scratch starts the token table at the tokenizer's code vectors
+            vectors = self._code_vectors()
+            with torch.no_grad():
+                self.net.token_table.weight.copy_(vectors)
+                self.net.target_table.copy_(vectors)
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, batch: dict) -> torch.Tensor:
+        """[B, W, D] window states of a token batch."""
+        out = self.net(batch["token_id"], batch["tok_level"], batch["tok_source"], batch["tok_window"],
+                       batch["tok_mask"], batch["win_mask"].shape[1])
+        return out.windows
+
+    @torch.no_grad()
+    def user_embedding(self, batch: dict) -> torch.Tensor:
+        return pool_windows(self.encode(batch).float(), batch["win_mask"], self.hparams.user_pool)
+
+    def model_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        windows = self.encode(batch)
+        win_mask = batch["win_mask"]
+        targets = self.net.window_targets(batch["token_id"], batch["tok_window"], batch["tok_mask"],
+                                          win_mask.shape[1])
+        return self.objectives(
+            seq=windows, seq_mask=win_mask, seq_targets=targets,
+            windows=windows, win_mask=win_mask, win_key=batch["win_key"], user_keys=batch["user_id"],
+            user_rep=last_valid(windows, win_mask), fut_text_emb=batch["fut_text_emb"],
+            has_fut_text=semantic_mask(batch))
+
+    def _log(self, logs: dict, stage: str, batch_size: int) -> None:
+        for k, v in logs.items():
+            if stage != "train" and k.endswith("/semantic"):
+                continue  # val/test users carry no future text by design
+            self.log(f"{stage}/{k}", v, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                     sync_dist=stage != "train", prog_bar=k == "loss/total")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, logs = self.model_step(batch)
+        self._log(logs, "train", batch["user_id"].shape[0])
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, logs = self.model_step(batch)
+        self._log(logs, "val", batch["user_id"].shape[0])
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _, logs = self.model_step(batch)
+        self._log(logs, "test", batch["user_id"].shape[0])
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        windows = self.encode(batch).float()
+        win_mask = batch["win_mask"]
+        user = pool_windows(windows, win_mask, self.hparams.user_pool)
+        n = win_mask.sum(1).tolist()
+        return {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
+                "split": batch["split"].cpu().numpy().astype(np.int8),
+                "user_emb": user.cpu().numpy(),
+                "window_states": [windows[i, : n[i]].cpu().numpy() for i in range(len(n))],
+                "window_key": [batch["win_key"][i, : n[i]].cpu().numpy() for i in range(len(n))]}
+
+    def output_info(self) -> dict:
+        parts = len(self.hparams.user_pool.split("_"))
+        return {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim),
+                "user_dim": int(self.hparams.dim) * parts}
