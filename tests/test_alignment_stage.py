@@ -111,3 +111,24 @@ def test_bf16_mixed_fit_on_cpu(tokens):
     trainer = _trainer(max_epochs=1, precision="bf16-mixed")
     trainer.fit(_stage(tokens), datamodule=_dm(tokens / "cache", tokens_dir=str(tokens / "tokens")))
     assert np.isfinite(float(trainer.callback_metrics["train/loss/total_epoch"]))
+
+
+def test_the_bench_counts_stage_3_at_the_tokens_bytes(tokens, tmp_path):
+    """Stage 3's output says it is built from the tokens alone: the bench gives it their size."""
+    import json
+
+    from foundv2.bench.run import run_bench
+
+    L.seed_everything(0)
+    stage = _stage(tokens, predict_dir=str(tmp_path / "emb"))
+    dm = _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"))
+    _trainer(max_epochs=1).fit(stage, datamodule=dm)
+    _trainer().predict(stage, datamodule=dm, return_predictions=False)
+    _, meta = read_stage_output(tmp_path / "emb")
+    tok_bytes = json.loads((tokens / "tokens" / "report.json").read_text())["storage"]["bytes_per_user"]
+    assert meta["row_kind"] == "tokens" and meta["bytes_per_user"] == tok_bytes
+    bench = run_bench(_dm(tokens / "cache"), output_dir=str(tmp_path / "bench"), representations=[],
+                      baselines=["majority"], embeddings={"aligned_tokens": str(tmp_path / "emb")},
+                      skip_tasks=["next_items"], storage_bytes=[])
+    row = bench["results"]["aligned_tokens"]
+    assert row["kind"] == "tokens" and row["bytes_per_user"] == tok_bytes

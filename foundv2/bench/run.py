@@ -36,7 +36,7 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError, DatasetSpec
-from data_modules.store import Split, atomic_write_bytes, atomic_write_json
+from data_modules.store import Split, atomic_write_bytes, atomic_write_json, read_output_meta
 from foundv2.bench import baselines as B
 from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe
 
@@ -308,7 +308,12 @@ def _rows(data: BenchData, dm: UserDataModule, tokens_dir: str | None, tokenizer
         def emb(folder=folder):
             return embedding_representation(Path(folder), n_rows)[0]
 
-        rows.append(Row(name, "representation", None, "float32 × dim", all_tasks, build=emb))
+        meta = read_output_meta(folder) or {}
+        if meta.get("row_kind") == "tokens":  # e.g. stage 3: built from the tokens alone, its weights shared
+            rows.append(Row(name, "tokens", float(meta["bytes_per_user"]),
+                            "the tokens as stored (the model's weights are shared by all users)", all_tasks, build=emb))
+        else:
+            rows.append(Row(name, "representation", None, "float32 × dim", all_tasks, build=emb))
     sizes = sorted({int(b) for b in storage_bytes} | ({int(round(tok_bytes))} if tok_bytes else set()))
     tfidf_cache: dict = {}
 

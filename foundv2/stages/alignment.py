@@ -28,6 +28,9 @@ windows are appended.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -214,6 +217,16 @@ class AlignmentStage(PredictStage):
                 "window_key": [batch["win_key"][i, : n[i]].cpu().numpy() for i in range(len(n))]}
 
     def output_info(self) -> dict:
+        """Besides the widths: a user's embedding is computed from its tokens alone (the weights are
+        shared by all users), so its storage is the tokens' — the bench reads ``row_kind`` and
+        ``bytes_per_user`` and compares it with rows of that size."""
         parts = len(self.hparams.user_pool.split("_"))
-        return {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim),
+        info = {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim),
                 "user_dim": int(self.hparams.dim) * parts}
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        tokens_dir = getattr(dm, "hparams", {}).get("tokens_dir") if dm is not None else None
+        report = Path(tokens_dir) / "report.json" if tokens_dir else None
+        if report is not None and report.exists():
+            info.update(row_kind="tokens", tokens_dir=str(tokens_dir),
+                        bytes_per_user=float(json.loads(report.read_text())["storage"]["bytes_per_user"]))
+        return info
