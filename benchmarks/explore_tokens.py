@@ -311,6 +311,17 @@ def main() -> None:
         reps[f"svd{k}_recent{k}_float"] = (lambda k=k: both(k), 8 * k)
         reps[f"fa{k}_float"] = (lambda k=k: fa(k), 4 * k)
         reps[f"fa{k}_int8"] = (lambda k=k: int8(fa(k), data), k)
+    train = P.split_indices(data.split)[0]
+
+    def unit(V: np.ndarray) -> np.ndarray:  # mean squared row norm 1 over the train users
+        return V / np.sqrt((V[train] ** 2).sum(1).mean())
+
+    def svdfa(k: int) -> np.ndarray:
+        return np.concatenate([unit(svd_k(k)), unit(fa(k))], 1)
+
+    for k in (16, 32):
+        reps[f"rq_svdfa{k}_L{k}_dec"] = (lambda k=k: residual_codes(svdfa(k), data, k)[1], k)
+        reps[f"svdfa{k // 2}_int8"] = (lambda k=k: int8(svdfa(k // 2), data), k)
     for src, fn in (("both64", lambda: both(64)), ("fa64", lambda: fa(64)), ("fa128", lambda: fa(128))):
         for L in (8, 16, 64):
             reps[f"rq_{src}_L{L}_dec"] = (lambda fn=fn, L=L: residual_codes(fn(), data, L)[1], L)

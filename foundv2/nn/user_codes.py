@@ -3,9 +3,12 @@
 Per-window tokens spend their bytes on many small windows; a user-level tuple spends them on one
 vector, one byte per level (256 codes), so the storage-vs-quality curve gets points at 8, 16,
 32, 64 ... bytes per user. The vector is collaborative: a user's history projected on item
-factors fitted on the train users' histories (:class:`~foundv2.nn.item_factors.ItemFactors`),
-optionally beside the same projection of the user's most recent items (what comes next depends
-most on what came last). The quantiser is the project's
+factors fitted on the train users' histories (:class:`~foundv2.nn.item_factors.ItemFactors`,
+its first ``history_dim`` components), beside (``future_dim > 0``) a *future-aligned* block:
+a reduced-rank ridge regression from [whole-history projection | projection of the last
+``recent_items`` items] to the train users' future items, i.e. the ``future_dim``-d code of what
+the user is predicted to do next (FOUNDv2's point that tokens should carry future intent, here
+in closed form). Both blocks are scaled to unit mean squared norm on the train users. The quantiser is the project's
 :class:`~foundv2.nn.quantizer.ResidualGroupQuantizer` with one source (``user``), initialised by
 residual k-means on the train users' vectors, level after level.
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from data_modules.store import atomic_dir, atomic_write_json
-from foundv2.nn.item_factors import ItemFactors
+from foundv2.nn.item_factors import ItemFactors, history_bag
 from foundv2.nn.quantizer import ResidualGroupQuantizer
 
 CONFIG_FILE = "config.json"
@@ -36,23 +39,33 @@ class UserCodeTokenizer(nn.Module):
 
     Args:
         num_items: item catalogue size (item ids ``0 .. num_items-1``).
-        factor_dim: item factors (SVD components) of the whole-history projection.
-        recent_items: also project the last ``recent_items`` history items on their own factors
-            and concatenate (0: whole history only).
+        factor_dim: item factors (SVD components) of the whole-history and recent projections.
+        history_dim: leading whole-history components kept in the user vector.
+        future_dim: width of the future-aligned block (0: none; then ``fit`` needs no futures).
+        recent_items: the last this many history items get their own projection, an input of the
+            future-aligned block (0: whole history only).
+        ridge: ridge strength of the future regression.
         levels: residual levels = codes per user (bytes per user with 256 codes).
         codes: codes per level.
         kmeans_iters: Lloyd iterations of each level's k-means.
         seed: seed of the SVD and the k-means.
     """
 
-    def __init__(self, num_items: int, factor_dim: int = 64, recent_items: int = 0, levels: int = 16,
-                 codes: int = 256, kmeans_iters: int = 20, seed: int = 0) -> None:
+    def __init__(self, num_items: int, factor_dim: int = 128, history_dim: int = 16, future_dim: int = 16,
+                 recent_items: int = 30, ridge: float = 10.0, levels: int = 16, codes: int = 256,
+                 kmeans_iters: int = 20, seed: int = 0) -> None:
         super().__init__()
-        self.config = {"num_items": num_items, "factor_dim": factor_dim, "recent_items": recent_items,
-                       "levels": levels, "codes": codes, "kmeans_iters": kmeans_iters, "seed": seed}
+        if not 0 < history_dim <= factor_dim:
+            raise ValueError(f"history_dim must be in 1..factor_dim={factor_dim}, got {history_dim}")
+        self.config = {"num_items": num_items, "factor_dim": factor_dim, "history_dim": history_dim,
+                       "future_dim": future_dim, "recent_items": recent_items, "ridge": ridge, "levels": levels,
+                       "codes": codes, "kmeans_iters": kmeans_iters, "seed": seed}
         self.factors = ItemFactors(num_items, factor_dim)
         self.recent = ItemFactors(num_items, factor_dim) if recent_items else None
-        self.dim = factor_dim * (2 if recent_items else 1)
+        n_in = factor_dim * (2 if recent_items else 1)
+        self.register_buffer("future_map", torch.zeros(n_in, future_dim, dtype=torch.float64))
+        self.register_buffer("block_scale", torch.ones(2, dtype=torch.float64))
+        self.dim = history_dim + future_dim
         self.quantizer = ResidualGroupQuantizer(self.dim, ["user"], n_shared_levels=levels, n_specific_levels=0,
                                                 shared_codes=codes, kmeans_init=True, kmeans_iters=kmeans_iters,
                                                 respawn=False, seed=seed)
@@ -69,21 +82,39 @@ class UserCodeTokenizer(nn.Module):
         n = self.config["recent_items"]
         return [np.asarray(h)[-n:] for h in histories]
 
+    def _blocks(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(whole-history block, regression inputs) before scaling, float64."""
+        whole = self.factors.user_vectors(histories).double()
+        inputs = whole
+        if self.recent is not None:
+            inputs = torch.cat([whole, self.recent.user_vectors(self._recent(histories)).double()], 1)
+        return whole[:, : self.config["history_dim"]], inputs
+
     @torch.no_grad()
     def vectors(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """``[U, dim]`` user vectors of time-ordered history item ids (0-based)."""
-        v = self.factors.user_vectors(histories)
-        if self.recent is not None:
-            v = torch.cat([v, self.recent.user_vectors(self._recent(histories))], 1)
-        return v
+        hist, inputs = self._blocks(histories)
+        parts = [hist / self.block_scale[0]]
+        if self.config["future_dim"]:
+            parts.append(inputs @ self.future_map / self.block_scale[1])
+        return torch.cat(parts, 1).float()
 
     @torch.no_grad()
-    def fit(self, histories: Sequence[np.ndarray]) -> UserCodeTokenizer:
-        """Fit the item factors and the codebooks on these users (pass the train users only)."""
-        seed = self.config["seed"]
+    def fit(self, histories: Sequence[np.ndarray], futures: Sequence[np.ndarray] | None = None) -> UserCodeTokenizer:
+        """Fit the item factors, the future regression and the codebooks on these users (pass
+        the train users only; ``futures``, their future item ids, is needed when ``future_dim``)."""
+        seed, cfg = self.config["seed"], self.config
         self.factors.fit(histories, seed=seed)
         if self.recent is not None:
             self.recent.fit(self._recent(histories), seed=seed)
+        hist, inputs = self._blocks(histories)
+        self.block_scale[0] = hist.pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
+        if cfg["future_dim"]:
+            if futures is None or len(futures) != len(histories):
+                raise ValueError("future_dim > 0: fit needs the same users' future item ids")
+            self.future_map.copy_(_reduced_rank_ridge(inputs, history_bag(futures, cfg["num_items"]),
+                                                      cfg["future_dim"], cfg["ridge"]))
+            self.block_scale[1] = (inputs @ self.future_map).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
         z = self.vectors(histories)
         q = self.quantizer
         q.kmeans_buffer = z.shape[0]
@@ -127,3 +158,16 @@ class UserCodeTokenizer(nn.Module):
         model = cls(**cfg)
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         return model.eval()
+
+
+def _reduced_rank_ridge(Z: torch.Tensor, F, rank: int, lam: float) -> torch.Tensor:
+    """``[d, rank]`` map ``M = W V_k``: ridge ``W = (ZᵀZ + λI)⁻¹ ZᵀF`` from inputs ``Z [U, d]``
+    to targets ``F [U, I]`` (scipy sparse), then the top-``rank`` right singular directions
+    ``V_k`` of the fitted ``Z W`` (reduced-rank regression), all in float64."""
+    Zn = Z.double().numpy()
+    W = np.linalg.solve(Zn.T @ Zn + lam * np.eye(Zn.shape[1]), np.asarray((F.T @ Zn).T))
+    R = np.linalg.qr(Zn, mode="r")  # Z W = Q (R W): the same right singular vectors, a small SVD
+    _, _, vt = np.linalg.svd(R @ W, full_matrices=False)
+    vt = vt[:rank]
+    vt = vt * np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]  # largest entry positive
+    return torch.from_numpy(W @ vt.T)
