@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine  # noqa: E402
 
 from data_modules.store import atomic_write_json  # noqa: E402
+from foundv2.bench import baselines as B  # noqa: E402
 from foundv2.bench import probes as P  # noqa: E402
 from foundv2.bench.run import BenchData, load_bench_data  # noqa: E402
 
@@ -165,7 +166,9 @@ def svd(X: sp.csr_matrix, data: BenchData, k: int, seed: int = 0) -> np.ndarray:
 
 def recent_bag(data: BenchData, n: int) -> sp.csr_matrix:
     """0/1 bag of each user's ``n`` most recent history items."""
-    return top_items(data, n)
+    rows = np.repeat(np.arange(len(data.sequences)), [len(s[-n:]) for s in data.sequences])
+    cols = np.concatenate([s[-n:] for s in data.sequences])
+    return sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=data.history.shape)
 
 
 def future_aligned(Z: np.ndarray, data: BenchData, k: int, lam: float = 10.0) -> np.ndarray:
@@ -183,23 +186,10 @@ def future_aligned(Z: np.ndarray, data: BenchData, k: int, lam: float = 10.0) ->
 
 
 def int8(V: np.ndarray, data: BenchData) -> np.ndarray:
-    """Per-dimension symmetric int8 with scales from the train users' max |v|; dequantised."""
-    train = P.split_indices(data.split)[0]
-    scale = np.abs(V[train]).max(0) / 127.0
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(V / scale), -127, 127) * scale).astype(np.float32)
+    """The bench's per-dimension int8 (scales from the train users), dequantised."""
+    from foundv2.bench.baselines import dequantise_int8, quantise_int8
 
-
-def top_items(data: BenchData, n: int) -> sp.csr_matrix:
-    """A bag of each user's ``n`` most recent history items (history items occur once each on
-    MovieLens, so 'most frequent' ties; recency breaks it). 2 bytes an item (uint16)."""
-    rows, cols = [], []
-    for u, s in enumerate(data.sequences):
-        last = s[-n:]
-        rows.append(np.full(len(last), u))
-        cols.append(last)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    return sp.csr_matrix((np.ones(r.size, np.float32), (r, c)), shape=data.history.shape)
+    return dequantise_int8(*quantise_int8(V, P.split_indices(data.split)[0]))
 
 
 def residual_codes(V: np.ndarray, data: BenchData, levels: int, codes: int = 256, iters: int = 20,
@@ -279,8 +269,9 @@ def main() -> None:
 
     reps: dict[str, tuple[Callable[[], object], float]] = {}
     for k in (8, 16, 32, 64):
-        reps[f"tfidf_svd{k}_int8"] = (lambda k=k: int8(svd_k(k), data), k)
-        reps[f"top_items{k}"] = (lambda k=k: top_items(data, k // 2), k)
+        # the bench's official storage-matched baselines (foundv2.bench.baselines)
+        reps[f"tfidf_svd{k}_int8"] = (lambda k=k: B.dequantise_int8(*B.tfidf_svd_int8(data.history, data.split, k)), k)
+        reps[f"top_items{k}"] = (lambda k=k: B.top_items(data.history, k), k)
     for d in (64, 128):
         for L in (8, 16, 32, 64):
             def rq(d=d, L=L):
