@@ -95,7 +95,8 @@ class UserTokenizerStage(L.LightningModule):
                 "user_codes": codes.numpy().astype(np.int16), "user_emb": self.model.decode(codes).numpy()}
 
     def output_meta(self) -> dict:
-        return {"kind": "user_tokens", "stage": "user_tokenizer", "levels": self.model.levels,
+        # row_kind: the bench probes the decoded ``user_emb`` as a token row at the codes' size
+        return {"kind": "user_tokens", "stage": "user_tokenizer", "row_kind": "tokens", "levels": self.model.levels,
                 "codes": self.model.config["codes"], "bytes_per_user": self.model.bytes_per_user,
                 "hparams": {k: v for k, v in self.hparams.items()}}
 
