@@ -92,7 +92,8 @@ class CausalLM(nn.Module):
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding matrix (its ``weight`` is the resizable table)."""
         emb = self.hf.get_input_embeddings()
-        return getattr(emb, "base_layer", emb)  # under peft's trainable-token wrapper: the table inside
+        adapter = getattr(emb, "token_adapter", None)  # peft's trainable-token wrapper: the table inside
+        return adapter.base_layer if adapter is not None else emb
 
     def embed(self, ids: Tensor) -> Tensor:
         """Input embeddings of token ids ``[...]`` → ``[..., hidden]`` (through the LoRA
