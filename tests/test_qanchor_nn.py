@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from data_modules.schema import DataError
 from foundv2.anchor_losses import anchor_info_nce, next_token_loss, prototype_loss, qanchor_loss
-from foundv2.nn.anchor import USER_EMB, U2QT_TOKEN, QueryAnchor, ScenarioPrompt, SoftPrefix, TokenPrefix
+from foundv2.nn.anchor import U2QT_TOKEN, USER_EMB, QueryAnchor, ScenarioPrompt, SoftPrefix, TokenPrefix
 from foundv2.nn.llm import CausalLM, load_causal_lm, tiny_causal_lm
 
 K, CODE_DIM, EV_DIM, N_SRC = 24, 8, 12, 3  # codes, codebook width, event width, sources
@@ -408,14 +408,16 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.ddp
-def test_gathered_info_nce_under_ddp(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    torch.set_num_threads(1)
+def test_gathered_info_nce_under_ddp(tmp_path, one_thread):
+    # the single-process reference first: the forked children then inherit the imported
+    # transformers modules instead of importing them again (they set 1 thread first, as
+    # DataLoader workers do)
     model = _model("token").train()
     tok, queries, answers = _ddp_batch()
     full = _ddp_losses(model, tok, queries, answers, gather=False)["loss/nce"]
     full.backward()
+    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # the rank losses average to the single-process loss over the whole batch ...
     assert torch.allclose(sum(r["nce"] for r in res) / WORLD, full, atol=1e-5)
     # ... which saw the other rank's users and answers as negatives
