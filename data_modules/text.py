@@ -16,7 +16,10 @@ Encoders turn a list of strings into L2-normalised float32 rows (:class:`TextEnc
 Encoding is the slowest step on a CPU, so :class:`TextCache` keeps fp16 encodings on disk, keyed
 by a hash of the text, in one folder per encoder (its ``name`` and ``dim``). New encodings are
 appended as new shard files written atomically (temp file in the same folder, fsync, rename);
-existing shards are never rewritten, so several processes may share one cache folder.
+existing shards are never rewritten, so several processes may share one cache folder. Each shard
+carries a checksum of its contents; a shard that fails it (or holds NaN/inf, or cannot be read)
+is deleted with a warning and its texts are encoded again: the cache rebuilds itself. An encoder
+that returns NaN/inf is refused (DataError) before anything reaches the cache.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class HFEncoder(TextEncoder):
         name: str | None = None,
     ) -> None:
         if pooling not in ("mean", "last"):
-            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+            raise DataError(f"text encoder {model_dir}: pooling must be 'mean' or 'last', got {pooling!r}.")
         path = Path(model_dir).expanduser()
         config_file = path / "config.json"
         if not config_file.exists():
@@ -307,6 +310,14 @@ _SHARD_PREFIX = "shard-"
 _STALE_TMP_S = 3600.0  # a temp file untouched for an hour is a crash leftover whoever wrote it
 
 
+def _shard_digest(keys: np.ndarray, emb: np.ndarray) -> bytes:
+    """The checksum a shard carries: blake2b-128 over its keys and encodings."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(keys).tobytes())
+    h.update(np.ascontiguousarray(emb).tobytes())
+    return h.digest()
+
+
 def text_key(text: str) -> bytes:
     """The cache key of a text: blake2b-128 hex digest of its UTF-8 bytes."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=_KEY_BYTES).hexdigest().encode("ascii")
@@ -326,11 +337,12 @@ class TextCache:
     """On-disk fp16 cache of text encodings, keyed by a hash of the text.
 
     Layout: ``<cache_dir>/<encoder.name>-d<dim>/shard-*.npz``; each shard holds ``keys``
-    (fixed-width hex hashes) and ``emb`` (float16 [n, dim]) and is loaded with
-    ``allow_pickle=False``. New encodings go to new shards (about ``shard_size`` texts each),
+    (fixed-width hex hashes), ``emb`` (float16 [n, dim]) and ``digest`` (blake2b-128 of both) and is
+    loaded with ``allow_pickle=False``. New encodings go to new shards (about ``shard_size`` texts each),
     written to ``.tmp-<host>-<pid>-<id>.npz`` in the same folder, fsynced and renamed, so a
     reader never sees half a shard. Temp files are ignored; those of dead processes (or older
-    than an hour) are deleted. A shard that cannot be read raises DataError naming it.
+    than an hour) are deleted. A shard that cannot be read, fails its checksum or holds NaN/inf
+    is deleted (a warning names it) and its texts are encoded again.
 
     Args:
         cache_dir: root folder of the cache (gitignored; one subfolder per encoder).
@@ -375,15 +387,16 @@ class TextCache:
             except FileNotFoundError:  # another process cleaned it first
                 continue
 
-    def _read_shard(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        hint = f"delete it (or the whole folder {self.dir}) and the missing encodings will be rebuilt."
+    def _read_shard(self, path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """(keys, emb) of a shard; None when it is gone or corrupt (then it is deleted, to be rebuilt)."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 keys, emb = z["keys"], z["emb"]
+                digest = z["digest"] if "digest" in z.files else None  # shards before checksums: zip CRC only
+        except FileNotFoundError:  # another process removed it (it was corrupt)
+            return None
         except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as err:
-            raise DataError(
-                f"{path}: corrupt text-cache shard ({type(err).__name__}: {err}); {hint}"
-            ) from err
+            return self._drop_corrupt(path, f"{type(err).__name__}: {err}")
         if (
             keys.ndim != 1
             or keys.dtype.kind != "S"
@@ -391,11 +404,25 @@ class TextCache:
             or emb.shape != (len(keys), self.encoder.dim)
             or emb.dtype != np.float16
         ):
-            raise DataError(
-                f"{path}: corrupt text-cache shard (keys {keys.dtype} {keys.shape}, emb {emb.dtype} "
-                f"{emb.shape}; expected {len(keys)} x {self.encoder.dim} float16); {hint}"
-            )
-        return keys.astype(_KEY_DTYPE), emb
+            return self._drop_corrupt(path, f"keys {keys.dtype} {keys.shape}, emb {emb.dtype} {emb.shape}; "
+                                            f"expected {len(keys)} x {self.encoder.dim} float16")
+        keys = keys.astype(_KEY_DTYPE)
+        if digest is not None and digest.tobytes() != _shard_digest(keys, emb):
+            return self._drop_corrupt(path, "checksum mismatch")
+        if not np.isfinite(emb).all():
+            return self._drop_corrupt(path, f"{int((~np.isfinite(emb)).any(1).sum())} encoding(s) hold NaN/inf")
+        return keys, emb
+
+    def _drop_corrupt(self, path: Path, why: str) -> None:
+        log.warning("text cache: %s is corrupt (%s); deleted, its texts will be encoded again", path, why)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise DataError(f"{path}: corrupt text-cache shard ({why}) that cannot be deleted ({err}); delete it "
+                            f"(or the whole folder {self.dir}) and the missing encodings will be rebuilt.") from err
+        return None
 
     def refresh(self) -> None:
         """Load shards written since the last look (by this or another process)."""
@@ -405,7 +432,7 @@ class TextCache:
         new = sorted(p for p in self.dir.glob(_SHARD_PREFIX + "*.npz") if p.name not in self._loaded)
         if not new:
             return
-        parts = [self._read_shard(p) for p in new]
+        parts = [part for part in map(self._read_shard, new) if part is not None]
         self._merge([k for k, _ in parts], [e for _, e in parts])
         self._loaded.update(p.name for p in new)
 
@@ -432,8 +459,10 @@ class TextCache:
         tmp = self.dir / f"{_TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{token}.npz"
         final = self.dir / f"{_SHARD_PREFIX}{time.time_ns()}-{token}.npz"
         try:
+            keys, emb = keys.astype(_KEY_DTYPE), emb.astype(np.float16)
+            digest = np.frombuffer(_shard_digest(keys, emb), dtype=np.uint8)
             with open(tmp, "wb") as f:
-                np.savez(f, keys=keys.astype(_KEY_DTYPE), emb=emb.astype(np.float16))
+                np.savez(f, keys=keys, emb=emb, digest=digest)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -494,6 +523,14 @@ class TextCache:
                 raise ValueError(
                     f"encoder {self.encoder.name} returned shape {emb.shape} for {len(idx)} texts"
                 )
+            bad = ~np.isfinite(emb).all(axis=1)
+            if bad.any():
+                first = [uniq[i][:60] for i in idx[bad][:3]]
+                raise DataError(
+                    f"text encoder {self.encoder.name}: {int(bad.sum())} encoding(s) hold NaN/inf, e.g. for the "
+                    f"texts {first}; nothing was cached. The model folder may be damaged, or the model may "
+                    f"overflow in its dtype: try another encoder or device."
+                )
             pend_k.append(keys[idx])
             pend_e.append(emb.astype(np.float16))
             pending += len(idx)
@@ -515,10 +552,14 @@ def build_text_encoder(name: str, **kw) -> TextEncoder:
     Keyword arguments go to the encoder's constructor (e.g. ``dim`` for hashing; ``pooling``,
     ``instruction_prefix`` for ``hf:``).
     """
-    if name == "minilm":
-        return MiniLMEncoder(**kw)
-    if name == "hashing":
-        return HashingEncoder(**kw)
-    if name.startswith("hf:"):
-        return HFEncoder(name[3:], **kw)
-    raise ValueError(f"unknown text encoder {name!r}; use 'minilm', 'hashing' or 'hf:<model folder>'")
+    try:
+        if name == "minilm":
+            return MiniLMEncoder(**kw)
+        if name == "hashing":
+            return HashingEncoder(**kw)
+        if str(name).startswith("hf:"):
+            return HFEncoder(name[3:], **kw)
+    except TypeError as err:
+        raise DataError(f"text encoder {name!r}: bad arguments ({err}).") from err
+    raise DataError(f"unknown text encoder {name!r}; use 'minilm', 'hashing' or 'hf:<model folder>' "
+                    f"(a local Hugging Face model folder).")

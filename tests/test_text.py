@@ -132,8 +132,10 @@ def test_hashing_same_across_processes() -> None:
 def test_build_text_encoder(tmp_path: Path) -> None:
     assert isinstance(build_text_encoder("hashing", dim=8), HashingEncoder)
     assert build_text_encoder("hashing", dim=8).dim == 8
-    with pytest.raises(ValueError, match="unknown text encoder"):
+    with pytest.raises(DataError, match="unknown text encoder"):
         build_text_encoder("word2vec")
+    with pytest.raises(DataError, match="bad arguments"):
+        build_text_encoder("hashing", size=8)
     with pytest.raises(DataError):
         build_text_encoder(f"hf:{tmp_path}")
     if HAS_MINILM:
@@ -223,22 +225,58 @@ def test_cache_ignores_and_cleans_leftover_temp(tmp_path: Path) -> None:
     assert not crashed.exists() and not old.exists() and live.exists()
 
 
-def test_cache_corrupt_shard_raises_with_file_name(tmp_path: Path) -> None:
-    TextCache(tmp_path, CountingEncoder()).embed(["a", "b", "c"])
+def _corrupt_then_rebuilt(tmp_path: Path, caplog, damage) -> None:
+    """Damage the one shard; the next embed deletes it with a warning naming it and encodes again."""
+    first = TextCache(tmp_path, CountingEncoder()).embed(["a", "b", "c"])
     shard = next((tmp_path / "counting-d16").glob("shard-*.npz"))
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(DataError, match=shard.name) as err:
-        TextCache(tmp_path, CountingEncoder()).embed(["a"])
-    assert "delete" in str(err.value)
+    damage(shard)
+    enc = CountingEncoder()
+    with caplog.at_level("WARNING", logger="data_modules.text"):
+        again = TextCache(tmp_path, enc).embed(["a", "b", "c"])
+    assert shard.name in caplog.text and "corrupt" in caplog.text
+    assert not shard.exists() and sorted(enc.seen) == ["a", "b", "c"]  # rebuilt from the encoder
+    np.testing.assert_array_equal(again, first)
+    assert len(list((tmp_path / "counting-d16").glob("shard-*.npz"))) == 1
 
-    shard.write_bytes(b"\x00garbled" * 10)
-    with pytest.raises(DataError, match=shard.name):
-        TextCache(tmp_path, CountingEncoder()).embed(["a"])
 
-    np.savez(shard, keys=np.array([b"k"]), emb=np.zeros((1, 3), dtype=np.float16))  # wrong dim
-    with pytest.raises(DataError, match="corrupt text-cache shard"):
-        TextCache(tmp_path, CountingEncoder()).embed(["a"])
+def _flip_a_byte_in_emb(shard: Path) -> None:
+    """A bit flip inside the encodings, in a shard that stays a valid zip (rewritten with the old digest)."""
+    with np.load(shard) as z:
+        keys, emb, digest = z["keys"], z["emb"].copy(), z["digest"]
+    emb.view(np.uint8)[0, 0] ^= 0x10
+    np.savez(shard, keys=keys, emb=emb, digest=digest)
+
+
+def _nan_in_emb(shard: Path) -> None:
+    """A NaN written into a shard without a checksum (as a shard from before checksums would be)."""
+    with np.load(shard) as z:
+        keys, emb = z["keys"], z["emb"].copy()
+    emb[1, 3] = np.nan
+    np.savez(shard, keys=keys, emb=emb)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # truncated
+    lambda p: p.write_bytes(b"\x00garbled" * 10),
+    lambda p: np.savez(p, keys=np.array([b"k"]), emb=np.zeros((1, 3), dtype=np.float16)),  # wrong dim
+    _flip_a_byte_in_emb,
+    _nan_in_emb,
+], ids=["truncated", "garbled", "wrong-dim", "bit-flip", "nan"])
+def test_cache_corrupt_shard_is_deleted_and_rebuilt(tmp_path: Path, caplog, damage) -> None:
+    _corrupt_then_rebuilt(tmp_path, caplog, damage)
+
+
+def test_encoder_returning_nan_is_refused_and_nothing_cached(tmp_path: Path) -> None:
+    class NaNEncoder(CountingEncoder):
+        def encode(self, texts):
+            out = super().encode(texts)
+            out[-1, 0] = np.nan
+            return out
+
+    with pytest.raises(DataError, match="NaN/inf") as err:
+        TextCache(tmp_path, NaNEncoder()).embed(["a", "b"])
+    assert "counting" in str(err.value) and "'b'" in str(err.value)
+    assert not list(tmp_path.rglob("shard-*.npz"))
 
 
 def test_cache_large_batch_writes_several_shards(tmp_path: Path) -> None:
