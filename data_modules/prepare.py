@@ -4,16 +4,32 @@ One pass over chunks of complete users (a chunk holds every event of its users):
 
 1. validate the chunk (schema.py) — any bad input stops the run before anything is published;
 2. sort each user's events by time (stable), split them into history and the last ceil(20%)
-   *future* events of the primary source (the other views of a moment follow it);
+   *future* events of the primary source (the other views of a moment follow it); the rows of
+   one moment (same user and timestamp) always land on the same side, so the cut rounds
+   towards the future. ``future_frac: 0`` holds nothing back (labels from a separate period);
 3. cut the history into windows: calendar ``day`` / ``week`` or every ``size`` distinct moments
    (``events``), and number the non-empty windows 0..W-1 per user;
 4. map items, texts and categories to global indices; write a templated summary of the future
    for *training* users only (the semantic objective's target);
-5. append one Arrow shard per chunk.
+5. record the calendar position of each user's history (first/last day, active days) and of
+   each window (its first day), see :func:`calendar_features`;
+6. append one Arrow shard per chunk.
 
 Everything is written into a temporary folder that is renamed into place only when the whole
-data set has passed; a crash or a DataError leaves nothing half-written. The text table is
-encoded once through the fp16 TextCache and stored beside the shards.
+data set has passed (``store.atomic_dir``); a crash or a DataError leaves nothing half-written,
+and the leftovers of a killed run are removed by the next one. The text table is encoded once
+through the fp16 TextCache and stored beside the shards. ``meta.json`` records a checksum of
+every file, verified whenever the folder is opened (:func:`load_meta`).
+
+Layout of a shard (one row per user; ``h_*`` history, ``f_*`` future, lists in time order)::
+
+    user_id, split, n_hist, n_fut, n_windows                       scalars
+    h_source, h_item, h_text, h_value, h_time, h_category, h_window  lists over history events
+    w_key, w_day                                                   lists over windows
+    f_source, f_item, f_text, f_category, f_time                   lists over future events
+    fut_text                                                       templated future summary row
+    first_day, last_day, active_days                               calendar of the history
+    tabular, label/<name>                                          from the users table
 """
 
 from __future__ import annotations
@@ -24,8 +40,10 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,14 +51,26 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_modules.schema import DataError, DatasetSpec, validate_events, validate_users
+from data_modules.loaders import Chunk
+from data_modules.schema import (
+    MAX_ITEM_ID,
+    DataError,
+    DatasetSpec,
+    check_label_classes,
+    validate_events,
+    validate_users,
+)
+from data_modules.store import TMP_MARK, atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: calendar columns, checksums, moment-aligned future
 SECONDS_PER_DAY = 86_400
 EPOCH_WEEKDAY_SHIFT = 3  # 1970-01-01 was a Thursday: +3 days makes weeks start on Monday
-ITEM_KEY_STRIDE = 1 << 40  # item ids must stay below 2**40 (checked) to share one int64 key with the source
+ITEM_KEY_STRIDE = MAX_ITEM_ID  # item ids stay below 2**40 (schema checks) to share one int64 key with the source
+CALENDAR_MIN_DAY = 365  # timestamps before 1971 are taken for ordinals, not calendar time
+STALE_TMP_S = 6 * 3600  # a temporary folder of another host untouched this long is a crash leftover
+OWNER_FILE = ".owner"  # host and pid of the run writing a temporary folder
 SPLIT_FRACTIONS = (0.8, 0.1)  # train, val; the rest is test (benchmark protocol §8)
 
 
@@ -165,7 +195,12 @@ def future_summaries(uid: np.ndarray, cat: np.ndarray, src: np.ndarray, text: np
 
 @dataclass
 class PrepareConfig:
-    """Everything that decides the prepared data; its hash names the cache folder."""
+    """Everything that decides the prepared data; its hash names the cache folder.
+
+    future_frac: share of each user's (primary-source) events held out as the future, in
+    [0, 1). 0 holds nothing back: every event is history (labels from a separate period).
+    primary_source: the source whose events are counted for the cut (None: every event).
+    """
 
     dataset: str
     loader_args: dict
@@ -174,6 +209,10 @@ class PrepareConfig:
     future_frac: float = 0.2
     primary_source: str | None = None
     text_encoder: str = "hashing"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.future_frac) < 1.0:
+            raise DataError(f"future_frac must be in [0, 1) (0: no future held back), not {self.future_frac}.")
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True, default=str)
@@ -186,7 +225,9 @@ class _Stats:
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
         self.users = 0
-        self.empty_users = 0
+        self.empty_users = 0  # no event at all
+        self.no_history = 0  # no history event, so no window
+        self.no_future = 0
         self.events_per_source = np.zeros(len(spec.sources), dtype=np.int64)
         self.hist_events = 0
         self.fut_events = 0
@@ -200,20 +241,47 @@ class _Stats:
         self.tab_sq = np.zeros(f)
         self.tab_n = 0
         self.filtered: dict[str, int] = {}
+        self.first_day = np.iinfo(np.int64).max  # calendar span of all history
+        self.last_day = -1
+        self.users_where = ""
 
 
-def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpec, cfg: PrepareConfig,
-                   items: _Vocab, texts: _Vocab, stats: _Stats, where: str) -> pa.Table:
-    ev = validate_events(events, spec.sources, where)
+def _future_mask(uid: np.ndarray, ts: np.ndarray, prim: np.ndarray, frac: float) -> np.ndarray:
+    """Per event (sorted by user, then time): True for the future.
+
+    The future is each user's last ceil(frac * n) primary events and whatever follows the first of
+    them; a moment (same user and timestamp) cut in two goes to the future whole.
+    """
+    ustart = _segment_starts(uid)
+    ugroup = np.cumsum(ustart) - 1
+    pc = np.cumsum(prim)
+    pc_before = np.concatenate([[0], pc[:-1]])
+    prim_inclusive = pc - pc_before[ustart][ugroup]  # primary events so far within the user, inclusive
+    n_prim = np.bincount(ugroup, weights=prim, minlength=ugroup.max() + 1 if len(ugroup) else 0).astype(np.int64)
+    n_fut = np.ceil(n_prim * frac - 1e-9).astype(np.int64)
+    is_fut = prim_inclusive > (n_prim - n_fut)[ugroup]  # monotone within a user
+    moment_start = ustart | _segment_starts(ts)
+    moment = np.cumsum(moment_start) - 1
+    moment_last = np.append(moment_start[1:], True)
+    return is_fut[moment_last][moment]  # a moment is future when its last row is
+
+
+def _process_chunk(chunk: Chunk, spec: DatasetSpec, cfg: PrepareConfig, items: _Vocab, texts: _Vocab,
+                   stats: _Stats) -> pa.Table:
+    where = chunk.where
+    users_where = chunk.users_where or f"{where} (users)"
+    ev = validate_events(chunk.events, spec.sources, where, chunk.timestamp_unit)
     src_index = {s: i for i, s in enumerate(spec.sources)}
+    users = chunk.users
     if users is not None:
-        users = validate_users(users, spec.tabular_inputs, spec.labels, where + " (users)")
+        stats.users_where = users_where
+        users = validate_users(users, spec.tabular_inputs, spec.labels, users_where)
         known = np.isin(ev["user_id"].to_numpy(), users["user_id"].to_numpy())
         if not known.all():
             bad = ev.loc[~known, "user_id"].unique()[:5].tolist()
             raise DataError(
-                f"{where}: {int((~known).sum())} event row(s) belong to user_id(s) missing from the users table, "
-                f"e.g. {bad}. Every user with events needs a row in the users table."
+                f"{where}: {int((~known).sum())} event row(s) belong to user_id(s) missing from the users table "
+                f"{users_where}, e.g. {bad}. Every user with events needs a row in the users table."
             )
         user_ids = users["user_id"].to_numpy()
     else:
@@ -226,8 +294,6 @@ def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: Datas
     uid, ts = uid[order], ts[order]
     src = ev["source"].map(src_index).to_numpy().astype(np.int64)
     raw_item = ev["item_id"].to_numpy()
-    if (raw_item >= ITEM_KEY_STRIDE).any():
-        raise DataError(f"{where}: column 'item_id' has values >= 2**40; re-number the items first.")
     has_item = raw_item >= 0
     item = np.zeros(len(ev), dtype=np.int64)
     if has_item.any():
@@ -246,25 +312,20 @@ def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: Datas
         log.warning("%s: %d event(s) have a category outside the declared vocabulary; kept with no category",
                     where, int(unknown_cat.sum()))
     value = ev["value"].to_numpy().astype(np.float32)
+    day = ts // SECONDS_PER_DAY
 
     # --- history / future ---------------------------------------------------------------
     ustart = _segment_starts(uid)
-    ugroup = np.cumsum(ustart) - 1
     prim = np.ones(len(ev), dtype=bool) if cfg.primary_source is None else src == src_index[cfg.primary_source]
-    pc = np.cumsum(prim)
-    pc_before = np.concatenate([[0], pc[:-1]])
-    prim_inclusive = pc - pc_before[ustart][ugroup]  # primary events so far within the user, inclusive
-    n_prim = np.bincount(ugroup, weights=prim, minlength=ugroup.max() + 1 if len(ugroup) else 0).astype(np.int64)
-    n_fut = np.ceil(n_prim * cfg.future_frac - 1e-9).astype(np.int64)
-    is_fut = prim_inclusive > (n_prim - n_fut)[ugroup]
+    is_fut = _future_mask(uid, ts, prim, cfg.future_frac)
     hist = ~is_fut
 
     # --- windows over the history ----------------------------------------------------------
     w = cfg.window
     if w.mode == "day":
-        key = ts // SECONDS_PER_DAY
+        key = day
     elif w.mode == "week":
-        key = (ts // SECONDS_PER_DAY + EPOCH_WEEKDAY_SHIFT) // 7
+        key = (day + EPOCH_WEEKDAY_SHIFT) // 7
     else:
         moment = _rank_within(ustart, _segment_starts(ts) | ustart)
         key = moment // w.size
@@ -279,15 +340,15 @@ def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: Datas
     sorter = np.argsort(user_ids, kind="stable")
     user_sorted = user_ids[sorter]
     pos = sorter[np.searchsorted(user_sorted, ev_users)]
+    n_users = len(user_ids)
 
     def lists(idx_user: np.ndarray, columns: dict[str, tuple[np.ndarray, pa.DataType]]) -> dict[str, pa.Array]:
         # idx_user: for each selected event, the row (0..n_users-1) of its user; events are sorted by user
-        counts = np.bincount(idx_user, minlength=len(user_ids))
+        counts = np.bincount(idx_user, minlength=n_users)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         return {name: _list_array(vals, offsets, typ) for name, (vals, typ) in columns.items()}, counts
 
-    row_of_event = np.empty(len(ev), dtype=np.int64)
-    row_of_event[:] = pos[ugroup]
+    row_of_event = (pos[np.cumsum(ustart) - 1]).astype(np.int64)
     # events are sorted by user id; user_ids may be in another order: reorder events by row
     by_row = np.argsort(row_of_event, kind="stable")
     hist_sel = by_row[hist[by_row]]
@@ -305,17 +366,32 @@ def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: Datas
         "f_text": (text[fut_sel], pa.int32()), "f_category": (cat[fut_sel], pa.int16()),
         "f_time": (ts[fut_sel], pa.int64()),
     })
-    # window keys: one per (user, window ordinal), users in row order
-    wk_first = hist_sel[_segment_starts(row_of_event[hist_sel] * (1 << 32) + win_of_event[hist_sel])]
+    # window keys and first days: one per (user, window ordinal), users in row order
+    h_rows = row_of_event[hist_sel]
+    wk_first = hist_sel[_segment_starts(h_rows) | _segment_starts(win_of_event[hist_sel])]
     wk_rows = row_of_event[wk_first]
-    wk_counts = np.bincount(wk_rows, minlength=len(user_ids))
-    wk = _list_array(key[wk_first], np.concatenate([[0], np.cumsum(wk_counts)]), pa.int64())
+    wk_counts = np.bincount(wk_rows, minlength=n_users)
+    wk_offsets = np.concatenate([[0], np.cumsum(wk_counts)])
+    wk = _list_array(key[wk_first], wk_offsets, pa.int64())
+    w_day = _list_array(day[wk_first], wk_offsets, pa.int32())
+
+    # calendar of each user's history: first and last day, distinct active days (-1 / 0 without history)
+    first_day = np.full(n_users, -1, dtype=np.int64)
+    last_day = np.full(n_users, -1, dtype=np.int64)
+    h_day = day[hist_sel]
+    if len(hist_sel):
+        u_start = _segment_starts(h_rows)
+        first_day[h_rows[u_start]] = h_day[u_start]
+        last_day[h_rows[np.append(u_start[1:], True)]] = h_day[np.append(u_start[1:], True)]
+        stats.first_day = min(stats.first_day, int(h_day.min()))
+        stats.last_day = max(stats.last_day, int(h_day.max()))
+    active_days = np.bincount(h_rows[_segment_starts(h_rows) | _segment_starts(h_day)], minlength=n_users)
 
     split = user_split(user_ids, cfg.split_seed)
     # future summaries of training users only: validation and test futures are never read
     train_fut = fut_sel[split[row_of_event[fut_sel]] == 0]
     summaries = future_summaries(row_of_event[train_fut], cat[train_fut], src[train_fut], text_str[train_fut], spec)
-    fut_text = np.full(len(user_ids), -1, dtype=np.int64)
+    fut_text = np.full(n_users, -1, dtype=np.int64)
     if summaries:
         rows = np.fromiter(summaries.keys(), dtype=np.int64, count=len(summaries))
         fut_text[rows] = texts.map(np.asarray(list(summaries.values()), dtype=object))
@@ -326,8 +402,11 @@ def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: Datas
         "n_hist": pa.array(hcounts, pa.int32()),
         "n_fut": pa.array(fcounts, pa.int32()),
         "n_windows": pa.array(wk_counts, pa.int32()),
-        **hcols, "w_key": wk, **fcols,
+        **hcols, "w_key": wk, "w_day": w_day, **fcols,
         "fut_text": pa.array(fut_text, pa.int32()),
+        "first_day": pa.array(first_day, pa.int32()),
+        "last_day": pa.array(last_day, pa.int32()),
+        "active_days": pa.array(active_days, pa.int32()),
     }
     if spec.tabular_inputs:
         tab = users[spec.tabular_inputs].to_numpy(np.float32)
@@ -343,8 +422,10 @@ def _process_chunk(events: pd.DataFrame, users: pd.DataFrame | None, spec: Datas
         table[f"label/{lab.name}"] = pa.array(vals, pa.int64())
         stats.label_counts[lab.name] += np.bincount(vals, minlength=lab.num_classes)[: lab.num_classes]
 
-    stats.users += len(user_ids)
+    stats.users += n_users
     stats.empty_users += int((hcounts + fcounts == 0).sum())
+    stats.no_history += int((hcounts == 0).sum())
+    stats.no_future += int((fcounts == 0).sum())
     stats.events_per_source += np.bincount(src, minlength=len(spec.sources))
     stats.hist_events += int(hist.sum())
     stats.fut_events += int(is_fut.sum())
@@ -358,34 +439,98 @@ def _write_stream(table: pa.Table, path: Path) -> None:
         writer.write_table(table)
 
 
+def file_digest(path: Path) -> str:
+    """blake2b-128 of a file's bytes: the checksum ``meta.json`` records for every prepared file."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+# ------------------------------------------------------------------ the cache folder's housekeeping
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists but not ours / cannot tell: keep it
+    return True
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Remove the temporary folders that killed runs left in ``folder``; return what was removed.
+
+    A temporary folder (``<name>.tmp-<pid>-<id>``, see store.atomic_dir) is stale when its owner
+    (``.owner``: host and pid) ran on this host and is dead, or when it is untouched for
+    STALE_TMP_S (another host's run, or no owner recorded).
+    """
+    removed = []
+    host = socket.gethostname()
+    for p in Path(folder).glob(f"*{TMP_MARK}*"):
+        try:
+            pid_part = p.name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
+            owner = (p / OWNER_FILE).read_text().split() if (p / OWNER_FILE).exists() else []
+            stale = time.time() - p.stat().st_mtime > STALE_TMP_S
+            if not stale and len(owner) == 2 and owner[0] == host and pid_part.isdigit():
+                stale = not _pid_alive(int(pid_part))
+            if stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                removed.append(p)
+                log.info("prepared data: removed %s, left by a killed run", p)
+        except OSError:  # gone already, or not ours to remove
+            continue
+    return removed
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and a file in it, or raise DataError: before any long work, not after."""
+    folder = Path(folder)
+    probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(
+            f"{folder}: the {what} folder is not writable ({type(err).__name__}: {err.strerror or err}); point "
+            f"`cache_dir` at a folder you can write, or fix its permissions."
+        ) from err
+
+
 def prepare_dataset(
     cfg: PrepareConfig,
     spec: DatasetSpec,
-    chunks: Iterator[tuple[pd.DataFrame, pd.DataFrame | None, str]],
+    chunks: Iterable[Chunk],
     out_dir: Path,
     encoder_factory,
     text_cache_dir: Path,
     progress: bool = True,
 ) -> dict:
-    """Run the pass, encode the texts, publish ``out_dir`` atomically; return the meta dict."""
+    """Run the pass, encode the texts, publish ``out_dir`` atomically; return the meta dict.
+
+    Before the pass: the text encoder is built (an unknown one fails now, not after the pass), the
+    cache folders are checked writable and the leftovers of killed runs removed.
+    """
     from tqdm.auto import tqdm
 
     from data_modules.text import TextCache
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    encoder = encoder_factory()
+    check_writable(out_dir.parent, "prepared-data cache")
+    check_writable(text_cache_dir, "text cache")
+    remove_stale_tmp(out_dir.parent)
     t0 = time.perf_counter()
-    try:
+    with atomic_dir(out_dir) as tmp:
+        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         items, texts, stats = _Vocab(first_index=1), _Vocab(), _Stats(spec)
-        for k, (events, users, where) in enumerate(tqdm(chunks, desc=f"prepare {cfg.dataset}", unit="chunk",
-                                                        disable=not progress)):
-            table = _process_chunk(events, users, spec, cfg, items, texts, stats, where)
-            _write_stream(table, tmp / f"users-{k:05d}.arrow")
+        shards = []
+        for k, chunk in enumerate(tqdm(chunks, desc=f"prepare {cfg.dataset}", unit="chunk", disable=not progress)):
+            table = _process_chunk(chunk, spec, cfg, items, texts, stats)
+            shards.append(f"users-{k:05d}.arrow")
+            _write_stream(table, tmp / shards[-1])
         if stats.users == 0:
             raise DataError(f"{cfg.dataset}: no users were found; nothing to prepare.")
-        encoder = encoder_factory()
+        check_label_classes(spec.labels, stats.label_counts, stats.users_where or cfg.dataset)
         cache = TextCache(text_cache_dir, encoder)
         emb = cache.embed([str(t) for t in texts.keys], progress=progress) if texts.keys else \
             np.zeros((0, encoder.dim), np.float16)
@@ -394,15 +539,19 @@ def prepare_dataset(
         item_keys = np.asarray(items.keys, dtype=np.int64)
         item_src, item_raw = item_keys // ITEM_KEY_STRIDE, item_keys % ITEM_KEY_STRIDE
         _write_stream(pa.table({"source": item_src, "item_id": item_raw}), tmp / "items.arrow")
+        files = [*shards, "text_emb.npy", "texts.arrow", "items.arrow"]
         windows = np.concatenate(stats.windows) if stats.windows else np.zeros(0)
         mean = stats.tab_sum / max(stats.tab_n, 1)
         std = np.sqrt(np.maximum(stats.tab_sq / max(stats.tab_n, 1) - mean**2, 0.0))
+        has_hist = stats.last_day >= 0
         meta = {
             "format_version": FORMAT_VERSION,
             "config": {**asdict(cfg), "key": cfg.key()},
             "spec": spec.to_dict(),
             "users": stats.users,
             "empty_users": stats.empty_users,
+            "users_without_history": stats.no_history,
+            "users_without_future": stats.no_future,
             "splits": dict(zip(("train", "val", "test"), stats.splits.tolist(), strict=True)),
             "events_per_source": dict(zip(spec.sources, stats.events_per_source.tolist(), strict=True)),
             "history_events": stats.hist_events,
@@ -413,6 +562,12 @@ def prepare_dataset(
                 "max": int(windows.max()) if len(windows) else 0,
             },
             "window_period": cfg.window.period,
+            "calendar": {
+                # days since the epoch: the history's first and last day over all users
+                "reference_day": stats.first_day if has_hist else 0,
+                "end_day": stats.last_day if has_hist else 0,
+                "has_calendar": bool(has_hist and stats.first_day >= CALENDAR_MIN_DAY),
+            },
             "label_balance": {k: v.tolist() for k, v in stats.label_counts.items()},
             "num_items": len(items.keys),
             "num_texts": len(texts.keys),
@@ -421,54 +576,107 @@ def prepare_dataset(
             "tabular_mean": mean.tolist(),
             "tabular_std": np.where(std > 0, std, 1.0).tolist(),
             "filtered": stats.filtered,
-            "shards": sorted(p.name for p in tmp.glob("users-*.arrow")),
+            "shards": shards,
+            "checksums": {name: file_digest(tmp / name) for name in files},
             "prepare_seconds": time.perf_counter() - t0,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return meta
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "meta.json", meta)
+        (tmp / OWNER_FILE).unlink()
+    return meta
 
 
-def load_meta(prepared_dir: Path) -> dict | None:
-    """meta.json of a prepared folder, or None when it is missing or from another format version."""
-    p = Path(prepared_dir) / "meta.json"
+def load_meta(prepared_dir: Path, verify: bool = True) -> dict | None:
+    """meta.json of a prepared folder, or None when it is missing or from another format version.
+
+    With ``verify`` every file's checksum is checked: a missing or damaged file raises DataError
+    naming it (delete the folder and ``foundv2 data`` rebuilds it). Leftovers of killed runs
+    beside the folder are removed.
+    """
+    prepared_dir = Path(prepared_dir)
+    remove_stale_tmp(prepared_dir.parent)
+    p = prepared_dir / "meta.json"
     if not p.exists():
         return None
+    rebuild = f"delete the folder (rm -r {prepared_dir}) and run `foundv2 data` again to rebuild it"
     try:
         meta = json.loads(p.read_text())
     except json.JSONDecodeError as err:
-        raise DataError(f"{p}: the prepared-data cache is corrupt ({err}); delete {prepared_dir} to rebuild it.") from err
+        raise DataError(f"{p}: the prepared-data cache is corrupt ({err}); {rebuild}.") from err
     if meta.get("format_version") != FORMAT_VERSION:
         return None
-    missing = [s for s in meta.get("shards", []) + ["text_emb.npy", "texts.arrow", "items.arrow"]
-               if not (Path(prepared_dir) / s).exists()]
+    sums = meta.get("checksums", {})
+    missing = [s for s in sums if not (prepared_dir / s).exists()]
     if missing:
-        raise DataError(f"{prepared_dir}: the prepared-data cache is incomplete (missing {missing[:3]}); "
-                        f"delete the folder to rebuild it.")
+        raise DataError(f"{prepared_dir}: the prepared-data cache is incomplete (missing {missing[:3]}); {rebuild}.")
+    if verify:
+        for name, digest in sums.items():
+            if file_digest(prepared_dir / name) != digest:
+                raise DataError(f"{prepared_dir / name}: checksum mismatch, the prepared-data cache is corrupt "
+                                f"(changed since it was written); {rebuild}.")
     return meta
+
+
+def calendar_features(table, meta: dict) -> dict[str, np.ndarray]:
+    """Each user's calendar position, from the history only (never the future), as float32 arrays.
+
+    ``table`` is a prepared table (``UserDataModule.table``, or anything whose columns read as
+    arrays). Days count from ``meta['calendar']['reference_day']``, the first day of any history
+    in the data set; users without history get 0 everywhere and ``has_history`` 0:
+
+    - ``first_day``, ``last_day``: days since the reference date of the first and last history event;
+    - ``tenure_days``: last minus first day; ``active_days``: distinct days with an event;
+    - ``days_since_last``: days from the last history event to the data set's last history day;
+    - ``has_history``: 1 for users with at least one history event.
+
+    Per window, the day of the window's first event is the list column ``w_day`` (days since the
+    epoch; subtract the reference day). On data without calendar time (``has_calendar`` false:
+    timestamps before 1971 are ordinals) the figures are still computed but mean little.
+    """
+    cal = meta["calendar"]
+    first = np.asarray(table["first_day"], dtype=np.int64)
+    last = np.asarray(table["last_day"], dtype=np.int64)
+    has = (last >= 0).astype(np.float32)
+    ref, end = int(cal["reference_day"]), int(cal["end_day"])
+
+    def where_history(x):
+        return (np.where(has > 0, x, 0)).astype(np.float32)
+
+    return {
+        "first_day": where_history(first - ref),
+        "last_day": where_history(last - ref),
+        "tenure_days": where_history(last - first),
+        "active_days": np.asarray(table["active_days"], dtype=np.float32),
+        "days_since_last": where_history(end - last),
+        "has_history": has,
+    }
 
 
 def summary_lines(meta: dict, where: Path) -> list[str]:
     """The human summary printed by ``foundv2 data``."""
     spec = meta["spec"]
+    cfg = meta["config"]
+    frac = float(cfg["future_frac"])
+    primary = f" {cfg['primary_source']}" if cfg.get("primary_source") else ""
+    future = (f"future = last {math.ceil(frac * 100)}% of each user's{primary} events" if frac > 0
+              else "no future held back (future_frac 0): every event is history")
+    cal = meta["calendar"]
     lines = [
-        f"data set        {spec['name']}  ({meta['config']['window']['mode']} windows, split seed "
-        f"{meta['config']['split_seed']})",
+        f"data set        {spec['name']}  ({cfg['window']['mode']} windows, split seed {cfg['split_seed']})",
         f"users           {meta['users']:,}  (train {meta['splits']['train']:,} / val {meta['splits']['val']:,} / "
-        f"test {meta['splits']['test']:,}; {meta['empty_users']} without events)",
+        f"test {meta['splits']['test']:,}; {meta['empty_users']:,} without events, "
+        f"{meta['users_without_history']:,} without history windows"
+        + (f", {meta['users_without_future']:,} without future events)" if frac > 0 else ")"),
         "events/source   " + ", ".join(f"{k} {v:,}" for k, v in meta["events_per_source"].items()),
         f"windows/user    mean {meta['windows_per_user']['mean']:.1f}, median {meta['windows_per_user']['median']:.0f}, "
         f"max {meta['windows_per_user']['max']}",
-        f"history/future  {meta['history_events']:,} / {meta['future_events']:,} events "
-        f"(future = last {math.ceil(meta['config']['future_frac'] * 100)}% per user)",
+        f"history/future  {meta['history_events']:,} / {meta['future_events']:,} events ({future})",
         f"items, texts    {meta['num_items']:,} items, {meta['num_texts']:,} distinct texts "
         f"({meta['text_encoder']}, {meta['text_dim']}-d)",
     ]
+    if cal["has_calendar"]:
+        day = np.datetime64(int(cal["reference_day"]), "D")
+        lines.append(f"calendar        history {day} to {np.datetime64(int(cal['end_day']), 'D')} "
+                     f"({cal['end_day'] - cal['reference_day'] + 1:,} days)")
     for lab, counts in meta["label_balance"].items():
         tot = max(sum(counts), 1)
         shares = ", ".join(f"{c / tot:.0%}" for c in counts[:8]) + (" ..." if len(counts) > 8 else "")

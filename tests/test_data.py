@@ -178,9 +178,13 @@ def test_movielens_100k_from_the_wheel(tmp_path):
     row = dm.table[0]
     src, ts = np.asarray(row["h_source"]), np.asarray(row["h_time"])
     assert set(ts[src == 0]) == set(ts[src == 1])
-    # the future is the last ceil(20%) ratings of the user
-    n_r = (src == 0).sum() + (np.asarray(row["f_source"]) == 0).sum()
-    assert (np.asarray(row["f_source"]) == 0).sum() == int(np.ceil(0.2 * n_r))
+    # the future is the last ceil(20%) ratings of the user, and the rest of the moment the cut falls in
+    f_src, f_ts = np.asarray(row["f_source"]), np.asarray(row["f_time"])
+    n_r = (src == 0).sum() + (f_src == 0).sum()
+    assert (f_src == 0).sum() >= int(np.ceil(0.2 * n_r))
+    assert ts.max() < f_ts.min()  # no moment on both sides
+    for r in dm.table.select(range(0, len(dm.table), 7)):
+        assert not set(r["h_time"]) & set(r["f_time"])
 
 
 def test_prepared_cache_and_text_cache_reused(tmp_path):

@@ -2,7 +2,8 @@
 
 An events file (or several, concatenated) and an optional users file. The sources, the tabular
 input columns and the label columns are declared in the config; the files are checked against
-those declarations before anything is written.
+those declarations before anything is written. An integer timestamp column is in seconds unless
+``timestamp_unit`` says otherwise (``ms``, ``us``, ``ns``); datetime columns need no unit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file.")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a file; give the path of a .csv, .tsv or .parquet file "
+                        f"(several events files go in a list).")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: the file is empty (0 bytes).")
     suffix = p.suffix.lower()
@@ -41,7 +45,10 @@ def load_files(
     categories: list[str] | None = None,
     name: str = "files",
 ) -> tuple[DatasetSpec, list[tuple[pd.DataFrame, str]], pd.DataFrame | None, str]:
-    """Read the declared files. Returns the spec, (frame, path) per events file, users, users path."""
+    """Read the declared files. Returns the spec, (frame, path) per events file, users, users path.
+
+    Labels are declared as ``{name, kind, num_classes, class_names}`` (see schema.LabelSpec).
+    """
     if not sources:
         raise DataError("files loader: declare the event sources in the config (`sources: [...]`).")
     label_specs = []
@@ -49,7 +56,8 @@ def load_files(
         try:
             label_specs.append(LabelSpec(**lab))
         except TypeError as err:
-            raise DataError(f"files loader: bad label declaration {lab}: {err}; use name, kind, num_classes.") from err
+            raise DataError(f"files loader: bad label declaration {lab}: {err}; use name, kind, num_classes, "
+                            f"class_names.") from err
     paths = [events] if isinstance(events, str) else list(events)
     frames = [(read_table(p), str(p)) for p in paths]
     users_df = read_table(users) if users else None

@@ -136,13 +136,13 @@ def load_movielens(name: str = "movielens-1m") -> tuple[DatasetSpec, pd.DataFram
     n = len(uid)
     rating_ev = pd.DataFrame({"user_id": uid, "source": "rating", "timestamp": ts, "item_id": item,
                               "text": "", "value": rating, "category": "", "_order": np.arange(n) * 3})
-    text_ev = pd.DataFrame({"user_id": uid, "source": "title_text", "timestamp": ts, "item_id": -1,
+    text_ev = pd.DataFrame({"user_id": uid, "source": "title_text", "timestamp": ts, "item_id": np.nan,
                             "text": item_text.to_numpy()[item], "value": 0.0, "category": "",
                             "_order": np.arange(n) * 3 + 1})
     g_lists = genres.to_numpy()[item]
     g_len = np.fromiter((len(g) for g in g_lists), dtype=np.int64, count=n)
     rep = np.repeat(np.arange(n), g_len)
-    genre_ev = pd.DataFrame({"user_id": uid[rep], "source": "genre", "timestamp": ts[rep], "item_id": -1,
+    genre_ev = pd.DataFrame({"user_id": uid[rep], "source": "genre", "timestamp": ts[rep], "item_id": np.nan,
                              "text": "", "value": 0.0,
                              "category": np.concatenate([np.asarray(g, dtype=object) for g in g_lists]) if n else [],
                              "_order": rep * 3 + 2})
