@@ -71,6 +71,7 @@ ITEM_KEY_STRIDE = MAX_ITEM_ID  # item ids stay below 2**40 (schema checks) to sh
 CALENDAR_MIN_DAY = 365  # timestamps before 1971 are taken for ordinals, not calendar time
 STALE_TMP_S = 6 * 3600  # a temporary folder of another host untouched this long is a crash leftover
 OWNER_FILE = ".owner"  # host and pid of the run writing a temporary folder
+CALENDAR_FEATURES = ("first_day", "last_day", "tenure_days", "active_days", "days_since_last", "has_history")
 SPLIT_FRACTIONS = (0.8, 0.1)  # train, val; the rest is test (benchmark protocol §8)
 
 
@@ -619,8 +620,9 @@ def load_meta(prepared_dir: Path, verify: bool = True) -> dict | None:
 def calendar_features(table, meta: dict) -> dict[str, np.ndarray]:
     """Each user's calendar position, from the history only (never the future), as float32 arrays.
 
-    ``table`` is a prepared table (``UserDataModule.table``, or anything whose columns read as
-    arrays). Days count from ``meta['calendar']['reference_day']``, the first day of any history
+    ``table`` is a prepared table (``UserDataModule.table``, the column dict a collate function
+    receives, or anything whose columns read as arrays); the keys are :data:`CALENDAR_FEATURES`,
+    in that order, in days (scale them, e.g. by 1/365, before a model reads them). Days count from ``meta['calendar']['reference_day']``, the first day of any history
     in the data set; users without history get 0 everywhere and ``has_history`` 0:
 
     - ``first_day``, ``last_day``: days since the reference date of the first and last history event;
@@ -641,7 +643,7 @@ def calendar_features(table, meta: dict) -> dict[str, np.ndarray]:
     def where_history(x):
         return (np.where(has > 0, x, 0)).astype(np.float32)
 
-    return {
+    return {  # in the order of CALENDAR_FEATURES
         "first_day": where_history(first - ref),
         "last_day": where_history(last - ref),
         "tenure_days": where_history(last - first),

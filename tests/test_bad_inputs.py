@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_modules.prepare import OWNER_FILE, calendar_features, load_meta
+from data_modules.prepare import CALENDAR_FEATURES, OWNER_FILE, calendar_features, load_meta
 from foundv2.cli import main
 from tests.helpers import ROOT
 
@@ -303,6 +303,9 @@ def test_calendar_features_from_the_history(tmp_path, capsys):
     assert (cal["days_since_last"] == meta["calendar"]["end_day"] - day0 - cal["last_day"]).all()
     w_day = np.asarray(t["w_day"][0]) - day0
     assert list(w_day) == list(range(8))  # day windows: one per day
+    batch_cols = t[:3]  # what a collate function receives: a dict of lists
+    assert list(calendar_features(batch_cols, meta)) == list(CALENDAR_FEATURES)
+    assert (calendar_features(batch_cols, meta)["tenure_days"] == 7).all()
 
 
 # ------------------------------------------------------------------------------------------- caches
