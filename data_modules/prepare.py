@@ -61,6 +61,7 @@ from data_modules.schema import (
     validate_users,
 )
 from data_modules.store import TMP_MARK, atomic_dir, atomic_write_json
+from data_modules.text import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -447,16 +448,6 @@ def file_digest(path: Path) -> str:
 
 
 # ------------------------------------------------------------------ the cache folder's housekeeping
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # exists but not ours / cannot tell: keep it
-    return True
-
-
 def remove_stale_tmp(folder: Path) -> list[Path]:
     """Remove the temporary folders that killed runs left in ``folder``; return what was removed.
 
@@ -472,7 +463,7 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
             owner = (p / OWNER_FILE).read_text().split() if (p / OWNER_FILE).exists() else []
             stale = time.time() - p.stat().st_mtime > STALE_TMP_S
             if not stale and len(owner) == 2 and owner[0] == host and pid_part.isdigit():
-                stale = not _pid_alive(int(pid_part))
+                stale = not pid_alive(int(pid_part))
             if stale:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p)

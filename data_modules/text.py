@@ -323,7 +323,8 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=_KEY_BYTES).hexdigest().encode("ascii")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists (True when it cannot be told)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -380,7 +381,7 @@ class TextCache:
                 stale = now - p.stat().st_mtime > _STALE_TMP_S
                 parts = p.name[len(_TMP_PREFIX) :].rsplit("-", 2)  # host may contain dashes
                 if not stale and len(parts) == 3 and parts[0] == host and parts[1].isdigit():
-                    stale = not _pid_alive(int(parts[1]))
+                    stale = not pid_alive(int(parts[1]))
                 if stale:
                     p.unlink()
                     log.info("text cache: removed a leftover temp file %s", p)
