@@ -385,11 +385,13 @@ def _process_chunk(chunk: Chunk, spec: DatasetSpec, cfg: PrepareConfig, items: _
         u_start = _segment_starts(h_rows)
         first_day[h_rows[u_start]] = h_day[u_start]
         last_day[h_rows[np.append(u_start[1:], True)]] = h_day[np.append(u_start[1:], True)]
-        stats.first_day = min(stats.first_day, int(h_day.min()))
-        stats.last_day = max(stats.last_day, int(h_day.max()))
     active_days = np.bincount(h_rows[_segment_starts(h_rows) | _segment_starts(h_day)], minlength=n_users)
 
     split = user_split(user_ids, cfg.split_seed)
+    train_hist = (split == 0) & (last_day >= 0)  # the calendar's reference comes from training users only
+    if train_hist.any():
+        stats.first_day = min(stats.first_day, int(first_day[train_hist].min()))
+        stats.last_day = max(stats.last_day, int(last_day[train_hist].max()))
     # future summaries of training users only: validation and test futures are never read
     train_fut = fut_sel[split[row_of_event[fut_sel]] == 0]
     summaries = future_summaries(row_of_event[train_fut], cat[train_fut], src[train_fut], text_str[train_fut], spec)
@@ -555,7 +557,7 @@ def prepare_dataset(
             },
             "window_period": cfg.window.period,
             "calendar": {
-                # days since the epoch: the history's first and last day over all users
+                # days since the epoch: the first and last day of the training users' history
                 "reference_day": stats.first_day if has_hist else 0,
                 "end_day": stats.last_day if has_hist else 0,
                 "has_calendar": bool(has_hist and stats.first_day >= CALENDAR_MIN_DAY),
@@ -613,12 +615,15 @@ def calendar_features(table, meta: dict) -> dict[str, np.ndarray]:
 
     ``table`` is a prepared table (``UserDataModule.table``, the column dict a collate function
     receives, or anything whose columns read as arrays); the keys are :data:`CALENDAR_FEATURES`,
-    in that order, in days (scale them, e.g. by 1/365, before a model reads them). Days count from ``meta['calendar']['reference_day']``, the first day of any history
-    in the data set; users without history get 0 everywhere and ``has_history`` 0:
+    in that order, in days (scale them, e.g. by 1/365, before a model reads them). Days count from
+    ``meta['calendar']['reference_day']``, the first day of the training users' history (validation
+    and test users never set it; theirs may come before it); users without history get 0
+    everywhere and ``has_history`` 0:
 
     - ``first_day``, ``last_day``: days since the reference date of the first and last history event;
     - ``tenure_days``: last minus first day; ``active_days``: distinct days with an event;
-    - ``days_since_last``: days from the last history event to the data set's last history day;
+    - ``days_since_last``: days from the last history event to ``end_day``, the training users'
+      last history day;
     - ``has_history``: 1 for users with at least one history event.
 
     Per window, the day of the window's first event is the list column ``w_day`` (days since the
