@@ -204,3 +204,14 @@ def test_single_class_label_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="late"):
         run_bench(dm, str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_no_future_held_back_skips_the_future_tasks(tmp_path, capsys):
+    """future_frac 0 (labels from a separate period): the bench runs to the end on the labels."""
+    dm = UserDataModule(dataset="synthetic", loader_args={"n_users": 240, "seed": 3}, window_mode="week",
+                        text_encoder="hashing", cache_dir=str(tmp_path / "cache"), future_frac=0.0, progress=False)
+    out = run_bench(dm, str(tmp_path / "out"), representations=["pooled"], baselines=["majority", "tfidf"],
+                    storage_bytes=[], progress=False)
+    assert capsys.readouterr().out.count("no future events back") == 1
+    assert "next_items" not in out["tasks"] and not any(t.startswith("future") for t in out["tasks"])
+    assert out["tasks"] and (tmp_path / "out" / "bench.json").exists()

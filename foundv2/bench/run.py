@@ -515,6 +515,10 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
         tasks = [t for t in tasks if t.kind != "ranking"]
         notes.append(f"{data.spec.name} has no item ids: next_items and the item baselines "
                      f"({', '.join(ITEM_BASELINES)}) are skipped.")
+    elif data.future.nnz == 0:
+        tasks = [t for t in tasks if t.kind != "ranking"]
+        notes.append(f"{data.spec.name} holds no future events back (future_frac 0: labels from a separate "
+                     f"period): next_items and the future-behaviour tasks are skipped.")
     for note in notes:
         print(f"bench: {note}", flush=True)
     names = list(ALL_BASELINES if inputs["baselines"] is None else inputs["baselines"])
