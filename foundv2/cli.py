@@ -13,14 +13,10 @@ exit with status 2, without a traceback.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from foundv2 import launch  # sets the offline defaults (no download at run time) before anything loads
 
 LIGHTNING_COMMANDS = {
     "fit": "train a stage",
@@ -32,7 +28,7 @@ OWN_COMMANDS = {
     "data": "prepare a configured data set and print its summary",
     "tokenize": "tokenize a data set with a trained tokenizer folder (save_pretrained)",
     "bench": "linear-probe benchmark (foundv2-bench-v1): representations and baselines side by side",
-    "pipeline": "stage 1 fit+predict, tokenizer fit+predict, bench: one run folder, resumable",
+    "pipeline": "the declared steps of a pipeline YAML (stage fits and predicts, the bench): one run folder, resumable",
 }
 
 USAGE = """usage: foundv2 <command> [--config FILE.yaml] [options]
@@ -56,59 +52,13 @@ def _fail(err: BaseException) -> int:
     return 2
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """Build the LightningCLI (``run=False`` only parses and instantiates: used by config tests)."""
-    import warnings
-
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.cli import LightningCLI
-
-    # the pipeline builds stage CLIs from its own arguments on purpose
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-
-    from data_modules.datamodule import UserDataModule
-
-    return LightningCLI(
-        LightningModule,
-        UserDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
-    )
-
-
-def _has_omegaconf() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("omegaconf") is not None
-
-
-def _data_parser(prog: str, description: str, skip: tuple[str, ...] = ()):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from data_modules.datamodule import UserDataModule
-
-    parser = ArgumentParser(prog=prog, description=description, default_meta=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section")
-    parser.add_class_arguments(UserDataModule, "data")
-    # the same YAML files also hold trainer/model/ckpt sections: accept and ignore them here
-    for extra in ("trainer", "model", "ckpt_path", "seed_everything", "optimizer", "lr_scheduler", "pipeline", "bench"):
-        if extra in skip:
-            continue
-        parser.add_argument(f"--{extra}", type=object, default=None, help="(read by other commands)")
-    return parser
-
-
 def tokenize_command(args: list[str]) -> int:
     """``foundv2 tokenize --tokenizer DIR --output DIR --config data.yaml``."""
     import lightning as L
 
     from foundv2.stages.tokenizer import TokenizerStage
 
-    parser = _data_parser("foundv2 tokenize", OWN_COMMANDS["tokenize"])
+    parser = launch.data_parser("foundv2 tokenize", OWN_COMMANDS["tokenize"])
     parser.add_argument("--tokenizer", required=True, help="a folder written by save_pretrained (export_dir)")
     parser.add_argument("--output", required=True, help="where the tokens dataset and report.json go")
     parser.add_argument("--accelerator", default="auto")
@@ -128,31 +78,22 @@ def tokenize_command(args: list[str]) -> int:
 
 
 def bench_command(args: list[str]) -> int:
-    """``foundv2 bench --config experiments/<data>/bench.yaml``: probes, baselines, report."""
+    """``foundv2 bench --config experiments/<data>/data.yaml --config experiments/<data>/bench.yaml``:
+    probes, baselines, report."""
     from foundv2.bench.report import table
     from foundv2.bench.run import run_bench
 
-    parser = _data_parser("foundv2 bench", OWN_COMMANDS["bench"], skip=("bench",))
-    parser.add_function_arguments(run_bench, "bench", skip={"dm"})
-    cfg = parser.parse_args(args)
-    init = parser.instantiate_classes(cfg)
-    bench = run_bench(init.data, **cfg.bench.as_dict())
+    bench, kwargs = launch.run_with_data(run_bench, "bench", args, "foundv2 bench", OWN_COMMANDS["bench"])
     print(table(bench))
-    print(f"\nreport: {Path(cfg.bench.output_dir) / 'report.md'}")
+    print(f"\nreport: {Path(kwargs['output_dir']) / 'report.md'}")
     return 0
 
 
 def pipeline_command(args: list[str]) -> int:
     """``foundv2 pipeline --config experiments/<data>/pipeline.yaml``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from foundv2.pipeline import parse_config, run_pipeline
 
-    from foundv2.pipeline import PipelineConfig, run_pipeline
-
-    parser = ArgumentParser(prog="foundv2 pipeline", description=OWN_COMMANDS["pipeline"], default_meta=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `pipeline:` section")
-    parser.add_class_arguments(PipelineConfig, "pipeline")
-    cfg = parser.parse_args(args)
-    run_pipeline(parser.instantiate_classes(cfg).pipeline)
+    run_pipeline(parse_config(args, "foundv2 pipeline", OWN_COMMANDS["pipeline"]))
     return 0
 
 
@@ -160,7 +101,7 @@ def data_command(args: list[str]) -> int:
     """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
     from data_modules.datamodule import UserDataModule
 
-    parser = _data_parser("foundv2 data", OWN_COMMANDS["data"])
+    parser = launch.data_parser("foundv2 data", OWN_COMMANDS["data"])
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
     dm: UserDataModule = init.data
@@ -206,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             check_checkpoint(argv)
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
                 argv.append("--return_predictions=false")  # outputs stream to disk; never hold them all
-            lightning_cli(argv)
+            launch.lightning_cli(argv)
             return 0
     except DataError as err:
         return _fail(err)

@@ -1,32 +1,102 @@
-"""``foundv2 pipeline``: stage 1 fit → predict → stage 2 fit → predict → bench, in one run folder.
+"""``foundv2 pipeline``: a list of declared steps (stage fits and predicts, the bench) in one run folder.
 
-Each step leaves an artifact whose completeness can be checked (a ``fit.done`` marker, a stage
-output with its ``meta.json``, ``bench.json``); a step whose artifact is complete is skipped, so
-rerunning the same command after a crash resumes. An interrupted fit resumes from its
-``last.ckpt``. Every stage is configured by its own YAML (the ones a user also runs by hand);
-the pipeline only points their outputs into the run folder and passes the common trainer flags.
+A pipeline YAML declares each step once: its config, its extra flags, what it writes and which
+outputs of earlier steps it reads, into which config key. The data config is given once, for
+the whole pipeline, and is every step's first ``--config``::
 
-Run folder::
+    pipeline:
+      run_dir: runs/movielens-100k/pipeline
+      data: experiments/movielens-100k/data.yaml
+      steps:
+        - name: stage1
+          config: experiments/movielens-100k/qformer.yaml
+          output: features                                 # its predict output
+        - name: tokenizer
+          config: experiments/movielens-100k/tokenizer.yaml
+          output: tokens
+          writes: {export: model.export_dir}               # another folder, and the key that receives it
+          reads: {data.features_dir: stage1/features}
+        - name: bench
+          kind: bench
+          config: experiments/movielens-100k/bench.yaml
+          reads: {bench.embeddings.qformer: stage1/features, bench.tokens_dir: tokenizer/tokens,
+                  bench.tokenizer_dir: tokenizer/export}
 
-    <run_dir>/stage1/          TensorBoard logs, checkpoints, fit.done
-    <run_dir>/features/        stage-1 features dataset (Arrow parts + meta.json)
-    <run_dir>/tokenizer/       logs, checkpoints, export/ (save_pretrained), fit.done
-    <run_dir>/tokens/          tokens dataset + report.json
-    <run_dir>/bench/           bench.json, report.md, plots, tb/
-    <run_dir>/fingerprint.json what the results depend on (config, stage YAMLs, code); a folder
-                               written by another fingerprint is not silently reused
+A ``stage`` step fits its YAML's LightningModule (resuming from ``last.ckpt`` after a crash),
+then predicts from the best checkpoint into its output; a ``bench`` step calls
+:func:`foundv2.bench.run.run_bench` on rank 0 with its YAML's ``bench:`` arguments. Adding a
+stage is one more entry. Everything a step writes lives in ``<run_dir>/<name>/`` (logs,
+checkpoints, ``fit.done``, its outputs; the bench's ``bench.json``, ``report.md``, plots).
+
+Each step has its own fingerprint (``<run_dir>/<name>/fingerprint.json``): the text of the data
+config and of its own config, its flags, the fingerprints of the steps it reads, and the code it
+runs (every ``foundv2`` / ``data_modules`` module reachable by imports from its entry modules:
+:func:`code_closure`). A complete step whose fingerprint matches is skipped; a step whose
+fingerprint changed is rerun, and so are the steps that read it, because their fingerprints
+hold its own; nothing else is touched. ``on_change`` says whether a changed step stops the run
+(``error``, the default) or has its folder removed and is run again (``restart``).
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, output_is_complete
+from foundv2 import launch
+
+FINGERPRINT = "fingerprint.json"
+FINGERPRINT_WAIT_S = 600
+#: the file whose presence marks a bench step complete (written by the bench's report)
+BENCH_DONE = "bench.json"
+#: the repository whose modules a code fingerprint hashes, and its packages
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("foundv2", "data_modules")
+#: each kind of step: the modules its code fingerprint starts from (a stage adds the modules of
+#: every foundv2/data_modules ``class_path`` in its YAML: its LightningModule, callbacks)
+KIND_CODE = {"stage": ("foundv2.launch", "data_modules.datamodule"), "bench": ("foundv2.launch", "foundv2.bench.run")}
+
+
+@dataclass
+class Step:
+    """One step of a pipeline.
+
+    Args:
+        name: the step's folder under run_dir (everything it writes goes there) and the name
+            later steps read it by.
+        config: its YAML: a stage config (trainer and model sections) for ``stage``, a config
+            with a ``bench:`` section for ``bench``. No ``data:`` section: the pipeline's data
+            config is given to every step.
+        kind: ``stage`` (fit, then predict from the best checkpoint) or ``bench`` (run_bench on rank 0).
+        args: extra flags for this step only, after its YAML, e.g. ["--trainer.max_epochs", "4"].
+        output: a stage's predict output, a folder in the step's folder (given as --model.predict_dir).
+        writes: other folders a stage writes in its folder: folder name → the config key that
+            receives its path, e.g. {export: model.export_dir}.
+        reads: config key → ``<step>/<folder>``, an output or written folder of an earlier step,
+            e.g. {data.features_dir: stage1/features}.
+    """
+
+    name: str
+    config: str
+    kind: str = "stage"
+    args: list[str] = field(default_factory=list)
+    output: str | None = None
+    writes: dict[str, str] = field(default_factory=dict)
+    reads: dict[str, str] = field(default_factory=dict)
+
+    def folders(self) -> dict[str, str]:
+        """The folders this step writes that later steps may read: name → the key that sets it."""
+        return {**({self.output: "model.predict_dir"} if self.output else {}), **self.writes}
 
 
 @dataclass
@@ -34,103 +104,246 @@ class PipelineConfig:
     """What the pipeline runs.
 
     Args:
-        run_dir: the run folder; every artifact goes under it.
-        stage1: stage-1 YAML (QFormerStage), or null to feed the tokenizer pooled features.
-        tokenizer: stage-2 YAML (TokenizerStage).
-        bench: bench YAML (its ``data`` section should match the stages').
-        trainer_args: extra CLI flags for every fit/predict, e.g. ["--trainer.devices", "2"].
-        stage1_args: extra CLI flags for stage 1 only (e.g. a shorter schedule).
-        tokenizer_args: extra CLI flags for the tokenizer only.
-        bench_args: extra flags for the bench (e.g. ["--bench.sasrec_epochs", "5"]).
-        on_change: what to do when the run folder holds steps made by another pipeline config,
-            other stage YAMLs or other foundv2 code (see :func:`fingerprint`): ``error`` (stop
-            and say so; nothing is touched) or ``restart`` (remove those steps' outputs and run
-            them again). Complete steps of an unchanged run are always skipped.
+        run_dir: the run folder; each step writes into ``<run_dir>/<step name>/``.
+        data: the data config (a YAML with a ``data:`` section), the first ``--config`` of every step.
+        steps: the steps, in order (see :class:`Step`).
+        trainer_args: extra flags for every stage's fit and predict, e.g. ["--trainer.devices", "2"].
+        on_change: what to do when a step's folder was made with another fingerprint (its
+            config, flags, inputs or code differ from this run's): ``error`` (stop and say which
+            steps and what changed; nothing is touched) or ``restart`` (remove those steps'
+            folders and run them again; the others are kept). Complete steps whose fingerprint
+            matches are always skipped.
     """
 
     run_dir: str
-    stage1: str | None = None
-    tokenizer: str | None = None
-    bench: str | None = None
+    data: str
+    steps: list[Step]
     trainer_args: list[str] = field(default_factory=list)
-    stage1_args: list[str] = field(default_factory=list)
-    tokenizer_args: list[str] = field(default_factory=list)
-    bench_args: list[str] = field(default_factory=list)
     on_change: str = "error"
 
 
-#: the folders and files a pipeline run writes under its run_dir (what ``restart`` removes)
-STEP_OUTPUTS = ("stage1", "features", "tokenizer", "tokens", "bench", "timings.json")
-FINGERPRINT = "fingerprint.json"
-FINGERPRINT_WAIT_S = 600
+# ------------------------------------------------------------------------------ declared steps
+def parse_config(args: list[str], prog: str = "", description: str = "") -> PipelineConfig:
+    """``--config pipeline.yaml`` (a ``pipeline:`` section) and ``--pipeline.*`` flags → the config, validated."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `pipeline:` section")
+    parser.add_class_arguments(PipelineConfig, "pipeline")
+    cfg = parser.instantiate_classes(parser.parse_args(args)).pipeline
+    validate(cfg)
+    return cfg
 
 
-def fingerprint(cfg: PipelineConfig) -> dict:
-    """What a run folder's results depend on: the pipeline config, the text of every stage YAML
-    it names, and a hash of the foundv2 and data_modules sources. Two runs with equal
-    fingerprints may share a folder; otherwise skipping "complete" steps would report results
-    of other code or other settings as this run's."""
-    import hashlib
-    from dataclasses import asdict
-
-    import data_modules
-    import foundv2
-
-    h = hashlib.sha256()
-    for pkg in (foundv2, data_modules):
-        root = Path(pkg.__file__).parent
-        for f in sorted(root.rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    conf = {k: v for k, v in asdict(cfg).items() if k != "on_change"}
-    yamls = {s: hashlib.sha256(Path(p).read_bytes()).hexdigest() for s in ("stage1", "tokenizer", "bench")
-             if (p := getattr(cfg, s)) and Path(p).exists()}
-    return {"config": conf, "yaml_sha256": yamls, "code_sha256": h.hexdigest()}
-
-
-def _check_fingerprint(cfg: PipelineConfig, run: Path) -> None:
-    """Compare the run folder's recorded fingerprint with this run's; act on ``on_change``."""
+def validate(cfg: PipelineConfig) -> None:
+    """Every step well formed; every read names a folder of an earlier step."""
     if cfg.on_change not in ("error", "restart"):
         raise DataError(f"pipeline.on_change must be 'error' or 'restart', got {cfg.on_change!r}.")
-    now = fingerprint(cfg)
-    path = run / FINGERPRINT
-    existing = [name for name in STEP_OUTPUTS if (run / name).exists()]
-    try:
-        before = json.loads(path.read_text())  # none or unreadable: nothing says what made the steps
-    except (OSError, json.JSONDecodeError):
-        before = {}
-    if existing and before != now:
-        changed = [k for k in ("config", "yaml_sha256", "code_sha256") if before.get(k) != now[k]]
-        why = (f"made with a different {' and '.join(changed)} than this run" if before
-               else f"but no {FINGERPRINT} says what made them")
-        if cfg.on_change == "error":
-            raise DataError(
-                f"{run}: this run folder holds steps ({', '.join(existing)}) {why}; skipping them "
-                f"could report stale results. "
-                f"Use a new pipeline.run_dir, delete the folder, or pass --pipeline.on_change restart "
-                f"to remove those steps and run them again."
-            )
-        if _is_rank_zero():
-            import shutil
+    if not cfg.steps:
+        raise DataError("pipeline.steps is empty: declare at least one step.")
+    earlier: dict[str, Step] = {}
+    for step in cfg.steps:
+        where = f"pipeline step {step.name!r}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", step.name) or step.name in earlier:
+            raise DataError(f"{where}: a step name must be unique and a plain folder name (letters, digits, _ . -).")
+        if step.kind not in KIND_CODE:
+            raise DataError(f"{where}: kind must be one of {sorted(KIND_CODE)}, got {step.kind!r}.")
+        if step.kind == "stage" and not step.output:
+            raise DataError(f"{where}: a stage step needs an output (the folder its predict writes).")
+        if step.kind == "bench" and (step.output or step.writes):
+            raise DataError(f"{where}: a bench step writes only its own folder; drop output and writes.")
+        for key, ref in step.reads.items():
+            src, _, folder = ref.partition("/")
+            if src not in earlier or folder not in earlier[src].folders():
+                known = [f"{s}/{f}" for s, st in earlier.items() for f in st.folders()]
+                raise DataError(f"{where}: reads {key} from {ref!r}, which no earlier step writes "
+                                f"(earlier steps write: {', '.join(known) or 'nothing'}).")
+        earlier[step.name] = step
 
-            _say(f"the steps in {run} were {why}: restarting every step")
-            for name in existing:
-                target = run / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+def _path(run: Path, ref: str) -> Path:
+    src, _, folder = ref.partition("/")
+    return run / src / folder
+
+
+def step_args(cfg: PipelineConfig, step: Step, run: Path) -> list[str]:
+    """The arguments the step's fit, predict or bench is built from: the data config, the step's
+    config, the folders it writes and reads, then its own flags (last, so they win)."""
+    folder = run / step.name
+    args = ["--config", cfg.data, "--config", step.config]
+    if step.kind == "stage":
+        args += ["--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
+                 *cfg.trainer_args]
+        for name, key in step.writes.items():
+            args += [f"--{key}", str(folder / name)]
+    else:
+        args += ["--bench.output_dir", str(folder)]
+    for key, ref in step.reads.items():
+        args += [f"--{key}", str(_path(run, ref))]
+    return args + list(step.args)
+
+
+# ------------------------------------------------------------------------------ fingerprints
+def module_imports(source: str | bytes, module: str = "", is_package: bool = False) -> set[str]:
+    """The modules a source file imports, at any depth (inside functions too), with ``from a
+    import b`` counted as both ``a`` and ``a.b`` (b may be a submodule); relative imports are
+    resolved against ``module``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = module.split(".") if is_package else module.split(".")[:-1]
+                pkg = pkg[: len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = root.joinpath(*name.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def code_closure(modules: list[str] | tuple[str, ...], root: Path = REPO) -> dict[str, str]:
+    """``path → sha256`` of every repo module reachable from ``modules`` through the imports each
+    one names (:func:`module_imports`). A package's ``__init__`` counts where it is imported by
+    name (``from foundv2.nn import X``), not merely because a submodule of it is: so stage 1,
+    which imports ``foundv2.nn.qformer``, does not depend on ``foundv2/nn/quantizer.py``."""
+    hashes: dict[str, str] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name, root)
+        if path is None or (rel := path.relative_to(root).as_posix()) in hashes:
+            continue
+        source = path.read_bytes()
+        hashes[rel] = hashlib.sha256(source).hexdigest()
+        todo.extend(module_imports(source, name, path.name == "__init__.py"))
+    return dict(sorted(hashes.items()))
+
+
+def _class_path_modules(node) -> list[str]:
+    if isinstance(node, dict):
+        found = [m for v in node.values() for m in _class_path_modules(v)]
+        cp = node.get("class_path")
+        if isinstance(cp, str) and cp.split(".")[0] in PACKAGES:
+            found.append(cp.rsplit(".", 1)[0])
+        return found
+    if isinstance(node, list):
+        return [m for v in node for m in _class_path_modules(v)]
+    return []
+
+
+def _read_config(path: str, where: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"{where}: cannot read its config {path} ({err.strerror}).") from None
+
+
+def step_fingerprint(cfg: PipelineConfig, step: Step, upstream: dict[str, str], root: Path = REPO) -> dict:
+    """What a step's results depend on. ``upstream``: step name → digest of its fingerprint."""
+    where = f"pipeline step {step.name!r}"
+    data, own = _read_config(cfg.data, where), _read_config(step.config, where)
+    entry = list(KIND_CODE[step.kind])
+    if step.kind == "stage":
+        entry += _class_path_modules(yaml.safe_load(own))
+    fp = {
+        "config": {"data": hashlib.sha256(data).hexdigest(), "step": hashlib.sha256(own).hexdigest()},
+        "flags": {"kind": step.kind, "args": step.args, "output": step.output, "writes": step.writes,
+                  "trainer_args": cfg.trainer_args if step.kind == "stage" else []},
+        "reads": {key: {"from": ref, "fingerprint": upstream[ref.partition("/")[0]]} for key, ref in step.reads.items()},
+        "code": code_closure(entry, root),
+    }
+    return json.loads(json.dumps(fp))  # as it reads back from disk
+
+
+def digest(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprints(cfg: PipelineConfig, root: Path = REPO) -> dict[str, dict]:
+    """Every step's fingerprint, in order (each read step's digest feeds the next)."""
+    out: dict[str, dict] = {}
+    for step in cfg.steps:
+        out[step.name] = step_fingerprint(cfg, step, {n: digest(fp) for n, fp in out.items()}, root)
+    return out
+
+
+def what_changed(cfg: PipelineConfig, step: Step, before: dict | None, now: dict) -> str:
+    """One phrase: why a step's recorded fingerprint differs from this run's."""
+    if not before:
+        return f"no {FINGERPRINT} says what made it"
+    why = []
+    old = before.get("config", {})
+    names = {"data": cfg.data, "step": step.config}
+    if changed := [names[k] for k in names if old.get(k) != now["config"][k]]:
+        why.append(f"config {', '.join(changed)}")
+    if before.get("flags") != now["flags"]:
+        why.append("flags")
+    old_reads = before.get("reads", {})
+    if inputs := sorted({r["from"].partition("/")[0] for k, r in now["reads"].items() if old_reads.get(k) != r}
+                        | {r["from"].partition("/")[0] for k, r in old_reads.items() if k not in now["reads"]}):
+        why.append(f"input {', '.join(inputs)}")
+    old_code = before.get("code", {})
+    if code := sorted(p for p in set(old_code) | set(now["code"]) if old_code.get(p) != now["code"].get(p)):
+        why.append(f"code {', '.join(code[:3])}{' and more' if len(code) > 3 else ''}")
+    return "made with other " + " and ".join(why) if why else "made with another fingerprint"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_run_folder(cfg: PipelineConfig, run: Path, root: Path = REPO) -> dict[str, str]:
+    """Compare each existing step folder's fingerprint with this run's and act on ``on_change``;
+    then record every step's fingerprint (rank 0; other ranks wait for it). Returns the changed
+    steps (name → what changed)."""
+    now = fingerprints(cfg, root)
+    changed = {}
+    for step in cfg.steps:
+        folder = run / step.name
+        before = _read_json(folder / FINGERPRINT)
+        if not folder.exists():
+            continue
+        if before != now[step.name]:
+            changed[step.name] = what_changed(cfg, step, before, now[step.name])
+        elif rerun := sorted({ref.partition("/")[0] for ref in step.reads.values()} & set(changed)):
+            changed[step.name] = f"an input that is rerun ({', '.join(rerun)})"  # it read their old outputs
+    if changed and cfg.on_change == "error":
+        listing = "; ".join(f"{name}: {why}" for name, why in changed.items())
+        kept = [s.name for s in cfg.steps if s.name not in changed and (run / s.name).exists()]
+        raise DataError(
+            f"{run}: the step folders {', '.join(changed)} do not match this run ({listing}); skipping them could report stale results. Pass --pipeline.on_change restart to "
+            f"remove and rerun only these steps{' (' + ', '.join(kept) + ' kept)' if kept else ''}, "
+            f"use a new pipeline.run_dir, or delete those folders."
+        )
     if _is_rank_zero():
-        atomic_write_json(path, now)
-        return
+        for name, why in changed.items():
+            _say(f"{name}: {why}: removing {run / name} to run it again")
+            shutil.rmtree(run / name)
+        for name, fp in now.items():
+            atomic_write_json(run / name / FINGERPRINT, fp)
+        return changed
     # other ranks (torchrun starts the pipeline on each) go on once rank 0 has cleaned up
     deadline = time.monotonic() + FINGERPRINT_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(path.read_text()) == now:
-                return
-        except (OSError, json.JSONDecodeError):
-            pass
+    while any(_read_json(run / name / FINGERPRINT) != fp for name, fp in now.items()):
+        if time.monotonic() > deadline:
+            raise DataError(f"{run}: rank 0 did not record this run's fingerprints within {FINGERPRINT_WAIT_S} s.")
         time.sleep(0.2)
-    raise DataError(f"{path}: rank 0 did not record this run's fingerprint within {FINGERPRINT_WAIT_S} s.")
+    return changed
 
+
+# ------------------------------------------------------------------------------ running
 def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
@@ -140,102 +353,66 @@ def _say(msg: str) -> None:
         print(f"[pipeline] {msg}", flush=True)
 
 
-def _fit(config: str, stage_dir: Path, extra: list[str]) -> None:
-    """Fit one stage from its YAML into ``stage_dir``; resume from last.ckpt if a run was cut off."""
-    from foundv2.cli import lightning_cli
-
-    done = stage_dir / "fit.done"
-    if done.exists():
-        _say(f"  fit: done before ({done}), skipped")
-        return
-    args = ["--config", config, "--trainer.default_root_dir", str(stage_dir),
-            "--trainer.logger.init_args.save_dir", str(stage_dir), *extra]
-    cli = lightning_cli(args, run=False)
-    last = _last_checkpoint(stage_dir)
-    if last is not None:
-        _say(f"  fit: resuming from {last}")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last else None)
-    if cli.trainer.is_global_zero:
-        atomic_write_json(done, {"metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}})
-    cli.trainer.strategy.barrier("pipeline-fit")
+def _run_stage(step: Step, folder: Path, args: list[str]) -> bool:
+    """Fit (unless done) then predict (unless complete). True when anything ran."""
+    ran = False
+    if (folder / launch.FIT_DONE).exists():
+        _say(f"  fit: done before ({folder / launch.FIT_DONE}), skipped")
+    else:
+        launch.fit_stage(args, folder, say=_say)
+        ran = True
+    out = folder / step.output
+    if output_is_complete(out):
+        _say(f"  predict: {out} complete, skipped")
+    else:
+        launch.predict_stage(args + ["--trainer.logger", "false", "--model.predict_dir", str(out)], folder)
+        ran = True
+    return ran
 
 
-def _last_checkpoint(stage_dir: Path) -> Path | None:
-    found = sorted(stage_dir.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def _run_bench(folder: Path, args: list[str]) -> bool:
+    if not _is_rank_zero():
+        return False
+    if (folder / BENCH_DONE).exists():
+        _say(f"  bench: {folder / BENCH_DONE} exists, skipped")
+        return False
+    from foundv2.bench.run import run_bench
+
+    launch.run_with_data(run_bench, "bench", args)
+    return True
 
 
-def _best_or_last(stage_dir: Path) -> Path:
-    ckpts = [p for p in stage_dir.rglob("*.ckpt") if not p.name.startswith("last")]
-    if ckpts:
-        return max(ckpts, key=lambda p: p.stat().st_mtime)
-    last = _last_checkpoint(stage_dir)
-    if last is None:
-        raise DataError(f"{stage_dir}: no checkpoint to predict from; the fit did not save one.")
-    return last
-
-
-def _predict(config: str, stage_dir: Path, out_dir: Path, extra: list[str]) -> None:
-    from foundv2.cli import lightning_cli
-
-    if output_is_complete(out_dir):
-        _say(f"  predict: {out_dir} complete, skipped")
-        return
-    ckpt = _best_or_last(stage_dir)
-    args = ["--config", config, "--trainer.default_root_dir", str(stage_dir), "--trainer.logger", "false",
-            "--model.predict_dir", str(out_dir), *extra]
-    cli = lightning_cli(args, run=False)
-    cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), return_predictions=False)
-
-
-def run_pipeline(cfg: PipelineConfig) -> dict:
+def run_pipeline(cfg: PipelineConfig, root: Path = REPO) -> dict:
+    """Run every step that is not complete with this run's fingerprint; print the bench table.
+    ``root``: the repository whose modules the code fingerprints hash. Returns ``{"timings":
+    step → seconds (and total), "ran": [steps that did work], "skipped": [steps already complete]}``."""
+    validate(cfg)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(cfg, run)
+    check_run_folder(cfg, run, root)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
-    features = run / "features"
-    steps = [s for s in ("stage1", "tokenizer", "bench") if getattr(cfg, s)]
-    for k, step in enumerate(steps, 1):
+    ran, skipped = [], []
+    bench_dirs = []
+    for k, step in enumerate(cfg.steps, 1):
         t0 = time.perf_counter()
-        _say(f"[{k}/{len(steps)}] {step}: {getattr(cfg, step)}")
-        if step == "stage1":
-            _fit(cfg.stage1, run / "stage1", cfg.trainer_args + cfg.stage1_args)
-            _predict(cfg.stage1, run / "stage1", features, cfg.trainer_args + cfg.stage1_args)
-        elif step == "tokenizer":
-            extra = cfg.trainer_args + cfg.tokenizer_args + ["--model.export_dir", str(run / "tokenizer" / "export")]
-            if cfg.stage1:
-                extra += ["--data.features_dir", str(features)]
-            _fit(cfg.tokenizer, run / "tokenizer", extra)
-            _predict(cfg.tokenizer, run / "tokenizer", run / "tokens", extra)
-        elif step == "bench":
-            if not _is_rank_zero():
-                continue
-            if (run / "bench" / "bench.json").exists():
-                _say("  bench: bench.json exists, skipped")
-            else:
-                from foundv2.cli import bench_command
-
-                args = ["--config", cfg.bench, "--bench.output_dir", str(run / "bench")]
-                if cfg.tokenizer:
-                    args += ["--bench.tokens_dir", str(run / "tokens"), "--bench.tokenizer_dir",
-                             str(run / "tokenizer" / "export")]
-                if cfg.stage1:
-                    args += ["--bench.embeddings", json.dumps({"qformer": str(features)})]
-                from contextlib import redirect_stdout
-                from io import StringIO
-
-                with redirect_stdout(StringIO()):  # the table is printed once, at the end
-                    bench_command(args + cfg.bench_args)
-        timings[step] = time.perf_counter() - t0
-        _say(f"[{k}/{len(steps)}] {step}: finished in {timings[step]:.0f}s")
+        _say(f"[{k}/{len(cfg.steps)}] {step.name}: {step.config}")
+        folder, args = run / step.name, step_args(cfg, step, run)
+        if step.kind == "stage":
+            did = _run_stage(step, folder, args)
+        else:
+            did = _run_bench(folder, args)
+            bench_dirs.append(folder)
+        (ran if did else skipped).append(step.name)
+        timings[step.name] = time.perf_counter() - t0
+        _say(f"[{k}/{len(cfg.steps)}] {step.name}: {'finished' if did else 'skipped'} in {timings[step.name]:.0f}s")
     timings["total"] = time.perf_counter() - t_all
     if _is_rank_zero():
         atomic_write_json(run / "timings.json", timings)
-        bench_json = run / "bench" / "bench.json"
-        if bench_json.exists():
+        for folder in bench_dirs:
             from foundv2.bench.report import table
 
-            print("\n" + table(json.loads(bench_json.read_text())), flush=True)
-        _say(f"all steps done in {timings['total']:.0f}s; report: {run / 'bench' / 'report.md'}")
-    return timings
+            print("\n" + table(json.loads((folder / BENCH_DONE).read_text())), flush=True)
+            _say(f"report: {folder / 'report.md'}")
+        _say(f"all steps done in {timings['total']:.0f}s")
+    return {"timings": timings, "ran": ran, "skipped": skipped}

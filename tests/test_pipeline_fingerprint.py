@@ -1,67 +1,139 @@
-"""A pipeline run folder is never silently reused by another config, stage YAML or code."""
+"""Per-step fingerprints: each step depends on its configs, flags, inputs and its own code only."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 
 from data_modules.schema import DataError
-from foundv2.pipeline import FINGERPRINT, PipelineConfig, _check_fingerprint, fingerprint
-from tests.helpers import run_cli
+from foundv2.pipeline import (
+    FINGERPRINT,
+    REPO,
+    Step,
+    check_run_folder,
+    code_closure,
+    digest,
+    fingerprints,
+    module_imports,
+    parse_config,
+    validate,
+)
+from tests.helpers import ROOT, run_cli
+
+SHIPPED = ROOT / "experiments" / "movielens-100k" / "pipeline.yaml"
 
 
-def _cfg(tmp_path, on_change: str = "error") -> PipelineConfig:
-    stage = tmp_path / "tok.yaml"
-    if not stage.exists():
-        stage.write_text("model: {}\n")
-    return PipelineConfig(run_dir=str(tmp_path / "run"), tokenizer=str(stage), on_change=on_change)
+def _digests(cfg, root=REPO) -> dict[str, str]:
+    return {name: digest(fp) for name, fp in fingerprints(cfg, root).items()}
 
 
-def test_same_fingerprint_reuses_the_folder(tmp_path):
-    cfg = _cfg(tmp_path)
+@pytest.fixture
+def shipped(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    return parse_config(["--config", str(SHIPPED)])
+
+
+@pytest.fixture
+def src(tmp_path):
+    """A copy of the repository's packages that a test may edit."""
+    for pkg in ("foundv2", "data_modules"):
+        shutil.copytree(REPO / pkg, tmp_path / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path / "src"
+
+
+def test_each_step_hashes_only_the_code_it_imports(shipped):
+    fps = fingerprints(shipped)
+    stage1, tokenizer, bench = (set(fps[s]["code"]) for s in ("stage1", "tokenizer", "bench"))
+    assert "foundv2/stages/qformer.py" in stage1 and "foundv2/nn/qformer.py" in stage1
+    assert "foundv2/nn/quantizer.py" not in stage1 and "foundv2/nn/quantizer.py" in tokenizer
+    assert not any(p.startswith("foundv2/bench/") for p in stage1 | tokenizer)
+    assert {"foundv2/bench/report.py", "foundv2/bench/run.py", "foundv2/launch.py"} <= bench
+    assert "data_modules/prepare.py" in stage1 & tokenizer & bench  # the data code feeds every step
+    assert "foundv2/pipeline.py" not in stage1 | tokenizer | bench and "foundv2/cli.py" not in bench
+
+
+@pytest.mark.parametrize("edited, rerun", [
+    ("foundv2/bench/report.py", {"bench"}),
+    ("foundv2/nn/quantizer.py", {"tokenizer", "bench"}),
+    ("foundv2/stages/qformer.py", {"stage1", "tokenizer", "bench"}),  # the later steps read stage 1
+    ("data_modules/prepare.py", {"stage1", "tokenizer", "bench"}),
+    ("foundv2/pipeline.py", set()),  # wiring is in the flags and reads, not in the steps' code
+])
+def test_a_code_edit_changes_the_steps_that_run_it_and_those_that_read_them(shipped, src, edited, rerun):
+    before = _digests(shipped, src)
+    assert before == _digests(shipped)  # the copy is the same code
+    path = src / edited
+    path.write_text(path.read_text() + "\n# a comment\n")
+    after = _digests(shipped, src)
+    assert {name for name in before if before[name] != after[name]} == rerun
+
+
+def test_flags_and_configs_change_the_step_and_the_steps_that_read_it(shipped, tmp_path):
+    before = _digests(shipped)
+    steps = [replace(s, args=[*s.args, "--model.beta", "0.5"]) if s.name == "tokenizer" else s for s in shipped.steps]
+    after = _digests(replace(shipped, steps=steps))
+    assert {n for n in before if before[n] != after[n]} == {"tokenizer", "bench"}
+    data = tmp_path / "data.yaml"
+    data.write_text((ROOT / shipped.data).read_text() + "\n# the data config is every step's config\n")
+    after = _digests(replace(shipped, data=str(data)))
+    assert all(before[n] != after[n] for n in before)
+    flags = {n: fp["flags"] for n, fp in fingerprints(shipped).items()}
+    trainer = {n: fp["flags"] for n, fp in fingerprints(replace(shipped, trainer_args=["--trainer.devices", "2"])).items()}
+    assert flags["stage1"] != trainer["stage1"] and flags["bench"] == trainer["bench"]  # the bench has no trainer
+
+
+def test_module_imports_resolve_relative_and_submodule_imports():
+    src = "from . import report\nfrom ..nn.quantizer import X\nimport foundv2.io\ndef f():\n    from data_modules import store\n"
+    found = module_imports(src, "foundv2.bench.run")
+    assert {"foundv2.bench.report", "foundv2.nn.quantizer", "foundv2.io", "data_modules.store"} <= found
+    closure = code_closure(["foundv2.nn.mrqvae"])
+    assert "foundv2/nn/quantizer.py" in closure and "foundv2/nn/__init__.py" not in closure
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([Step("a", "x.yaml", output="o"), Step("a", "y.yaml", output="o")], "unique"),
+    ([Step("a", "x.yaml")], "needs an output"),
+    ([Step("a", "x.yaml", output="o", reads={"data.features_dir": "b/o"}), Step("b", "y.yaml", output="o")],
+     "reads data.features_dir from 'b/o', which no earlier step writes"),
+    ([Step("a", "x.yaml", output="o"), Step("b", "y.yaml", kind="bench", reads={"bench.tokens_dir": "a/p"})],
+     r"earlier steps write: a/o"),
+    ([Step("a", "x.yaml", kind="eval")], "kind must be one of"),
+    ([Step("a/b", "x.yaml", output="o")], "plain folder name"),
+])
+def test_malformed_steps_are_clear_errors(shipped, steps, message):
+    with pytest.raises(DataError, match=message):
+        validate(replace(shipped, steps=steps))
+
+
+def test_fingerprints_are_recorded_per_step_and_a_changed_config_is_named(shipped, tmp_path):
+    own = tmp_path / "bench.yaml"
+    own.write_text((ROOT / "experiments/movielens-100k/bench.yaml").read_text())
+    steps = [replace(s, config=str(own)) if s.name == "bench" else s for s in shipped.steps]
+    cfg = replace(shipped, run_dir=str(tmp_path / "run"), steps=steps)
     run = tmp_path / "run"
-    run.mkdir()
-    _check_fingerprint(cfg, run)  # a fresh folder: records the fingerprint
-    assert json.loads((run / FINGERPRINT).read_text()) == fingerprint(cfg)
-    (run / "tokens").mkdir()
-    (run / "tokens" / "part-0.arrow").write_text("x")
-    _check_fingerprint(cfg, run)  # unchanged: nothing touched
-    assert (run / "tokens" / "part-0.arrow").exists()
-
-
-def test_changed_yaml_is_refused_then_restarted(tmp_path):
-    cfg = _cfg(tmp_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    _check_fingerprint(cfg, run)
-    (run / "tokenizer").mkdir()
-    (run / "tokenizer" / "fit.done").write_text("{}")
-    (run / "notes.txt").write_text("mine")  # not a step output: never removed
-    (tmp_path / "tok.yaml").write_text("model: {init_args: {lr: 0.1}}\n")
-    with pytest.raises(DataError, match=r"yaml_sha256.*on_change restart"):
-        _check_fingerprint(cfg, run)
-    assert (run / "tokenizer" / "fit.done").exists()  # error mode touches nothing
-    _check_fingerprint(_cfg(tmp_path, "restart"), run)
-    assert not (run / "tokenizer").exists() and (run / "notes.txt").exists()
-    assert json.loads((run / FINGERPRINT).read_text())["yaml_sha256"] == fingerprint(cfg)["yaml_sha256"]
-
-
-def test_folder_without_fingerprint_but_with_steps_is_refused(tmp_path):
-    """A folder written before fingerprints existed (or by hand) is not trusted."""
-    cfg = _cfg(tmp_path)
-    run = tmp_path / "run"
-    (run / "bench").mkdir(parents=True)
-    with pytest.raises(DataError, match="no fingerprint.json says what made them"):
-        _check_fingerprint(cfg, run)
+    assert check_run_folder(cfg, run) == {}
+    fps = fingerprints(cfg)
+    assert all(json.loads((run / n / FINGERPRINT).read_text()) == fps[n] for n in fps)
+    own.write_text(own.read_text() + "  seed: 1\n")
+    with pytest.raises(DataError, match=rf"bench: made with other config {own}"):
+        check_run_folder(cfg, run)
 
 
 def test_cli_reports_a_stale_folder_without_traceback(tmp_path):
-    cfg = _cfg(tmp_path)
     run = tmp_path / "run"
-    (run / "stage1").mkdir(parents=True)
+    (run / "stage1").mkdir(parents=True)  # no fingerprint.json: nothing says what made it
     conf = tmp_path / "pipe.yaml"
-    conf.write_text(json.dumps({"pipeline": {"run_dir": str(run), "tokenizer": cfg.tokenizer}}))
+    conf.write_text(json.dumps({"pipeline": {**yaml_section(SHIPPED), "run_dir": str(run)}}))
     res = run_cli("pipeline", "--config", str(conf), check=False)
-    assert res.returncode == 2 and "on_change restart" in res.stderr and "Traceback" not in res.stderr
-    assert (run / "stage1").exists()
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "stage1: no fingerprint.json says what made it" in res.stderr and "on_change restart" in res.stderr
+    assert (run / "stage1").exists() and not (run / "tokenizer").exists()
+
+
+def yaml_section(path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["pipeline"]

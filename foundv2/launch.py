@@ -1,0 +1,138 @@
+"""Running a stage or a data function from config files: the library under ``foundv2.cli`` and
+``foundv2.pipeline`` (neither imports the other).
+
+- :func:`lightning_cli` builds the LightningCLI over any stage (``model: class_path: ...``) and
+  the :class:`~data_modules.datamodule.UserDataModule` (``data:``) from ``--config`` files and flags.
+- :func:`fit_stage` / :func:`predict_stage`: a fit into a stage folder that resumes from its
+  ``last.ckpt`` and records ``fit.done``; a predict from that folder's best (else last) checkpoint.
+- :func:`data_parser` / :func:`run_with_data`: a parser of the ``data:`` section (plus one
+  function's section, e.g. ``bench:``), and a call of that function on the configured DataModule.
+
+This module imports no stage and no bench code at import time or inside its functions, so a
+step's code fingerprint (``foundv2.pipeline``) can count it without pulling them all in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from data_modules.schema import DataError
+from data_modules.store import atomic_write_json
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: the marker a finished fit leaves in its stage folder (its final callback metrics)
+FIT_DONE = "fit.done"
+#: the sections the shared YAML files may hold besides ``data:``; parsers that do not read one ignore it
+SECTIONS = ("trainer", "model", "ckpt_path", "seed_everything", "optimizer", "lr_scheduler", "pipeline", "bench")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """Build the LightningCLI (``run=False`` only parses and instantiates: a fit or predict is
+    then called on ``cli.trainer`` by the caller)."""
+    import importlib.util
+    import warnings
+
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from data_modules.datamodule import UserDataModule
+
+    # the pipeline builds stage CLIs from its own arguments on purpose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    has_omegaconf = importlib.util.find_spec("omegaconf") is not None
+    return LightningCLI(
+        LightningModule,
+        UserDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf"} if has_omegaconf else None,
+    )
+
+
+def last_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest ``last*.ckpt`` under a stage folder (what an interrupted fit resumes from)."""
+    found = sorted(Path(stage_dir).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def best_or_last_checkpoint(stage_dir: Path) -> Path:
+    """The checkpoint a predict uses: the newest monitored one (ModelCheckpoint's best), else last."""
+    ckpts = [p for p in Path(stage_dir).rglob("*.ckpt") if not p.name.startswith("last")]
+    if ckpts:
+        return max(ckpts, key=lambda p: p.stat().st_mtime)
+    last = last_checkpoint(stage_dir)
+    if last is None:
+        raise DataError(f"{stage_dir}: no checkpoint to predict from; the fit did not save one.")
+    return last
+
+
+def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = print) -> dict:
+    """Fit the stage that ``args`` configure; resume from ``stage_dir``'s ``last.ckpt`` when a
+    run was cut off; rank 0 then writes ``stage_dir/fit.done`` with the final metrics (returned).
+
+    ``args`` should point the trainer's root and logger into ``stage_dir`` so the checkpoints land there.
+    """
+    cli = lightning_cli(args, run=False)
+    last = last_checkpoint(stage_dir)
+    if last is not None:
+        say(f"  fit: resuming from {last}")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last else None)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    if cli.trainer.is_global_zero:
+        atomic_write_json(Path(stage_dir) / FIT_DONE, {"metrics": metrics})
+    cli.trainer.strategy.barrier("fit-stage")
+    return metrics
+
+
+def predict_stage(args: list[str], stage_dir: Path) -> None:
+    """Predict with the stage that ``args`` configure from ``stage_dir``'s best (else last)
+    checkpoint; ``args`` name the output (``--model.predict_dir``)."""
+    ckpt = best_or_last_checkpoint(stage_dir)
+    cli = lightning_cli(args, run=False)
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), return_predictions=False)
+
+
+def data_parser(prog: str = "", description: str = "", skip: tuple[str, ...] = ()):
+    """A parser of ``--config`` files' ``data:`` section (the other shared sections are accepted
+    and ignored, except those in ``skip``, which the caller adds itself)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from data_modules.datamodule import UserDataModule
+
+    parser = ArgumentParser(prog=prog, description=description, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section (repeatable)")
+    parser.add_class_arguments(UserDataModule, "data")
+    for extra in SECTIONS:
+        if extra not in skip:
+            parser.add_argument(f"--{extra}", type=object, default=None, help="(read by other commands)")
+    return parser
+
+
+def function_parser(fn: Callable, section: str, prog: str = "", description: str = ""):
+    """:func:`data_parser` plus ``fn``'s arguments (all but its first, the DataModule) under ``section``."""
+    import inspect
+
+    first = next(iter(inspect.signature(fn).parameters))
+    parser = data_parser(prog, description, skip=(section,))
+    parser.add_function_arguments(fn, section, skip={first})
+    return parser
+
+
+def run_with_data(fn: Callable, section: str, args: list[str], prog: str = "", description: str = "") -> tuple:
+    """Parse ``args`` (``--config data.yaml --config fn.yaml --<section>.x ...``), build the
+    DataModule from ``data:`` and call ``fn(dm, **kwargs)`` with the section's arguments: how
+    the bench runs (``run_with_data(run_bench, "bench", args)``). Returns (its result, kwargs)."""
+    parser = function_parser(fn, section, prog, description)
+    cfg = parser.parse_args(args)
+    dm = parser.instantiate_classes(cfg).data
+    kwargs = cfg[section].as_dict()
+    return fn(dm, **kwargs), kwargs
