@@ -30,9 +30,9 @@ VARIANTS = {"full": {}, "no_fine": {"fine": False}, "no_window": {"window": Fals
 def fit_and_predict(config: str, run_dir: Path, enabled: dict, extra: list[str]) -> dict:
     import lightning as L
 
-    from foundv2.cli import lightning_cli
+    from foundv2.launch import lightning_cli
 
-    args = ["--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
+    args = ["--config", str(ROOT / Path(config).parent / "data.yaml"), "--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
             "--model.enabled", json.dumps(enabled), *extra]
     cli = lightning_cli(args, run=False)

@@ -25,10 +25,10 @@ CONFIGS = {"synthetic": "experiments/synthetic/tokenizer.yaml", "movielens-1m": 
 
 
 def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
-    from foundv2.cli import lightning_cli
+    from foundv2.launch import lightning_cli
 
     run_dir = out / name
-    args = ["--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
+    args = ["--config", str(ROOT / Path(config).parent / "data.yaml"), "--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(run_dir), "--model.export_dir", str(run_dir / "export"),
             "--trainer.enable_progress_bar", "false", *extra]
     cli = lightning_cli(args, run=False)

@@ -31,42 +31,84 @@ def test_every_config_starts_with_the_command_that_runs_it():
         assert any("foundv2 " in line for line in head), f"{p}: no command in the header comment"
 
 
+def _with_data(path: Path) -> list[str]:
+    """A stage or bench YAML runs after its folder's one data config."""
+    data = path.parent / "data.yaml"
+    return (["--config", str(data)] if data.exists() and data != path else []) + ["--config", str(path)]
+
+
+def test_stage_and_bench_configs_hold_no_data_section():
+    """The data config lives once per data-set folder (data.yaml); stage YAMLs do not repeat it."""
+    for p in CONFIGS:
+        if _kind(p) in ("lightning", "bench"):
+            assert "data" not in yaml.safe_load(p.read_text()), p
+            assert (p.parent / "data.yaml").exists(), p
+            assert f"--config {p.parent.relative_to(ROOT).as_posix()}/data.yaml" in p.read_text(), \
+                f"{p}: the header command should pass the folder's data.yaml first"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
 def test_config_parses(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     kind = _kind(path)
     if kind == "lightning":
-        from foundv2.cli import lightning_cli
+        from foundv2.launch import lightning_cli
 
         # the GPU configs are parsed in full; only the trainer is placed on this CPU to instantiate it
-        cli = lightning_cli(["--config", str(path), "--trainer.default_root_dir", str(tmp_path),
+        cli = lightning_cli([*_with_data(path), "--trainer.default_root_dir", str(tmp_path),
                              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"], run=False)
         assert cli.model is not None and cli.datamodule is not None
+        assert cli.datamodule.hparams.dataset == yaml.safe_load((path.parent / "data.yaml").read_text())["data"]["dataset"]
     elif kind == "pipeline":
-        from jsonargparse import ActionConfigFile, ArgumentParser
+        from foundv2.pipeline import parse_config
 
-        from foundv2.pipeline import PipelineConfig
-
-        parser = ArgumentParser()
-        parser.add_argument("--config", action=ActionConfigFile)
-        parser.add_class_arguments(PipelineConfig, "pipeline")
-        cfg = parser.instantiate_classes(parser.parse_args(["--config", str(path)])).pipeline
-        for stage in (cfg.stage1, cfg.tokenizer, cfg.bench):
-            assert stage is None or (ROOT / stage).exists(), stage
+        cfg = parse_config(["--config", str(path)])  # validated: every read names an earlier step's folder
+        for conf in (cfg.data, *(s.config for s in cfg.steps)):
+            assert (ROOT / conf).exists(), conf
     else:
         from foundv2.bench.run import run_bench
-        from foundv2.cli import _data_parser
+        from foundv2.launch import data_parser, function_parser
 
-        parser = _data_parser("check", "", skip=("bench",) if kind == "bench" else ())
-        if kind == "bench":
-            parser.add_function_arguments(run_bench, "bench", skip={"dm"})
-        cfg = parser.parse_args(["--config", str(path)])
+        parser = function_parser(run_bench, "bench") if kind == "bench" else data_parser()
+        cfg = parser.parse_args(_with_data(path))
         assert parser.instantiate_classes(cfg).data is not None
+
+
+PIPELINES = [p for p in CONFIGS if _kind(p) == "pipeline"]
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_every_step_of_a_pipeline_sees_the_same_data_config(path, tmp_path, monkeypatch):
+    """What each step would really instantiate: the stages' DataModule (LightningCLI from the
+    step's arguments) and the bench's, equal but for the keys a step reads from earlier steps."""
+    from dataclasses import replace
+
+    from foundv2.bench.run import run_bench
+    from foundv2.launch import function_parser, lightning_cli
+    from foundv2.pipeline import parse_config, step_args
+
+    monkeypatch.chdir(ROOT)
+    cfg = parse_config(["--config", str(path)])
+    cfg = replace(cfg, run_dir=str(tmp_path))
+    seen = {}
+    for step in cfg.steps:
+        args = step_args(cfg, step, tmp_path)
+        if step.kind == "stage":
+            data = dict(lightning_cli([*args, "--trainer.accelerator", "cpu"], run=False).datamodule.hparams)
+        else:
+            parser = function_parser(run_bench, "bench")
+            data = parser.parse_args(args).data.as_dict()
+        for key in step.reads:
+            if key.startswith("data."):
+                data.pop(key.removeprefix("data."))
+        seen[step.name] = data
+    first = next(iter(seen.values()))
+    assert len(seen) == len(cfg.steps) and all(d == first for d in seen.values()), seen
 
 
 @pytest.mark.parametrize("name", ["synthetic/tokenizer.yaml", "synthetic/qformer.yaml"])
 def test_small_configs_run_one_step(name, tmp_path):
-    run_cli("fit", "--config", str(ROOT / "experiments" / name), "--trainer.fast_dev_run", "1",
+    run_cli("fit", *_with_data(ROOT / "experiments" / name), "--trainer.fast_dev_run", "1",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
             "--data.cache_dir", str(tmp_path / "cache"), "--data.loader_args", '{"n_users": 300, "seed": 0}',
             "--data.progress", "false")

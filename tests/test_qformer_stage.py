@@ -210,9 +210,9 @@ def test_fine_target(cache, fine_target):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)
 def test_configs_parse(path):
-    from foundv2.cli import lightning_cli
+    from foundv2.launch import lightning_cli
 
-    cli = lightning_cli(["--config", str(path)], run=False)
+    cli = lightning_cli(["--config", str(path.parent / "data.yaml"), "--config", str(path)], run=False)
     assert isinstance(cli.model, QFormerStage) and cli.model.hparams.backbone == "qformer"
     assert cli.datamodule.hparams.dataset == path.parent.name
     assert path.read_text().startswith("#") and "foundv2 fit --config" in path.read_text()
@@ -221,9 +221,9 @@ def test_configs_parse(path):
 def test_cli_predict_from_checkpoint_writes_to_the_given_folder(cache, tmp_path):
     """LightningCLI re-applies a checkpoint's hyperparameters over the command line: the output
     folder must still be the one given at predict time."""
-    from foundv2.cli import lightning_cli
+    from foundv2.launch import lightning_cli
 
-    common = ["--config", str(CONFIGS[0]), "--data.loader_args", "{n_users: 300, seed: 0}",
+    common = ["--config", str(CONFIGS[0].parent / "data.yaml"), "--config", str(CONFIGS[0]), "--data.loader_args", "{n_users: 300, seed: 0}",
               "--data.cache_dir", str(cache), "--data.progress", "false", "--trainer.logger", "false",
               "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(tmp_path)]  # the CLI saves its config.yaml there

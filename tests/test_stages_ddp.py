@@ -8,7 +8,7 @@ import pytest
 from data_modules.store import read_stage_output
 from tests.helpers import ROOT, run_cli
 
-DATA = ["--data.loader_args", '{"n_users": 240, "seed": 4}', "--data.window_mode", "week",
+DATA = ["--data.dataset", "synthetic", "--data.loader_args", '{"n_users": 240, "seed": 4}', "--data.window_mode", "week",
         "--data.text_encoder", "hashing", "--data.batch_size", "16", "--data.progress", "false"]
 CPU = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 DDP2 = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]

@@ -111,6 +111,7 @@ def test_corrupt_checkpoint_and_tokenizer_folder_are_clear_errors(tmp_path):
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"\x00" * 64)
     res = subprocess.run([sys.executable, "-m", "foundv2", "predict", "--config",
+                          str(ROOT / "experiments/synthetic/data.yaml"), "--config",
                           str(ROOT / "experiments/synthetic/tokenizer.yaml"), "--ckpt_path", str(bad)],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "not a readable checkpoint" in res.stderr and "Traceback" not in res.stderr
