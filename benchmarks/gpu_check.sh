@@ -206,7 +206,7 @@ PYEOF
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 || true
 fi
 [ -f "$WORK/site" ] && export PYTHONPATH="$(cat "$WORK/site"):$PYTHONPATH"
-"$PY" -c "import foundv2.cli, data_modules.datamodule, datasets, jsonargparse; print('foundv2 imports OK')" \
+"$PY" -c "import foundv2.launch, foundv2.pipeline, data_modules.datamodule, datasets, jsonargparse; print('foundv2 imports OK')" \
   || echo "FAILED: foundv2 imports" >>"$WORK/failures.txt"
 
 # nvidia-smi memory sampler for the whole script
@@ -219,18 +219,18 @@ fi
 # ------------------------------------------------------------------------------------ stage 1
 if [[ " $PARTS " == *" q "* ]]; then
   banner "stage 1: qformer fit (bf16-mixed)"
-  GPUSTATS_LABEL=qformer-fit-bf16 run "$PY" -m foundv2 fit --config experiments/synthetic/qformer.yaml \
+  GPUSTATS_LABEL=qformer-fit-bf16 run "$PY" -m foundv2 fit --config experiments/synthetic/data.yaml --config experiments/synthetic/qformer.yaml \
     "${DATA_ARGS[@]}" --trainer.max_epochs 1 "${COMMON[@]}" --trainer.precision bf16-mixed \
     --trainer.default_root_dir "$WORK/q" --trainer.logger.init_args.save_dir "$WORK/q" "${CB[@]}" $EXTRA
   CK=$(last_ckpt "$WORK/q"); echo "checkpoint: $CK"
   banner "stage 1: qformer predict -> $WORK/feat"
-  GPUSTATS_LABEL=qformer-predict-bf16 run "$PY" -m foundv2 predict --config experiments/synthetic/qformer.yaml \
+  GPUSTATS_LABEL=qformer-predict-bf16 run "$PY" -m foundv2 predict --config experiments/synthetic/data.yaml --config experiments/synthetic/qformer.yaml \
     "${DATA_ARGS[@]}" "${COMMON[@]}" --trainer.precision bf16-mixed --trainer.logger false \
     --trainer.default_root_dir "$WORK/q" --ckpt_path "$CK" --model.predict_dir "$WORK/feat" "${CB[@]}"
   ls -la "$WORK/feat"; cat "$WORK/feat/meta.json" 2>/dev/null | head -c 600; echo
 fi
 
-TOK=(--config experiments/synthetic/tokenizer.yaml "${DATA_ARGS[@]}" --data.features_dir "$WORK/feat" "${COMMON[@]}")
+TOK=(--config experiments/synthetic/data.yaml --config experiments/synthetic/tokenizer.yaml "${DATA_ARGS[@]}" --data.features_dir "$WORK/feat" "${COMMON[@]}")
 # ------------------------------------------------------------------------------------ stage 2
 if [[ " $PARTS " == *" tok "* ]]; then
   banner "stage 2: tokenizer fit (bf16-mixed, $TOK_EPOCHS epochs) on $WORK/feat"
@@ -259,7 +259,7 @@ fi
 # ------------------------------------------------------------------------------------ paper-gpu
 if [[ " $PARTS " == *" paper "* ]]; then
   banner "paper-gpu tokenizer: 4+2 levels x 1024 codes x 256-d, $PAPER_USERS users, 1 epoch (bf16-mixed)"
-  GPUSTATS_LABEL=paper-tokenizer-fit-bf16 run "$PY" -m foundv2 fit --config experiments/paper-gpu/tokenizer.yaml \
+  GPUSTATS_LABEL=paper-tokenizer-fit-bf16 run "$PY" -m foundv2 fit --config experiments/paper-gpu/data.yaml --config experiments/paper-gpu/tokenizer.yaml \
     --data.loader_args "{\"n_users\": $PAPER_USERS, \"seed\": 0, \"chunk_users\": 20000}" \
     --data.cache_dir "$WORK/cache" --data.num_workers 4 --trainer.max_epochs 1 "${COMMON[@]}" \
     --trainer.precision bf16-mixed --trainer.default_root_dir "$WORK/paper" \

@@ -18,6 +18,9 @@ from tests.helpers import ROOT, run_cli
 
 
 def _configs(tmp_path, name: str) -> str:
+    data = {"data": {"dataset": "synthetic", "loader_args": {"n_users": 300, "seed": 2}, "window_mode": "week",
+                     "text_encoder": "hashing", "cache_dir": str(tmp_path / "cache"), "batch_size": 16,
+                     "progress": False}}
     stage = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 6, "log_every_n_steps": 2,
@@ -29,12 +32,11 @@ def _configs(tmp_path, name: str) -> str:
         "model": {"class_path": "foundv2.stages.tokenizer.TokenizerStage",
                   "init_args": {"shared_codes": 16, "specific_codes": 8, "code_dim": 8, "hidden": [32],
                                 "quantizer_options": {"kmeans_buffer": 256, "respawn_every": 5}}},
-        "data": {"dataset": "synthetic", "loader_args": {"n_users": 300, "seed": 2}, "window_mode": "week",
-                 "text_encoder": "hashing", "cache_dir": str(tmp_path / "cache"), "batch_size": 16,
-                 "progress": False},
     }
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
     (tmp_path / "tok.yaml").write_text(yaml.safe_dump(stage))
-    pipe = {"pipeline": {"run_dir": str(tmp_path / name), "tokenizer": str(tmp_path / "tok.yaml")}}
+    pipe = {"pipeline": {"run_dir": str(tmp_path / name), "data": str(tmp_path / "data.yaml"), "steps": [
+        {"name": "tokenizer", "config": str(tmp_path / "tok.yaml"), "output": "tokens"}]}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(pipe))
     return str(path)
@@ -42,7 +44,7 @@ def _configs(tmp_path, name: str) -> str:
 
 def _outcome(run_dir):
     metrics = json.loads((run_dir / "tokenizer" / "fit.done").read_text())["metrics"]
-    tokens, _ = read_stage_output(run_dir / "tokens")
+    tokens, _ = read_stage_output(run_dir / "tokenizer" / "tokens")
     codes = {u: np.asarray(c) for u, c in zip(tokens["user_id"], tokens["codes"], strict=True)}
     return metrics, codes
 

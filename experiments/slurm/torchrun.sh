@@ -10,6 +10,6 @@ GPUS=${GPUS:-4}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS" --node_rank "${NODE_RANK:?}" \
   --master_addr "${MASTER_ADDR:?}" --master_port "${MASTER_PORT:-29500}" \
-  -m foundv2 fit --config experiments/paper-gpu/tokenizer.yaml \
+  -m foundv2 fit --config experiments/paper-gpu/data.yaml --config experiments/paper-gpu/tokenizer.yaml \
   --trainer.accelerator gpu --trainer.devices "$GPUS" --trainer.num_nodes "$NNODES" \
   --trainer.strategy ddp --trainer.precision bf16-mixed
