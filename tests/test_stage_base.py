@@ -152,7 +152,8 @@ def test_predict_refuses_an_uninitialised_tokenizer(tmp_path):
     """The synthetic tokenizer YAML without fit, checkpoint or pretrained folder: exit 2, one
     paragraph, nothing written."""
     out = tmp_path / "tokens"
-    res = run_cli("predict", "--config", str(ROOT / "experiments/synthetic/tokenizer.yaml"),
+    res = run_cli("predict", "--config", str(ROOT / "experiments/synthetic/data.yaml"),
+                  "--config", str(ROOT / "experiments/synthetic/tokenizer.yaml"),
                   "--data.loader_args", "{n_users: 60, seed: 0}", "--data.cache_dir", str(tmp_path / "cache"),
                   "--data.progress", "false", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                   "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "root"),
