@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe clean
+.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -39,7 +39,7 @@ test-full: $(STAMP)  ## every test, the slow ones included
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check foundv2 data_modules tests benchmarks
 
-bench: bench-data bench-tokenizer bench-qformer bench-probe  ## every benchmark
+bench: bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor  ## every benchmark
 
 bench-data: $(STAMP)  ## data preparation speed and memory -> bench-results/data.json
 	$(BIN)/python benchmarks/bench_data.py
@@ -52,6 +52,12 @@ bench-qformer: $(STAMP)  ## Q-Former features vs pooled, objective ablation -> b
 
 bench-probe: $(STAMP)  ## the linear-probe benchmark on MovieLens-1M -> bench-results/probe.json
 	$(BIN)/python benchmarks/bench_probe.py
+
+bench-alignment: $(STAMP)  ## stage 3 vs the tokens it reads, stage 1, baselines; objective ablation -> bench-results/alignment.json
+	$(BIN)/python benchmarks/bench_alignment.py
+
+bench-qanchor: $(STAMP)  ## Query-as-Anchor KV-cache serving on SmolLM2-135M -> bench-results/qanchor.json
+	$(BIN)/python benchmarks/bench_qanchor.py
 
 clean:  ## remove caches and run outputs (not the venv)
 	rm -rf .cache runs bench-results lightning_logs

@@ -428,6 +428,22 @@ def _save_scores(folder: Path, row: str, task: str, scores: np.ndarray) -> None:
     atomic_write_bytes(folder / SCORES_DIR / f"{row}.{task}.npy", buf.getvalue())
 
 
+def _paired(out_dir: Path, pairs: list[list[str]], tasks: list[Task], labels: dict) -> dict:
+    """``task → [{a, b, delta, lo, hi, p_le_0, n}]`` for each requested pair of rows that both have
+    that task's test scores (see :func:`~foundv2.bench.probes.paired_bootstrap`)."""
+    from foundv2.bench.probes import paired_bootstrap
+
+    out: dict[str, list] = {}
+    for t in tasks:
+        for a, b in pairs:
+            sa, sb = load_scores(out_dir, a, t.name), load_scores(out_dir, b, t.name)
+            if sa is None or sb is None:
+                continue
+            d = paired_bootstrap(t.kind, sa, sb, labels.get(t.name))
+            out.setdefault(t.name, []).append({"a": a, "b": b, **{k: float(v) for k, v in d.items()}})
+    return out
+
+
 def load_scores(folder: Path, row: str, task: str) -> np.ndarray | None:
     """The test scores of one (row, task) saved by this run (None when there are none)."""
     path = Path(folder) / SCORES_DIR / f"{row}.{task}.npy"
@@ -461,6 +477,7 @@ def run_bench(
     probe_epochs: int = 30,
     seed: int = 0,
     skip_tasks: list[str] | None = None,
+    compare: list[list[str]] | None = None,
     progress: bool = True,
     resume: bool = True,
 ) -> dict:
@@ -482,12 +499,16 @@ def run_bench(
         probe_epochs: the next-item probe's epoch budget (early-stopped on val).
         seed: seed of the probes.
         skip_tasks: tasks left out (a quick bench, e.g. ["next_items"]).
+        compare: pairs of rows ``[a, b]`` compared on every task with the paired 95 % interval of
+            ``a - b`` (bench.json ``pairs``), whatever their sizes: e.g. stage 3 against the token
+            bag it reads, or an ablation against the full model.
         progress: show one progress bar over rows × tasks.
         resume: reuse the finished (row, task) results of an unfinished run with the same inputs.
     """
     inputs = {"tokens_dir": tokens_dir, "tokenizer_dir": tokenizer_dir, "embeddings": embeddings or {},
               "baselines": baselines, "representations": representations, "storage_bytes": storage_bytes,
-              "sasrec_epochs": sasrec_epochs, "probe_epochs": probe_epochs, "seed": seed, "skip_tasks": skip_tasks}
+              "sasrec_epochs": sasrec_epochs, "probe_epochs": probe_epochs, "seed": seed, "skip_tasks": skip_tasks,
+              "compare": [list(p) for p in compare or []]}
     out_dir = Path(output_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -594,6 +615,7 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
     from foundv2.bench.report import write_report
 
     labels = {t.name: t.y[data.split == Split.TEST] for t in tasks if t.y is not None}
+    bench["pairs"] = _paired(out_dir, inputs["compare"], tasks, labels)
     write_report(bench, out_dir, extra.get("usage"), labels)
     prog_path.unlink(missing_ok=True)
     shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
