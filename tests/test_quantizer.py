@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from foundv2.nn.mrqvae import MultiViewRQVAE, collision_stats, disambiguate
-from foundv2.nn.quantizer import SHARED, ResidualGroupQuantizer
+from foundv2.nn.quantizer import SHARED, QuantizerConfig, ResidualGroupQuantizer
 
 SOURCES = ["a", "b", "c"]
 DIM = 8
@@ -27,7 +27,7 @@ def small_quantizer(layout: str, **options) -> ResidualGroupQuantizer:
         n_shared_levels=2, n_specific_levels=1, shared_codes=CODES, specific_codes=CODES,
         kmeans_buffer=256, respawn_every=4, recent_size=256,
     )  # fmt: skip
-    return ResidualGroupQuantizer(DIM, SOURCES, layout=layout, **{**base, **options})
+    return ResidualGroupQuantizer(DIM, SOURCES, QuantizerConfig(layout=layout, **{**base, **options}))
 
 
 def warm_up(q: ResidualGroupQuantizer, steps: int = 10, n: int = 128) -> None:
@@ -147,7 +147,7 @@ def test_sinkhorn_balances_last_level() -> None:
     torch.manual_seed(0)
     used = {}
     for sk in (False, True):
-        q = small_quantizer("sequential", kmeans_init=False, respawn=False, sinkhorn_last=sk).train()
+        q = small_quantizer("sequential", kmeans_init=False, respawn=False, data_init=False, sinkhorn_last=sk).train()
         torch.manual_seed(0)
         q.codebook.data.normal_()
         z = torch.randn(256, DIM) * 0.1 + 3.0  # all rows in one corner of the space
@@ -172,11 +172,9 @@ def train_tokenizer(options: dict, layout: str, steps: int = 200, measured: int 
     """Train a small MultiViewRQVAE; return the smallest code utilisation over levels and blocks,
     measured like the logged metric: share of codes used during the last ``measured`` steps."""
     torch.manual_seed(0)
-    model = MultiViewRQVAE(
-        16, sources=["s0", "s1", "s2", "s3"], code_dim=8, hidden=(32,), layout=layout,
-        n_shared_levels=2, n_specific_levels=1, shared_codes=CODES, specific_codes=CODES,
-        quantizer_options={"kmeans_buffer": 512, "respawn_every": 50, "recent_size": 512, **options},
-    )  # fmt: skip
+    config = QuantizerConfig(layout=layout, n_shared_levels=2, n_specific_levels=1, shared_codes=CODES,
+                             specific_codes=CODES, kmeans_buffer=512, respawn_every=50, recent_size=512, **options)
+    model = MultiViewRQVAE(16, sources=["s0", "s1", "s2", "s3"], code_dim=8, hidden=(32,), quantizer=config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -191,7 +189,7 @@ def train_tokenizer(options: dict, layout: str, steps: int = 200, measured: int 
     return min(v for k, v in util.items() if k.startswith("util/"))
 
 
-NAIVE = {"kmeans_init": False, "respawn": False}  # the official code as released: N(0, 1) init
+NAIVE = {"kmeans_init": False, "respawn": False, "data_init": False}  # the official code as released: N(0, 1) init
 
 
 def test_collapse_regression_union() -> None:
@@ -210,9 +208,9 @@ def test_no_collapse_sequential() -> None:
 
 def test_losses_and_missing_source() -> None:
     """Every loss term is logged; a source absent from the batch gives 0, not NaN."""
-    model = MultiViewRQVAE({"a": 12, "b": 8, "c": 16}, code_dim=8, hidden=(16,), n_shared_levels=1,
-                           n_specific_levels=1, shared_codes=CODES, specific_codes=CODES,
-                           quantizer_options={"kmeans_buffer": 32})  # fmt: skip
+    config = QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=CODES, specific_codes=CODES,
+                             kmeans_buffer=32)
+    model = MultiViewRQVAE({"a": 12, "b": 8, "c": 16}, code_dim=8, hidden=(16,), quantizer=config)
     feat = torch.randn(64, 16)
     source = torch.randint(2, (64,))  # no rows of "c"
     out = model(feat, source)
@@ -233,8 +231,8 @@ def test_losses_and_missing_source() -> None:
 
 
 def test_recon_reduction_sum_vs_mean() -> None:
-    kw = dict(sources=["a"], code_dim=8, hidden=(16,), n_shared_levels=1, n_specific_levels=0,
-              shared_codes=CODES, quantizer_options={"kmeans_init": False})  # fmt: skip
+    config = QuantizerConfig(n_shared_levels=1, n_specific_levels=0, shared_codes=CODES, kmeans_init=False)
+    kw = dict(sources=["a"], code_dim=8, hidden=(16,), quantizer=config)
     torch.manual_seed(0)
     summed = MultiViewRQVAE(16, recon_reduction="sum", **kw).eval()
     torch.manual_seed(0)
@@ -247,12 +245,10 @@ def test_recon_reduction_sum_vs_mean() -> None:
 @pytest.mark.parametrize("tabular_separate", [False, True])
 def test_save_load_round_trip(tmp_path, tabular_separate: bool) -> None:
     torch.manual_seed(0)
-    model = MultiViewRQVAE(
-        {"a": 12, "b": 16, "tabular": 6}, code_dim=8, hidden=(16,), layout="union",
-        n_shared_levels=2, n_specific_levels=0, shared_codes=CODES, specific_codes=8,
-        tabular_separate=tabular_separate, tabular_levels=3, tabular_codes=CODES,
-        quantizer_options={"kmeans_buffer": 64, "respawn_every": 3, "ema": True},
-    )  # fmt: skip
+    config = QuantizerConfig(layout="union", n_shared_levels=2, n_specific_levels=0, shared_codes=CODES,
+                             specific_codes=8, kmeans_buffer=64, respawn_every=3, ema=True)
+    model = MultiViewRQVAE({"a": 12, "b": 16, "tabular": 6}, code_dim=8, hidden=(16,), quantizer=config,
+                           tabular_separate=tabular_separate, tabular_levels=3, tabular_codes=CODES)
     gen = torch.Generator().manual_seed(0)
     feat, source = torch.randn(64, 16, generator=gen), torch.randint(3, (64,), generator=gen)
     for _ in range(5):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from foundv2.nn.quantizer import ResidualGroupQuantizer
+from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
 
 WORLD = 2
 DIM = 8
@@ -41,11 +41,10 @@ def _worker(rank: int, port: int) -> None:
     try:
         for ema in (False, True):
             torch.manual_seed(0)  # same initial module on both ranks, as DDP requires
-            q = ResidualGroupQuantizer(
-                DIM, ["a", "b"], layout="union", n_shared_levels=2, n_specific_levels=0,
-                shared_codes=16, specific_codes=16, kmeans_buffer=256, respawn_every=10_000,
-                recent_size=256, ema=ema,
-            ).train()  # fmt: skip
+            config = QuantizerConfig(layout="union", n_shared_levels=2, n_specific_levels=0, shared_codes=16,
+                                     specific_codes=16, kmeans_buffer=256, respawn_every=10_000,
+                                     recent_size=256, ema=ema)
+            q = ResidualGroupQuantizer(DIM, ["a", "b"], config).train()
             gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
             q(*_batch(rank, gen))  # 192 rows over both ranks: below the k-means buffer
             assert not bool(q.initialised)

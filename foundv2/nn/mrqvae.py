@@ -5,17 +5,18 @@ Also the collision tools for whole code tuples: `collision_stats` and `disambigu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from data_modules.store import atomic_dir, atomic_write_json
-from foundv2.nn.quantizer import ResidualGroupQuantizer
+from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -65,15 +66,13 @@ class MultiViewRQVAE(nn.Module):
         hidden: hidden widths of the encoder MLPs (decoders use them reversed).
         dropout: dropout between MLP layers.
         recon_reduction: ``"sum"`` or ``"mean"`` over features (see above).
-        layout, n_shared_levels, n_specific_levels, shared_codes, specific_codes, beta:
-            as in `ResidualGroupQuantizer`.
+        quantizer: layout and codebook care of the quantiser (`QuantizerConfig`).
         tabular_separate: the source named ``tabular_source`` gets its own plain residual
-            quantiser (``tabular_levels`` × ``tabular_codes``) instead of the group quantiser.
+            quantiser (``tabular_levels`` × ``tabular_codes``, the other options of ``quantizer``)
+            instead of the group quantiser.
         tabular_source: name of the tabular source.
         tabular_levels: levels of the tabular quantiser (default: the group quantiser's).
         tabular_codes: codebook size per level of the tabular quantiser.
-        quantizer_options: other keyword arguments of `ResidualGroupQuantizer` (kmeans_init,
-            respawn, ema, sinkhorn_last, rotation_trick, ...), used by both quantisers.
     """
 
     def __init__(
@@ -84,17 +83,11 @@ class MultiViewRQVAE(nn.Module):
         hidden: Sequence[int] = (512,),
         dropout: float = 0.0,
         recon_reduction: Literal["sum", "mean"] = "sum",
-        layout: Literal["sequential", "union"] = "sequential",
-        n_shared_levels: int = 4,
-        n_specific_levels: int = 2,
-        shared_codes: int | Sequence[int] = 1024,
-        specific_codes: int | Sequence[int] = 1024,
-        beta: float = 0.25,
+        quantizer: QuantizerConfig = QuantizerConfig(),
         tabular_separate: bool = False,
         tabular_source: str = "tabular",
         tabular_levels: int | None = None,
         tabular_codes: int = 1024,
-        quantizer_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(input_dims, dict):
@@ -109,13 +102,9 @@ class MultiViewRQVAE(nn.Module):
             raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {recon_reduction!r}")
         self.config = dict(
             input_dims=dims, sources=sources, code_dim=code_dim, hidden=list(hidden), dropout=dropout,
-            recon_reduction=recon_reduction, layout=layout, n_shared_levels=n_shared_levels,
-            n_specific_levels=n_specific_levels,
-            shared_codes=shared_codes if isinstance(shared_codes, int) else list(shared_codes),
-            specific_codes=specific_codes if isinstance(specific_codes, int) else list(specific_codes),
-            beta=beta, tabular_separate=tabular_separate, tabular_source=tabular_source,
-            tabular_levels=tabular_levels, tabular_codes=tabular_codes,
-            quantizer_options=dict(quantizer_options or {}),
+            recon_reduction=recon_reduction, quantizer=dataclasses.asdict(quantizer),
+            tabular_separate=tabular_separate, tabular_source=tabular_source, tabular_levels=tabular_levels,
+            tabular_codes=tabular_codes,
         )  # fmt: skip
         self.sources = sources
         self.input_dims = dims
@@ -128,22 +117,17 @@ class MultiViewRQVAE(nn.Module):
 
         self.tabular_separate = tabular_separate and tabular_source in sources
         grouped = [s for s in sources if not (self.tabular_separate and s == tabular_source)]
-        options = dict(quantizer_options or {})
-        self.quantizer = ResidualGroupQuantizer(
-            code_dim, grouped, layout=layout, n_shared_levels=n_shared_levels,
-            n_specific_levels=n_specific_levels, shared_codes=shared_codes,
-            specific_codes=specific_codes, beta=beta, **options,
-        )  # fmt: skip
+        self.quantizer = ResidualGroupQuantizer(code_dim, grouped, quantizer)
         # source index → index among the grouped sources (-1: the separate tabular source)
         to_group = torch.tensor([grouped.index(s) if s in grouped else -1 for s in sources])
         self.register_buffer("to_group", to_group, persistent=False)
         self.tabular_quantizer: ResidualGroupQuantizer | None = None
         if self.tabular_separate:
-            self.tabular_quantizer = ResidualGroupQuantizer(
-                code_dim, [tabular_source], layout="sequential",
-                n_shared_levels=tabular_levels or self.quantizer.n_levels, n_specific_levels=0,
-                shared_codes=tabular_codes, beta=beta, **options,
+            tabular = quantizer.replace(
+                layout="sequential", n_shared_levels=tabular_levels or self.quantizer.n_levels,
+                n_specific_levels=0, shared_codes=tabular_codes,
             )  # fmt: skip
+            self.tabular_quantizer = ResidualGroupQuantizer(code_dim, [tabular_source], tabular)
         self.n_levels = max(
             self.quantizer.n_levels, self.tabular_quantizer.n_levels if self.tabular_quantizer else 0
         )
@@ -265,9 +249,27 @@ class MultiViewRQVAE(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        model = cls(**json.loads((folder / CONFIG_FILE).read_text()))
+        config = upgrade_config(json.loads((folder / CONFIG_FILE).read_text()))
+        model = cls(**{**config, "quantizer": QuantizerConfig.from_dict(config["quantizer"])})
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)))
         return model.to(map_location).eval()
+
+
+#: the quantiser options that config.json files written before `QuantizerConfig` kept at the top
+#: level (the others were in ``quantizer_options``)
+_LEGACY_QUANTIZER_KEYS = ("layout", "n_shared_levels", "n_specific_levels", "shared_codes", "specific_codes", "beta")
+
+
+def upgrade_config(config: dict) -> dict:
+    """A config.json as `MultiViewRQVAE` takes it: one written before `QuantizerConfig` (the
+    layout at the top level, the rest in ``quantizer_options``) is rewritten to the ``quantizer``
+    section; a current one is returned as it is."""
+    if "quantizer" in config:
+        return config
+    config = dict(config)
+    quantizer = {k: config.pop(k) for k in _LEGACY_QUANTIZER_KEYS if k in config}
+    quantizer.update(config.pop("quantizer_options", None) or {})
+    return {**config, "quantizer": quantizer}
 
 
 # ------------------------------------------------------------------------------ collisions

@@ -28,20 +28,27 @@ Codebook care (k-means init, dead-code respawn, EMA statistics) is decided ident
 DDP rank: latents are all-gathered, rank 0 computes, the result is broadcast. Without a process
 group everything runs locally.
 
-Note for DDP users: the usage counters are buffers meant to be *summed* over ranks
-(`usage_metrics(sync=True)` does it); wrap the model with ``broadcast_buffers=False`` so that DDP
-does not overwrite them with rank 0's (codebook and EMA state are synchronised here anyway).
+Usage counters are summed over ranks once, at every training step, so they are identical on
+every rank (DDP's buffer broadcast cannot corrupt them) and `usage_metrics` reads them as they are.
+
+Determinism: the code vectors are gathered with `F.embedding`, whose backward accumulates in a
+fixed order (``table[idx]``'s does not with more than one thread), so a fixed config trains to
+bit-identical codes on CPU. Before the k-means init (or without it) the random codebook is moved
+onto the first batch's latents (``data_init``): an untrained encoder's latents are small, and
+N(0, 1) codes far from them leave most codes unreachable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SHARED = -1  # block id of a level's shared block; source blocks are numbered 0 .. S-1
@@ -172,6 +179,85 @@ def _as_list(x: int | Sequence[int], n: int, name: str) -> list[int]:
     return out
 
 
+# ------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """The quantiser's layout and codebook care: one set of options and defaults, shared by
+    `ResidualGroupQuantizer`, `foundv2.nn.mrqvae.MultiViewRQVAE` and the tokenizer stage (its
+    ``--model.quantizer.*`` options; each attribute's docstring is the ``--help`` text)."""
+
+    layout: Literal["sequential", "union"] = "sequential"
+    """``sequential`` (paper: shared levels, then per-source levels) or ``union`` (official code:
+    every level holds a shared block and one block per source)."""
+    n_shared_levels: int = 4
+    """sequential: levels with one shared codebook (paper 4); union: together with
+    ``n_specific_levels``, the number of levels."""
+    n_specific_levels: int = 2
+    """sequential: the following levels, one codebook per source (paper 2)."""
+    shared_codes: int | list[int] = 1024
+    """Codes of a shared codebook (block): one int, or one per shared level (union: per level)."""
+    specific_codes: int | list[int] = 1024
+    """Codes of a source's codebook (block): one int, or one per specific level (union: per level)."""
+    beta: float = 0.25
+    """Commitment weight in ``loss = loss_codebook + beta * loss_commit`` (paper 0.25)."""
+    kmeans_init: bool = True
+    """Initialise every level by k-means on the residuals of buffered real latents."""
+    kmeans_buffer: int = 4096
+    """Latents (summed over ranks) buffered before the k-means init; a few times the largest block."""
+    kmeans_iters: int = 10
+    """Lloyd iterations of the k-means init, after k-means++ seeding."""
+    data_init: bool = True
+    """Before any k-means, scale the random codebook to the first training batch's latents (mean
+    and std per dimension, level by level), so that most codes are reachable from the first step."""
+    respawn: bool = True
+    """Replace dead codes on every level with recent residuals of that level."""
+    respawn_every: int = 100
+    """Training steps in a respawn (usage) window."""
+    dead_fraction: float = 0.03
+    """A code used less than this fraction of its block's mean use in the window is dead (a code
+    of a block with no use at all is always dead)."""
+    recent_size: int = 2048
+    """Recent residuals kept per level (per rank) to draw replacements from."""
+    ema: bool = False
+    """Update codes by exponential moving averages instead of gradients (paper: no EMA)."""
+    ema_decay: float = 0.99
+    """EMA decay."""
+    sinkhorn_last: bool = False
+    """Balance the last level's assignment with Sinkhorn-Knopp in training."""
+    sinkhorn_iters: int = 5
+    """Sinkhorn-Knopp iterations."""
+    sinkhorn_temperature: float = 0.05
+    """Softmax temperature of the Sinkhorn assignment, in units of the distances' std."""
+    rotation_trick: bool = False
+    """Pass gradients through the rotation trick (Fifty et al. 2024) instead of straight-through."""
+    codebook_init_std: float = 1.0
+    """Std of the N(0, std²) initial codebook (before any data or k-means init; official code: 1)."""
+    seed: int = 0
+    """Seed of the generator used by k-means and respawn (rank 0)."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("sequential", "union"):
+            raise ValueError(f"layout must be 'sequential' or 'union', got {self.layout!r}")
+        for name in ("shared_codes", "specific_codes"):  # lists, not tuples: config.json round-trips
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                object.__setattr__(self, name, [int(v) for v in value])
+
+    @classmethod
+    def from_dict(cls, values: dict) -> QuantizerConfig:
+        """A config from a dict (config.json, a YAML section); an unknown key is an error that
+        names it and the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown quantizer option(s) {unknown}; the options are {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> QuantizerConfig:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
 # ------------------------------------------------------------------------------------ layout
 @dataclass(frozen=True)
 class LevelLayout:
@@ -218,74 +304,18 @@ class ResidualGroupQuantizer(nn.Module):
     Args:
         dim: latent (code) dimension.
         sources: source names (their order defines the source index used in ``forward``).
-        layout: ``"sequential"`` (paper) or ``"union"`` (official code); see the module docstring.
-        n_shared_levels: sequential: levels using the shared codebook.
-        n_specific_levels: sequential: following levels using per-source codebooks.
-            In ``union`` every one of the ``n_shared_levels + n_specific_levels`` levels has both.
-        shared_codes: shared codebook (block) size, an int or one per shared level
-            (``union``: one per level).
-        specific_codes: per-source codebook (block) size, an int or one per specific level
-            (``union``: one per level).
-        beta: commitment weight used in ``loss`` (paper 0.25).
-        kmeans_init: initialise every level by k-means on the residuals of buffered real latents.
-        kmeans_buffer: latents (summed over ranks) to buffer before the k-means init.
-        kmeans_iters: Lloyd iterations of the k-means init.
-        respawn: replace dead codes on every level with recent residuals of that level.
-        respawn_every: training steps in a respawn window.
-        dead_fraction: a code used less than this fraction of its block's mean use in the
-            window is dead.
-        recent_size: recent residuals kept per level (per rank) to draw replacements from.
-        ema: update codes by exponential moving averages instead of gradients.
-        ema_decay: EMA decay.
-        sinkhorn_last: balance the last level's assignment with Sinkhorn-Knopp in training.
-        sinkhorn_iters: Sinkhorn iterations.
-        sinkhorn_temperature: softmax temperature, in units of the distances' std.
-        rotation_trick: pass gradients through the rotation trick instead of straight-through.
-        codebook_init_std: std of the N(0, std²) initial codebook (before any k-means).
-        seed: seed of the generator used by k-means and respawn (rank 0).
+        config: layout and codebook care (`QuantizerConfig`; its attributes are documented there).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        sources: Sequence[str],
-        layout: Literal["sequential", "union"] = "sequential",
-        n_shared_levels: int = 4,
-        n_specific_levels: int = 2,
-        shared_codes: int | Sequence[int] = 1024,
-        specific_codes: int | Sequence[int] = 1024,
-        beta: float = 0.25,
-        kmeans_init: bool = True,  # k-means init from a buffer of real latents
-        kmeans_buffer: int = 4096,  # rows over all ranks; ≥ a few times the largest block
-        kmeans_iters: int = 10,  # Lloyd iterations after k-means++ seeding
-        respawn: bool = True,  # dead-code respawn on every level
-        respawn_every: int = 100,  # steps per usage window
-        dead_fraction: float = 0.03,  # dead: use < 3 % of the block's mean use in the window
-        recent_size: int = 2048,  # recent residuals kept per level for respawn
-        ema: bool = False,  # EMA codebook updates (paper: no EMA)
-        ema_decay: float = 0.99,  # EMA decay
-        sinkhorn_last: bool = False,  # Sinkhorn-balanced assignment of the last level (training)
-        sinkhorn_iters: int = 5,  # Sinkhorn-Knopp iterations
-        sinkhorn_temperature: float = 0.05,  # temperature in units of std(distances)
-        rotation_trick: bool = False,  # rotation trick instead of straight-through
-        codebook_init_std: float = 1.0,  # N(0, 1) like the official code
-        seed: int = 0,  # generator seed for k-means / respawn
-    ) -> None:
+    def __init__(self, dim: int, sources: Sequence[str], config: QuantizerConfig = QuantizerConfig()) -> None:
         super().__init__()
-        if layout not in ("sequential", "union"):
-            raise ValueError(f"layout must be 'sequential' or 'union', got {layout!r}")
         self.dim = dim
         self.sources = list(sources)
-        self.layout = layout
-        self.beta = beta
-        self.kmeans_init, self.kmeans_buffer, self.kmeans_iters = kmeans_init, kmeans_buffer, kmeans_iters
-        self.respawn, self.respawn_every, self.dead_fraction = respawn, respawn_every, dead_fraction
-        self.recent_size = recent_size
-        self.ema, self.ema_decay = ema, ema_decay
-        self.sinkhorn_last, self.sinkhorn_iters = sinkhorn_last, sinkhorn_iters
-        self.sinkhorn_temperature = sinkhorn_temperature
-        self.rotation_trick = rotation_trick
-        self.seed = seed
+        self.config = config
+        self.layout = config.layout
+        self.beta = config.beta
+        layout, n_shared_levels, n_specific_levels = config.layout, config.n_shared_levels, config.n_specific_levels
+        shared_codes, specific_codes = config.shared_codes, config.specific_codes
 
         n_src, n_levels = len(self.sources), n_shared_levels + n_specific_levels
         if layout == "sequential":
@@ -325,20 +355,20 @@ class ResidualGroupQuantizer(nn.Module):
         )
 
         self.codebook = nn.Parameter(
-            torch.randn(self.vocab_size, dim) * codebook_init_std, requires_grad=not ema
+            torch.randn(self.vocab_size, dim) * config.codebook_init_std, requires_grad=not config.ema
         )
-        if ema:
+        if config.ema:
             self.register_buffer("ema_count", torch.ones(self.vocab_size))
             self.register_buffer("ema_sum", self.codebook.detach().clone())
-        self.register_buffer("initialised", torch.tensor(not kmeans_init))
+        self.register_buffer("initialised", torch.tensor(not config.kmeans_init))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training forwards so far
         self.register_buffer("usage", torch.zeros(self.vocab_size))  # since `reset_usage`, training
         self.register_buffer("window_usage", torch.zeros(self.vocab_size))  # current respawn window
         self.register_buffer("respawned", torch.zeros(n_levels))  # codes respawned since reset
         # recent residuals for respawn (ring buffer, local to the rank); saved in checkpoints so that
         # a resumed run respawns from the same rows as an uninterrupted one
-        self.register_buffer("recent", torch.zeros(recent_size, n_levels, dim))
-        self.register_buffer("recent_source", torch.full((recent_size,), -1, dtype=torch.long))
+        self.register_buffer("recent", torch.zeros(config.recent_size, n_levels, dim))
+        self.register_buffer("recent_source", torch.full((config.recent_size,), -1, dtype=torch.long))
         self.register_buffer("recent_ptr", torch.zeros((), dtype=torch.long))
         self._init_rows: list[tuple[Tensor, Tensor]] = []  # buffered (latents, sources) before init
 
@@ -353,7 +383,7 @@ class ResidualGroupQuantizer(nn.Module):
         if balanced and r.shape[0] > 1:  # Sinkhorn needs the whole masked distance matrix
             d = _sq_dist(r, table)
             d = d.masked_fill(~self.allowed[source, lv.offset : lv.offset + lv.size], math.inf)
-            return _sinkhorn_argmin(d, self.sinkhorn_iters, self.sinkhorn_temperature)
+            return _sinkhorn_argmin(d, self.config.sinkhorn_iters, self.config.sinkhorn_temperature)
         if not lv.n_specific:
             return _nearest(r, table)
         # per source, only the blocks it may use: no distances computed just to be masked away
@@ -373,6 +403,8 @@ class ResidualGroupQuantizer(nn.Module):
         src = torch.where(valid, source.long(), 0).clamp(0, len(self.sources) - 1)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
+            if self.training and self.config.data_init and int(self.step) == 0:
+                self.init_from_data(z32[valid].detach(), src[valid])
             if self.training and not bool(self.initialised):
                 self._collect_for_init(z32[valid].detach(), src[valid])
             codebook = self.codebook.float()
@@ -387,24 +419,25 @@ class ResidualGroupQuantizer(nn.Module):
                 r_det = residual.detach()
                 with torch.no_grad():
                     last = li == self.n_levels - 1
-                    balanced = self.sinkhorn_last and last and self.training
+                    balanced = self.config.sinkhorn_last and last and self.training
                     idx = torch.zeros_like(src)
                     idx[valid] = self._assign(r_det[valid], li, src[valid], table.detach(), balanced)
-                q = torch.where(valid[:, None], table[idx], 0.0)
+                # F.embedding, not table[idx]: its backward accumulates in a fixed order (deterministic)
+                q = torch.where(valid[:, None], F.embedding(idx, table), 0.0)
                 codes[:, li] = torch.where(valid, idx - self.local_base[li, src], -1)
                 gids[:, li] = torch.where(valid, idx + lv.offset, -1)
                 loss_codebook = loss_codebook + _masked_mse(q, r_det, valid)
                 loss_commit = loss_commit + _masked_mse(residual, q.detach(), valid)
                 q_total = q_total + q.detach()
                 residual = residual - q.detach()
-                if self.training and self.respawn and bool(self.initialised):
+                if self.training and self.config.respawn and bool(self.initialised):
                     self._remember(li, r_det[valid], src[valid])
             loss_codebook = loss_codebook / self.n_levels
             loss_commit = loss_commit / self.n_levels
-            if self.ema:
+            if self.config.ema:
                 loss_codebook = loss_codebook.detach() * 0.0
             # value exactly q_total; gradient of g (identity = straight-through, or rotated)
-            g = _rotate_to(z32, q_total) if self.rotation_trick else z32
+            g = _rotate_to(z32, q_total) if self.config.rotation_trick else z32
             quantized = q_total + torch.where(valid[:, None], g - g.detach(), 0.0)
             counts = torch.bincount(gids[valid].flatten(), minlength=self.vocab_size).float()
             if self.training:
@@ -462,14 +495,40 @@ class ResidualGroupQuantizer(nn.Module):
 
     # ------------------------------------------------------------------------- codebook care
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed + int(self.step))
+        return torch.Generator().manual_seed(self.config.seed + int(self.step))
+
+    @torch.no_grad()
+    def init_from_data(self, z: Tensor, source: Tensor) -> None:
+        """Move and scale the random codebook onto the latents ``z`` (all ranks' statistics):
+        level by level, each block's codes become ``mean + std * c / codebook_init_std`` with the
+        per-dimension mean and std of the residuals that may use the block. Random codes far from
+        the latents (an untrained encoder's latents are small) would leave most codes unreachable
+        until the k-means init, or for ever without it. Identical on every rank."""
+        table = self.codebook.detach().float().clone()
+        residual = z
+        for li, lv in enumerate(self.levels):
+            for b in lv.blocks():
+                rows = residual if b == SHARED else residual[source == b]
+                stats = _all_reduce_sum(torch.stack([rows.new_full((self.dim,), rows.shape[0]),
+                                                     rows.sum(0), rows.pow(2).sum(0)]))
+                if stats[0, 0] < 2:
+                    continue
+                mean = stats[1] / stats[0]
+                std = (stats[2] / stats[0] - mean.pow(2)).clamp_min(0).sqrt()
+                start, stop = lv.offset + lv.block(b)[0], lv.offset + lv.block(b)[1]
+                table[start:stop] = mean + std * table[start:stop] / self.config.codebook_init_std
+            level_table = table[lv.offset : lv.offset + lv.size]
+            residual = residual - level_table[self._assign(residual, li, source, level_table)]
+        self.codebook.data.copy_(table.to(self.codebook.dtype))
+        if self.config.ema:
+            self.ema_sum.copy_(table)
 
     @torch.no_grad()
     def _collect_for_init(self, z: Tensor, source: Tensor) -> None:
         """Buffer latents; once ``kmeans_buffer`` rows exist over all ranks, run the k-means init."""
         self._init_rows.append((z, source))
         have = _all_reduce_sum(torch.tensor(sum(r.shape[0] for r, _ in self._init_rows), device=z.device))
-        if int(have) >= self.kmeans_buffer:
+        if int(have) >= self.config.kmeans_buffer:
             self.init_codebooks()
 
     @torch.no_grad()
@@ -498,13 +557,13 @@ class ResidualGroupQuantizer(nn.Module):
                     start, stop = lv.block(b)
                     if rows.shape[0] > 0:
                         table[lv.offset + start : lv.offset + stop] = kmeans(
-                            rows, stop - start, self.kmeans_iters, gen
+                            rows, stop - start, self.config.kmeans_iters, gen
                         )
                 level_table = table[lv.offset : lv.offset + lv.size]
                 residual = residual - level_table[self._assign(residual, li, s, level_table)]
         _broadcast_(table)
         self.codebook.data.copy_(table.to(self.codebook.dtype))
-        if self.ema:
+        if self.config.ema:
             self.ema_count.fill_(1.0)
             self.ema_sum.copy_(table)
         self.initialised.fill_(True)
@@ -513,12 +572,12 @@ class ResidualGroupQuantizer(nn.Module):
     @torch.no_grad()
     def _remember(self, level: int, residual: Tensor, source: Tensor) -> None:
         """Write this step's residuals of ``level`` into the ring buffer (level 0 moves the pointer)."""
-        n = min(residual.shape[0], self.recent_size)
-        pos = (int(self.recent_ptr) + torch.arange(n, device=residual.device)) % self.recent_size
+        n = min(residual.shape[0], self.config.recent_size)
+        pos = (int(self.recent_ptr) + torch.arange(n, device=residual.device)) % self.config.recent_size
         self.recent[pos, level] = residual[-n:]
         if level == self.n_levels - 1:
             self.recent_source[pos] = source[-n:]
-            self.recent_ptr.fill_((int(self.recent_ptr) + n) % self.recent_size)
+            self.recent_ptr.fill_((int(self.recent_ptr) + n) % self.config.recent_size)
 
     @torch.no_grad()
     def _after_step(self, counts: Tensor, gids: Tensor, residual_inputs: tuple[Tensor, Tensor]) -> None:
@@ -526,14 +585,14 @@ class ResidualGroupQuantizer(nn.Module):
         self.step += 1
         if not bool(self.initialised):
             return
-        # usage summed over ranks every step: the counters are identical everywhere, so DDP's
-        # buffer broadcast (on by default) cannot corrupt them; shares are unchanged by the sum
+        # usage summed over ranks every step (and only here): the counters are identical
+        # everywhere, so DDP's buffer broadcast (on by default) cannot corrupt them
         counts = _all_reduce_sum(counts)
         self.usage += counts
         self.window_usage += counts
-        if self.ema:
+        if self.config.ema:
             self._ema_update(gids, *residual_inputs)
-        if self.respawn and int(self.step) % self.respawn_every == 0:
+        if self.config.respawn and int(self.step) % self.config.respawn_every == 0:
             self.respawn_dead_codes()
 
     @torch.no_grad()
@@ -549,8 +608,8 @@ class ResidualGroupQuantizer(nn.Module):
             sums.index_add_(0, g, residual)
             residual = residual - codebook[g]
         counts, sums = _all_reduce_sum(counts), _all_reduce_sum(sums)
-        self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
-        self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
+        self.ema_count.mul_(self.config.ema_decay).add_(counts, alpha=1 - self.config.ema_decay)
+        self.ema_sum.mul_(self.config.ema_decay).add_(sums, alpha=1 - self.config.ema_decay)
         alive = self.ema_count > _EPS
         new = torch.where(alive[:, None], self.ema_sum / self.ema_count.clamp_min(_EPS)[:, None], codebook)
         self.codebook.data.copy_(new.to(self.codebook.dtype))
@@ -558,10 +617,10 @@ class ResidualGroupQuantizer(nn.Module):
     @torch.no_grad()
     def respawn_dead_codes(self) -> Tensor:
         """Replace, on every level and block, the codes whose use in the current window (summed
-        over ranks) is below ``dead_fraction`` × the block's mean by random recent residuals of
-        that level (of the block's source). Returns the number respawned per level; resets the
-        window. Identical on every rank."""
-        window = _all_reduce_sum(self.window_usage)
+        over ranks) is below ``dead_fraction`` × the block's mean, or zero, by random recent
+        residuals of that level (of the block's source). Returns the number respawned per level;
+        resets the window. Identical on every rank."""
+        window = self.window_usage  # already summed over ranks
         have = self.recent_source >= 0
         recent = _gather_rows(self.recent[have])
         recent_source = _gather_rows(self.recent_source[have])
@@ -573,7 +632,8 @@ class ResidualGroupQuantizer(nn.Module):
                 for b in lv.blocks():
                     start, stop = lv.block(b)
                     use = window[lv.offset + start : lv.offset + stop]
-                    dead = (use < self.dead_fraction * use.mean()).nonzero().flatten()
+                    # `| (use == 0)`: in a block nobody used, mean × fraction is 0 and `<` is false
+                    dead = ((use < self.config.dead_fraction * use.mean()) | (use == 0)).nonzero().flatten()
                     pool = recent[:, li] if b == SHARED else recent[recent_source == b, li]
                     if dead.numel() == 0 or pool.shape[0] == 0:
                         continue
@@ -585,7 +645,7 @@ class ResidualGroupQuantizer(nn.Module):
                     replaced[lv.offset + start + dead] = 1.0
         _broadcast_(table, replaced)
         self.codebook.data.copy_(table.to(self.codebook.dtype))
-        if self.ema:
+        if self.config.ema:
             hit = replaced.bool()
             self.ema_count[hit] = 1.0
             self.ema_sum[hit] = table[hit]
@@ -601,14 +661,16 @@ class ResidualGroupQuantizer(nn.Module):
         self.respawned.zero_()
 
     @torch.no_grad()
-    def usage_metrics(self, counts: Tensor | None = None, sync: bool = True) -> dict[str, float]:
+    def usage_metrics(self, counts: Tensor | None = None, sync: bool = False) -> dict[str, float]:
         """Codebook health from usage counts by global id (default: the training usage since
-        `reset_usage`, summed over ranks when ``sync``): ``util/L{l}/shared``,
+        `reset_usage`, already summed over ranks at every step; ``sync`` sums given ``counts``
+        over ranks, e.g. a batch's `QuantizerOutput.counts`): ``util/L{l}/shared``,
         ``util/L{l}/<source>`` (share of the block's codes used), ``perplexity/L{l}`` (exp of
         the entropy of the level's code distribution), ``dead_codes/L{l}`` (unused codes of the
         level), ``respawned/L{l}``. Levels are numbered from 0 like the columns of ``codes``."""
-        counts = self.usage if counts is None else counts
-        if sync:
+        if counts is None:
+            counts = self.usage
+        elif sync:
             counts = _all_reduce_sum(counts)
         out: dict[str, float] = {}
         for li, lv in enumerate(self.levels):
