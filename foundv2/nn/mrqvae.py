@@ -66,6 +66,11 @@ class MultiViewRQVAE(nn.Module):
         hidden: hidden widths of the encoder MLPs (decoders use them reversed).
         dropout: dropout between MLP layers.
         recon_reduction: ``"sum"`` or ``"mean"`` over features (see above).
+        latent_norm: end every encoder with a LayerNorm without weights, so latents keep unit
+            scale. Without it the straight-through gradient grows the latents away from the codes
+            (latent RMS 0.08 → 1.4 in 50 steps on synthetic data while the codes stayed at 0.08),
+            most codes die, the decoder learns the coarse codes, and the respawn that brings the
+            codes back makes the loss jump 20x (6.2 → 140); with it the jump is 3.9 → 4.8.
         quantizer: layout and codebook care of the quantiser (`QuantizerConfig`).
         tabular_separate: the source named ``tabular_source`` gets its own plain residual
             quantiser (``tabular_levels`` × ``tabular_codes``, the other options of ``quantizer``)
@@ -83,6 +88,7 @@ class MultiViewRQVAE(nn.Module):
         hidden: Sequence[int] = (512,),
         dropout: float = 0.0,
         recon_reduction: Literal["sum", "mean"] = "sum",
+        latent_norm: bool = True,
         quantizer: QuantizerConfig = QuantizerConfig(),
         tabular_separate: bool = False,
         tabular_source: str = "tabular",
@@ -102,7 +108,7 @@ class MultiViewRQVAE(nn.Module):
             raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {recon_reduction!r}")
         self.config = dict(
             input_dims=dims, sources=sources, code_dim=code_dim, hidden=list(hidden), dropout=dropout,
-            recon_reduction=recon_reduction, quantizer=dataclasses.asdict(quantizer),
+            recon_reduction=recon_reduction, latent_norm=latent_norm, quantizer=dataclasses.asdict(quantizer),
             tabular_separate=tabular_separate, tabular_source=tabular_source, tabular_levels=tabular_levels,
             tabular_codes=tabular_codes,
         )  # fmt: skip
@@ -111,6 +117,9 @@ class MultiViewRQVAE(nn.Module):
         self.max_dim = max(dims.values())
         self.recon_reduction = recon_reduction
         self.encoders = nn.ModuleList(_mlp([dims[s], *hidden, code_dim], dropout) for s in sources)
+        if latent_norm:
+            for encoder in self.encoders:
+                encoder.append(nn.LayerNorm(code_dim, elementwise_affine=False))
         self.decoders = nn.ModuleList(
             _mlp([code_dim, *reversed(list(hidden)), dims[s]], dropout) for s in sources
         )
@@ -262,14 +271,15 @@ _LEGACY_QUANTIZER_KEYS = ("layout", "n_shared_levels", "n_specific_levels", "sha
 
 def upgrade_config(config: dict) -> dict:
     """A config.json as `MultiViewRQVAE` takes it: one written before `QuantizerConfig` (the
-    layout at the top level, the rest in ``quantizer_options``) is rewritten to the ``quantizer``
-    section; a current one is returned as it is."""
+    layout at the top level, the rest in ``quantizer_options``, no latent norm) is rewritten to
+    the ``quantizer`` section; a current one is returned as it is."""
     if "quantizer" in config:
         return config
     config = dict(config)
     quantizer = {k: config.pop(k) for k in _LEGACY_QUANTIZER_KEYS if k in config}
     quantizer.update(config.pop("quantizer_options", None) or {})
-    return {**config, "quantizer": quantizer}
+    quantizer.setdefault("data_init", False)  # trained without either: rebuild the same model
+    return {**config, "quantizer": quantizer, "latent_norm": False}
 
 
 # ------------------------------------------------------------------------------ collisions

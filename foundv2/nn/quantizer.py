@@ -33,9 +33,9 @@ every rank (DDP's buffer broadcast cannot corrupt them) and `usage_metrics` read
 
 Determinism: the code vectors are gathered with `F.embedding`, whose backward accumulates in a
 fixed order (``table[idx]``'s does not with more than one thread), so a fixed config trains to
-bit-identical codes on CPU. Before the k-means init (or without it) the random codebook is moved
-onto the first batch's latents (``data_init``): an untrained encoder's latents are small, and
-N(0, 1) codes far from them leave most codes unreachable.
+bit-identical codes on CPU. Before the k-means init (or without it) the codebook is seeded from
+the first batch's latents (``data_init``): an untrained encoder's latents are small, and N(0, 1)
+codes far from them leave most codes unreachable.
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ class QuantizerConfig:
     kmeans_iters: int = 10
     """Lloyd iterations of the k-means init, after k-means++ seeding."""
     data_init: bool = True
-    """Before any k-means, scale the random codebook to the first training batch's latents (mean
-    and std per dimension, level by level), so that most codes are reachable from the first step."""
+    """Seed the codebook from the first training batch's latents (k-means++ seeding, no
+    iterations), so that most codes are reachable before the k-means init (or without it)."""
     respawn: bool = True
     """Replace dead codes on every level with recent residuals of that level."""
     respawn_every: int = 100
@@ -217,7 +217,7 @@ class QuantizerConfig:
     """A code used less than this fraction of its block's mean use in the window is dead (a code
     of a block with no use at all is always dead)."""
     recent_size: int = 2048
-    """Recent residuals kept per level (per rank) to draw replacements from."""
+    """Recent latents kept (per rank) to draw replacements from."""
     ema: bool = False
     """Update codes by exponential moving averages instead of gradients (paper: no EMA)."""
     ema_decay: float = 0.99
@@ -365,12 +365,18 @@ class ResidualGroupQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(self.vocab_size))  # since `reset_usage`, training
         self.register_buffer("window_usage", torch.zeros(self.vocab_size))  # current respawn window
         self.register_buffer("respawned", torch.zeros(n_levels))  # codes respawned since reset
-        # recent residuals for respawn (ring buffer, local to the rank); saved in checkpoints so that
+        # recent latents for respawn (ring buffer, local to the rank); saved in checkpoints so that
         # a resumed run respawns from the same rows as an uninterrupted one
-        self.register_buffer("recent", torch.zeros(config.recent_size, n_levels, dim))
+        self.register_buffer("recent", torch.zeros(config.recent_size, dim))
         self.register_buffer("recent_source", torch.full((config.recent_size,), -1, dtype=torch.long))
         self.register_buffer("recent_ptr", torch.zeros((), dtype=torch.long))
         self._init_rows: list[tuple[Tensor, Tensor]] = []  # buffered (latents, sources) before init
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        recent = state_dict.get(prefix + "recent")
+        if recent is not None and recent.dim() == 3:  # saved before the buffer held latents only
+            state_dict[prefix + "recent"] = recent[:, 0]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_levels(self) -> int:
@@ -430,8 +436,6 @@ class ResidualGroupQuantizer(nn.Module):
                 loss_commit = loss_commit + _masked_mse(residual, q.detach(), valid)
                 q_total = q_total + q.detach()
                 residual = residual - q.detach()
-                if self.training and self.config.respawn and bool(self.initialised):
-                    self._remember(li, r_det[valid], src[valid])
             loss_codebook = loss_codebook / self.n_levels
             loss_commit = loss_commit / self.n_levels
             if self.config.ema:
@@ -440,6 +444,8 @@ class ResidualGroupQuantizer(nn.Module):
             g = _rotate_to(z32, q_total) if self.config.rotation_trick else z32
             quantized = q_total + torch.where(valid[:, None], g - g.detach(), 0.0)
             counts = torch.bincount(gids[valid].flatten(), minlength=self.vocab_size).float()
+            if self.training and self.config.respawn and bool(self.initialised):
+                self._remember(z32[valid].detach(), src[valid])
             if self.training:
                 self._after_step(counts, gids, residual_inputs=(z32.detach(), valid))
         return QuantizerOutput(
@@ -499,29 +505,11 @@ class ResidualGroupQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, z: Tensor, source: Tensor) -> None:
-        """Move and scale the random codebook onto the latents ``z`` (all ranks' statistics):
-        level by level, each block's codes become ``mean + std * c / codebook_init_std`` with the
-        per-dimension mean and std of the residuals that may use the block. Random codes far from
-        the latents (an untrained encoder's latents are small) would leave most codes unreachable
-        until the k-means init, or for ever without it. Identical on every rank."""
-        table = self.codebook.detach().float().clone()
-        residual = z
-        for li, lv in enumerate(self.levels):
-            for b in lv.blocks():
-                rows = residual if b == SHARED else residual[source == b]
-                stats = _all_reduce_sum(torch.stack([rows.new_full((self.dim,), rows.shape[0]),
-                                                     rows.sum(0), rows.pow(2).sum(0)]))
-                if stats[0, 0] < 2:
-                    continue
-                mean = stats[1] / stats[0]
-                std = (stats[2] / stats[0] - mean.pow(2)).clamp_min(0).sqrt()
-                start, stop = lv.offset + lv.block(b)[0], lv.offset + lv.block(b)[1]
-                table[start:stop] = mean + std * table[start:stop] / self.config.codebook_init_std
-            level_table = table[lv.offset : lv.offset + lv.size]
-            residual = residual - level_table[self._assign(residual, li, source, level_table)]
-        self.codebook.data.copy_(table.to(self.codebook.dtype))
-        if self.config.ema:
-            self.ema_sum.copy_(table)
+        """Seed every level from the latents ``z`` of all ranks (k-means++ seeding, no Lloyd
+        iterations; level l on the residuals left by levels < l). Run on the first training
+        batch: the random N(0, std²) codes are far from an untrained encoder's small latents, and
+        nearly all of them would be unreachable until the k-means init (for ever without it)."""
+        self._fit_levels(z, source, iters=0)
 
     @torch.no_grad()
     def _collect_for_init(self, z: Tensor, source: Tensor) -> None:
@@ -533,19 +521,17 @@ class ResidualGroupQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_codebooks(self) -> None:
-        """k-means init of every level from the buffered latents of all ranks (rank 0 computes,
-        broadcasts). Level l is fitted on the residuals left by levels < l; the shared block on all
-        rows, a source's block on that source's rows."""
-        z = (
-            torch.cat([r for r, _ in self._init_rows])
-            if self._init_rows
-            else self.codebook.new_zeros(0, self.dim)
-        )
-        s = (
-            torch.cat([s for _, s in self._init_rows])
-            if self._init_rows
-            else z.new_zeros(0, dtype=torch.long)
-        )
+        """k-means init of every level from the buffered latents of all ranks."""
+        z = torch.cat([r for r, _ in self._init_rows]) if self._init_rows else self.codebook.new_zeros(0, self.dim)
+        s = torch.cat([s for _, s in self._init_rows]) if self._init_rows else z.new_zeros(0, dtype=torch.long)
+        self._fit_levels(z, s, iters=self.config.kmeans_iters)
+        self.initialised.fill_(True)
+        self._init_rows = []
+
+    def _fit_levels(self, z: Tensor, s: Tensor, iters: int) -> None:
+        """k-means (``iters`` Lloyd iterations) of every level on the gathered rows of all ranks;
+        rank 0 computes and broadcasts. Level l is fitted on the residuals left by levels < l, the
+        shared block on all rows, a source's block on that source's rows."""
         z, s = _gather_rows(z.float()), _gather_rows(s)
         table = self.codebook.detach().float().clone()
         if _is_rank0() and z.shape[0] > 0:
@@ -556,9 +542,7 @@ class ResidualGroupQuantizer(nn.Module):
                     rows = residual if b == SHARED else residual[s == b]
                     start, stop = lv.block(b)
                     if rows.shape[0] > 0:
-                        table[lv.offset + start : lv.offset + stop] = kmeans(
-                            rows, stop - start, self.config.kmeans_iters, gen
-                        )
+                        table[lv.offset + start : lv.offset + stop] = kmeans(rows, stop - start, iters, gen)
                 level_table = table[lv.offset : lv.offset + lv.size]
                 residual = residual - level_table[self._assign(residual, li, s, level_table)]
         _broadcast_(table)
@@ -566,18 +550,15 @@ class ResidualGroupQuantizer(nn.Module):
         if self.config.ema:
             self.ema_count.fill_(1.0)
             self.ema_sum.copy_(table)
-        self.initialised.fill_(True)
-        self._init_rows = []
 
     @torch.no_grad()
-    def _remember(self, level: int, residual: Tensor, source: Tensor) -> None:
-        """Write this step's residuals of ``level`` into the ring buffer (level 0 moves the pointer)."""
-        n = min(residual.shape[0], self.config.recent_size)
-        pos = (int(self.recent_ptr) + torch.arange(n, device=residual.device)) % self.config.recent_size
-        self.recent[pos, level] = residual[-n:]
-        if level == self.n_levels - 1:
-            self.recent_source[pos] = source[-n:]
-            self.recent_ptr.fill_((int(self.recent_ptr) + n) % self.config.recent_size)
+    def _remember(self, z: Tensor, source: Tensor) -> None:
+        """Write this step's latents into the ring buffer the respawn draws from."""
+        n = min(z.shape[0], self.config.recent_size)
+        pos = (int(self.recent_ptr) + torch.arange(n, device=z.device)) % self.config.recent_size
+        self.recent[pos] = z[-n:]
+        self.recent_source[pos] = source[-n:]
+        self.recent_ptr.fill_((int(self.recent_ptr) + n) % self.config.recent_size)
 
     @torch.no_grad()
     def _after_step(self, counts: Tensor, gids: Tensor, residual_inputs: tuple[Tensor, Tensor]) -> None:
@@ -617,16 +598,19 @@ class ResidualGroupQuantizer(nn.Module):
     @torch.no_grad()
     def respawn_dead_codes(self) -> Tensor:
         """Replace, on every level and block, the codes whose use in the current window (summed
-        over ranks) is below ``dead_fraction`` × the block's mean, or zero, by random recent
-        residuals of that level (of the block's source). Returns the number respawned per level;
-        resets the window. Identical on every rank."""
+        over ranks) is below ``dead_fraction`` × the block's mean, or zero, by random residuals of
+        recent latents (of the block's source). Levels are respawned in order and a level's
+        residuals are computed with the levels above it *as respawned*: residuals recorded before
+        would be those of codes that no longer exist, and the new codes of a level would not fit
+        what now reaches it (a loss spike of 20x on synthetic data). Returns the number respawned
+        per level; resets the window. Identical on every rank."""
         window = self.window_usage  # already summed over ranks
         have = self.recent_source >= 0
-        recent = _gather_rows(self.recent[have])
+        residual = _gather_rows(self.recent[have])
         recent_source = _gather_rows(self.recent_source[have])
         table = self.codebook.detach().float().clone()
         replaced = torch.zeros(self.vocab_size, device=table.device)
-        if _is_rank0():
+        if _is_rank0() and residual.shape[0] > 0:
             gen = self._generator()
             for li, lv in enumerate(self.levels):
                 for b in lv.blocks():
@@ -634,7 +618,7 @@ class ResidualGroupQuantizer(nn.Module):
                     use = window[lv.offset + start : lv.offset + stop]
                     # `| (use == 0)`: in a block nobody used, mean × fraction is 0 and `<` is false
                     dead = ((use < self.config.dead_fraction * use.mean()) | (use == 0)).nonzero().flatten()
-                    pool = recent[:, li] if b == SHARED else recent[recent_source == b, li]
+                    pool = residual if b == SHARED else residual[recent_source == b]
                     if dead.numel() == 0 or pool.shape[0] == 0:
                         continue
                     if pool.shape[0] >= dead.numel():
@@ -643,6 +627,8 @@ class ResidualGroupQuantizer(nn.Module):
                         pick = torch.randint(pool.shape[0], (dead.numel(),), generator=gen)
                     table[lv.offset + start + dead] = pool[pick.to(pool.device)]
                     replaced[lv.offset + start + dead] = 1.0
+                level_table = table[lv.offset : lv.offset + lv.size]
+                residual = residual - level_table[self._assign(residual, li, recent_source, level_table)]
         _broadcast_(table, replaced)
         self.codebook.data.copy_(table.to(self.codebook.dtype))
         if self.config.ema:
