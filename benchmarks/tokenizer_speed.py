@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from foundv2.nn.mrqvae import MultiViewRQVAE  # noqa: E402
-from foundv2.nn.quantizer import _sq_dist  # noqa: E402
+from foundv2.nn.quantizer import QuantizerConfig, _sq_dist  # noqa: E402
 
 SOURCES = ["s0", "s1", "s2", "s3"]
 INPUT_DIM = 384
@@ -102,12 +102,12 @@ class ResidualVQAdapter(nn.Module):
 
 
 def _build(kind: str, batch: int) -> MultiViewRQVAE:
-    model = MultiViewRQVAE(
-        INPUT_DIM, SOURCES, code_dim=CODE_DIM, hidden=HIDDEN, layout="sequential",
-        n_shared_levels=N_SHARED_LEVELS, n_specific_levels=N_SPECIFIC_LEVELS,
-        shared_codes=CODES, specific_codes=CODES, beta=BETA,
-        quantizer_options=dict(kmeans_init=True, kmeans_buffer=4 * batch, respawn=True, respawn_every=100),
+    config = QuantizerConfig(
+        layout="sequential", n_shared_levels=N_SHARED_LEVELS, n_specific_levels=N_SPECIFIC_LEVELS,
+        shared_codes=CODES, specific_codes=CODES, beta=BETA, kmeans_init=True, kmeans_buffer=4 * batch,
+        respawn=True, respawn_every=100,
     )  # fmt: skip
+    model = MultiViewRQVAE(INPUT_DIM, SOURCES, code_dim=CODE_DIM, hidden=HIDDEN, quantizer=config)
     if kind == "residualvq":
         model.quantizer = ResidualVQAdapter(CODE_DIM, N_SHARED_LEVELS + N_SPECIFIC_LEVELS, CODES, BETA)
     return model.train()

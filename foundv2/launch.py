@@ -38,11 +38,14 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     import importlib.util
     import warnings
 
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
 
     from data_modules.datamodule import UserDataModule
 
+    # a config dataclass's attribute docstrings are its options' --help (litgpt style)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # the pipeline builds stage CLIs from its own arguments on purpose
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     has_omegaconf = importlib.util.find_spec("omegaconf") is not None

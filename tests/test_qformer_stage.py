@@ -15,6 +15,7 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
 from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.objectives import slice_target_dim
 from foundv2.stages.qformer import QFormerStage, semantic_mask
 from foundv2.stages.tokenizer import TokenizerStage
@@ -118,8 +119,8 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
                       accumulate=True)
     assert n == int((counts > 0).sum()) + 1
     # the tokenizer reads the folder through the DataModule
-    tok = TokenizerStage(n_shared_levels=1, n_specific_levels=1, shared_codes=16, specific_codes=8, code_dim=8,
-                         hidden=[16], quantizer_options={"kmeans_buffer": 64})
+    tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=16,
+                                                   specific_codes=8, kmeans_buffer=64), code_dim=8, hidden=[16])
     rec = StepLosses()
     trainer(max_steps=5, limit_val_batches=1, callbacks=[rec]).fit(
         tok, make_dm(cache, features_dir=str(tmp_path / "features")))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from foundv2.nn.mrqvae import MultiViewRQVAE, collision_stats, disambiguate
+from foundv2.metrics.collisions import collision_stats
+from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
 from foundv2.nn.quantizer import SHARED, QuantizerConfig, ResidualGroupQuantizer
 
 SOURCES = ["a", "b", "c"]

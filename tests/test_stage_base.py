@@ -19,8 +19,8 @@ from foundv2.stages.tokenizer import TokenizerStage
 from tests.helpers import ROOT, run_cli
 from tests.test_window_keys import assert_window_keys, make_dm, trainer
 
-TINY_TOKENIZER = {"n_shared_levels": 1, "n_specific_levels": 1, "shared_codes": 8, "specific_codes": 4,
-                  "code_dim": 8, "hidden": [16], "quantizer_options": {"kmeans_buffer": 64}}
+TINY_TOKENIZER = {"quantizer": {"n_shared_levels": 1, "n_specific_levels": 1, "shared_codes": 8, "specific_codes": 4,
+                                "kmeans_buffer": 64}, "code_dim": 8, "hidden": [16]}
 
 
 def _fit_and_checkpoint(stage, dm, tmp_path, steps: int):

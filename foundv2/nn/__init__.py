@@ -1,4 +1,4 @@
 from foundv2.nn.mrqvae import MultiViewRQVAE as MultiViewRQVAE
-from foundv2.nn.mrqvae import collision_stats as collision_stats
 from foundv2.nn.mrqvae import disambiguate as disambiguate
+from foundv2.nn.quantizer import QuantizerConfig as QuantizerConfig
 from foundv2.nn.quantizer import ResidualGroupQuantizer as ResidualGroupQuantizer

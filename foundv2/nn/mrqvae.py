@@ -1,6 +1,7 @@
 """Multi-view RQ-VAE: per-source MLP encoders, the group residual quantiser, per-source decoders.
 
-Also the collision tools for whole code tuples: `collision_stats` and `disambiguate`.
+Also `disambiguate`, the extra index that makes colliding code tuples unique (the collisions
+themselves are counted by `foundv2.metrics.collisions`).
 """
 
 from __future__ import annotations
@@ -253,13 +254,18 @@ class MultiViewRQVAE(nn.Module):
             save_file(state, str(tmp / WEIGHTS_FILE))
 
     @classmethod
+    def from_config(cls, config: dict) -> MultiViewRQVAE:
+        """An untrained model from a `config` dict (config.json, a checkpoint), old layouts included."""
+        config = upgrade_config(config)
+        return cls(**{**config, "quantizer": QuantizerConfig.from_dict(config["quantizer"])})
+
+    @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MultiViewRQVAE:
         """Rebuild a model saved by `save_pretrained` (in eval mode)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        config = upgrade_config(json.loads((folder / CONFIG_FILE).read_text()))
-        model = cls(**{**config, "quantizer": QuantizerConfig.from_dict(config["quantizer"])})
+        model = cls.from_config(json.loads((folder / CONFIG_FILE).read_text()))
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)))
         return model.to(map_location).eval()
 
@@ -283,21 +289,6 @@ def upgrade_config(config: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ collisions
-def collision_stats(tuples: Tensor) -> dict[str, float]:
-    """Collisions of whole code tuples ``[N, K]`` (one row per (user, window)):
-    ``collision_rate`` share of rows whose tuple also occurs in another row, ``max_dup`` the
-    largest number of rows sharing one tuple, ``unique_frac`` distinct tuples / rows."""
-    n = tuples.shape[0]
-    if n == 0:
-        return {"collision_rate": 0.0, "max_dup": 0.0, "unique_frac": 1.0}
-    _, inverse, counts = torch.unique(tuples, dim=0, return_inverse=True, return_counts=True)
-    return {
-        "collision_rate": float((counts[inverse] > 1).float().mean()),
-        "max_dup": float(counts.max()),
-        "unique_frac": counts.numel() / n,
-    }
-
-
 def disambiguate(tuples: Tensor) -> Tensor:
     """Extra index ``[N]`` that makes every (tuple, index) unique: the occurrence number of the
     row's tuple among the rows before it (0 for the first occurrence)."""

@@ -10,6 +10,7 @@ slice_key`` — the window key the prepared data assigned, carried over from the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,22 +20,13 @@ import torch.distributed as dist
 
 from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, read_stage_output
-from foundv2.nn.mrqvae import MultiViewRQVAE, collision_stats, disambiguate
+from foundv2.metrics.collisions import CollisionRate, collision_stats, window_tuples
+from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
 from foundv2.nn.pooled import PooledSliceFeatures
+from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.base import PredictStage, split_by_user, with_window_keys
 
 POOLED_DIMS = ("num_sources", "num_items", "num_categories", "text_dim", "tabular_dim")
-
-
-def window_tuples(slice_user: torch.Tensor, slice_window: torch.Tensor, slice_source: torch.Tensor,
-                  codes: torch.Tensor, num_sources: int) -> torch.Tensor:
-    """One row per (user, window): the codes of every source in that window (-1 where absent)."""
-    key = slice_user * (1 << 20) + slice_window
-    uniq, inv = torch.unique(key, return_inverse=True)
-    L_ = codes.shape[1]
-    out = torch.full((len(uniq), num_sources, L_), -1, dtype=torch.long, device=codes.device)
-    out[inv, slice_source] = codes.long()
-    return out.reshape(len(uniq), num_sources * L_)
 
 
 def storage_report(model: MultiViewRQVAE, n_slices_per_user: float, n_windows_per_user: float,
@@ -67,19 +59,15 @@ class TokenizerStage(PredictStage):
     """Stage 2: multi-view RQ-VAE with shared and source-specific codebooks.
 
     Args:
-        layout: ``sequential`` (paper: shared levels then source-specific levels) or ``union``
-            (official code: every level = shared block + one block per source).
-        n_shared_levels: levels with the shared codebook (sequential) / per level shared block.
-        n_specific_levels: levels with source-specific codebooks (sequential).
-        shared_codes: codes per shared codebook (int, or one per level).
-        specific_codes: codes per source-specific codebook (int, or one per level).
+        quantizer: the codebook layout and codebook care (``--model.quantizer.*``; every option
+            is documented in :class:`~foundv2.nn.quantizer.QuantizerConfig`; a dict of them is
+            taken too, as a checkpoint stores it).
         code_dim: width of the code space.
         hidden: hidden widths of the per-source encoder/decoder MLPs.
-        beta: commitment weight (paper 0.25).
         recon_reduction: ``sum`` over features (default; keeps reconstruction dominant, which
             prevents collapse) or ``mean``.
-        quantizer_options: extra ResidualGroupQuantizer keywords (kmeans_buffer, respawn_every,
-            dead_fraction, ema, sinkhorn_last, rotation_trick ...).
+        latent_norm: a LayerNorm without weights at the end of every encoder (keeps the latents
+            at the codes' scale; see :class:`~foundv2.nn.mrqvae.MultiViewRQVAE`).
         lr: AdamW learning rate (paper 1e-3).
         weight_decay: AdamW weight decay (on matrices only, :func:`~foundv2.stages.base.param_groups`).
         item_dim: width of the item codes of the built-in pooled features.
@@ -93,16 +81,11 @@ class TokenizerStage(PredictStage):
 
     def __init__(
         self,
-        layout: str = "sequential",
-        n_shared_levels: int = 2,
-        n_specific_levels: int = 1,
-        shared_codes: int | list[int] = 256,
-        specific_codes: int | list[int] = 64,
+        quantizer: QuantizerConfig = QuantizerConfig(),
         code_dim: int = 64,
         hidden: list[int] = (256,),
-        beta: float = 0.25,
         recon_reduction: str = "sum",
-        quantizer_options: dict | None = None,
+        latent_norm: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         item_dim: int = 32,
@@ -112,12 +95,15 @@ class TokenizerStage(PredictStage):
     ):
         super().__init__(predict_dir)
         self.save_settings("export_dir")
+        if not isinstance(quantizer, dict):  # kept as a plain dict: meta.json, hparams.yaml, weights-only checkpoints
+            self.hparams["quantizer"] = dataclasses.asdict(quantizer)
+        QuantizerConfig.from_dict(self.hparams["quantizer"])  # an unknown option fails here, not at fit
         self.export_dir = export_dir
         self.model: MultiViewRQVAE | None = None
         self.pooled: PooledSliceFeatures | None = None
         self.sources: list[str] = []
         self.feature_dim: int | None = None
-        self._val_tuples: list[torch.Tensor] = []
+        self.val_collisions: CollisionRate | None = None
 
     # ------------------------------------------------------------------ building
     def data_dims(self, datamodule) -> dict:
@@ -135,16 +121,17 @@ class TokenizerStage(PredictStage):
         if dims.get("pooled"):
             self.pooled = PooledSliceFeatures(**dims["pooled"], item_dim=hp.item_dim)
         self.feature_dim = int(dims["feature_dim"]) if "feature_dim" in dims else self.pooled.dim
+        # one tuple per (user, window): the profile slice (window 0) joins the first window, as in report.json
+        self.val_collisions = CollisionRate(len(self.sources))
         if dims.get("rqvae"):  # a checkpoint: the exact net it holds the weights of
-            self.model = MultiViewRQVAE(**dims["rqvae"])
+            self.model = MultiViewRQVAE.from_config(dims["rqvae"])
         elif hp.pretrained:
             self.model = self._load_pretrained(hp.pretrained)
         else:
             self.model = MultiViewRQVAE(
                 input_dims=self.feature_dim, sources=self.sources, code_dim=hp.code_dim, hidden=tuple(hp.hidden),
-                recon_reduction=hp.recon_reduction, layout=hp.layout, n_shared_levels=hp.n_shared_levels,
-                n_specific_levels=hp.n_specific_levels, shared_codes=hp.shared_codes,
-                specific_codes=hp.specific_codes, beta=hp.beta, quantizer_options=dict(hp.quantizer_options or {}),
+                recon_reduction=hp.recon_reduction, latent_norm=hp.latent_norm,
+                quantizer=QuantizerConfig.from_dict(hp.quantizer),
             )
 
     def _load_pretrained(self, folder: str) -> MultiViewRQVAE:
@@ -186,26 +173,17 @@ class TokenizerStage(PredictStage):
 
     def validation_step(self, batch: dict, batch_idx: int):
         out, s = self.model_step(batch, "val")
-        self._val_tuples.append(window_tuples(s["slice_user"] + batch_idx * 100_000, s["slice_window"],
-                                              s["slice_source"], out.codes, len(self.sources)).cpu())
+        self.val_collisions.update(batch["user_id"][s["slice_user"]], s["slice_window"], s["slice_source"], out.codes)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_tuples:
-            return
-        width = max(t.shape[1] for t in self._val_tuples)
-        local = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in self._val_tuples])
-        self._val_tuples.clear()
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local)
-            local = torch.cat(gathered)
-        stats = collision_stats(local)
+        stats = self.val_collisions.compute()  # over all ranks
+        self.val_collisions.reset()
         # `val/collision_rate` can pick the checkpoint (LC-Rec keeps the lowest-collision one)
         for k, v in stats.items():
             self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=False)
 
     def on_train_epoch_end(self) -> None:
-        metrics = self.model.quantizer.usage_metrics(sync=True)
+        metrics = self.model.quantizer.usage_metrics()  # summed over ranks at every step
         self.log_dict({f"codebook/{k}": v for k, v in metrics.items()}, sync_dist=False)
         self._log_usage_histograms()
         self.model.quantizer.reset_usage()
