@@ -63,6 +63,36 @@ def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
     }
 
 
+def reachable_codes(rows: int = 4096) -> dict:
+    """Level-0 codes an untrained tokenizer can reach, with and without the data init: the fixed
+    config of the outside comparison (4 sources of 384-d, ``union``, 2 levels of 256 shared + 4 × 64
+    specific codes, code dim 256, hidden 512, no k-means), one training forward, then the codes in
+    use on ``rows`` fresh rows. Also the latent RMS of the untrained encoders."""
+    import torch
+    from tokenizer_speed import _data
+
+    from foundv2.nn.mrqvae import MultiViewRQVAE
+    from foundv2.nn.quantizer import QuantizerConfig
+
+    out = {}
+    for latent_norm in (False, True):
+        for data_init in (False, True):
+            torch.manual_seed(0)
+            config = QuantizerConfig(layout="union", n_shared_levels=2, n_specific_levels=0, shared_codes=256,
+                                     specific_codes=64, kmeans_init=False, respawn=False, data_init=data_init)
+            model = MultiViewRQVAE(384, ["s0", "s1", "s2", "s3"], code_dim=256, hidden=(512,),
+                                   latent_norm=latent_norm, quantizer=config).train()
+            (first, first_src), (fresh, fresh_src) = _data(rows, 2, 0)
+            model(first, first_src)
+            with torch.no_grad():
+                res = model.eval()(fresh, fresh_src)
+            lv = model.quantizer.levels[0]
+            out[f"latent_norm={latent_norm},data_init={data_init}"] = {
+                "level0_codes_used": int((res.counts[lv.offset : lv.offset + lv.size] > 0).sum()),
+                "level0_codes": lv.size, "latent_rms": float(res.latent.pow(2).mean().sqrt())}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-tokenizer"))
@@ -70,12 +100,14 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     a = ap.parse_args()
     # a partial run updates the last full one
-    figures = previous_figures("tokenizer", (*CONFIGS, "speed")) if a.only or a.no_speed else {}
+    figures = previous_figures("tokenizer", (*CONFIGS, "speed", "reachable")) if a.only or a.no_speed else {}
     for name, config in CONFIGS.items():
         if a.only and name != a.only:
             continue
         figures[name] = run_config(name, config, Path(a.out), [])
         print(name, json.dumps({k: v for k, v in figures[name].items() if k != "util"}), flush=True)
+    figures["reachable"] = reachable_codes()
+    print("reachable", json.dumps(figures["reachable"]), flush=True)
     if not a.no_speed:
         from tokenizer_speed import measure_speed
 
