@@ -15,7 +15,7 @@ masks, window keys, pooled user vectors — never a stage's batch.
 - :class:`SemanticObjective` (future intent): InfoNCE between the user's representation at the
   end of the history and the embedding of a text describing its future behaviour.
 - :class:`ReconstructionObjective`: per-source reconstruction of pooled input features
-  (:func:`pooled_slice_targets`) on present slices.
+  (:func:`foundv2.nn.slices.pooled_slice_targets`) on present slices.
 - :class:`MultiScaleObjectives`: the weighted sum, every term switchable, each term's loss and
   accuracy reported under ``loss/<term>`` and ``acc/<term>``.
 
@@ -32,8 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
-from foundv2.nn.encoders import clock_features, signed_log1p
 
 TERMS = ("fine", "window", "semantic", "recon")
 DEFAULT_WEIGHTS = {"fine": 0.2, "window": 0.4, "semantic": 0.4, "recon": 1.0}  # paper: 0.2/0.4/0.4
@@ -187,72 +185,6 @@ def _duplicate_keys(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
     return torch.unique(x, dim=0, return_inverse=True)[1] + _rank() * RANK_KEY_OFFSET
-
-
-#: pooled statistics after the text part of a slice target: log1p(count), mean signed-log
-#: value, mean hour-of-day sin/cos, mean day-of-week sin/cos
-SLICE_STATS = 6
-
-
-def slice_target_dim(text_dim: int) -> int:
-    """Width of :func:`pooled_slice_targets` for a text width ``text_dim``."""
-    return text_dim + SLICE_STATS
-
-
-def pooled_slice_targets(
-    batch: Mapping[str, torch.Tensor], num_sources: int, max_windows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled input features of every (user, window, source) slice of an event batch.
-
-    Features (``d + SLICE_STATS`` wide): the mean text embedding of the slice's events that
-    have text (zeros if none), then ``log1p(number of events)``, the mean of
-    ``sign(v)·log1p(|v|)`` over the events' values (amounts, ratings), and the mean hour-of-day
-    and day-of-week sin/cos of the events. Reconstructing the value and the clock, not only the
-    text, is what keeps "how much" and "when" in the views: with text and count alone the
-    Q-Former's views lost the spending level that pooled features carry.
-
-    Args:
-        batch: an event batch (``data_modules/batch.py``).
-        num_sources: S.
-        max_windows: W of the output (events of later windows are ignored); default: the
-            batch's window count ``win_mask.shape[1]``.
-
-    Returns:
-        ``(targets [B, W, S, d + SLICE_STATS], present [B, W, S] bool)``; present = the slice
-        has ≥ 1 event (and is a real window).
-    """
-    mask = batch["ev_mask"]
-    win, src = batch["ev_window"], batch["ev_source"]
-    b = mask.shape[0]
-    w_count = max_windows if max_windows is not None else batch["win_mask"].shape[1]
-    text = batch["ev_text_emb"].float()
-    d = text.shape[-1]
-    ok = mask & (win >= 0) & (win < w_count) & (src >= 0) & (src < num_sources)
-    idx = torch.where(ok, win * num_sources + src, torch.zeros_like(win))
-    has_text = ok & (batch["ev_text"] >= 0) if "ev_text" in batch else ok
-    n_slices = w_count * num_sources
-
-    def slice_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Σ over each slice's events of x [B, E, k] weighted by w [B, E] → [B, n_slices, k]."""
-        out = torch.zeros(b, n_slices, x.shape[-1], device=mask.device)
-        return out.scatter_add_(1, idx[..., None].expand(-1, -1, x.shape[-1]), x * w[..., None])
-
-    count = torch.zeros(b, n_slices, device=mask.device).scatter_add_(1, idx, ok.float())
-    n_text = torch.zeros(b, n_slices, device=mask.device).scatter_add_(1, idx, has_text.float())
-    mean_text = slice_sum(text, has_text.float()) / n_text.clamp_min(1)[..., None]
-    value = signed_log1p(batch["ev_value"].float().nan_to_num(0.0))[..., None]
-    stats = torch.cat([value, clock_features(batch["ev_time"])], dim=-1)
-    mean_stats = slice_sum(stats, ok.float()) / count.clamp_min(1)[..., None]
-    targets = torch.cat([mean_text, torch.log1p(count)[..., None], mean_stats], dim=-1)
-    present = count > 0
-    wm = batch.get("win_mask")
-    if wm is not None:
-        wm = wm[:, :w_count]
-        if wm.shape[1] < w_count:
-            wm = torch.cat([wm, wm.new_zeros(b, w_count - wm.shape[1])], dim=1)
-        present = present & wm.repeat_interleave(num_sources, dim=1)
-    width = slice_target_dim(d)
-    return targets.view(b, w_count, num_sources, width), present.view(b, w_count, num_sources)
 
 
 # --------------------------------------------------------------------------- objectives

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
+from foundv2.nn.slices import pooled_slice_targets, slice_target_dim
 from foundv2.objectives import (
     FineGrainedObjective,
     MultiScaleObjectives,
@@ -19,8 +20,6 @@ from foundv2.objectives import (
     WindowObjective,
     info_nce,
     last_valid,
-    pooled_slice_targets,
-    slice_target_dim,
 )
 from tests.helpers import empty_event_batch
 

@@ -7,7 +7,7 @@ import torch
 
 from foundv2.nn.encoders import EventEncoder, TabularEncoder, gap_since_previous, time_features
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
-from foundv2.objectives import pooled_slice_targets, slice_target_dim
+from foundv2.nn.slices import pooled_slice_targets, slice_target_dim
 from tests.helpers import empty_event_batch
 
 DAY = 86400

@@ -14,9 +14,8 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
-from foundv2.nn.pooled import PooledSliceFeatures
 from foundv2.nn.quantizer import QuantizerConfig
-from foundv2.objectives import slice_target_dim
+from foundv2.nn.slices import PooledSliceFeatures, slice_target_dim
 from foundv2.stages.qformer import QFormerStage, semantic_mask
 from foundv2.stages.tokenizer import TokenizerStage
 

@@ -154,7 +154,7 @@ def pooled_representation(dm: UserDataModule) -> tuple[np.ndarray, float]:
     histogram, values), so one mean keeps them apart at a quarter of a per-source concatenation's
     width, which keeps the probes fast.
     """
-    from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
+    from foundv2.nn.slices import PooledSliceFeatures, mean_by_user
 
     d = dm.dims()
     net = PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"])

@@ -23,24 +23,13 @@ with F = 0 it holds no weights and returns ``None``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-SECONDS_PER_HOUR = 3600
-SECONDS_PER_DAY = 86400
-DAYS_PER_WEEK = 7
-HOURS_PER_DAY = 24
-# 1970-01-01 (t = 0) was a Thursday; shifting by 3 days makes Monday day 0 of the week.
-EPOCH_WEEKDAY_SHIFT = 3
+from foundv2.nn.slices import SECONDS_PER_HOUR, clock_features, signed_log1p
+
 # hour sin/cos, weekday sin/cos, log gap
 NUM_TIME_FEATURES = 5
-
-
-def signed_log1p(x: torch.Tensor) -> torch.Tensor:
-    """``sign(x) * log1p(|x|)``: compresses amounts that span decades, keeps the sign."""
-    return torch.sign(x) * torch.log1p(x.abs())
 
 
 def gap_since_previous(ev_time: torch.Tensor, ev_mask: torch.Tensor) -> torch.Tensor:
@@ -61,22 +50,6 @@ def gap_since_previous(ev_time: torch.Tensor, ev_mask: torch.Tensor) -> torch.Te
     gap = torch.zeros_like(gap_sorted)
     gap.scatter_(1, order, gap_sorted)
     return gap.float()
-
-
-def clock_features(ev_time: torch.Tensor) -> torch.Tensor:
-    """[..., 4] hour-of-day sin/cos and day-of-week sin/cos (UTC) of unix times [...]."""
-    tau = 2 * math.pi
-    hour = (ev_time % SECONDS_PER_DAY).float() / SECONDS_PER_HOUR
-    day = ((ev_time // SECONDS_PER_DAY + EPOCH_WEEKDAY_SHIFT) % DAYS_PER_WEEK).float()
-    return torch.stack(
-        [
-            torch.sin(tau * hour / HOURS_PER_DAY),
-            torch.cos(tau * hour / HOURS_PER_DAY),
-            torch.sin(tau * day / DAYS_PER_WEEK),
-            torch.cos(tau * day / DAYS_PER_WEEK),
-        ],
-        dim=-1,
-    )
 
 
 def time_features(ev_time: torch.Tensor, ev_mask: torch.Tensor) -> torch.Tensor:

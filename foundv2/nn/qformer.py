@@ -44,28 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from foundv2.nn.slices import slice_presence
+
 
 class QFormerOutput(NamedTuple):
     """Output of :class:`CausalQFormer`: ``views`` [B, W, S, dim], ``present`` [B, W, S] bool."""
 
     views: torch.Tensor
     present: torch.Tensor
-
-
-def slice_presence(
-    ev_window: torch.Tensor,
-    ev_source: torch.Tensor,
-    ev_mask: torch.Tensor,
-    num_windows: int,
-    num_sources: int,
-) -> torch.Tensor:
-    """Event counts per (user, window, source): [B, W, S] float (events of window ≥ W dropped)."""
-    b = ev_window.shape[0]
-    ok = ev_mask & (ev_window >= 0) & (ev_window < num_windows) & (ev_source >= 0) & (ev_source < num_sources)
-    idx = torch.where(ok, ev_window * num_sources + ev_source, torch.zeros_like(ev_window))
-    counts = torch.zeros(b, num_windows * num_sources, device=ev_window.device)
-    counts.scatter_add_(1, idx, ok.float())
-    return counts.view(b, num_windows, num_sources)
 
 
 class _Attention(nn.Module):

@@ -6,7 +6,7 @@ Three backbones, chosen by ``backbone`` (an ablation is a config change):
 - ``qformer`` (U2QT, default): :class:`~foundv2.nn.encoders.EventEncoder` →
   :class:`~foundv2.nn.qformer.CausalQFormer` with the tabular profile
   (:class:`~foundv2.nn.encoders.TabularEncoder`) as an always-visible context token. Trained with
-  reconstruction of each slice's pooled input (:func:`~foundv2.objectives.pooled_slice_targets`)
+  reconstruction of each slice's pooled input (:func:`~foundv2.nn.slices.pooled_slice_targets`)
   plus the multi-scale alignment objectives (:class:`~foundv2.objectives.MultiScaleObjectives`):
 
   ========  ==========================================================================
@@ -20,8 +20,8 @@ Three backbones, chosen by ``backbone`` (an ablation is a config change):
 
 - ``text_encoder`` (FOUNDv2's v2 way, frozen): a slice's feature is the mean of its events'
   cached text embeddings plus the count, value and clock statistics of
-  :func:`~foundv2.objectives.pooled_slice_targets`; nothing to train.
-- ``pooled``: the parameter-free :class:`~foundv2.nn.pooled.PooledSliceFeatures`; nothing to train.
+  :func:`~foundv2.nn.slices.pooled_slice_targets`; nothing to train.
+- ``pooled``: the parameter-free :class:`~foundv2.nn.slices.PooledSliceFeatures`; nothing to train.
 
 Predict output (the format :class:`~foundv2.stages.tokenizer.TokenizerStage` reads through
 ``UserDataModule(features_dir=...)``): one row per user with ``user_id, row, split,
@@ -41,9 +41,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data_modules.store import Split
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
-from foundv2.nn.pooled import PooledSliceFeatures, mean_by_user
 from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
-from foundv2.objectives import MultiScaleObjectives, last_valid, pooled_slice_targets, slice_target_dim
+from foundv2.nn.slices import (
+    PooledSliceFeatures,
+    TextSliceFeatures,
+    add_profile_slices,
+    flat_slices,
+    mean_by_user,
+    pooled_slice_targets,
+    slice_target_dim,
+)
+from foundv2.objectives import MultiScaleObjectives, last_valid
 from foundv2.stages.base import PredictStage, pool_windows, split_by_user, with_window_keys
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
@@ -56,52 +64,6 @@ def semantic_mask(batch: dict) -> torch.Tensor:
     have one. The DataModule already sets ``has_fut_text`` False for val/test users; the split
     check makes that a property of the stage as well, not only of the data."""
     return batch["has_fut_text"].bool() & (batch["split"] == Split.TRAIN)
-
-
-def flat_slices(values: torch.Tensor, present: torch.Tensor) -> dict:
-    """[B, W, S, D] values and [B, W, S] presence → flat slices sorted by (user, window, source)."""
-    u, w, s = present.nonzero(as_tuple=True)
-    return {"slice_user": u, "slice_window": w, "slice_source": s, "feat": values[u, w, s]}
-
-
-def add_profile_slices(out: dict, profile: torch.Tensor, num_sources: int) -> dict:
-    """Append one profile slice per user (window 0, source index ``num_sources``) and re-sort
-    the slices by (user, window, source), as :class:`PooledSliceFeatures` orders them."""
-    users = torch.arange(profile.shape[0], device=profile.device)
-    merged = {
-        "slice_user": torch.cat([out["slice_user"], users]),
-        "slice_window": torch.cat([out["slice_window"], torch.zeros_like(users)]),
-        "slice_source": torch.cat([out["slice_source"], torch.full_like(users, num_sources)]),
-        "feat": torch.cat([out["feat"], profile.to(out["feat"].dtype)]),
-    }
-    width = int(merged["slice_window"].max()) + 1 if len(users) else 1
-    key = (merged["slice_user"] * width + merged["slice_window"]) * (num_sources + 1) + merged["slice_source"]
-    order = torch.sort(key, stable=True).indices
-    return {k: v[order] for k, v in merged.items()}
-
-
-class TextSliceFeatures(torch.nn.Module):
-    """Frozen slice features (FOUNDv2 v2): the slice's pooled text, count, value and clock
-    (:func:`~foundv2.objectives.pooled_slice_targets`, no learning); the profile slice holds the standardised profile
-    fields in its first F entries (zeros after)."""
-
-    def __init__(self, num_sources: int, text_dim: int, tabular_dim: int = 0):
-        super().__init__()
-        self.num_sources, self.tabular_dim = num_sources, tabular_dim
-        self.dim = slice_target_dim(text_dim)
-        if tabular_dim > self.dim:
-            raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
-
-    @torch.no_grad()
-    def forward(self, batch: dict) -> dict:
-        target, present = pooled_slice_targets(batch, self.num_sources)
-        out = flat_slices(target, present)
-        if self.tabular_dim:
-            tab = batch["tabular"].float()
-            profile = torch.zeros(tab.shape[0], self.dim, device=tab.device)
-            profile[:, : self.tabular_dim] = tab
-            out = add_profile_slices(out, profile, self.num_sources)
-        return out
 
 
 class QFormerStage(PredictStage):

@@ -22,8 +22,8 @@ from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, read_stage_output
 from foundv2.metrics.collisions import CollisionRate, collision_stats, window_tuples
 from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
-from foundv2.nn.pooled import PooledSliceFeatures
 from foundv2.nn.quantizer import QuantizerConfig
+from foundv2.nn.slices import PooledSliceFeatures
 from foundv2.stages.base import PredictStage, split_by_user, with_window_keys
 
 POOLED_DIMS = ("num_sources", "num_items", "num_categories", "text_dim", "tabular_dim")
