@@ -55,6 +55,11 @@ def _worker(rank: int, port: int) -> None:
             level0 = q.codebook.detach()[: q.levels[0].size].mean(1)
             assert (level0 < 2.5).any() and (level0 > 2.5).any()
 
+            before = q.usage.sum()
+            q(*_batch(rank, gen))
+            # usage is counted once, over both ranks' rows: 2 ranks x 96 rows x 2 levels
+            assert q.usage.sum() - before == WORLD * 96 * q.n_levels
+            assert _same_on_all_ranks(q.usage)
             for _ in range(3):  # latents squeezed into a small region: most codes go dead
                 q(*_batch(rank, gen, spread=0.05))
             assert _same_on_all_ranks(q.codebook.detach())  # EMA updates use summed statistics
@@ -63,7 +68,7 @@ def _worker(rank: int, port: int) -> None:
             assert _same_on_all_ranks(q.codebook.detach())
             if ema:
                 assert _same_on_all_ranks(q.ema_sum) and _same_on_all_ranks(q.ema_count)
-            metrics = q.usage_metrics(sync=True)  # counts summed over ranks
+            metrics = q.usage_metrics()  # counts already summed over ranks
             assert _same_on_all_ranks(torch.tensor(sorted(metrics.values())))
     finally:
         dist.destroy_process_group()
