@@ -6,10 +6,21 @@ import pytest
 import torch
 
 
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """Small torch models run far faster on one thread of a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads: where a nondeterministic kernel would show (the project's promise is
+    bit-reproducible training with 2 threads)."""
+    yield from _threads(2)

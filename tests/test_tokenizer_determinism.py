@@ -16,14 +16,6 @@ from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
 from foundv2.stages.tokenizer import TokenizerStage
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fit_and_tokenize(tmp_path, name: str) -> dict:
     L.seed_everything(0)
     dm = UserDataModule(dataset="synthetic", loader_args={"n_users": 200, "seed": 3}, window_mode="week",
