@@ -197,12 +197,12 @@ def residual_codes(V: np.ndarray, data: BenchData, levels: int, codes: int = 256
     """Residual k-means codes of user vectors ``V`` with the project's quantizer
     (``ResidualGroupQuantizer``: k-means init from the train users' vectors, level by level on
     the residuals); returns (codes [U, L], decoded vectors [U, d], the quantizer)."""
-    from foundv2.nn.quantizer import ResidualGroupQuantizer
+    from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
 
     train = P.split_indices(data.split)[0]
-    q = ResidualGroupQuantizer(V.shape[1], ["user"], n_shared_levels=levels, n_specific_levels=0,
-                               shared_codes=codes, kmeans_buffer=len(train), kmeans_iters=iters, respawn=False,
-                               seed=seed)
+    q = ResidualGroupQuantizer(V.shape[1], ["user"], QuantizerConfig(
+        n_shared_levels=levels, n_specific_levels=0, shared_codes=codes, kmeans_buffer=len(train),
+        kmeans_iters=iters, respawn=False, data_init=False, seed=seed))
     z = torch.from_numpy(np.ascontiguousarray(V, dtype=np.float32))
     src = torch.zeros(len(z), dtype=torch.long)
     q.train()

@@ -10,6 +10,7 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
+from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.alignment import AlignmentStage
 from foundv2.stages.tokenizer import TokenizerStage
 
@@ -30,8 +31,9 @@ def tokens(tmp_path_factory):
     """A tokens dataset and its tokenizer folder from a real (short) tokenizer fit."""
     root = tmp_path_factory.mktemp("align")
     L.seed_everything(0)
-    tok = TokenizerStage(n_shared_levels=2, n_specific_levels=1, shared_codes=16, specific_codes=8, code_dim=8,
-                         hidden=[32], quantizer_options={"kmeans_buffer": 256, "respawn_every": 10},
+    tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
+                                                   specific_codes=8, kmeans_buffer=256, respawn_every=10),
+                         code_dim=8, hidden=[32],
                          predict_dir=str(root / "tokens"), export_dir=str(root / "export"))
     dm = _dm(root / "cache")
     _trainer(max_epochs=2).fit(tok, datamodule=dm)
