@@ -28,7 +28,7 @@ from torch import nn
 
 from data_modules.store import atomic_dir, atomic_write_json
 from foundv2.nn.item_factors import ItemFactors, history_bag
-from foundv2.nn.quantizer import ResidualGroupQuantizer
+from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,9 +66,9 @@ class UserCodeTokenizer(nn.Module):
         self.register_buffer("future_map", torch.zeros(n_in, future_dim, dtype=torch.float64))
         self.register_buffer("block_scale", torch.ones(2, dtype=torch.float64))
         self.dim = history_dim + future_dim
-        self.quantizer = ResidualGroupQuantizer(self.dim, ["user"], n_shared_levels=levels, n_specific_levels=0,
-                                                shared_codes=codes, kmeans_init=True, kmeans_iters=kmeans_iters,
-                                                respawn=False, seed=seed)
+        self.quantizer = ResidualGroupQuantizer(self.dim, ["user"], QuantizerConfig(
+            n_shared_levels=levels, n_specific_levels=0, shared_codes=codes, kmeans_init=True,
+            kmeans_iters=kmeans_iters, respawn=False, data_init=False, seed=seed))
 
     @property
     def levels(self) -> int:
@@ -117,7 +117,7 @@ class UserCodeTokenizer(nn.Module):
             self.block_scale[1] = (inputs @ self.future_map).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
         z = self.vectors(histories)
         q = self.quantizer
-        q.kmeans_buffer = z.shape[0]
+        q.config = q.config.replace(kmeans_buffer=z.shape[0])  # k-means on every row at once
         q.train()
         q(z, torch.zeros(len(z), dtype=torch.long))  # buffers every row, then residual k-means per level
         q.eval()
