@@ -121,7 +121,7 @@ def test_changed_bench_flag_reruns_only_the_bench(configs, run_copy):
 def test_changed_tokenizer_flag_reruns_the_tokenizer_and_the_bench(configs, run_copy):
     before = _stamps(run_copy)
     fit_done = (run_copy / "stage1" / "fit.done").read_text()
-    changed = _cfg(configs, run_copy, tokenizer_args=["--model.beta", "0.5"])
+    changed = _cfg(configs, run_copy, tokenizer_args=["--model.quantizer.beta", "0.5"])
     with pytest.raises(DataError, match=r"tokenizer: made with other flags; bench: made with other input tokenizer"):
         run_pipeline(changed)
     result = run_pipeline(replace(changed, on_change="restart"))
