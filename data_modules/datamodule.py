@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.loaders import files_fingerprint, open_dataset
 from data_modules.prepare import PrepareConfig, WindowConfig, load_meta, prepare_dataset, summary_lines
+from data_modules.representations import REPRESENTATION_COLUMNS, RepresentationCollate
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, read_stage_output
 from data_modules.tokens import TokenCollate
@@ -203,8 +204,10 @@ class BatchKind:
     few rows become a batch (the contracts are in data_modules/batch.py).
 
     ``input_arg`` names the UserDataModule argument that points at its dataset (a stage output
-    whose ``meta.json`` kind is ``output_kind`` and which holds ``columns``); None means the
-    prepared table itself. A stage output carries each user's ``split`` and prepared ``row``.
+    whose ``meta.json`` kind is ``output_kind``, any kind when None, and which holds ``columns``);
+    None means the prepared table itself. A stage output carries each user's ``split`` and
+    prepared ``row``. ``only_columns``: batches read just ``columns`` of the dataset (a stage
+    output may hold much more).
     """
 
     name: str
@@ -212,6 +215,7 @@ class BatchKind:
     output_kind: str | None
     columns: tuple[str, ...]
     collate: Callable[[UserDataModule], Callable]
+    only_columns: bool = False
 
 
 BATCH_KINDS = {k.name: k for k in (
@@ -224,6 +228,8 @@ BATCH_KINDS = {k.name: k for k in (
               ("user_id", "row", "split", "slice_source", "slice_key", "token_ids"),
               lambda dm: TokenCollate(dm.table, dm.text_emb, [lab.name for lab in dm.spec.labels],
                                       dm.hparams.max_windows)),
+    BatchKind("representations", "representation_dir", None, REPRESENTATION_COLUMNS,
+              lambda dm: RepresentationCollate(dm.table, dm.spec), only_columns=True),
     # question/answer pairs the same way
 )}
 
@@ -252,6 +258,9 @@ class UserDataModule(L.LightningDataModule):
             slice batches of those features instead of event batches.
         tokens_dir: a tokens dataset (the tokenizer's ``predict`` output); when set, batches are
             token batches (data_modules/tokens.py): stage 3 reads them.
+        representation_dir: a dataset with one ``user_emb`` per user (any stage output that has
+            it, or ``representations.write_representation``); when set, batches are
+            representation batches (the vector, the labels, history and future items) for probes.
 
     The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
     given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
@@ -276,6 +285,7 @@ class UserDataModule(L.LightningDataModule):
         progress: bool = True,
         features_dir: str | None = None,
         tokens_dir: str | None = None,
+        representation_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -347,7 +357,7 @@ class UserDataModule(L.LightningDataModule):
         else:
             folder = self.hparams[kind.input_arg]
             self.input_table, self.input_meta = read_stage_output(folder)
-            if self.input_meta.get("kind") != kind.output_kind:
+            if kind.output_kind is not None and self.input_meta.get("kind") != kind.output_kind:
                 raise DataError(f"data.{kind.input_arg} {folder}: a {self.input_meta.get('kind')!r} dataset, not a "
                                 f"{kind.output_kind!r} one; point it at the predict output of the right stage.")
         missing = [c for c in kind.columns if c not in self.input_table.column_names]
@@ -355,6 +365,8 @@ class UserDataModule(L.LightningDataModule):
             where = self.hparams[kind.input_arg] if kind.input_arg else self.prepared_dir
             raise DataError(f"{where}: the dataset lacks the column(s) {missing} that {kind.name} batches read "
                             f"(written by an older foundv2?); run the step that writes it again.")
+        if kind.only_columns:
+            self.input_table = self.input_table.select_columns(list(kind.columns))
         self.input_split = np.asarray(self.input_table["split"], dtype=np.int64)
 
     def summary(self) -> list[str]:

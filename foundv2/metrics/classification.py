@@ -196,3 +196,55 @@ class KSStatistic(Metric):
         tpr = self.pos_hist.flip(0).cumsum(0) / n_pos
         fpr = self.neg_hist.flip(0).cumsum(0) / n_neg
         return (tpr - fpr).abs().max()
+
+
+class MacroAUROC(Metric):
+    """DDP-safe macro one-vs-rest AUC over the columns that hold both classes, as
+    :func:`multiclass_metrics` and :func:`multilabel_macro_auc` compute it (torchmetrics' own
+    macro average counts a column with one class as AUC 0).
+
+    The per-column AUCs are torchmetrics' ``MulticlassAUROC`` / ``MultilabelAUROC``
+    (``average=None``): exact (every score kept, gathered across ranks) or, with ``thresholds``,
+    binned with constant memory; the positives per column are sum states.
+
+    Args:
+        num_classes: C, the columns.
+        multiclass: targets are ``[N]`` classes and scores ``[N, C]`` class probabilities; else
+            targets are ``[N, C]`` 0/1 and scores per-label probabilities.
+        thresholds: None for the exact AUC, or a number of bins.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    positives: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, num_classes: int, multiclass: bool, thresholds: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        from torchmetrics.classification import MulticlassAUROC, MultilabelAUROC
+
+        self.num_classes, self.multiclass = num_classes, multiclass
+        self.auroc = (MulticlassAUROC(num_classes, average=None, thresholds=thresholds) if multiclass
+                      else MultilabelAUROC(num_classes, average=None, thresholds=thresholds))
+        self.add_state("positives", torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        """Add ``[N, C]`` scores with their ``[N]`` classes (multiclass) or ``[N, C]`` 0/1 labels."""
+        target = target.long()
+        self.auroc.update(scores, target)
+        one_hot = torch.nn.functional.one_hot(target, self.num_classes) if self.multiclass else target
+        self.positives += one_hot.sum(0).double()
+        self.total += float(target.shape[0])
+
+    def compute(self) -> torch.Tensor:
+        """The mean AUC of the columns with both classes; NaN when there is none."""
+        aucs = self.auroc.compute().double()
+        both = (self.positives > 0) & (self.positives < self.total)
+        return aucs[both].mean() if both.any() else torch.tensor(float("nan"), dtype=torch.float64)
+
+    def reset(self) -> None:
+        super().reset()
+        self.auroc.reset()

@@ -1,0 +1,383 @@
+"""ProbeStage: a linear probe of a frozen per-user representation, under ``foundv2 fit | validate | test``.
+
+It reads representation batches (``UserDataModule(representation_dir=...)``: any stage output
+with a ``user_emb`` column, see :mod:`data_modules.representations`) and one task of the data set
+(``task``): a binary label (logistic regression), a multiclass one (softmax over the classes),
+``future_categories`` (a sigmoid per category) or ``next_items`` (a softmax over every item;
+relevant = the user's future items not in the history, which are also left out of the softmax
+and of the ranking).
+
+The protocol (the bench's, ``foundv2-bench-v1``), one implementation:
+
+- **standardised inputs**: before the first step, one pass over the train users (each rank its
+  share, sums all-reduced) gives the mean and standard deviation of every input dimension
+  (sparse inputs are used as they are) and the target frequencies; the heads start at zero
+  weights with the bias at the log prior (the popularity ranking for ``next_items``).
+- **weight decay chosen on validation**: one head per value of ``weight_decays`` is trained side
+  by side on the same batches (an L2 penalty ``wd/2·‖W‖²`` per head in the loss; the heads share
+  nothing, so each follows the path it would follow alone) and scored on the validation users
+  after every epoch; ``val/select`` is the best head's selection metric (AUC for binary, macro
+  AUC for multiclass and multilabel, ``ndcg@max(ks)`` for next items).
+- **early stopping**: Lightning's ``EarlyStopping`` on ``val/select`` (``patience`` epochs), and the
+  stage keeps the best (head, epoch) it has seen in ``best_weight``/``best_bias`` with its
+  ``best_weight_decay``, ``best_epoch`` and ``best_score`` (saved in every checkpoint), so
+  ``test`` and ``predict`` from any checkpoint of the run use the head chosen on validation.
+- **metrics as torchmetrics objects**, DDP-synced at ``compute``: AUC (exact, or binned with
+  ``auc_bins``) and :class:`~foundv2.metrics.classification.KSStatistic` for binary; accuracy and
+  :class:`~foundv2.metrics.classification.MacroAUROC` for multiclass; macro AUC for multilabel;
+  :class:`~foundv2.metrics.ranking.TopKRanking` (running sums) for next items. Logged as
+  ``val/wd=<value>/<metric>`` per head, ``val/select`` and ``val/weight_decay`` (of the kept
+  head), and ``test/<metric>``, ``test/weight_decay``.
+
+``predict`` writes, per user, ``scores [C]`` (probabilities; binary: ``[1]``) or, for next items,
+``top_items [K]`` (item ids 1..num_items, history left out; K = ``max(ks)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+
+from data_modules.representations import NEXT_ITEMS, probe_task
+from data_modules.schema import DataError
+from foundv2.metrics.classification import KSStatistic, MacroAUROC
+from foundv2.metrics.ranking import TopKRanking
+from foundv2.stages.base import PredictStage, user_columns
+
+#: the validation metric that picks the head and the epoch, per task kind (next items: ndcg@max(ks))
+SELECTION_METRIC: dict[str, str] = {"binary": "auc", "multiclass": "macro_auc", "multilabel": "macro_auc"}
+KS_BINS = 10_000  # KS from histograms of probabilities: thresholds every 1e-4
+STD_EPS = 1e-8  # a dimension whose train std is below this is only centred
+
+
+# ------------------------------------------------------------------------------ the head
+class LinearHeads(nn.Module):
+    """``num_heads`` independent linear layers over one input: ``[B, D]`` → ``[B, G, O]`` logits.
+
+    One matrix product for all heads; the input may be a sparse COO tensor (``O(nnz · G·O)``
+    instead of ``O(D · G·O)``: a TF-IDF row has thousands of columns but ~100 nonzeros).
+    """
+
+    def __init__(self, num_heads: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads, outputs, dim = self.weight.shape
+        w = self.weight.reshape(heads * outputs, dim)
+        z = torch.sparse.mm(x, w.T) if x.is_sparse else x @ w.T
+        return (z + self.bias.reshape(-1)).view(x.shape[0], heads, outputs)
+
+
+# ------------------------------------------------------------------------------ targets and losses
+def item_mask(items: torch.Tensor, num_items: int) -> torch.Tensor:
+    """``[B, E]`` padded item ids (1..num_items, 0 = padding) → ``[B, num_items]`` bool."""
+    mask = torch.zeros(items.shape[0], num_items + 1, dtype=torch.bool, device=items.device)
+    return mask.scatter_(1, items, True)[:, 1:]
+
+
+def next_item_targets(batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target, seen)`` ``[B, I]`` bool: future items not in the history, history items."""
+    seen = item_mask(batch["hist_item"], num_items)
+    return item_mask(batch["fut_item"], num_items) & ~seen, seen
+
+
+def multi_target_softmax_loss(logits: torch.Tensor, target: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy averaged over each user's target items, then over users (dim 0).
+
+    History items (``seen``) are removed from the softmax, as they are from the ranking:
+    ``-(1/|T_u|) Σ_{j ∈ T_u} log softmax(z_u)_j``. ``logits [B, ..., I]`` with ``target`` and
+    ``seen`` broadcastable to it; every user must have at least one target.
+    """
+    log_p = torch.log_softmax(logits.masked_fill(seen, float("-inf")), dim=-1)
+    target = target.expand_as(log_p)
+    per_user = torch.where(target, log_p, torch.zeros_like(log_p)).sum(-1) / target.sum(-1)
+    return -per_user.mean(0)
+
+
+def task_targets(kind: str, batch: dict, task: str, num_items: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(target, seen)`` of a batch: the label (``[B]`` or ``[B, C]``), or for next items the
+    target and history masks."""
+    if kind == NEXT_ITEMS:
+        return next_item_targets(batch, num_items)
+    key = f"label/{task}"
+    if key not in batch:
+        raise DataError(f"probe task {task!r}: the batch holds no {key!r}; batches hold "
+                        f"{sorted(k for k in batch if k.startswith('label/'))}.")
+    return batch[key], None
+
+
+def head_losses(kind: str, logits: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """``[G]`` data loss of each head: ``logits [B, G, O]``, ``target`` from :func:`task_targets`."""
+    B, G, _ = logits.shape
+    if kind == "binary":
+        y = target.float()[:, None].expand(B, G)
+        return F.binary_cross_entropy_with_logits(logits[..., 0], y, reduction="none").mean(0)
+    if kind == "multiclass":
+        return F.cross_entropy(logits.transpose(1, 2), target.long()[:, None].expand(B, G), reduction="none").mean(0)
+    if kind == "multilabel":
+        y = target.float()[:, None].expand_as(logits)
+        return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean((0, 2))
+    has = target.any(1)
+    if not has.any():  # no user with a target here: a zero that still reaches every parameter (DDP)
+        return logits.sum((0, 2)) * 0.0
+    return multi_target_softmax_loss(logits[has], target[has, None], seen[has, None])
+
+
+# ------------------------------------------------------------------------------ metrics
+def task_metrics(kind: str, outputs: int, ks: tuple[int, ...], auc_bins: int | None) -> nn.ModuleDict:
+    """The metric objects of a task kind (their names are the logged names)."""
+    if kind == "binary":
+        return nn.ModuleDict({"auc": BinaryAUROC(thresholds=auc_bins), "ks": KSStatistic(KS_BINS)})
+    if kind == "multiclass":
+        return nn.ModuleDict({"accuracy": MulticlassAccuracy(outputs, average="micro"),
+                              "macro_auc": MacroAUROC(outputs, multiclass=True, thresholds=auc_bins)})
+    if kind == "multilabel":
+        return nn.ModuleDict({"macro_auc": MacroAUROC(outputs, multiclass=False, thresholds=auc_bins)})
+    return nn.ModuleDict({"ranking": TopKRanking(ks)})
+
+
+def update_metrics(metrics: nn.ModuleDict, kind: str, logits: torch.Tensor, target: torch.Tensor,
+                   seen: torch.Tensor | None) -> None:
+    """Add one head's ``[B, O]`` logits of a batch (probabilities in float64 for the classifiers)."""
+    if kind == NEXT_ITEMS:
+        metrics["ranking"].update(logits, target, exclude=seen)
+        return
+    z = logits.double()
+    if kind == "binary":
+        p = torch.sigmoid(z[:, 0])
+        metrics["auc"].update(p, target.long())
+        metrics["ks"].update(p, target)
+    elif kind == "multiclass":
+        p = torch.softmax(z, dim=1)
+        metrics["accuracy"].update(p, target.long())
+        metrics["macro_auc"].update(p, target)
+    else:
+        metrics["macro_auc"].update(torch.sigmoid(z), target)
+
+
+def compute_metrics(metrics: nn.ModuleDict) -> dict[str, float]:
+    """Compute (synced across ranks) and reset; ranking metrics are flattened to ``recall@K`` ..."""
+    out = {}
+    for name, metric in metrics.items():
+        value = metric.compute()
+        out.update({k: float(v) for k, v in value.items()} if isinstance(value, dict) else {name: float(value)})
+        metric.reset()
+    return out
+
+
+# ------------------------------------------------------------------------------ the stage
+class ProbeStage(PredictStage):
+    """A linear probe of a frozen representation on one task (see the module docstring).
+
+    Args:
+        task: what to predict: a binary or multiclass label of the data set (``gender``,
+            ``age`` ...), ``future_categories`` (which categories the future holds) or
+            ``next_items`` (rank every item not in the history).
+        weight_decays: the L2 strengths tried, one head each, chosen on validation (an L2
+            penalty ``wd/2·‖W‖²`` in the loss: Adam's coupled weight decay, none on the bias).
+            For a logistic probe ``wd ≈ 1/(C·n_train)`` of scikit-learn's C.
+        lr: Adam learning rate.
+        patience: epochs without a better ``val/select`` before early stopping.
+        ks: ranking cut-offs of ``next_items`` (the largest selects).
+        standardize: centre and scale dense inputs with the train users' statistics.
+        auc_bins: None for exact AUCs (every validation/test score kept until the epoch's end,
+            gathered across ranks, as torchmetrics does); a number of thresholds for binned AUCs
+            with constant memory (tens of millions of users).
+        predict_dir: where ``predict`` writes the scores (one Arrow part per rank).
+    """
+
+    OUTPUT_KIND = "scores"
+    STAGE = "probe"
+
+    def __init__(
+        self,
+        task: str = "gender",
+        weight_decays: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
+        lr: float = 1e-3,
+        patience: int = 3,
+        ks: tuple[int, ...] = (10, 20),
+        standardize: bool = True,
+        auc_bins: int | None = None,
+        predict_dir: str | None = None,
+    ):
+        super().__init__(predict_dir)
+        if not weight_decays or min(weight_decays) < 0:
+            raise ValueError(f"weight_decays must be a non-empty list of values >= 0, got {weight_decays}")
+        self.save_settings()
+        self.weight_decays = [float(w) for w in weight_decays]
+        self.ks = tuple(sorted(int(k) for k in ks))
+        self.heads: LinearHeads | None = None
+
+    # ------------------------------------------------------------------ building
+    def data_dims(self, datamodule) -> dict:
+        """Input width and task from a DataModule of representation batches."""
+        if getattr(datamodule, "batch_kind", None) != "representations":
+            raise DataError("ProbeStage reads representation batches: set data.representation_dir to a stage "
+                            "output with a user_emb column (e.g. a stage-1 predict output).")
+        kind, outputs = probe_task(datamodule.spec, int(datamodule.meta["num_items"]), self.hparams.task)
+        return {"input_dim": len(datamodule.input_table[0]["user_emb"]), "task": self.hparams.task,
+                "kind": kind, "outputs": outputs}
+
+    def build_nets(self, dims: dict) -> None:
+        """The heads and the state the probe keeps: input statistics and the best head."""
+        G, C, D = len(self.weight_decays), dims["outputs"], dims["input_dim"]
+        self.kind = dims["kind"]
+        self.heads = LinearHeads(G, D, C)
+        self.register_buffer("wd", torch.tensor(self.weight_decays))
+        self.register_buffer("mean", torch.zeros(D))
+        self.register_buffer("std", torch.ones(D))
+        self.register_buffer("n_train", torch.tensor(0))  # 0 until the statistics pass has run
+        # the best (head, epoch) on validation: frozen parameters, not buffers, so DDP does not
+        # broadcast a whole head every step
+        self.best_weight = nn.Parameter(torch.zeros(C, D), requires_grad=False)
+        self.best_bias = nn.Parameter(torch.zeros(C), requires_grad=False)
+        self.register_buffer("best_head", torch.tensor(-1))
+        self.register_buffer("best_epoch", torch.tensor(-1))
+        self.register_buffer("best_score", torch.tensor(-math.inf, dtype=torch.float64))
+        self.val_metrics = nn.ModuleList(task_metrics(self.kind, C, self.ks, self.hparams.auc_bins) for _ in range(G))
+        self.test_metrics = task_metrics(self.kind, C, self.ks, self.hparams.auc_bins)
+
+    @property
+    def select_key(self) -> str:
+        return f"ndcg@{max(self.ks)}" if self.kind == NEXT_ITEMS else SELECTION_METRIC[self.kind]
+
+    # ------------------------------------------------------------------ forward
+    def inputs(self, batch: dict) -> torch.Tensor:
+        """The batch's ``user_emb``, standardised (dense inputs)."""
+        x = batch["user_emb"]
+        return x if x.is_sparse else (x.float() - self.mean) / self.std
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """``[B, G, O]`` logits of every head."""
+        return self.heads(self.inputs(batch))
+
+    def best_logits(self, batch: dict) -> torch.Tensor:
+        """``[B, O]`` logits of the head kept on validation."""
+        if int(self.best_head) < 0:
+            raise DataError("this probe has no head chosen on validation yet: fit it with validation users "
+                            "(a val loop after each epoch) before test or predict.")
+        x = self.inputs(batch)
+        z = torch.sparse.mm(x, self.best_weight.T) if x.is_sparse else x @ self.best_weight.T
+        return z + self.best_bias
+
+    def targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return task_targets(self.kind, batch, self.dims["task"], self.dims["outputs"])
+
+    # ------------------------------------------------------------------ the statistics pass
+    def on_fit_start(self) -> None:
+        if int(self.n_train) == 0:  # a resumed fit has them from its checkpoint
+            self.fit_statistics(self.trainer.datamodule.train_dataloader())
+
+    @torch.no_grad()
+    def fit_statistics(self, loader: DataLoader) -> None:
+        """Input mean/std and target frequencies over the train users of ``loader`` (this rank
+        reads every world_size-th one; the sums are all-reduced), then the heads' start: zero
+        weights, the bias at the log prior."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        shard = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        f64 = {"dtype": torch.float64}
+        n, counts = torch.zeros(1, **f64), torch.zeros(self.dims["outputs"], **f64)
+        s, ss = torch.zeros(self.dims["input_dim"], **f64), torch.zeros(self.dims["input_dim"], **f64)
+        for batch in DataLoader(shard, batch_size=loader.batch_size, collate_fn=loader.collate_fn):
+            x = batch["user_emb"]
+            if not x.is_sparse:
+                s += x.double().sum(0)
+                ss += (x.double() ** 2).sum(0)
+            n += x.shape[0]
+            counts += self._target_counts(batch)
+        n, s, ss, counts = (self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum") for t in (n, s, ss, counts))
+        if int(n) == 0:
+            raise DataError("the probe's representation holds no train users: predict the representation for "
+                            "every split (data.predict_splits).")
+        if self.hparams.standardize:  # sparse inputs add nothing to s, ss: mean 0, std 1 (unused)
+            mean = s / n
+            std = (ss / n - mean ** 2).clamp_min(0).sqrt()
+            self.mean.copy_(mean.float())
+            self.std.copy_(torch.where(std > STD_EPS, std, torch.ones_like(std)).float())
+        self.n_train.fill_(int(n))
+        if self.kind in ("binary", "multilabel"):
+            prior = torch.log((counts + 1) / (n - counts + 1))
+        else:
+            prior = torch.log(counts + 1)  # next items: the popularity ranking of the train targets
+        self.heads.weight.zero_()
+        self.heads.bias.copy_(prior.float().expand_as(self.heads.bias))
+
+    def _target_counts(self, batch: dict) -> torch.Tensor:
+        target, _ = self.targets(batch)
+        if self.kind == "multiclass":
+            return torch.bincount(target.long(), minlength=self.dims["outputs"]).double()
+        return target.double().sum(0).reshape(-1)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        target, seen = self.targets(batch)
+        losses = head_losses(self.kind, self(batch), target, seen)
+        penalty = 0.5 * (self.wd[:, None, None] * self.heads.weight ** 2).sum()
+        self.log("train/loss", losses.mean(), on_step=True, on_epoch=True, batch_size=batch["user_id"].shape[0],
+                 prog_bar=True)
+        return losses.sum() + penalty
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        target, seen = self.targets(batch)
+        logits = self(batch)
+        for g, metrics in enumerate(self.val_metrics):
+            update_metrics(metrics, self.kind, logits[:, g], target, seen)
+
+    def on_validation_epoch_end(self) -> None:
+        per_head = [compute_metrics(m) for m in self.val_metrics]
+        if self.trainer.sanity_checking:
+            return
+        for wd, values in zip(self.weight_decays, per_head, strict=True):
+            for name, value in values.items():
+                self.log(f"val/wd={wd:g}/{name}", value, sync_dist=True)
+        scores = [v[self.select_key] for v in per_head]
+        g = max((i for i in range(len(scores)) if math.isfinite(scores[i])), key=scores.__getitem__, default=0)
+        self.log("val/select", scores[g], sync_dist=True, prog_bar=True)
+        if self.trainer.state.fn == "fit" and scores[g] > float(self.best_score):
+            self.best_weight.copy_(self.heads.weight[g])
+            self.best_bias.copy_(self.heads.bias[g])
+            self.best_head.fill_(g)
+            self.best_epoch.fill_(self.current_epoch)
+            self.best_score.fill_(scores[g])
+        if int(self.best_head) >= 0:
+            self.log("val/weight_decay", self.weight_decays[int(self.best_head)], sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        target, seen = self.targets(batch)
+        update_metrics(self.test_metrics, self.kind, self.best_logits(batch), target, seen)
+
+    def on_test_epoch_end(self) -> None:
+        for name, value in compute_metrics(self.test_metrics).items():
+            self.log(f"test/{name}", value, sync_dist=True)
+        self.log("test/weight_decay", self.weight_decays[int(self.best_head)], sync_dist=True)
+
+    def configure_callbacks(self):
+        return [*super().configure_callbacks(), EarlyStopping(monitor="val/select", mode="max",
+                                                              patience=self.hparams.patience)]
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        z = self.best_logits(batch)
+        cols = user_columns(batch)
+        if self.kind == NEXT_ITEMS:
+            _, seen = self.targets(batch)
+            top = z.masked_fill(seen, float("-inf")).topk(min(max(self.ks), z.shape[1]), dim=1).indices + 1
+            cols["top_items"] = top.cpu().numpy()
+        else:
+            p = torch.softmax(z, 1) if self.kind == "multiclass" else torch.sigmoid(z)
+            cols["scores"] = p.float().cpu().numpy()
+        return cols
+
+    def output_info(self) -> dict:
+        chosen = int(self.best_head)
+        return {"task": self.dims["task"], "task_kind": self.kind, "best_epoch": int(self.best_epoch),
+                "weight_decay": self.weight_decays[chosen] if chosen >= 0 else None,
+                f"val_{self.select_key}": float(self.best_score)}
