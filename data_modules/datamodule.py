@@ -72,25 +72,21 @@ class UserRows(Dataset):
         return batch
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
+class EpochShuffleSampler(torch.utils.data.DistributedSampler):
     """A random order that depends only on (seed, epoch): a resumed run sees the same batches.
 
-    Lightning calls ``set_epoch`` at every epoch; under DDP it swaps this for its own
-    DistributedSampler, which is seeded the same way.
+    Lightning calls ``set_epoch`` at every epoch. Under DDP each rank takes every world_size-th
+    user of the same order (a DistributedSampler, so Lightning does not wrap it in a second
+    shuffle): ``world_size`` ranks with ``batch_size / world_size`` users each see the same
+    global batches as one process.
     """
 
     def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(range(n), num_replicas=torch.distributed.get_world_size() if distributed else 1,
+                         rank=torch.distributed.get_rank() if distributed else 0, shuffle=True,
+                         seed=seed * 100_003)
+        self.n = n
 
 
 class EventCollate:
