@@ -16,7 +16,8 @@ joins each user's row of the prepared table for the targets. The batch (data_mod
     hist_item  [B, Eh]  int64   history items 1..num_items, 0 = padding (the ranking excludes them)
     fut_item   [B, Ef]  int64   future items, 0 = padding (relevant = future items not in the history)
 
-:func:`probe_task` names the tasks a data set offers and their kind.
+:func:`probe_task` names the tasks a data set offers and their kind;
+:class:`data_modules.arrays.ArrayRepresentations` hands the same batches from arrays in memory.
 """
 
 from __future__ import annotations
@@ -121,3 +122,4 @@ def write_representation(folder: str | Path, user_emb: np.ndarray, row: np.ndarr
         atomic_write_json(tmp / META_FILE, {"kind": "representations", **(info or {}), "parts": [part],
                                             "world_size": 1, "user_dim": int(user_emb.shape[1])})
     return Path(folder)
+

@@ -197,7 +197,7 @@ def test_next_item_probe_beats_popularity(one_thread) -> None:
     fut[hist > 0] = 0
     history, future, split = sp.csr_matrix(hist), sp.csr_matrix(fut), _split()
     out = fit_next_item_probe(X, history, future, split, weight_decays=(0.0, 1e-3), epochs=30)
-    assert set(out) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
+    assert set(out) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "weight_decay", "val_ndcg@20"}
     pop, _ = popularity(history, future, split)
     assert out["recall@10"] > 0.8 and out["recall@10"] > pop["recall@10"] + 0.3, (out, pop)
     sparse = fit_next_item_probe(sp.csr_matrix(np.maximum(X, 0.0)), history, future, split, epochs=30)

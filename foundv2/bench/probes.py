@@ -11,7 +11,6 @@ Splits are integer arrays over users: ``0`` train, ``1`` validation, ``2`` test.
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from scipy.stats import rankdata
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from data_modules.arrays import ArrayRepresentations
 from foundv2.metrics.classification import (
     binary_auc,
     ks_statistic,
@@ -31,17 +31,13 @@ from foundv2.metrics.classification import (
     multilabel_macro_auc,
 )
 from foundv2.metrics.ranking import evaluate_ranking
+from foundv2.stages.probe import NEXT_ITEMS, SELECTION_METRIC, STD_EPS, ProbeStage, fit_probe
 
 logger = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = 0, 1, 2
 TaskKind = Literal["binary", "multiclass", "multilabel"]
 Features = np.ndarray | sp.spmatrix | sp.sparray
-
-#: validation metric that picks C, per task kind
-SELECTION_METRIC: dict[str, str] = {"binary": "auc", "multiclass": "macro_auc", "multilabel": "macro_auc"}
-#: guards the division by a feature's standard deviation (constant features stay 0 after centring)
-_STD_EPS = 1e-8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +61,7 @@ def standardise(X: Features, train: np.ndarray) -> Features:
     X = np.asarray(X, dtype=np.float64)
     mean = X[train].mean(axis=0)
     std = X[train].std(axis=0)
-    return ((X - mean) / np.where(std > _STD_EPS, std, 1.0)).astype(np.float32)
+    return ((X - mean) / np.where(std > STD_EPS, std, 1.0)).astype(np.float32)
 
 
 def _check_kind(kind: str) -> None:
@@ -330,125 +326,11 @@ def fit_logistic_probe(
 # next-item probe
 
 
-def _feature_rows(X: Features, rows: np.ndarray) -> torch.Tensor:
-    """Rows of X as a float32 tensor: dense, or sparse COO when X is scipy sparse."""
-    block = X[rows]
-    if sp.issparse(block):
-        coo = sp.coo_matrix(block, dtype=np.float32)
-        indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-        return torch.sparse_coo_tensor(
-            indices, torch.from_numpy(coo.data), coo.shape, check_invariants=False
-        ).coalesce()
-    return torch.from_numpy(np.asarray(block, dtype=np.float32))
-
-
-class ItemScorer(torch.nn.Linear):
-    """``Linear(d, I)`` that also takes sparse COO inputs (``O(nnz · I)`` instead of ``O(d · I)``:
-    a TF-IDF input has thousands of columns but ~100 nonzeros a row)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Item logits ``[B, I]`` of dense or sparse ``[B, d]`` inputs."""
-        if x.is_sparse:
-            return torch.sparse.mm(x, self.weight.T) + self.bias
-        return super().forward(x)
-
-
-def _targets(
-    history: sp.csr_matrix, future: sp.csr_matrix, rows: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(target, seen)`` bool masks ``[B, I]``: future items not in the history, history items."""
-    seen = torch.from_numpy(history[rows].toarray() != 0)
-    target = torch.from_numpy(future[rows].toarray() != 0) & ~seen
-    return target, seen
-
-
-def multi_target_softmax_loss(logits: torch.Tensor, target: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy averaged over each user's target items, then over users.
-
-    History items (``seen``) are removed from the softmax, as they are from the ranking.
-    ``-(1/|T_u|) Σ_{j ∈ T_u} log softmax(z_u)_j``; users must have at least one target.
-    """
-    log_p = torch.log_softmax(logits.masked_fill(seen, float("-inf")), dim=1)
-    per_user = torch.where(target, log_p, torch.zeros_like(log_p)).sum(1) / target.sum(1)
-    return -per_user.mean()
-
-
 def _users_with_targets(users: np.ndarray, history: sp.csr_matrix, future: sp.csr_matrix) -> np.ndarray:
     """The users that have at least one future item outside their history."""
     fut = (future[users] != 0).astype(np.int64)
     n_new = np.asarray(fut.sum(axis=1) - fut.multiply(history[users] != 0).sum(axis=1)).ravel()
     return users[n_new > 0]
-
-
-@torch.no_grad()
-def _popularity_initialised(dim: int, train_targets: sp.csr_matrix) -> ItemScorer:
-    """An item scorer that starts as the popularity ranking: zero weights, bias = log of the
-    items' (add-one smoothed) target frequency. The loss is convex in the layer, so the start
-    only saves steps; with early stopping the probe is never below that start on validation."""
-    layer = ItemScorer(dim, train_targets.shape[1])
-    counts = np.asarray((train_targets != 0).sum(axis=0), dtype=np.float32).ravel()
-    layer.weight.zero_()
-    layer.bias.copy_(torch.from_numpy(np.log(counts + 1.0)))  # +1: unseen items stay finite
-    return layer
-
-
-def _train_linear_softmax(
-    X: Features,
-    history: sp.csr_matrix,
-    future: sp.csr_matrix,
-    train: np.ndarray,
-    val: np.ndarray,
-    weight_decay: float,
-    lr: float,
-    epochs: int,
-    batch_size: int,
-    patience: int,
-    ks: Sequence[int],
-    seed: int,
-) -> tuple[ItemScorer, float]:
-    """Train one linear softmax layer; returns the best-on-validation weights and that score."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    layer = _popularity_initialised(X.shape[1], future[train])
-    opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    select = f"ndcg@{max(ks)}"
-    best_val = _rank_with_layer(layer, X, history, future, val, ks)[select]  # the popularity start
-    best_state, bad_epochs = copy.deepcopy(layer.state_dict()), 0
-    for epoch in range(epochs):
-        layer.train()
-        for idx in torch.randperm(train.size, generator=gen).split(batch_size):
-            rows = train[idx.numpy()]
-            target, seen = _targets(history, future, rows)
-            loss = multi_target_softmax_loss(layer(_feature_rows(X, rows)), target, seen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        val_score = _rank_with_layer(layer, X, history, future, val, ks)[select]
-        logger.info("next-item probe wd=%g epoch %d: val %s=%.4f", weight_decay, epoch, select, val_score)
-        if val_score > best_val:
-            best_val, best_state, bad_epochs = val_score, copy.deepcopy(layer.state_dict()), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= patience:
-                break
-    layer.load_state_dict(best_state)
-    return layer, float(best_val)
-
-
-@torch.no_grad()
-def _rank_with_layer(
-    layer: ItemScorer,
-    X: Features,
-    history: sp.csr_matrix,
-    future: sp.csr_matrix,
-    users: np.ndarray,
-    ks: Sequence[int],
-    per_user_out: dict | None = None,
-) -> dict[str, float]:
-    """Ranking metrics of a linear layer's item scores for ``users``."""
-    layer.eval()
-    return evaluate_ranking(lambda rows: layer(_feature_rows(X, rows)), users, history, future, ks,
-                            per_user_out=per_user_out)
 
 
 def fit_next_item_probe(
@@ -465,47 +347,50 @@ def fit_next_item_probe(
     seed: int = 0,
     scores_out: dict | None = None,
 ) -> dict[str, float]:
-    """Linear softmax probe from the representation to the items (next-items task).
+    """Linear softmax probe from the representation to the items (next-items task): the
+    :class:`~foundv2.stages.probe.ProbeStage` (task ``next_items``) fitted in-process
+    (:func:`~foundv2.stages.probe.fit_probe`) on these arrays.
 
-    A ``Linear(d, I)`` layer (with bias) is trained with Adam on the train users to predict
-    their future items (:func:`multi_target_softmax_loss`, history items removed from the
-    softmax). It starts as the popularity ranking (zero weights, log-frequency bias), and the
-    starting point counts as epoch 0 of the early stopping. For each weight decay, training stops early on the validation users'
-    ``ndcg@max(ks)`` (best epoch kept); the weight decay with the best validation score is
-    evaluated on the test users, ranking every item not in their history.
+    One ``Linear(d, I)`` head per weight decay, trained side by side with Adam on the train users
+    that have a future item outside their history (multi-target softmax, history items removed
+    from the softmax), starting as the popularity ranking (zero weights, log-frequency bias), on
+    inputs standardised with the train users' statistics (sparse inputs as they are). After every
+    epoch each head is scored on the validation users' ``ndcg@max(ks)``; the best (head, epoch)
+    is kept and training stops after ``patience`` epochs without a better one. That head ranks
+    every item not in a test user's history.
 
     Args:
-        X: ``[U, d]`` representations (dense float, standardised with train statistics; or
-            scipy sparse, used as is).
+        X: ``[U, d]`` representations (dense float, or scipy sparse).
         history: ``[U, I]`` history interactions (the items excluded from the ranking).
         future: ``[U, I]`` binary future items (the targets / relevant items).
         split: ``[U]`` 0 train, 1 val, 2 test.
         weight_decays: L2 strengths tried (chosen on validation).
         lr: Adam learning rate.
-        epochs: maximum epochs per weight decay.
+        epochs: maximum epochs.
         batch_size: users per step.
         patience: epochs without validation improvement before stopping.
         ks: ranking cut-offs.
-        seed: seed of the initialisation and the shuffling.
+        seed: seed of the shuffling.
         scores_out: if given, ``scores_out['test']`` receives the test users' per-user metrics
             (``{'recall@K', 'ndcg@K'}`` → ``[n]`` arrays), for :func:`paired_bootstrap`.
 
     Returns:
-        ``{'recall@K', 'ndcg@K'}`` on the test users for each K in ``ks``.
+        ``{'recall@K', 'ndcg@K'}`` on the test users for each K in ``ks``, plus
+        ``'weight_decay'`` (the chosen one) and ``'val_ndcg@<max K>'`` (its validation value).
     """
     history, future = sp.csr_matrix(history), sp.csr_matrix(future)
-    train, val, test = split_indices(split)
-    X = standardise(X, train)
-    train = _users_with_targets(train, history, future)
-    best: tuple[float, float, ItemScorer] | None = None
-    for wd in weight_decays:
-        layer, val_score = _train_linear_softmax(
-            X, history, future, train, val, wd, lr, epochs, batch_size, patience, ks, seed
-        )
-        logger.info("next-item probe wd=%g: val ndcg@%d=%.4f", wd, max(ks), val_score)
-        if best is None or val_score > best[0]:
-            best = (val_score, wd, layer)
-    assert best is not None, "weight_decays must not be empty"
-    logger.info("next-item probe: chose weight decay %g", best[1])
-    return _rank_with_layer(best[2], X, history, future, test, ks,
-                            None if scores_out is None else scores_out.setdefault("test", {}))
+    split = np.asarray(split, np.int64)
+    train = split_indices(split)[0]
+    fit_split = split.copy()
+    fit_split[np.setdiff1d(train, _users_with_targets(train, history, future))] = -1  # nothing to learn from
+    data = ArrayRepresentations(X, fit_split, history, future, batch_size=batch_size, seed=seed)
+    stage = ProbeStage(task=NEXT_ITEMS, weight_decays=tuple(weight_decays), lr=lr, patience=patience, ks=tuple(ks))
+    dims = {"input_dim": X.shape[1], "task": NEXT_ITEMS, "kind": NEXT_ITEMS, "outputs": history.shape[1]}
+    fit_probe(stage, data, max_epochs=epochs, dims=dims)
+    logger.info("next-item probe: chose weight decay %g (epoch %d, val %s=%.4f)", stage.best_weight_decay,
+                int(stage.best_epoch), stage.select_key, float(stage.best_score))
+    with torch.no_grad():
+        metrics = evaluate_ranking(lambda rows: stage.best_logits(data.collate(rows)), split_indices(split)[2],
+                                   history, future, ks, per_user_out=None if scores_out is None
+                                   else scores_out.setdefault("test", {}))
+    return {**metrics, "weight_decay": float(stage.best_weight_decay), f"val_{stage.select_key}": float(stage.best_score)}

@@ -22,6 +22,8 @@ The protocol (the bench's, ``foundv2-bench-v1``), one implementation:
   stage keeps the best (head, epoch) it has seen in ``best_weight``/``best_bias`` with its
   ``best_weight_decay``, ``best_epoch`` and ``best_score`` (saved in every checkpoint), so
   ``test`` and ``predict`` from any checkpoint of the run use the head chosen on validation.
+  The start itself is the first candidate (``best_epoch`` -1): a probe is never below the prior
+  (for next items, the popularity ranking) on validation.
 - **metrics as torchmetrics objects**, DDP-synced at ``compute``: AUC (exact, or binned with
   ``auc_bins``) and :class:`~foundv2.metrics.classification.KSStatistic` for binary; accuracy and
   :class:`~foundv2.metrics.classification.MacroAUROC` for multiclass; macro AUC for multilabel;
@@ -31,14 +33,22 @@ The protocol (the bench's, ``foundv2-bench-v1``), one implementation:
 
 ``predict`` writes, per user, ``scores [C]`` (probabilities; binary: ``[1]``) or, for next items,
 ``top_items [K]`` (item ids 1..num_items, history left out; K = ``max(ks)``).
+
+:func:`fit_probe` runs the stage in-process on any DataModule of representation batches (the
+bench's gradient-trained probes: :class:`data_modules.arrays.ArrayRepresentations`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -246,6 +256,11 @@ class ProbeStage(PredictStage):
         self.test_metrics = task_metrics(self.kind, C, self.ks, self.hparams.auc_bins)
 
     @property
+    def best_weight_decay(self) -> float | None:
+        """The weight decay of the head kept on validation (None before the first validation)."""
+        return self.weight_decays[int(self.best_head)] if int(self.best_head) >= 0 else None
+
+    @property
     def select_key(self) -> str:
         return f"ndcg@{max(self.ks)}" if self.kind == NEXT_ITEMS else SELECTION_METRIC[self.kind]
 
@@ -273,20 +288,25 @@ class ProbeStage(PredictStage):
 
     # ------------------------------------------------------------------ the statistics pass
     def on_fit_start(self) -> None:
-        if int(self.n_train) == 0:  # a resumed fit has them from its checkpoint
+        if int(self.n_train) == 0:  # a resumed fit has both from its checkpoint
             self.fit_statistics(self.trainer.datamodule.train_dataloader())
+            self.score_start(self.trainer.datamodule.val_dataloader())
+
+    def _shard(self, loader: DataLoader):
+        """This rank's share (every world_size-th user) of a loader's users, in order."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        shard = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        return DataLoader(shard, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
 
     @torch.no_grad()
     def fit_statistics(self, loader: DataLoader) -> None:
-        """Input mean/std and target frequencies over the train users of ``loader`` (this rank
-        reads every world_size-th one; the sums are all-reduced), then the heads' start: zero
-        weights, the bias at the log prior."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        shard = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        """Input mean/std and target frequencies over the train users of ``loader`` (each rank
+        reads its share; the sums are all-reduced), then the heads' start: zero weights, the bias
+        at the log prior."""
         f64 = {"dtype": torch.float64}
         n, counts = torch.zeros(1, **f64), torch.zeros(self.dims["outputs"], **f64)
         s, ss = torch.zeros(self.dims["input_dim"], **f64), torch.zeros(self.dims["input_dim"], **f64)
-        for batch in DataLoader(shard, batch_size=loader.batch_size, collate_fn=loader.collate_fn):
+        for batch in self._shard(loader):
             x = batch["user_emb"]
             if not x.is_sparse:
                 s += x.double().sum(0)
@@ -309,6 +329,22 @@ class ProbeStage(PredictStage):
             prior = torch.log(counts + 1)  # next items: the popularity ranking of the train targets
         self.heads.weight.zero_()
         self.heads.bias.copy_(prior.float().expand_as(self.heads.bias))
+
+    @torch.no_grad()
+    def score_start(self, loader: DataLoader) -> None:
+        """The start (the prior; for next items the popularity ranking) is the first candidate:
+        scored on the validation users of ``loader`` and kept as ``best_epoch`` -1, so the probe
+        is never below it on validation."""
+        for batch in self._shard(loader):
+            self.validation_step(self.transfer_batch_to_device(batch, self.device, 0), 0)
+        score = compute_metrics(self.val_metrics[0])[self.select_key]  # every head is the same here
+        for m in self.val_metrics[1:]:
+            compute_metrics(m)
+        if math.isfinite(score):
+            self.best_weight.copy_(self.heads.weight[0])
+            self.best_bias.copy_(self.heads.bias[0])
+            self.best_head.fill_(0)
+            self.best_score.fill_(score)
 
     def _target_counts(self, batch: dict) -> torch.Tensor:
         target, _ = self.targets(batch)
@@ -347,8 +383,8 @@ class ProbeStage(PredictStage):
             self.best_head.fill_(g)
             self.best_epoch.fill_(self.current_epoch)
             self.best_score.fill_(scores[g])
-        if int(self.best_head) >= 0:
-            self.log("val/weight_decay", self.weight_decays[int(self.best_head)], sync_dist=True)
+        if self.best_weight_decay is not None:
+            self.log("val/weight_decay", self.best_weight_decay, sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         target, seen = self.targets(batch)
@@ -357,7 +393,7 @@ class ProbeStage(PredictStage):
     def on_test_epoch_end(self) -> None:
         for name, value in compute_metrics(self.test_metrics).items():
             self.log(f"test/{name}", value, sync_dist=True)
-        self.log("test/weight_decay", self.weight_decays[int(self.best_head)], sync_dist=True)
+        self.log("test/weight_decay", self.best_weight_decay, sync_dist=True)
 
     def configure_callbacks(self):
         return [*super().configure_callbacks(), EarlyStopping(monitor="val/select", mode="max",
@@ -377,7 +413,33 @@ class ProbeStage(PredictStage):
         return cols
 
     def output_info(self) -> dict:
-        chosen = int(self.best_head)
         return {"task": self.dims["task"], "task_kind": self.kind, "best_epoch": int(self.best_epoch),
-                "weight_decay": self.weight_decays[chosen] if chosen >= 0 else None,
-                f"val_{self.select_key}": float(self.best_score)}
+                "weight_decay": self.best_weight_decay, f"val_{self.select_key}": float(self.best_score)}
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    lg = logging.getLogger("lightning.pytorch")
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=PossibleUserWarning)
+            yield
+    finally:
+        lg.setLevel(level)
+
+
+def fit_probe(stage: ProbeStage, datamodule: L.LightningDataModule, max_epochs: int = 100,
+              dims: dict | None = None, accelerator: str = "cpu") -> ProbeStage:
+    """Fit ``stage`` on ``datamodule`` with a quiet one-device Trainer (no logger, checkpoint or
+    progress bar) and return it, holding the head chosen on validation; ``dims`` (input_dim,
+    task, kind, outputs) for a DataModule that is not a ``UserDataModule``."""
+    if dims is not None:
+        stage.build(dims)
+    with _quiet_lightning():
+        trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=max_epochs, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0)
+        trainer.fit(stage, datamodule=datamodule)
+    return stage.eval()
