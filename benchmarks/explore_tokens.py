@@ -53,40 +53,16 @@ def load() -> BenchData:
 
 
 # ---------------------------------------------------------------------------------- probing
-def per_user_ndcg(scores: torch.Tensor, history: sp.csr_matrix, future: sp.csr_matrix, k: int = K) -> np.ndarray:
-    """NDCG@k of each user (the definition of ``foundv2.metrics.ranking.TopKRanking``); NaN
-    for a user with no future item outside the history."""
-    seen = torch.from_numpy(history.toarray() != 0)
-    rel = torch.from_numpy(future.toarray() != 0) & ~seen
-    s = scores.float().masked_fill(seen, float("-inf"))
-    top = s.topk(k, dim=1).indices
-    hits = rel.gather(1, top).double()
-    disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
-    n_rel = rel.sum(1)
-    idcg = disc.cumsum(0)[n_rel.clamp(1, k) - 1]
-    out = (hits * disc).sum(1) / idcg
-    return torch.where(n_rel > 0, out, torch.nan).numpy()
-
-
 def next_item_user_ndcg(X, data: BenchData, epochs: int = 30, batch_size: int = 256) -> tuple[dict, np.ndarray]:
-    """The bench's next-item probe (``fit_next_item_probe``'s steps: standardise, train per
-    weight decay with early stopping on val, keep the best) with per-test-user NDCG@10 kept
-    for the paired bootstrap."""
-    history, future = data.history, data.future
-    train, val, test = P.split_indices(data.split)
-    Xs = P.standardise(X, train)
-    train = P._users_with_targets(train, history, future)
-    best = None
-    for wd in (0.0, 1e-4):
-        layer, v = P._train_linear_softmax(Xs, history, future, train, val, wd, 1e-2, epochs, batch_size, 3,
-                                           (10, 20), 0)
-        if best is None or v > best[0]:
-            best = (v, wd, layer)
-    layer = best[2].eval()
-    with torch.no_grad():
-        scores = layer(P._feature_rows(Xs, test))
-    nd = per_user_ndcg(scores, history[test], future[test])
-    return {"ndcg@10": float(np.nanmean(nd)), "wd": best[1], "val_ndcg@20": best[0]}, nd
+    """The bench's next-item probe (``fit_next_item_probe``) with per-test-user NDCG@10 kept for
+    the paired bootstrap (NaN for a user with no future item outside the history)."""
+    out: dict = {}
+    m = P.fit_next_item_probe(X, data.history, data.future, data.split, epochs=epochs, batch_size=batch_size,
+                              scores_out=out)
+    test = P.split_indices(data.split)[2]
+    nd = np.full(len(test), np.nan)
+    nd[np.isin(test, P._users_with_targets(test, data.history, data.future))] = out["test"][f"ndcg@{K}"]
+    return {"ndcg@10": m["ndcg@10"], "wd": m["weight_decay"], "val_ndcg@20": m["val_ndcg@20"]}, nd
 
 
 def probe(name: str, make: Callable[[], object] | None, nbytes: float, data: BenchData,
