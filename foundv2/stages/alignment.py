@@ -37,13 +37,13 @@ import torch
 from data_modules.schema import DataError
 from foundv2.nn.sequence import TokenSequenceEncoder, code_vectors
 from foundv2.objectives import MultiScaleObjectives, last_valid
-from foundv2.stages.base import PredictStage, pool_windows
+from foundv2.stages.base import ObjectiveStage, pool_windows
 from foundv2.stages.qformer import USER_POOLS, semantic_mask
 
 FINE_MODES = ("cosine", "infonce")
 
 
-class AlignmentStage(PredictStage):
+class AlignmentStage(ObjectiveStage):
     """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
 
     Args:
@@ -183,26 +183,6 @@ class AlignmentStage(PredictStage):
             windows=windows, win_mask=win_mask, win_key=batch["win_key"], user_keys=batch["user_id"],
             user_rep=last_valid(windows, win_mask), fut_text_emb=batch["fut_text_emb"],
             has_fut_text=semantic_mask(batch))
-
-    def _log(self, logs: dict, stage: str, batch_size: int) -> None:
-        for k, v in logs.items():
-            if stage != "train" and k.endswith("/semantic"):
-                continue  # val/test users carry no future text by design
-            self.log(f"{stage}/{k}", v, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
-                     sync_dist=stage != "train", prog_bar=k == "loss/total")
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, logs = self.model_step(batch)
-        self._log(logs, "train", batch["user_id"].shape[0])
-        return total
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, logs = self.model_step(batch)
-        self._log(logs, "val", batch["user_id"].shape[0])
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, logs = self.model_step(batch)
-        self._log(logs, "test", batch["user_id"].shape[0])
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

@@ -219,3 +219,35 @@ def pool_windows(windows: torch.Tensor, win_mask: torch.Tensor, how: str) -> tor
     parts = {"mean": lambda: (windows * m).sum(1) / m.sum(1).clamp_min(1),
              "last": lambda: last_valid(windows, win_mask)}
     return torch.cat([parts[p]() for p in how.split("_")], dim=1)
+
+
+class ObjectiveStage(PredictStage):
+    """A :class:`PredictStage` trained by a sum of objective terms (stages 1 and 3): the stage
+    writes ``model_step(batch) -> (total loss, detached logs)``; the train/val/test steps and
+    their logging (``<stage>/<term>``, one entry per term) live here once.
+
+    The semantic term is not logged for val/test: those users carry no future text by design (no
+    leak), so the term is always empty there and ``val/loss/total`` has no semantic part — compare
+    it across runs, not with ``train/loss/total``.
+    """
+
+    def model_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def log_terms(self, logs: dict, stage: str, batch_size: int) -> None:
+        for k, v in logs.items():
+            if stage != "train" and k.endswith("/semantic"):
+                continue
+            self.log(f"{stage}/{k}", v, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                     sync_dist=stage != "train", prog_bar=k == "loss/total")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, logs = self.model_step(batch)
+        self.log_terms(logs, "train", batch["user_id"].shape[0])
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log_terms(self.model_step(batch)[1], "val", batch["user_id"].shape[0])
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.log_terms(self.model_step(batch)[1], "test", batch["user_id"].shape[0])

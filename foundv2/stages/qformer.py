@@ -52,7 +52,7 @@ from foundv2.nn.slices import (
     slice_target_dim,
 )
 from foundv2.objectives import MultiScaleObjectives, last_valid
-from foundv2.stages.base import PredictStage, pool_windows, split_by_user, with_window_keys
+from foundv2.stages.base import ObjectiveStage, pool_windows, split_by_user, with_window_keys
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
 USER_POOLS = ("mean", "last", "mean_last")
@@ -66,7 +66,7 @@ def semantic_mask(batch: dict) -> torch.Tensor:
     return batch["has_fut_text"].bool() & (batch["split"] == Split.TRAIN)
 
 
-class QFormerStage(PredictStage):
+class QFormerStage(ObjectiveStage):
     """Stage 1: per-source event encoders → causal Q-Former (or a frozen backbone).
 
     Args:
@@ -273,28 +273,6 @@ class QFormerStage(PredictStage):
                 k = f"recon_mse/{names[int(k.split('/')[1])]}"
             renamed[k] = v
         return total, renamed
-
-    def _log(self, logs: dict, stage: str, batch_size: int) -> None:
-        for k, v in logs.items():
-            if stage != "train" and k.endswith("/semantic"):
-                continue  # val/test users carry no future text by design: the term is always empty there
-            self.log(f"{stage}/{k}", v, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
-                     sync_dist=stage != "train", prog_bar=k == "loss/total")
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, logs = self.model_step(batch)
-        self._log(logs, "train", batch["user_id"].shape[0])
-        return total
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # val/loss/total has no semantic part (it is 0 for users without future text): compare
-        # it across runs, not with train/loss/total
-        _, logs = self.model_step(batch)
-        self._log(logs, "val", batch["user_id"].shape[0])
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, logs = self.model_step(batch)
-        self._log(logs, "test", batch["user_id"].shape[0])
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
