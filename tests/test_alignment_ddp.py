@@ -16,6 +16,7 @@ CPU = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
 DDP2 = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
+@pytest.mark.slow  # a tokenizer fit and three 2-process runs: make test-full
 @pytest.mark.ddp
 def test_alignment_ddp_fit_and_predict(tmp_path):
     data = [*DATA, "--data.cache_dir", str(tmp_path / "cache")]  # after every --config: they win

@@ -115,6 +115,7 @@ def test_bf16_mixed_fit_on_cpu(tokens):
     assert np.isfinite(float(trainer.callback_metrics["train/loss/total_epoch"]))
 
 
+@pytest.mark.slow  # stage 3 fit + predict + a bench: make test-full
 def test_the_bench_counts_stage_3_at_the_tokens_bytes(tokens, tmp_path):
     """Stage 3's output says it is built from the tokens alone: the bench gives it their size."""
     import json

@@ -48,6 +48,7 @@ def bench(tokens):
     return out, tmp / "out"
 
 
+@pytest.mark.slow  # a whole bench over tokens: make test-full
 def test_bench_json_has_every_key(bench):
     out, folder = bench
     saved = json.loads((folder / "bench.json").read_text())
@@ -74,6 +75,7 @@ def test_bench_json_has_every_key(bench):
     assert res["tokens_bag"]["bytes_per_user"] < res["pooled"]["bytes_per_user"] / 10
 
 
+@pytest.mark.slow  # a whole bench over tokens: make test-full
 def test_planted_signal_and_sane_baselines(bench):
     res = bench[0]["results"]
     # the archetype is planted in behaviour: every representation recovers it far above chance (1/6)
@@ -83,6 +85,7 @@ def test_planted_signal_and_sane_baselines(bench):
     assert res["ease"]["next_items"]["ndcg@10"] > pop and res["itemknn"]["next_items"]["ndcg@10"] > pop
 
 
+@pytest.mark.slow  # a whole bench over tokens: make test-full
 def test_verdicts_carry_paired_intervals(bench):
     out, _ = bench
     res = out["results"]
@@ -110,6 +113,7 @@ def test_verdicts_carry_paired_intervals(bench):
     assert MAX_CI_WIDTH > 0
 
 
+@pytest.mark.slow  # a whole bench over tokens: make test-full
 def test_report_plots_and_marker_last(bench):
     folder = bench[1]
     md = (folder / "report.md").read_text()
@@ -127,6 +131,7 @@ def test_report_plots_and_marker_last(bench):
     assert "logistic probe C=" in log  # the per-C lines went to the log, not the console
 
 
+@pytest.mark.slow  # a whole bench over tokens: make test-full
 def test_failure_keeps_finished_tasks_and_rerun_finishes(tokens, capsys):
     dm, tmp = tokens
     broken = tmp / "tokens-broken"
