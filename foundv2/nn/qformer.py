@@ -54,6 +54,11 @@ class QFormerOutput(NamedTuple):
     present: torch.Tensor
 
 
+def block_mlp(dim: int, mlp_ratio: int, dropout: float) -> nn.Sequential:
+    """The MLP of a transformer block (Q-Former and stage 3): dim → ratio·dim → dim, GELU."""
+    return nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim))
+
+
 class _Attention(nn.Module):
     """Multi-head attention with a boolean mask (True = may attend)."""
 
@@ -90,9 +95,7 @@ class _Block(nn.Module):
         self.norm_mem = nn.LayerNorm(dim)
         self.cross_attn = _Attention(dim, num_heads, dropout)
         self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim)
-        )
+        self.mlp = block_mlp(dim, mlp_ratio, dropout)
 
     def forward(
         self, x: torch.Tensor, mem: torch.Tensor, self_mask: torch.Tensor, cross_mask: torch.Tensor

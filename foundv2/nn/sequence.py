@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foundv2.nn.qformer import _Attention
+from foundv2.nn.qformer import _Attention, block_mlp
 
 
 def code_vectors(model) -> Tensor:
@@ -56,9 +56,7 @@ class _SelfBlock(nn.Module):
         self.norm_sa = nn.LayerNorm(dim)
         self.attn = _Attention(dim, num_heads, dropout)
         self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim)
-        )
+        self.mlp = block_mlp(dim, mlp_ratio, dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         h = self.norm_sa(x)
