@@ -103,13 +103,14 @@ def multi_target_softmax_loss(logits: torch.Tensor, target: torch.Tensor, seen: 
     """Softmax cross-entropy averaged over each user's target items, then over users (dim 0).
 
     History items (``seen``) are removed from the softmax, as they are from the ranking:
-    ``-(1/|T_u|) Σ_{j ∈ T_u} log softmax(z_u)_j``. ``logits [B, ..., I]`` with ``target`` and
-    ``seen`` broadcastable to it; every user must have at least one target.
+    ``-(1/|T_u|) Σ_{j ∈ T_u} log softmax(z_u)_j = logsumexp_{j ∉ seen} z_uj - mean_{j ∈ T_u} z_uj``.
+    ``logits [B, ..., I]`` with ``target`` and ``seen`` broadcastable to it; every user must have
+    at least one target (and targets are never seen).
     """
-    log_p = torch.log_softmax(logits.masked_fill(seen, float("-inf")), dim=-1)
-    target = target.expand_as(log_p)
-    per_user = torch.where(target, log_p, torch.zeros_like(log_p)).sum(-1) / target.sum(-1)
-    return -per_user.mean(0)
+    lse = torch.logsumexp(logits.masked_fill(seen, float("-inf")), dim=-1)
+    t = target.to(logits.dtype)
+    mean_target = (logits * t).sum(-1) / t.sum(-1)
+    return (lse - mean_target).mean(0)
 
 
 def task_targets(kind: str, batch: dict, task: str, num_items: int) -> tuple[torch.Tensor, torch.Tensor | None]:
