@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from foundv2.objectives import _all_sizes, _directional_nce, _dist_on, _gather_rows, _rank
+from foundv2.objectives import _directional_nce, gather_batch
 
 TAU = 0.07  # paper
 FN_MARGIN = 0.1  # paper: drop negatives above the positive's similarity + 0.1
@@ -47,27 +47,14 @@ def anchor_info_nce(user: Tensor, answer: Tensor, tau: float = TAU, fn_margin: f
     """
     user, answer = F.normalize(user.float(), dim=-1), F.normalize(answer.float(), dim=-1)
     n = user.shape[0]
-    zero = (user.sum() + answer.sum()) * 0.0
-    offset = 0
-    if gather and _dist_on():
-        sizes = _all_sizes(n, user.device)
-        if sum(sizes) == 0:
-            return zero, zero.detach()
-        offset = sum(sizes[: _rank()])
-        if keys is None:  # the global row index
-            keys = offset + torch.arange(n, device=user.device)
-        all_answer = _gather_rows(answer, sizes, with_grad=True)
-        all_user = _gather_rows(user, sizes, with_grad=True)
-        all_keys = _gather_rows(keys, sizes, with_grad=False)
-        # every gathered tensor must reach the loss on every rank: its backward is a collective
-        zero = zero + all_answer.sum() * 0.0 + all_user.sum() * 0.0
-    else:
-        if keys is None:
-            keys = torch.arange(n, device=user.device)
-        all_answer, all_user, all_keys = answer, user, keys
-    if n == 0:
+    g = gather_batch([answer, user, keys], [True, True, False], gather)
+    zero = (user.sum() + answer.sum()) * 0.0 + g.anchor
+    if n == 0 or g.total == 0:
         return zero, zero.detach()
-    labels = offset + torch.arange(n, device=user.device)
+    all_answer, all_user, all_keys = g.rows
+    labels = g.offset + torch.arange(n, device=user.device)
+    if keys is None:  # every row its own group: its global row index
+        keys, all_keys = labels, torch.arange(g.total, device=user.device)
     candidates = torch.cat([all_answer, all_user])  # answers first: label i is answer i
     cand_keys = torch.cat([all_keys, all_keys])  # the anchor's own user row shares its key: dropped
     loss, acc = _directional_nce(user, candidates, labels, tau, fn_margin, keys, cand_keys)

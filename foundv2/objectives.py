@@ -26,7 +26,8 @@ that stays connected to the graph.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,42 @@ def _gather_rows(x: torch.Tensor, sizes: list[int], with_grad: bool) -> torch.Te
         parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x)
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+
+
+
+class GlobalBatch(NamedTuple):
+    """What :func:`gather_batch` returns: the rows of every rank, concatenated in rank order
+    (``None`` stays ``None``), this rank's first global row ``offset``, the global row count
+    ``total``, and ``anchor``: a 0-valued term that holds every tensor gathered with gradients
+    in the graph; add it to the loss on every rank (the backward of such a gather is itself a
+    collective, so every rank must run it)."""
+
+    rows: list[torch.Tensor | None]
+    offset: int
+    total: int
+    anchor: torch.Tensor | float
+
+
+def gather_batch(tensors: Sequence[torch.Tensor | None], with_grad: Sequence[bool], gather: bool = True) -> GlobalBatch:
+    """The global batch of contrastive rows under DDP (a collective: every rank calls it, also
+    one with 0 rows; ranks may hold different numbers of rows). ``tensors`` all have this
+    rank's rows first ([n, ...]); ``with_grad[i]`` says whether tensor i is gathered with
+    gradients (embeddings) or without (keys). Without DDP, or with ``gather`` False, the local
+    rows come back as they are."""
+    n = next(t.shape[0] for t in tensors if t is not None)
+    if not (gather and _dist_on()):
+        return GlobalBatch(list(tensors), 0, n, 0.0)
+    device = next(t.device for t in tensors if t is not None)
+    sizes = _all_sizes(n, device)
+    rows, anchor = [], 0.0
+    for t, grad in zip(tensors, with_grad, strict=True):
+        if t is None or sum(sizes) == 0:
+            rows.append(t)
+            continue
+        rows.append(_gather_rows(t, sizes, with_grad=grad))
+        if grad:
+            anchor = anchor + rows[-1].sum() * 0.0
+    return GlobalBatch(rows, sum(sizes[: _rank()]), sum(sizes), anchor)
 
 
 # --------------------------------------------------------------------------- InfoNCE
@@ -137,23 +174,12 @@ def info_nce(
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     n = a.shape[0]
-    zero = (a.sum() + b.sum()) * 0.0
-    offset = 0
-    if gather and _dist_on():
-        sizes = _all_sizes(n, a.device)
-        if sum(sizes) == 0:
-            return zero, zero.detach()
-        offset = sum(sizes[: _rank()])
-        all_b = _gather_rows(b, sizes, with_grad=True)
-        all_a = _gather_rows(a, sizes, with_grad=True) if symmetric else None
-        all_keys = _gather_rows(keys, sizes, with_grad=False) if keys is not None else None
-        # Every gathered tensor must reach the loss on every rank: its backward is a collective.
-        zero = zero + all_b.sum() * 0.0 + (all_a.sum() * 0.0 if all_a is not None else 0.0)
-    else:
-        all_b, all_a, all_keys = b, a, keys
-    if n == 0:
+    g = gather_batch([b, a if symmetric else None, keys], [True, True, False], gather)
+    zero = (a.sum() + b.sum()) * 0.0 + g.anchor
+    if n == 0 or g.total == 0:
         return zero, zero.detach()
-    labels = offset + torch.arange(n, device=a.device)
+    all_b, all_a, all_keys = g.rows
+    labels = g.offset + torch.arange(n, device=a.device)
     loss, acc = _directional_nce(a, all_b, labels, tau, fn_margin, keys, all_keys)
     if symmetric:
         loss_ba, _ = _directional_nce(b, all_a, labels, tau, fn_margin, keys, all_keys)
