@@ -34,7 +34,7 @@ def fit_and_predict(config: str, run_dir: Path, enabled: dict, extra: list[str])
 
     args = ["--config", str(ROOT / Path(config).parent / "data.yaml"), "--config", str(ROOT / config), "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
-            "--model.enabled", json.dumps(enabled), *extra]
+            "--model.objectives.enabled", json.dumps(enabled), *extra]
     cli = lightning_cli(args, run=False)
     t0 = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

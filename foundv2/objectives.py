@@ -27,14 +27,18 @@ that stays connected to the graph.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from foundv2.options import Options
+
 TERMS = ("fine", "window", "semantic", "recon")
+FINE_MODES = ("infonce", "cosine")
 DEFAULT_WEIGHTS = {"fine": 0.2, "window": 0.4, "semantic": 0.4, "recon": 1.0}  # paper: 0.2/0.4/0.4
 # Offset that keeps default row keys of different ranks apart when they are gathered.
 RANK_KEY_OFFSET = 1 << 40
@@ -260,7 +264,7 @@ class FineGrainedObjective(nn.Module):
         gather: bool = True,
     ) -> None:
         super().__init__()
-        if mode not in ("infonce", "cosine"):
+        if mode not in FINE_MODES:
             raise ValueError(f"fine-grained mode must be 'infonce' or 'cosine', got {mode!r}")
         self.mode, self.tau, self.step_tau = mode, tau, step_tau
         self.max_pairs, self.detach_targets, self.gather = max_pairs, detach_targets, gather
@@ -422,6 +426,50 @@ class ReconstructionObjective(nn.Module):
         return loss, per_source
 
 
+@dataclass(frozen=True)
+class ObjectivesConfig(Options):
+    """The objective terms of the stages trained by :class:`MultiScaleObjectives` (stage 1 and
+    stage 3: their ``--model.objectives.*`` options; each attribute's docstring is the
+    ``--help`` text). An ablation is a change here, e.g. ``enabled: {semantic: false}``."""
+
+    GROUP: ClassVar[str] = "objectives"
+
+    weights: dict[str, float] | None = None
+    """Per-term weights (fine, window, semantic, and recon where the stage has it); missing terms
+    take the paper's 0.2 / 0.4 / 0.4 (recon 1.0)."""
+    enabled: dict[str, bool] | None = None
+    """Per-term switches, e.g. ``{semantic: false}``; missing → on."""
+    tau: float = 0.07
+    """InfoNCE temperature of every contrastive term."""
+    fine_mode: str = "infonce"
+    """The fine term: ``infonce`` against the batch's other next steps, or the paper's weighted
+    ``cosine`` ``(1 + k/step_tau)(1 - cos)``."""
+    step_tau: float = 10.0
+    """τ of the cosine mode's ``1 + k/τ`` step weighting."""
+    window_fn_margin: float | None = None
+    """False-negative margin of the window term (None = off)."""
+    semantic_fn_margin: float | None = 0.1
+    """False-negative margin of the semantic term (None = off)."""
+    max_pairs: int | None = 4096
+    """Cap on fine/window pairs per batch and rank."""
+
+    def only(self, terms: Sequence[str]) -> ObjectivesConfig:
+        """These options for a stage trained by ``terms`` only (stage 3 has no recon): a weight or
+        switch of another term is an error that names it; the other terms are switched off."""
+        other = sorted((set(self.weights or {}) | set(self.enabled or {})) - set(terms))
+        if other:
+            raise ValueError(f"this stage's objective terms are {list(terms)}; got {other}")
+        return self.replace(enabled={**(self.enabled or {}), **{t: False for t in TERMS if t not in terms}})
+
+    def __post_init__(self) -> None:
+        if self.fine_mode not in FINE_MODES:
+            raise ValueError(f"fine_mode must be one of {FINE_MODES}, got {self.fine_mode!r}")
+        for name, table in (("weights", self.weights or {}), ("enabled", self.enabled or {})):
+            unknown = set(table) - set(TERMS)
+            if unknown:
+                raise ValueError(f"unknown objective term(s) in {name}: {sorted(unknown)}; known: {TERMS}")
+
+
 class MultiScaleObjectives(nn.Module):
     """Weighted sum of the alignment objectives and reconstruction, each term switchable.
 
@@ -476,6 +524,15 @@ class MultiScaleObjectives(nn.Module):
         )
         self.semantic = SemanticObjective(dim, text_dim, tau, fn_margin=semantic_fn_margin, gather=gather)
         self.recon = ReconstructionObjective()
+
+    @classmethod
+    def from_options(cls, options: ObjectivesConfig, dim: int, text_dim: int, period: int,
+                     fine_target_dim: int | None = None) -> MultiScaleObjectives:
+        """The objectives of a stage's :class:`ObjectivesConfig`."""
+        return cls(dim, text_dim, weights=options.weights, enabled=options.enabled, period=period, tau=options.tau,
+                   fine_mode=options.fine_mode, fine_target_dim=fine_target_dim, step_tau=options.step_tau,
+                   window_fn_margin=options.window_fn_margin, semantic_fn_margin=options.semantic_fn_margin,
+                   max_pairs=options.max_pairs)
 
     def active(self, term: str) -> bool:
         """Whether ``term`` is computed (enabled and weight > 0)."""

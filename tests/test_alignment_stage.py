@@ -11,7 +11,9 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
 from foundv2.nn.quantizer import QuantizerConfig
+from foundv2.objectives import ObjectivesConfig
 from foundv2.stages.alignment import AlignmentStage
+from foundv2.stages.base import OptimConfig
 from foundv2.stages.tokenizer import TokenizerStage
 
 
@@ -58,7 +60,7 @@ def test_every_objective_is_logged_and_falls(tokens):
             if not first:
                 first.update({k: float(v) for k, v in tr.callback_metrics.items()})
 
-    stage = _stage(tokens, lr=3e-3)
+    stage = _stage(tokens, optim=OptimConfig(lr=3e-3))
     trainer = _trainer(max_epochs=6, callbacks=[Record()])
     trainer.fit(stage, datamodule=dm)
     last = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -72,7 +74,7 @@ def test_every_objective_is_logged_and_falls(tokens):
 
 def test_semantic_term_never_reads_a_val_or_test_future(tokens):
     L.seed_everything(0)
-    stage = _stage(tokens, enabled={"fine": False, "window": False})
+    stage = _stage(tokens, objectives=ObjectivesConfig(fine_mode="cosine", enabled={"fine": False, "window": False}))
     dm = _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"))
     _trainer(max_steps=1, limit_val_batches=0).fit(stage, datamodule=dm)
     batch = next(iter(dm.train_dataloader()))

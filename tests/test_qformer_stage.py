@@ -16,6 +16,8 @@ from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures, slice_target_dim
+from foundv2.objectives import ObjectivesConfig
+from foundv2.stages.base import OptimConfig
 from foundv2.stages.qformer import QFormerStage, semantic_mask
 from foundv2.stages.tokenizer import TokenizerStage
 
@@ -56,7 +58,7 @@ class StepLosses(L.Callback):
 def test_fit_losses_finite_and_total_falls(cache):
     L.seed_everything(0)
     rec = StepLosses()
-    stage = QFormerStage(**TINY, lr=3e-3)
+    stage = QFormerStage(**TINY, optim=OptimConfig(lr=3e-3))
     trainer(max_steps=30, limit_val_batches=1, callbacks=[rec]).fit(stage, make_dm(cache))
     assert len(rec.total) == 30 and all(math.isfinite(v) for v in rec.total)
     assert np.mean(rec.total[-5:]) < 0.7 * np.mean(rec.total[:5])
@@ -196,8 +198,8 @@ def test_fine_target(cache, fine_target):
     dm = make_dm(cache)
     dm.setup()
     d = dm.dims()
-    stage = QFormerStage(**TINY, fine_target=fine_target, enabled={"window": False, "semantic": False,
-                                                                   "recon": False})
+    stage = QFormerStage(**TINY, fine_target=fine_target,
+                         objectives=ObjectivesConfig(enabled={"window": False, "semantic": False, "recon": False}))
     stage.build(d)
     width = d["num_sources"] * slice_target_dim(d["text_dim"]) + 1 if fine_target == "content" else 16
     assert stage.objectives.fine.predictor[-1].out_features == width

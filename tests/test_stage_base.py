@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from data_modules.store import read_stage_output
-from foundv2.stages.base import adamw, lr_factor, param_groups
+from foundv2.stages.base import OptimConfig, adamw, lr_factor, param_groups
 from foundv2.stages.qformer import QFormerStage
 from foundv2.stages.tokenizer import TokenizerStage
 from tests.helpers import ROOT, run_cli
@@ -117,7 +117,7 @@ def test_adamw_decays_exactly_the_decay_group_of_a_real_stage():
     padding rows) stays bit for bit."""
     dims = {"num_sources": 4, "sources": ["a", "b", "c", "d"], "num_items": 30, "num_categories": 5,
             "text_dim": 8, "tabular_dim": 2, "window_period": 4, "max_windows": 6}
-    stage = QFormerStage(dim=16, num_layers=1, num_heads=2, weight_decay=0.5)
+    stage = QFormerStage(dim=16, num_layers=1, num_heads=2, optim=OptimConfig(weight_decay=0.5))
     stage.build(dims)
     opt = adamw(stage, total_steps=10, lr=0.1, weight_decay=0.5)
     before = {n: p.detach().clone() for n, p in stage.named_parameters()}

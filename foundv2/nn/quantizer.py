@@ -40,16 +40,17 @@ codes far from them leave most codes unreachable.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from foundv2.options import Options
 
 SHARED = -1  # block id of a level's shared block; source blocks are numbered 0 .. S-1
 _EPS = 1e-8  # guards norms and divisions against zero
@@ -181,10 +182,12 @@ def _as_list(x: int | Sequence[int], n: int, name: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
-class QuantizerConfig:
+class QuantizerConfig(Options):
     """The quantiser's layout and codebook care: one set of options and defaults, shared by
     `ResidualGroupQuantizer`, `foundv2.nn.mrqvae.MultiViewRQVAE` and the tokenizer stage (its
     ``--model.quantizer.*`` options; each attribute's docstring is the ``--help`` text)."""
+
+    GROUP: ClassVar[str] = "quantizer"
 
     layout: Literal["sequential", "union"] = "sequential"
     """``sequential`` (paper: shared levels, then per-source levels) or ``union`` (official code:
@@ -242,20 +245,6 @@ class QuantizerConfig:
             value = getattr(self, name)
             if not isinstance(value, int):
                 object.__setattr__(self, name, [int(v) for v in value])
-
-    @classmethod
-    def from_dict(cls, values: dict) -> QuantizerConfig:
-        """A config from a dict (config.json, a YAML section); an unknown key is an error that
-        names it and the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown quantizer option(s) {unknown}; the options are {sorted(known)}")
-        return cls(**values)
-
-    def replace(self, **changes) -> QuantizerConfig:
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------------------------ layout

@@ -36,12 +36,11 @@ import torch
 
 from data_modules.schema import DataError
 from foundv2.nn.sequence import TokenSequenceEncoder, code_vectors
-from foundv2.objectives import MultiScaleObjectives, last_valid
-from foundv2.stages.base import ObjectiveStage, pool_windows
+from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
+from foundv2.stages.base import ObjectiveStage, OptimConfig, pool_windows
 from foundv2.stages.qformer import USER_POOLS, semantic_mask
 
-FINE_MODES = ("cosine", "infonce")
-
+TERMS = ("fine", "window", "semantic")  # stage 3's objective terms: no recon
 
 class AlignmentStage(ObjectiveStage):
     """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
@@ -56,19 +55,10 @@ class AlignmentStage(ObjectiveStage):
         dropout: attention and MLP dropout.
         freeze_codes: keep the token table at the code vectors (else trained from them).
         user_pool: ``mean``, ``last`` or ``mean_last`` over the real windows' states.
-        weights: objective weights (fine, window, semantic); missing → paper 0.2 / 0.4 / 0.4.
-        enabled: objective switches, e.g. ``{semantic: false}``; missing → on.
-        tau: InfoNCE temperature.
-        fine_mode: ``cosine`` (the paper's weighted cosine) or ``infonce``.
-        step_tau: τ of the cosine mode's ``1 + k/τ`` step weighting.
-        window_fn_margin: false-negative margin of the window term (None = off).
-        semantic_fn_margin: false-negative margin of the semantic term (None = off).
-        max_pairs: cap on fine/window pairs per batch and rank.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (matrices only).
-        warmup_steps: linear warm-up steps (0 = none).
-        cosine: cosine decay to ``min_lr_ratio * lr`` over the run.
-        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
+        objectives: the objective terms (``--model.objectives.*``,
+            :class:`~foundv2.objectives.ObjectivesConfig`): fine, window and semantic (stage 3
+            has no recon term); the fine mode defaults to the paper's weighted ``cosine``.
+        optim: the optimiser (``--model.optim.*``, :class:`~foundv2.stages.base.OptimConfig`).
         predict_dir: where ``predict`` writes the embeddings dataset.
     """
 
@@ -85,31 +75,17 @@ class AlignmentStage(ObjectiveStage):
         dropout: float = 0.0,
         freeze_codes: bool = False,
         user_pool: str = "mean_last",
-        weights: dict[str, float] | None = None,
-        enabled: dict[str, bool] | None = None,
-        tau: float = 0.07,
-        fine_mode: str = "cosine",
-        step_tau: float = 10.0,
-        window_fn_margin: float | None = None,
-        semantic_fn_margin: float | None = 0.1,
-        max_pairs: int | None = 4096,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 0,
-        cosine: bool = False,
-        min_lr_ratio: float = 0.1,
+        objectives: ObjectivesConfig = ObjectivesConfig(fine_mode="cosine"),
+        optim: OptimConfig = OptimConfig(),
         predict_dir: str | None = None,
     ):
         super().__init__(predict_dir)
         if user_pool not in USER_POOLS:
             raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
-        if fine_mode not in FINE_MODES:
-            raise ValueError(f"fine_mode must be one of {FINE_MODES}, got {fine_mode!r}")
-        unknown = set(weights or {}) | set(enabled or {})
-        if unknown - {"fine", "window", "semantic"}:
-            raise ValueError(f"stage 3's objective terms are fine, window and semantic; got {sorted(unknown)}")
         self.tokenizer_dir = tokenizer_dir
         self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
+        ObjectivesConfig.keep(self.hparams, "objectives").only(TERMS)  # a recon term is refused here, not at fit
+        OptimConfig.keep(self.hparams, "optim")
         self.net: TokenSequenceEncoder | None = None
         self.objectives: MultiScaleObjectives | None = None
 
@@ -147,11 +123,9 @@ class AlignmentStage(ObjectiveStage):
         self.net = TokenSequenceEncoder(
             torch.zeros(dims["vocab_size"], dims["code_dim"]), dims["num_levels"], dims["num_sources"], hp.dim,
             hp.num_layers, hp.num_heads, dims["max_windows"], hp.mlp_ratio, hp.dropout, hp.freeze_codes)
-        self.objectives = MultiScaleObjectives(
-            hp.dim, dims["text_dim"], weights=hp.weights, enabled={"recon": False, **(hp.enabled or {})},
-            period=dims["window_period"], tau=hp.tau, fine_mode=hp.fine_mode, fine_target_dim=dims["code_dim"],
-            step_tau=hp.step_tau, window_fn_margin=hp.window_fn_margin, semantic_fn_margin=hp.semantic_fn_margin,
-            max_pairs=hp.max_pairs)
+        self.objectives = MultiScaleObjectives.from_options(
+            ObjectivesConfig.from_dict(hp.objectives).only(TERMS), hp.dim, dims["text_dim"], dims["window_period"],
+            fine_target_dim=dims["code_dim"])
 
     def configure_model(self) -> None:
         fresh = self.dims is None and self._trainer is not None

@@ -14,8 +14,8 @@ What each stage would otherwise repeat lives here once:
   rank 0 writes ``meta.json`` from :meth:`PredictStage.output_meta`: always ``kind``, ``stage``,
   ``dims`` and ``hparams``, plus what the stage adds in :meth:`PredictStage.output_info`.
 - **one optimiser**: :func:`adamw` (AdamW, optional linear warm-up, optional cosine decay to a
-  floor; weight decay only on matrices), configured from the stage's ``lr``, ``weight_decay``,
-  ``warmup_steps``, ``cosine`` and ``min_lr_ratio`` arguments (those it declares).
+  floor; weight decay only on matrices), configured from the stage's ``optim``
+  (:class:`OptimConfig`, ``--model.optim.*``).
 
 A stage writes only what is its own: ``OUTPUT_KIND`` and ``STAGE``, ``__init__`` (calling
 ``super().__init__(predict_dir)`` and ``self.save_settings()``), ``build_nets(dims)``, its steps
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import lightning as L
@@ -35,9 +36,9 @@ from torch import nn
 
 from data_modules.schema import DataError
 from foundv2.io import ArrowPredictionWriter
+from foundv2.options import Options
 
 DIMS_KEY = "foundv2_dims"  # where a checkpoint keeps the sizes the nets were built for
-OPTIMIZER_SETTINGS = ("lr", "weight_decay", "warmup_steps", "cosine", "min_lr_ratio")
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
@@ -116,6 +117,25 @@ def adamw(module: nn.Module, total_steps: int, lr: float = 1e-3, weight_decay: f
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, total, warmup_steps, cosine, min_lr_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@dataclass(frozen=True)
+class OptimConfig(Options):
+    """The optimiser of a trained stage (its ``--model.optim.*`` options): AdamW over
+    :func:`param_groups`, the :func:`lr_factor` schedule."""
+
+    GROUP: ClassVar[str] = "optim"
+
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, on matrices only (:func:`param_groups`)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (0 = none)."""
+    cosine: bool = False
+    """Cosine decay to ``min_lr_ratio * lr`` over the run's optimiser steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, relative to ``lr``."""
 
 
 # ------------------------------------------------------------------------------ the base
@@ -203,8 +223,8 @@ class PredictStage(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
-        settings = {k: self.hparams[k] for k in OPTIMIZER_SETTINGS if k in self.hparams}
-        return adamw(self, total_steps=self.trainer.estimated_stepping_batches, **settings)
+        """AdamW with the stage's ``optim`` group (:class:`OptimConfig`)."""
+        return adamw(self, total_steps=self.trainer.estimated_stepping_batches, **self.hparams["optim"])
 
 
 # ------------------------------------------------------------------------------ user vectors

@@ -51,8 +51,8 @@ from foundv2.nn.slices import (
     pooled_slice_targets,
     slice_target_dim,
 )
-from foundv2.objectives import MultiScaleObjectives, last_valid
-from foundv2.stages.base import ObjectiveStage, pool_windows, split_by_user, with_window_keys
+from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
+from foundv2.stages.base import ObjectiveStage, OptimConfig, pool_windows, split_by_user, with_window_keys
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
 USER_POOLS = ("mean", "last", "mean_last")
@@ -85,25 +85,17 @@ class QFormerStage(ObjectiveStage):
             ``mean`` (over real windows, D wide), ``last`` (the last real window, which sees
             the whole history) or ``mean_last`` (both, concatenated: 2·D wide; a linear probe
             then also sees the drift between the average and the latest state).
-        weights: objective weights (fine, window, semantic, recon); missing → paper defaults
-            0.2 / 0.4 / 0.4 and recon 1.0.
-        enabled: objective switches, e.g. ``{semantic: false}``; missing → on.
-        tau: InfoNCE temperature of the contrastive terms.
-        fine_mode: ``infonce`` or the paper's weighted ``cosine``.
+        objectives: the objective terms (``--model.objectives.*``: weights, switches, τ, the fine
+            mode, false-negative margins; :class:`~foundv2.objectives.ObjectivesConfig`);
+            the terms are fine, window, semantic and recon.
         fine_target: what the fine term predicts for window w + 1 from the state at window w:
             ``content`` (default: that window's pooled slice targets, all sources side by side,
             i.e. the next step's events) or ``state`` (its own detached window representation).
             Predicting the next window's content makes each causal state an estimate of the
             user's tendencies (what, when, how much); predicting the next state mostly teaches
             the queries to be self-similar.
-        window_fn_margin: false-negative margin of the window term (None = off).
-        semantic_fn_margin: false-negative margin of the semantic term (None = off).
-        max_pairs: cap on fine/window pairs per batch and rank.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (on matrices only, :func:`~foundv2.stages.base.param_groups`).
-        warmup_steps: linear warm-up steps (0 = none).
-        cosine: cosine decay to ``min_lr_ratio * lr`` over the run's optimizer steps.
-        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
+        optim: the optimiser (``--model.optim.*``: lr, weight decay, warm-up, cosine decay;
+            :class:`~foundv2.stages.base.OptimConfig`).
         item_dim: width of the fixed item codes of the ``pooled`` backbone.
         seed: seed of those item codes.
         predict_dir: where ``predict`` writes the features dataset (one Arrow part per rank).
@@ -124,19 +116,9 @@ class QFormerStage(ObjectiveStage):
         within_window: str = "all",
         per_source_proj: bool = False,
         user_pool: str = "mean_last",
-        weights: dict[str, float] | None = None,
-        enabled: dict[str, bool] | None = None,
-        tau: float = 0.07,
-        fine_mode: str = "infonce",
+        objectives: ObjectivesConfig = ObjectivesConfig(),
         fine_target: str = "content",
-        window_fn_margin: float | None = None,
-        semantic_fn_margin: float | None = 0.1,
-        max_pairs: int | None = 4096,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 0,
-        cosine: bool = False,
-        min_lr_ratio: float = 0.1,
+        optim: OptimConfig = OptimConfig(),
         item_dim: int = 32,
         seed: int = 0,
         predict_dir: str | None = None,
@@ -149,6 +131,8 @@ class QFormerStage(ObjectiveStage):
         if user_pool not in USER_POOLS:
             raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
         self.save_settings()
+        ObjectivesConfig.keep(self.hparams, "objectives")
+        OptimConfig.keep(self.hparams, "optim")
         self.sources: list[str] = []
         self.encoder: EventEncoder | None = None
         self.tabular: TabularEncoder | None = None
@@ -177,11 +161,9 @@ class QFormerStage(ObjectiveStage):
         self.qformer = CausalQFormer(S, hp.dim, hp.num_queries, hp.num_layers, hp.num_heads, dims["max_windows"],
                                      hp.mlp_ratio, hp.dropout, hp.within_window)
         self.recon_head = ReconstructionHead(S, hp.dim, slice_target_dim(dims["text_dim"]))
-        self.objectives = MultiScaleObjectives(
-            hp.dim, dims["text_dim"], weights=hp.weights, enabled=hp.enabled, period=dims["window_period"],
-            tau=hp.tau, fine_mode=hp.fine_mode, fine_target_dim=self._fine_target_dim(dims), window_fn_margin=hp.window_fn_margin,
-            semantic_fn_margin=hp.semantic_fn_margin, max_pairs=hp.max_pairs,
-        )
+        self.objectives = MultiScaleObjectives.from_options(
+            ObjectivesConfig.from_dict(hp.objectives), hp.dim, dims["text_dim"], dims["window_period"],
+            fine_target_dim=self._fine_target_dim(dims))
 
     def _fine_target_dim(self, dims: dict) -> int | None:
         if self.hparams.fine_target != "content":

@@ -10,7 +10,6 @@ slice_key`` — the window key the prepared data assigned, carried over from the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from foundv2.metrics.collisions import CollisionRate, collision_stats, window_tu
 from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures
-from foundv2.stages.base import PredictStage, split_by_user, with_window_keys
+from foundv2.stages.base import OptimConfig, PredictStage, split_by_user, with_window_keys
 
 POOLED_DIMS = ("num_sources", "num_items", "num_categories", "text_dim", "tabular_dim")
 
@@ -68,8 +67,8 @@ class TokenizerStage(PredictStage):
             prevents collapse) or ``mean``.
         latent_norm: a LayerNorm without weights at the end of every encoder (keeps the latents
             at the codes' scale; see :class:`~foundv2.nn.mrqvae.MultiViewRQVAE`).
-        lr: AdamW learning rate (paper 1e-3).
-        weight_decay: AdamW weight decay (on matrices only, :func:`~foundv2.stages.base.param_groups`).
+        optim: the optimiser (``--model.optim.*``, :class:`~foundv2.stages.base.OptimConfig`;
+            paper: AdamW at 1e-3, here no weight decay by default).
         item_dim: width of the item codes of the built-in pooled features.
         predict_dir: where ``predict`` writes the tokens dataset and report.json.
         export_dir: where ``fit`` saves the trained tokenizer (save_pretrained folder).
@@ -86,8 +85,7 @@ class TokenizerStage(PredictStage):
         hidden: list[int] = (256,),
         recon_reduction: str = "sum",
         latent_norm: bool = True,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        optim: OptimConfig = OptimConfig(weight_decay=0.0),
         item_dim: int = 32,
         predict_dir: str | None = None,
         export_dir: str | None = None,
@@ -95,9 +93,8 @@ class TokenizerStage(PredictStage):
     ):
         super().__init__(predict_dir)
         self.save_settings("export_dir")
-        if not isinstance(quantizer, dict):  # kept as a plain dict: meta.json, hparams.yaml, weights-only checkpoints
-            self.hparams["quantizer"] = dataclasses.asdict(quantizer)
-        QuantizerConfig.from_dict(self.hparams["quantizer"])  # an unknown option fails here, not at fit
+        QuantizerConfig.keep(self.hparams, "quantizer")  # plain dicts in meta.json, hparams.yaml, checkpoints
+        OptimConfig.keep(self.hparams, "optim")
         self.export_dir = export_dir
         self.model: MultiViewRQVAE | None = None
         self.pooled: PooledSliceFeatures | None = None
