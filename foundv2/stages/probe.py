@@ -58,7 +58,7 @@ from data_modules.representations import NEXT_ITEMS, probe_task
 from data_modules.schema import DataError
 from foundv2.metrics.classification import KSStatistic, MacroAUROC
 from foundv2.metrics.ranking import TopKRanking
-from foundv2.stages.base import PredictStage, user_columns
+from foundv2.stages.base import PredictStage, adamw, user_columns
 
 #: the validation metric that picks the head and the epoch, per task kind (next items: ndcg@max(ks))
 SELECTION_METRIC: dict[str, str] = {"binary": "auc", "multiclass": "macro_auc", "multilabel": "macro_auc"}
@@ -354,6 +354,10 @@ class ProbeStage(PredictStage):
         return target.double().sum(0).reshape(-1)
 
     # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        """AdamW at ``lr`` with no decoupled decay: each head's L2 strength is in its loss."""
+        return adamw(self, total_steps=self.trainer.estimated_stepping_batches, lr=self.hparams.lr)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         target, seen = self.targets(batch)
         losses = head_losses(self.kind, self(batch), target, seen)
