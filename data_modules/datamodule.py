@@ -257,6 +257,10 @@ class UserDataModule(L.LightningDataModule):
         representation_dir: a dataset with one ``user_emb`` per user (any stage output that has
             it, or ``representations.write_representation``); when set, batches are
             representation batches (the vector, the labels, history and future items) for probes.
+        questions: Query-as-Anchor pairs (data_modules/questions.py): a list of questions
+            ``{name, query, answer, source?, top?}``, or ``true`` for the default set; when set,
+            *training* batches are query/answer batches of the training users' pairs (validation
+            and test users get none), and ``predict`` still hands out event batches of users.
 
     The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
     given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
@@ -282,6 +286,7 @@ class UserDataModule(L.LightningDataModule):
         features_dir: str | None = None,
         tokens_dir: str | None = None,
         representation_dir: str | None = None,
+        questions: list[dict] | bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -398,7 +403,29 @@ class UserDataModule(L.LightningDataModule):
                           collate_fn=self.collate(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 
+    def qa_pairs(self):
+        """The query/answer pairs of the training users (``questions`` set; built once)."""
+        from data_modules.questions import build_pairs, questions_from_config
+
+        if getattr(self, "_pairs", None) is None:
+            q = self.hparams.questions
+            texts = _open_shards(self.prepared_dir, ["texts.arrow"])["text"]
+            self._pairs = build_pairs(self.table.data.table, self.meta, list(texts),
+                                      questions_from_config(None if q is True else q))
+            for name, why in self._pairs.skipped.items():
+                log.warning("question '%s' gives no pairs: %s", name, why)
+        return self._pairs
+
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.questions:
+            from data_modules.questions import PairRows, QACollate
+
+            pairs = self.qa_pairs()
+            events = BATCH_KINDS["events"].collate(self)
+            sampler = EpochShuffleSampler(len(pairs), self.hparams.split_seed)
+            return DataLoader(PairRows(self.table, pairs), batch_size=self.hparams.batch_size, sampler=sampler,
+                              collate_fn=QACollate(events, pairs), num_workers=self.hparams.num_workers,
+                              persistent_workers=self.hparams.num_workers > 0)
         return self._loader(self.rows("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -301,3 +301,51 @@ def load_pairs(prepared_dir: str | Path, questions: Sequence[Question] | None = 
     table = pa.concat_tables(shards) if len(shards) > 1 else shards[0]
     texts = pa.ipc.open_stream(folder / "texts.arrow").read_all()["text"].to_pylist()
     return build_pairs(table, meta, texts, list(questions) if questions is not None else list(DEFAULT_QUESTIONS))
+
+
+# ------------------------------------------------------------------------------------ batches
+class PairRows:
+    """A map-style dataset of pairs: item ``p`` fetches the prepared columns of pair ``p``'s user
+    (batched, like ``UserRows``) plus the pair's question index and answer."""
+
+    def __init__(self, table, pairs: QAPairs):
+        self.table, self.pairs = table, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, p: int) -> dict:
+        return self.__getitems__([p])
+
+    def __getitems__(self, idx: list[int]) -> dict:
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = self.pairs.row[idx]
+        cols = self.table[rows.tolist()]
+        cols["row"] = rows.tolist()
+        cols["pair"] = idx.tolist()
+        return cols
+
+
+class QACollate:
+    """Pairs → the **query/answer batch**: the event batch of the pairs' users (``EventCollate``:
+    the soft prefix reads ``ev_text_emb``, ``ev_source``, ``ev_mask``) plus ``pair [B]`` (index
+    into the pairs), ``question [B]``, ``query`` and ``answer`` (lists of B strings; the stage
+    tokenizes them with its LM) and ``answer_key [B]`` (an int64 id of the answer text, equal
+    for equal texts on every process: a same-answer candidate is no negative)."""
+
+    def __init__(self, events_collate, pairs: QAPairs):
+        self.events, self.pairs = events_collate, pairs
+
+    def __call__(self, cols: dict) -> dict:
+        import zlib
+
+        import torch
+
+        pair = np.asarray(cols.pop("pair"), dtype=np.int64)
+        out = self.events(cols)
+        out["pair"] = torch.as_tensor(pair)
+        out["question"] = torch.as_tensor(self.pairs.question[pair])
+        out["query"] = [self.pairs.query(p) for p in pair]
+        out["answer"] = [self.pairs.answer[p] for p in pair]
+        out["answer_key"] = torch.as_tensor([zlib.crc32(a.encode()) for a in out["answer"]], dtype=torch.int64)
+        return out
