@@ -26,12 +26,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from data_modules.prepare import EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY
+
 SECONDS_PER_HOUR = 3600
-SECONDS_PER_DAY = 86400
 DAYS_PER_WEEK = 7
 HOURS_PER_DAY = 24
-# 1970-01-01 (t = 0) was a Thursday; shifting by 3 days makes Monday day 0 of the week.
-EPOCH_WEEKDAY_SHIFT = 3
 
 
 def signed_log1p(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +39,11 @@ def signed_log1p(x: torch.Tensor) -> torch.Tensor:
 
 
 def clock_features(ev_time: torch.Tensor) -> torch.Tensor:
-    """[..., 4] hour-of-day sin/cos and day-of-week sin/cos (UTC) of unix times [...]."""
+    """[..., 4] hour-of-day sin/cos and day-of-week sin/cos (UTC) of unix times [...].
+
+    The one clock of every feature (events, pooled slices, reconstruction targets): the hour is
+    continuous, the weekday is the calendar day's (0 = Monday, as the prepared data's week keys).
+    """
     tau = 2 * math.pi
     hour = (ev_time % SECONDS_PER_DAY).float() / SECONDS_PER_HOUR
     day = ((ev_time // SECONDS_PER_DAY + EPOCH_WEEKDAY_SHIFT) % DAYS_PER_WEEK).float()
@@ -160,8 +163,7 @@ def pooled_slice_targets(
 
 
 STATS = 3  # log1p(count), mean value, std value
-TIME = 4  # sin/cos of hour of day and of day of week, averaged over the slice's events
-SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
+TIME = 4  # clock_features (hour of day, day of week: sin/cos), averaged over the slice's events
 
 
 class PooledSliceFeatures(nn.Module):
@@ -213,10 +215,7 @@ class PooledSliceFeatures(nn.Module):
         val = batch["ev_value"][mask].float()[:, None]
         m1, m2 = mean_of(val), mean_of(val**2)
         std = (m2 - m1**2).clamp(min=0).sqrt()
-        t = batch["ev_time"][mask]
-        day_angle = (t % SECONDS_PER_DAY).double() / SECONDS_PER_DAY * 2 * torch.pi
-        week_angle = ((t + 3 * SECONDS_PER_DAY) % SECONDS_PER_WEEK).double() / SECONDS_PER_WEEK * 2 * torch.pi
-        clock = mean_of(torch.stack([day_angle.sin(), day_angle.cos(), week_angle.sin(), week_angle.cos()], 1).float())
+        clock = mean_of(clock_features(batch["ev_time"][mask]))
         feat = torch.cat([text, items, cats, torch.log1p(count)[:, None], signed_log1p(m1), signed_log1p(std), clock], dim=1)
         present = count > 0
         idx = present.nonzero().squeeze(1)
