@@ -23,6 +23,14 @@ the *latest* events), W = the most windows, d = text-embedding width, F = tabula
                                     event-chunk number); windows k apart in key are periodic
                                     partners when k is the data set's ``window_period``
     win_mask     [B, W]     bool
+    ref_day      [B]        int64   the data set's reference day (days since the epoch: the first
+                                    day of the training users' history), the same for every user
+    win_day      [B, W]     int64   each window's first day, days since ``ref_day`` (0 on padding)
+    win_calendar [B, W, 2]  float32 absolute time per window (``prepare.window_calendar``): its
+                                    position in the data set's calendar and the user's tenure at
+                                    it, in units of the calendar span; zeros on padding and where
+                                    the data has no calendar time. Models read it when
+                                    ``UserDataModule.dims()['calendar_dim']`` is 2
     tabular      [B, F]     float32 standardised profile inputs (F may be 0)
     fut_item     [B, Ef]    int64   future items (0 = padding); used by probes, never by stages
     fut_text_emb [B, d]     float32 embedding of the templated future summary (zeros if none)

@@ -20,7 +20,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.loaders import files_fingerprint, open_dataset
-from data_modules.prepare import PrepareConfig, WindowConfig, load_meta, prepare_dataset, summary_lines
+from data_modules.prepare import (
+    WINDOW_CALENDAR,
+    PrepareConfig,
+    WindowConfig,
+    load_meta,
+    prepare_dataset,
+    summary_lines,
+    window_calendar,
+)
 from data_modules.representations import REPRESENTATION_COLUMNS, RepresentationCollate
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, read_stage_output
@@ -129,10 +137,11 @@ class EventCollate:
         ev_mask = hist("h_source", -1, np.int64) >= 0
         ev_window = hist("h_window", 0, np.int64) - np.asarray(win_off)[:, None]
         ev_window = np.where(ev_mask, ev_window, 0)
-        w_keys = []
-        for i in range(B):
-            wk = cols["w_key"][i]
-            w_keys.append(wk[win_off[i]:][: self.max_windows])
+        w_keys = [cols["w_key"][i][win_off[i]:][: self.max_windows] for i in range(B)]
+        w_days = [cols["w_day"][i][win_off[i]:][: self.max_windows] for i in range(B)]
+        win_mask = _pad([[1] * len(k) for k in w_keys], 0, np.int64).astype(bool)
+        ref_day = int(self.meta["calendar"]["reference_day"])
+        win_day = np.where(win_mask, _pad(w_days, 0, np.int64) - ref_day, 0)
         ev_text = hist("h_text", -1, np.int64)
         out = {
             "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
@@ -148,7 +157,10 @@ class EventCollate:
             "ev_window": torch.as_tensor(ev_window),
             "ev_mask": torch.as_tensor(ev_mask),
             "win_key": torch.as_tensor(_pad(w_keys, 0, np.int64)),
-            "win_mask": torch.as_tensor(_pad([[1] * len(k) for k in w_keys], 0, np.int64).astype(bool)),
+            "win_mask": torch.as_tensor(win_mask),
+            "ref_day": torch.full((B,), ref_day, dtype=torch.int64),
+            "win_day": torch.as_tensor(win_day),
+            "win_calendar": torch.as_tensor(window_calendar(win_day, win_mask, cols["first_day"], self.meta)),
             "fut_item": torch.as_tensor(_pad(cols["f_item"], 0, np.int64)),
         }
         fut_text = np.asarray(cols["fut_text"], np.int64)
@@ -215,7 +227,7 @@ class BatchKind:
 
 
 BATCH_KINDS = {k.name: k for k in (
-    BatchKind("events", None, None, ("user_id", "split", "h_source", "h_window", "w_key"),
+    BatchKind("events", None, None, ("user_id", "split", "h_source", "h_window", "w_key", "w_day", "first_day"),
               lambda dm: EventCollate(dm.meta, dm.text_emb, dm.hparams.max_windows, dm.hparams.max_events)),
     BatchKind("slices", "features_dir", "features",
               ("user_id", "row", "split", "slice_window", "slice_source", "slice_key", "feat"),
@@ -261,6 +273,10 @@ class UserDataModule(L.LightningDataModule):
             ``{name, query, answer, source?, top?}``, or ``true`` for the default set; when set,
             *training* batches are query/answer batches of the training users' pairs (validation
             and test users get none), and ``predict`` still hands out event batches of users.
+        calendar: give the models absolute time where the data has calendar time: each window's
+            position in the data set's calendar and the user's tenure at it (event batches'
+            ``win_calendar``; stage 1's event encoder and the pooled slice features read it).
+            false: the models are built without it (an ablation, or a checkpoint from before).
 
     The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
     given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
@@ -287,6 +303,7 @@ class UserDataModule(L.LightningDataModule):
         tokens_dir: str | None = None,
         representation_dir: str | None = None,
         questions: list[dict] | bool | None = None,
+        calendar: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -385,6 +402,8 @@ class UserDataModule(L.LightningDataModule):
             "tabular_dim": len(m["spec"]["tabular_inputs"]),
             "window_period": int(m["window_period"]),
             "max_windows": int(self.hparams.max_windows),
+            # width of win_calendar the models read: 0 without calendar time or with calendar off
+            "calendar_dim": len(WINDOW_CALENDAR) if self.hparams.calendar and m["calendar"]["has_calendar"] else 0,
         }
 
     # ---------------------------------------------------------------- loaders

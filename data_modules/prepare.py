@@ -12,7 +12,7 @@ One pass over chunks of complete users (a chunk holds every event of its users):
 4. map items, texts and categories to global indices; write a templated summary of the future
    for *training* users only (the semantic objective's target);
 5. record the calendar position of each user's history (first/last day, active days) and of
-   each window (its first day), see :func:`calendar_features`;
+   each window (its first day), see :func:`calendar_features` and :func:`window_calendar`;
 6. append one Arrow shard per chunk.
 
 Everything is written into a temporary folder that is renamed into place only when the whole
@@ -73,6 +73,7 @@ CALENDAR_MIN_DAY = 365  # timestamps before 1971 are taken for ordinals, not cal
 STALE_TMP_S = 6 * 3600  # a temporary folder of another host untouched this long is a crash leftover
 OWNER_FILE = ".owner"  # host and pid of the run writing a temporary folder
 CALENDAR_FEATURES = ("first_day", "last_day", "tenure_days", "active_days", "days_since_last", "has_history")
+WINDOW_CALENDAR = ("position", "tenure")  # per window, in the data set's span: see window_calendar
 SPLIT_FRACTIONS = (0.8, 0.1)  # train, val; the rest is test (benchmark protocol §8)
 
 
@@ -647,6 +648,42 @@ def calendar_features(table, meta: dict) -> dict[str, np.ndarray]:
         "days_since_last": where_history(end - last),
         "has_history": has,
     }
+
+
+def calendar_span(meta: dict) -> int:
+    """Days from the reference day to the end day, both included (the training users' history
+    span; at least 1): the unit of :func:`window_calendar`."""
+    cal = meta["calendar"]
+    return max(int(cal["end_day"]) - int(cal["reference_day"]) + 1, 1)
+
+
+def window_calendar(win_day: np.ndarray, win_mask: np.ndarray, first_day: np.ndarray, meta: dict) -> np.ndarray:
+    """Each window's calendar position, the absolute time the models read: [B, W, 2] float32.
+
+    ``win_day`` [B, W]: each window's first day, days since ``meta['calendar']['reference_day']``
+    (what ``EventCollate`` hands over as ``win_day``); ``win_mask`` [B, W]: real windows (zeros
+    elsewhere); ``first_day`` [B]: the user's first history day, days since the epoch (the
+    prepared column; -1 without history). The features
+    (:data:`WINDOW_CALENDAR`), in units of :func:`calendar_span`:
+
+    - ``position``: the window's day since the reference day (0 at the first, ~1 at the last day
+      of the training users' history; val/test users may fall outside);
+    - ``tenure``: days since the user's first history event (their age as a user at that window).
+
+    Both depend only on the window and what came before it (the first day precedes every window),
+    so a causal model stays causal. The user's first day is ``position - tenure`` of any window and
+    the last day the ``position`` of the last window: a signup cohort or a lifecycle stage is a
+    linear read-out. Zeros where the data has no calendar time (``has_calendar`` false).
+    """
+    win_day = np.asarray(win_day, np.int64)
+    out = np.zeros(win_day.shape + (len(WINDOW_CALENDAR),), np.float32)
+    if not meta["calendar"]["has_calendar"]:
+        return out
+    span = float(calendar_span(meta))
+    first = np.asarray(first_day, np.int64) - int(meta["calendar"]["reference_day"])
+    out[..., 0] = win_day / span
+    out[..., 1] = np.maximum(win_day - first[:, None], 0) / span
+    return out * np.asarray(win_mask, bool)[..., None]
 
 
 def summary_lines(meta: dict, where: Path) -> list[str]:

@@ -143,8 +143,9 @@ def test_frozen_backbones_predict_and_refuse_fit(cache, tmp_path, backbone):
     dm = make_dm(cache)
     trainer().predict(stage, dm, return_predictions=False)
     d = dm.dims()
-    dim = (slice_target_dim(d["text_dim"]) if backbone == "text_encoder" else
-           PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"]).dim)
+    dim = (slice_target_dim(d["text_dim"]) + d["calendar_dim"] if backbone == "text_encoder" else
+           PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"],
+                               calendar_dim=d["calendar_dim"]).dim)
     ds, meta = read_stage_output(tmp_path / "features")
     assert meta["dim"] == dim and meta["backbone"] == backbone and meta["sources"][-1] == "profile"
     row = ds.with_format("numpy")[0]

@@ -157,7 +157,8 @@ def pooled_representation(dm: UserDataModule) -> tuple[np.ndarray, float]:
     from foundv2.nn.slices import PooledSliceFeatures, mean_by_user
 
     d = dm.dims()
-    net = PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"])
+    net = PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"],
+                              calendar_dim=d["calendar_dim"])
     out = np.zeros((len(dm.table), net.dim), np.float32)
     for batch in dm.predict_dataloader():
         s = net(batch)

@@ -9,6 +9,12 @@ one vector of width ``dim``. It is the sum of
 - time features through one linear layer: hour of day and day of week as sin/cos pairs
   (UTC, from ``ev_time``) and ``log1p`` of the gap in hours since the user's previous event,
 - a source embedding and a category embedding (``index + 1``; row 0 = no category),
+- absolute time, with ``calendar_dim`` > 0: the ``win_calendar`` of the event's window (its
+  position in the data set's calendar and the user's tenure at it, see
+  ``data_modules.prepare.window_calendar``) through a linear layer. Clock and gap features are
+  periodic or relative; without this no representation knows *when* a user was active, and a
+  signup cohort or a lifecycle stage is invisible. A checkpoint from before this input loads
+  with the calendar layer's weights at zero, so it predicts exactly as it did,
 
 followed by a LayerNorm. Per-source behaviour comes from the *added source embedding* by
 default: it is cheap, keeps every source in one space (what the Q-Former's early fusion
@@ -26,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from foundv2.nn.slices import SECONDS_PER_HOUR, clock_features, signed_log1p
+from foundv2.nn.slices import SECONDS_PER_HOUR, clock_features, signed_log1p, window_calendar_of
 
 # hour sin/cos, weekday sin/cos, log gap
 NUM_TIME_FEATURES = 5
@@ -69,6 +75,7 @@ class EventEncoder(nn.Module):
         dim: output width (the Q-Former width).
         num_categories: size of the category vocabulary; ``ev_category`` is -1 for none.
         per_source_proj: also give each source its own output linear layer (see module doc).
+        calendar_dim: width of the batch's ``win_calendar`` to read (0: no absolute time).
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class EventEncoder(nn.Module):
         dim: int,
         num_categories: int = 0,
         per_source_proj: bool = False,
+        calendar_dim: int = 0,
     ) -> None:
         super().__init__()
         self.num_sources = num_sources
@@ -89,6 +97,8 @@ class EventEncoder(nn.Module):
         self.time = nn.Linear(NUM_TIME_FEATURES, dim)
         self.source = nn.Embedding(num_sources, dim)
         self.category = nn.Embedding(num_categories + 1, dim, padding_idx=0)
+        self.calendar_dim = calendar_dim
+        self.calendar = nn.Linear(calendar_dim, dim) if calendar_dim > 0 else None
         self.norm = nn.LayerNorm(dim)
         self.source_proj = (
             nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_sources)) if per_source_proj else None
@@ -98,7 +108,8 @@ class EventEncoder(nn.Module):
         """Encode the events of ``batch`` (an event batch, see ``data_modules/batch.py``).
 
         Reads ``ev_source, ev_item, ev_text_emb, ev_text (optional), ev_value, ev_time,
-        ev_category, ev_mask``. Returns [B, E, dim]; rows of padding events are zero.
+        ev_category, ev_mask`` and, with ``calendar_dim`` > 0, ``ev_window, win_calendar``.
+        Returns [B, E, dim]; rows of padding events are zero.
         """
         mask = batch["ev_mask"]
         src = batch["ev_source"].clamp(0, self.num_sources - 1)
@@ -110,6 +121,11 @@ class EventEncoder(nn.Module):
         h = h + self.time(time_features(batch["ev_time"], mask))
         h = h + self.source(src)
         h = h + self.category((batch["ev_category"] + 1).clamp_min(0))
+        if self.calendar is not None:
+            b, e = mask.shape
+            users = torch.arange(b, device=mask.device).repeat_interleave(e)
+            windows = batch["ev_window"].clamp(0, batch["win_mask"].shape[1] - 1).reshape(-1)
+            h = h + self.calendar(window_calendar_of(batch, users, windows, self.calendar_dim).view(b, e, -1))
         h = self.norm(h)
         if self.source_proj is not None:
             out = torch.zeros_like(h)
@@ -118,6 +134,17 @@ class EventEncoder(nn.Module):
                 out[sel] = proj(h[sel])
             h = out
         return h * mask.unsqueeze(-1)
+
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A checkpoint from before the calendar input has no ``calendar.*``: load it with that layer
+        at zero (its contribution is then exactly 0, so the encoder predicts as it did)."""
+        if self.calendar is not None:
+            for name, p in self.calendar.named_parameters():
+                state_dict.setdefault(f"{prefix}calendar.{name}", torch.zeros_like(p))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class TabularEncoder(nn.Module):

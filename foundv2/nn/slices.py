@@ -6,13 +6,19 @@
   stage 1 ran::
 
       [ mean text embedding (d) | mean item code (item_dim) | category histogram (C) |
-        log1p(count), signed-log mean value, signed-log std value | mean hour and weekday (sin, cos) ]
+        log1p(count), signed-log mean value, signed-log std value | mean hour and weekday (sin, cos) |
+        the window's calendar position and the user's tenure at it (calendar_dim, see below) ]
 
   Values (amounts, ratings) enter through a signed log so that a large amount does not swamp the
   reconstruction loss of its source. Item codes are fixed random Gaussian vectors (seeded), so
   identical items pool to identical features without any learning;
 - :func:`pooled_slice_targets`, stage 1's reconstruction targets (text, count, value, clock), and
   :class:`TextSliceFeatures`, the frozen ``text_encoder`` backbone built on them;
+- absolute time: with ``calendar_dim`` > 0 (``UserDataModule.dims()['calendar_dim']``, on
+  where the data has calendar time) every slice also carries its window's ``win_calendar``
+  (``data_modules.prepare.window_calendar``: position in the data set's calendar, tenure), so
+  the mean over a user's slices holds the first active day (mean position minus mean tenure):
+  a label tied to the calendar is a linear read-out (:func:`window_calendar_of`);
 - the flat slice layout every stage output uses (:func:`flat_slices`) and the profile slice
   (:func:`add_profile_slices`): when the data set has profile inputs, one more slice per user
   at window 0 (source index S) whose first F entries are the standardised profile fields.
@@ -96,6 +102,18 @@ def add_profile_slices(out: dict, profile: torch.Tensor, num_sources: int) -> di
     return {k: v[order] for k, v in merged.items()}
 
 
+def window_calendar_of(batch: Mapping[str, torch.Tensor], user: torch.Tensor, window: torch.Tensor,
+                       calendar_dim: int) -> torch.Tensor:
+    """[N, calendar_dim] the ``win_calendar`` of the (user, window) pairs given ([N] each);
+    [N, 0] when ``calendar_dim`` is 0 (a net built without absolute time reads nothing)."""
+    if calendar_dim == 0:
+        return torch.zeros(user.shape[0], 0, device=user.device)
+    if "win_calendar" not in batch:
+        raise KeyError("this net reads absolute time (calendar_dim > 0) but the batch has no 'win_calendar': "
+                       "build it with UserDataModule's EventCollate, or with calendar_dim 0")
+    return batch["win_calendar"][user, window].float()
+
+
 #: pooled statistics after the text part of a slice target: log1p(count), mean signed-log
 #: value, mean hour-of-day sin/cos, mean day-of-week sin/cos
 SLICE_STATS = 6
@@ -170,7 +188,7 @@ class PooledSliceFeatures(nn.Module):
     """Events of an event batch → one feature vector per present (user, window, source) slice."""
 
     def __init__(self, num_sources: int, num_items: int, num_categories: int, text_dim: int,
-                 tabular_dim: int = 0, item_dim: int = 32, seed: int = 0):
+                 tabular_dim: int = 0, item_dim: int = 32, seed: int = 0, calendar_dim: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         codes = torch.randn(num_items + 1, item_dim, generator=g) / item_dim**0.5
@@ -180,7 +198,8 @@ class PooledSliceFeatures(nn.Module):
         self.num_categories = num_categories
         self.text_dim = text_dim
         self.tabular_dim = tabular_dim
-        self.dim = text_dim + item_dim + num_categories + STATS + TIME
+        self.calendar_dim = calendar_dim
+        self.dim = text_dim + item_dim + num_categories + STATS + TIME + calendar_dim
         if tabular_dim > self.dim:
             raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
 
@@ -219,11 +238,12 @@ class PooledSliceFeatures(nn.Module):
         feat = torch.cat([text, items, cats, torch.log1p(count)[:, None], signed_log1p(m1), signed_log1p(std), clock], dim=1)
         present = count > 0
         idx = present.nonzero().squeeze(1)
+        user, window = idx // (W * S), (idx % (W * S)) // S
         out = {
-            "slice_user": idx // (W * S),
-            "slice_window": (idx % (W * S)) // S,
+            "slice_user": user,
+            "slice_window": window,
             "slice_source": idx % S,
-            "feat": feat[idx],
+            "feat": torch.cat([feat[idx], window_calendar_of(batch, user, window, self.calendar_dim)], dim=1),
         }
         if self.tabular_dim:
             tab = torch.zeros(B, self.dim, device=mask.device)
@@ -250,13 +270,14 @@ def mean_by_user(feat: torch.Tensor, slice_user: torch.Tensor, num_users: int) -
 
 class TextSliceFeatures(nn.Module):
     """Frozen slice features (FOUNDv2 v2): the slice's pooled text, count, value and clock
-    (:func:`pooled_slice_targets`, no learning); the profile slice holds the standardised profile
-    fields in its first F entries (zeros after)."""
+    (:func:`pooled_slice_targets`, no learning), then its window's calendar position
+    (``calendar_dim`` wide, as :class:`PooledSliceFeatures`); the profile slice holds the
+    standardised profile fields in its first F entries (zeros after)."""
 
-    def __init__(self, num_sources: int, text_dim: int, tabular_dim: int = 0):
+    def __init__(self, num_sources: int, text_dim: int, tabular_dim: int = 0, calendar_dim: int = 0):
         super().__init__()
-        self.num_sources, self.tabular_dim = num_sources, tabular_dim
-        self.dim = slice_target_dim(text_dim)
+        self.num_sources, self.tabular_dim, self.calendar_dim = num_sources, tabular_dim, calendar_dim
+        self.dim = slice_target_dim(text_dim) + calendar_dim
         if tabular_dim > self.dim:
             raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
 
@@ -264,6 +285,8 @@ class TextSliceFeatures(nn.Module):
     def forward(self, batch: dict) -> dict:
         target, present = pooled_slice_targets(batch, self.num_sources)
         out = flat_slices(target, present)
+        calendar = window_calendar_of(batch, out["slice_user"], out["slice_window"], self.calendar_dim)
+        out["feat"] = torch.cat([out["feat"], calendar], dim=1)
         if self.tabular_dim:
             tab = batch["tabular"].float()
             profile = torch.zeros(tab.shape[0], self.dim, device=tab.device)

@@ -147,16 +147,17 @@ class QFormerStage(ObjectiveStage):
         """Create the modules for a data set's ``UserDataModule.dims()``."""
         hp = self.hparams
         S = dims["num_sources"]
+        calendar = dims.get("calendar_dim", 0)  # absolute time; 0 in a checkpoint from before it
         self.sources = list(dims["sources"]) + (["profile"] if dims["tabular_dim"] else [])
         if hp.backbone == "pooled":
             self.frozen = PooledSliceFeatures(S, dims["num_items"], dims["num_categories"], dims["text_dim"],
-                                              dims["tabular_dim"], hp.item_dim, hp.seed)
+                                              dims["tabular_dim"], hp.item_dim, hp.seed, calendar_dim=calendar)
             return
         if hp.backbone == "text_encoder":
-            self.frozen = TextSliceFeatures(S, dims["text_dim"], dims["tabular_dim"])
+            self.frozen = TextSliceFeatures(S, dims["text_dim"], dims["tabular_dim"], calendar_dim=calendar)
             return
         self.encoder = EventEncoder(S, dims["num_items"], dims["text_dim"], hp.dim, dims["num_categories"],
-                                    per_source_proj=hp.per_source_proj)
+                                    per_source_proj=hp.per_source_proj, calendar_dim=calendar)
         self.tabular = TabularEncoder(dims["tabular_dim"], hp.dim)
         self.qformer = CausalQFormer(S, hp.dim, hp.num_queries, hp.num_layers, hp.num_heads, dims["max_windows"],
                                      hp.mlp_ratio, hp.dropout, hp.within_window)

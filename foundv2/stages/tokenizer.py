@@ -25,7 +25,7 @@ from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures
 from foundv2.stages.base import OptimConfig, PredictStage, split_by_user, with_window_keys
 
-POOLED_DIMS = ("num_sources", "num_items", "num_categories", "text_dim", "tabular_dim")
+POOLED_DIMS = ("num_sources", "num_items", "num_categories", "text_dim", "tabular_dim", "calendar_dim")
 
 
 def storage_report(model: MultiViewRQVAE, n_slices_per_user: float, n_windows_per_user: float,
