@@ -105,7 +105,7 @@ def test_every_step_of_a_pipeline_sees_the_same_data_config(path, tmp_path, monk
         # inputs from earlier steps differ by design; LightningCLI adds its own `_instantiator`
         seen[step.name] = {k: v for k, v in data.items() if k not in read and not k.startswith("_")}
     first = next(iter(seen.values()))
-    assert len(seen) == len(cfg.steps) and first["dataset"] == path.parent.name
+    assert len(seen) == len(cfg.steps) and first["dataset"] == yaml.safe_load(Path(cfg.data).read_text())["data"]["dataset"]
     for name, data in seen.items():
         assert data == first, (name, {k: (first.get(k), data.get(k)) for k in first.keys() | data.keys()
                                       if first.get(k) != data.get(k)})
