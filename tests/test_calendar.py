@@ -19,11 +19,13 @@ from data_modules.datamodule import UserDataModule
 from data_modules.prepare import WINDOW_CALENDAR, calendar_span
 from data_modules.store import read_stage_output
 from foundv2.bench.run import run_bench
-from foundv2.stages.base import DIMS_KEY
+from foundv2.objectives import ObjectivesConfig
+from foundv2.stages.base import DIMS_KEY, OptimConfig
 from foundv2.stages.qformer import QFormerStage
 from tests.helpers import ROOT
 
-TINY = {"dim": 16, "num_layers": 1, "num_heads": 2, "num_queries": 1, "enabled": {"semantic": False}}
+TINY = {"dim": 16, "num_layers": 1, "num_heads": 2, "num_queries": 1,
+        "objectives": ObjectivesConfig(enabled={"semantic": False})}
 
 
 def _generator():
@@ -136,7 +138,7 @@ def test_calendar_labels_become_predictable(tmp_path):
 
 def _fit(dm, steps: int = 3) -> QFormerStage:
     L.seed_everything(0)
-    stage = QFormerStage(**TINY, lr=3e-3)
+    stage = QFormerStage(**TINY, optim=OptimConfig(lr=3e-3))
     L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(stage, dm)
     return stage
@@ -148,7 +150,7 @@ def test_two_fits_are_bit_identical_and_the_calendar_layer_trains(small):
     assert sa.keys() == sb.keys() and "encoder.calendar.weight" in sa
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     L.seed_everything(0)
-    fresh = QFormerStage(**TINY, lr=3e-3)
+    fresh = QFormerStage(**TINY, optim=OptimConfig(lr=3e-3))
     fresh.build(small.dims())
     assert not torch.equal(fresh.encoder.calendar.weight, sa["encoder.calendar.weight"])
 
