@@ -42,7 +42,6 @@ import os
 import shutil
 import socket
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from data_modules.schema import (
     validate_events,
     validate_users,
 )
-from data_modules.store import TMP_MARK, atomic_dir, atomic_write_json
+from data_modules.store import TMP_MARK, atomic_dir, atomic_write_json, check_writable, file_digest
 from data_modules.text import pid_alive
 
 log = logging.getLogger(__name__)
@@ -444,12 +443,6 @@ def _write_stream(table: pa.Table, path: Path) -> None:
         writer.write_table(table)
 
 
-def file_digest(path: Path) -> str:
-    """blake2b-128 of a file's bytes: the checksum ``meta.json`` records for every prepared file."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
-
-
 # ------------------------------------------------------------------ the cache folder's housekeeping
 def remove_stale_tmp(folder: Path) -> list[Path]:
     """Remove the temporary folders that killed runs left in ``folder``; return what was removed.
@@ -476,21 +469,6 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     return removed
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` and a file in it, or raise DataError: before any long work, not after."""
-    folder = Path(folder)
-    probe = folder / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise DataError(
-            f"{folder}: the {what} folder is not writable ({type(err).__name__}: {err.strerror or err}); point "
-            f"`cache_dir` at a folder you can write, or fix its permissions."
-        ) from err
-
-
 def prepare_dataset(
     cfg: PrepareConfig,
     spec: DatasetSpec,
@@ -511,8 +489,9 @@ def prepare_dataset(
 
     out_dir = Path(out_dir)
     encoder = encoder_factory()
-    check_writable(out_dir.parent, "prepared-data cache")
-    check_writable(text_cache_dir, "text cache")
+    fix = "point `cache_dir` at a folder you can write, or fix its permissions"
+    check_writable(out_dir.parent, "prepared-data cache", fix)
+    check_writable(text_cache_dir, "text cache", fix)
     remove_stale_tmp(out_dir.parent)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:

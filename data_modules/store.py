@@ -7,6 +7,12 @@
   is written last and marks the folder complete (:func:`output_is_complete`,
   :func:`read_stage_output`). The Lightning callback that writes it lives in ``foundv2.io``; this
   module holds only the format, so ``data_modules`` reads stage outputs without importing ``foundv2``.
+- Checksums: :func:`file_digest` (blake2b-128), a file's record (digest and size) kept beside it
+  (:func:`write_sidecar` / :func:`verify_sidecar`: checkpoints) or a folder's ``checksums.json``
+  (:func:`write_checksums` / :func:`verify_checksums`: exports); a mismatch is a DataError naming
+  the file and the fix. :func:`save_export` / :func:`load_export`: a ``save_pretrained`` folder
+  (``config.json``, ``model.safetensors``, ``checksums.json``), verified and NaN-free on load.
+- :func:`check_writable`: an output folder's writability, checked before any long work.
 - :class:`Split`: the user splits and their codes in every dataset.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +32,13 @@ from data_modules.schema import DataError
 
 META_FILE = "meta.json"
 TMP_MARK = ".tmp-"
+#: a file's checksum record beside it: ``last.ckpt`` → ``last.ckpt.checksum``
+SIDECAR_SUFFIX = ".checksum"
+#: a folder's checksum records, one per file (exports)
+CHECKSUMS_FILE = "checksums.json"
+#: the files of an export folder (``save_pretrained``)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 class Split(enum.IntEnum):
@@ -43,15 +57,18 @@ class Split(enum.IntEnum):
             raise DataError(f"unknown split {name!r}; expected one of {[s.name.lower() for s in cls]}.") from None
 
 
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
+    """A unique temporary name beside ``path`` (``<name>.tmp-<pid>-<id>``)."""
+    path = Path(path)
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file beside it and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -77,20 +94,160 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     existing ``out`` is removed only then); on any error ``tmp`` is removed and ``out`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     tmp.mkdir()
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = _tmp_name(path)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Put the complete folder ``src`` in place of ``dst`` (which may exist): the old one is moved
+    aside first and removed only once the new one is in place."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = tmp_name(dst)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(folder: str | Path, what: str, fix: str) -> None:
+    """Raise DataError unless a file can be created in ``folder`` (or, when it does not exist yet,
+    in its nearest existing parent, where it would be made): before any long work, not after.
+    Nothing is left behind."""
+    folder = Path(folder).absolute()
+    probe_in = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not probe_in.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(probe_in))
+        probe = probe_in / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        where = "" if probe_in == folder else f" (it would be made in {probe_in})"
+        raise DataError(f"{folder}: the {what} folder is not writable{where} ({type(err).__name__}: "
+                        f"{err.strerror or err}); {fix}.") from None
+
+
+# ------------------------------------------------------------------------------ checksums
+def file_digest(path: str | Path) -> str:
+    """blake2b-128 of a file's bytes: the checksum every record here keeps."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def file_record(path: str | Path) -> dict:
+    """What a checksum record keeps of a file: its digest and size."""
+    return {"blake2b_128": file_digest(path), "bytes": Path(path).stat().st_size}
+
+
+def check_file(path: str | Path, record: dict, what: str, fix: str) -> None:
+    """Raise DataError when ``path`` is missing, or its size or digest differ from ``record``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: the {what} is missing; {fix}.")
+    size = path.stat().st_size
+    if size != record.get("bytes", size):
+        raise DataError(f"{path}: the {what} is truncated or damaged ({size} bytes, {record['bytes']} were "
+                        f"written); {fix}.")
+    if file_digest(path) != record.get("blake2b_128"):
+        raise DataError(f"{path}: checksum mismatch, the {what} is corrupt (its bytes changed since it was "
+                        f"written); {fix}.")
+
+
+def sidecar(path: str | Path) -> Path:
+    """Where the checksum record of ``path`` is kept."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(path: str | Path, record_of: str | Path | None = None) -> Path:
+    """Record ``path``'s checksum beside it (from ``record_of``, the same bytes under another name,
+    e.g. the temporary file about to be renamed to ``path``)."""
+    return atomic_write_json(sidecar(path), file_record(record_of or path))
+
+
+def verify_sidecar(path: str | Path, what: str, fix: str) -> bool:
+    """Check ``path`` against the record beside it; False when it has none (written elsewhere)."""
+    path = Path(path)
+    for candidate in dict.fromkeys((sidecar(path), sidecar(path.resolve()))):  # a link: its target's record
+        if candidate.exists():
+            try:
+                record = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise DataError(f"{candidate}: the checksum record of the {what} is unreadable ({err}); {fix}.") from None
+            check_file(path, record, what, fix)
+            return True
+    return False
+
+
+def write_checksums(folder: str | Path) -> Path:
+    """Record the checksum of every file in ``folder`` in its ``checksums.json``."""
+    folder = Path(folder)
+    records = {p.name: file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    return atomic_write_json(folder / CHECKSUMS_FILE, records)
+
+
+def verify_checksums(folder: str | Path, what: str, fix: str) -> bool:
+    """Check every file ``checksums.json`` lists; False when the folder has none (written before checksums)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS_FILE).exists():
+        return False
+    try:
+        records = json.loads((folder / CHECKSUMS_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{folder / CHECKSUMS_FILE}: the {what}'s checksums are unreadable ({err}); {fix}.") from None
+    for name, record in records.items():
+        check_file(folder / name, record, what, fix)
+    return True
+
+
+# ------------------------------------------------------------------------------ exports
+def save_export(folder: str | Path, config: dict, state: dict) -> None:
+    """A ``save_pretrained`` folder: ``config.json``, ``model.safetensors`` (``state``: name →
+    tensor) and their ``checksums.json``, written aside and swapped in whole."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_dir(folder) as tmp:
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        write_checksums(tmp)
+
+
+def load_export(folder: str | Path, what: str = "export", device: str = "cpu") -> tuple[dict, dict]:
+    """(config, state) of a :func:`save_export` folder, its checksums verified and its weights
+    finite; any damage is a DataError naming the file and the fix."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    fix = (f"export it again (rerun the fit that wrote {folder}; in a pipeline, delete that step's folder "
+           f"and rerun) or restore the folder from a copy")
+    if not (folder / CONFIG_FILE).is_file():
+        raise DataError(f"{folder}: not a {what} folder (no {CONFIG_FILE}); pass the folder save_pretrained wrote "
+                        f"(the fit's export_dir).")
+    verify_checksums(folder, what, fix)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{folder / CONFIG_FILE}: the {what}'s config cannot be read ({err}); {fix}.") from None
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own, OSError, ValueError ...
+        raise DataError(f"{folder / WEIGHTS_FILE}: the {what}'s weights cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); {fix}.") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"{folder / WEIGHTS_FILE}: the {what}'s weights hold NaN or inf ({', '.join(bad[:3])}); "
+                        f"the fit that wrote them diverged: train it again (a lower lr, check the inputs).")
+    return config, state
 
 
 # ------------------------------------------------------------------------------ stage outputs

@@ -7,7 +7,6 @@ themselves are counted by `foundv2.metrics.collisions`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from data_modules.store import atomic_dir, atomic_write_json
+from data_modules.store import load_export, save_export
 from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def _mlp(dims: Sequence[int], dropout: float) -> nn.Sequential:
@@ -245,13 +241,9 @@ class MultiViewRQVAE(nn.Module):
 
     # -------------------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (weights and quantiser state)."""
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_dir(folder) as tmp:  # a reader sees the old folder or the whole new one
-            atomic_write_json(tmp / CONFIG_FILE, self.config)
-            save_file(state, str(tmp / WEIGHTS_FILE))
+        """Write ``config.json``, ``model.safetensors`` (weights and quantiser state) and their
+        ``checksums.json`` (``data_modules.store.save_export``)."""
+        save_export(folder, self.config, self.state_dict())
 
     @classmethod
     def from_config(cls, config: dict) -> MultiViewRQVAE:
@@ -261,12 +253,11 @@ class MultiViewRQVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MultiViewRQVAE:
-        """Rebuild a model saved by `save_pretrained` (in eval mode)."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        model = cls.from_config(json.loads((folder / CONFIG_FILE).read_text()))
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)))
+        """Rebuild a model saved by `save_pretrained` (in eval mode); a damaged folder (checksum,
+        truncation, NaN weights) is a DataError naming the file."""
+        config, state = load_export(folder, "tokenizer export", device=str(map_location))
+        model = cls.from_config(config)
+        model.load_state_dict(state)
         return model.to(map_location).eval()
 
 

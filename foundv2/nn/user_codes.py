@@ -18,7 +18,6 @@ Codes are read back either as the decoded vector (the sum of the chosen code vec
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,12 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_modules.store import atomic_dir, atomic_write_json
+from data_modules.store import load_export, save_export
 from foundv2.nn.item_factors import ItemFactors, history_bag
 from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 class UserCodeTokenizer(nn.Module):
@@ -139,24 +135,16 @@ class UserCodeTokenizer(nn.Module):
 
     # -------------------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors``."""
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_dir(folder) as tmp:
-            atomic_write_json(tmp / CONFIG_FILE, {"kind": "user_codes", **self.config})
-            save_file(state, str(tmp / WEIGHTS_FILE))
+        """Write ``config.json``, ``model.safetensors`` and their ``checksums.json``."""
+        save_export(folder, {"kind": "user_codes", **self.config}, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> UserCodeTokenizer:
-        """Rebuild a tokenizer saved by `save_pretrained` (eval mode)."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        """Rebuild a tokenizer saved by `save_pretrained` (eval mode); a damaged folder is a DataError."""
+        cfg, state = load_export(folder, "user-tokenizer export")
         cfg.pop("kind", None)
         model = cls(**cfg)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        model.load_state_dict(state)
         return model.eval()
 
 
