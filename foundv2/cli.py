@@ -112,28 +112,24 @@ def data_command(args: list[str]) -> int:
 
 
 def check_checkpoint(argv: list[str]) -> None:
-    """A ``--ckpt_path`` that names a file must be a readable checkpoint (torch's zip format)."""
-    import zipfile
-
-    from data_modules.schema import DataError
+    """A ``--ckpt_path`` that names a file must be a whole checkpoint (its checksum, torch's zip format)."""
+    from foundv2.io import verify_checkpoint
 
     for i, arg in enumerate(argv):
         value = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else (
             argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None)
         if value is None or value in ("last", "best", "hpc", "registry", "null"):
             continue
-        path = Path(value)
-        if not path.exists():
-            raise DataError(f"--ckpt_path {path}: no such checkpoint file.")
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"--ckpt_path {path}: not a readable checkpoint (truncated or corrupt?); "
-                            f"use another one, e.g. --ckpt_path last.")
+        verify_checkpoint(Path(value), "use another one, e.g. --ckpt_path last, or train again")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_modules.schema import DataError
+    from foundv2.console import filter_warnings
+
+    filter_warnings()
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

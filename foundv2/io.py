@@ -1,23 +1,45 @@
-"""The Lightning side of stage outputs: one Arrow stream file per rank, written aside and renamed
-into place. The format itself (complete marker, reader) is :mod:`data_modules.store`.
+"""The Lightning side of what foundv2 writes: stage outputs and checkpoints. The formats
+themselves (complete marker, reader, checksum records) are :mod:`data_modules.store`.
 
-A stage's ``predict_step`` returns a dict of per-user columns (lists or arrays of equal length);
-:class:`ArrowPredictionWriter` appends them batch by batch to ``part-rank{r}.arrow.tmp`` and, at
-the end of the epoch, renames it to ``part-rank{r}.arrow``. Rank 0 then writes ``meta.json``
-(what the stage and the data were), which marks the folder as complete. A reader opens every part
-memory-mapped through ``datasets``.
+- Stage outputs: a stage's ``predict_step`` returns a dict of per-user columns (lists or arrays of
+  equal length); :class:`ArrowPredictionWriter` appends them batch by batch to one Arrow stream
+  per rank in a staging folder beside the output (``<output>.tmp-predict``). Once every rank is
+  done, rank 0 writes ``meta.json`` (what the stage and the data were, and exactly the parts this
+  run wrote) and swaps the staging folder in place of the output: a re-predict that crashes leaves
+  the old dataset whole, and a part no meta lists is never read. A reader opens the listed parts
+  memory-mapped through ``datasets``.
+- Checkpoints: :class:`ChecksumCheckpointIO` writes each checkpoint aside, records its checksum
+  beside it (``<ckpt>.checksum``) and renames it into place; every load verifies it first
+  (:func:`verify_checkpoint`), so a truncated or bit-flipped checkpoint is a one-paragraph error
+  naming the file and the fix, never a traceback or silently wrong weights.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from data_modules.store import META_FILE, atomic_write_json
+from data_modules.schema import DataError
+from data_modules.store import (
+    META_FILE,
+    TMP_MARK,
+    atomic_write_json,
+    replace_dir,
+    sidecar,
+    tmp_name,
+    verify_sidecar,
+    write_sidecar,
+)
+
+#: the staging folder a predict writes beside its output before the swap
+STAGING = f"{TMP_MARK}predict"
 
 
 def _to_arrow(values) -> pa.Array:
@@ -40,7 +62,8 @@ def _to_arrow(values) -> pa.Array:
 
 
 class ArrowPredictionWriter(BasePredictionWriter):
-    """Streams ``predict_step`` outputs of this rank into one Arrow file, atomically.
+    """Streams ``predict_step`` outputs of every rank into one Arrow file each, in a staging
+    folder that replaces the output whole once complete (see the module docstring).
 
     Args:
         output_dir: the folder of the dataset (features, tokens, embeddings).
@@ -55,21 +78,26 @@ class ArrowPredictionWriter(BasePredictionWriter):
         self._sink = None
         self._rows = 0
 
-    def _tmp(self, rank: int) -> Path:
-        return self.output_dir / f"part-rank{rank:03d}.arrow.tmp"
+    @property
+    def staging(self) -> Path:
+        return self.output_dir.with_name(self.output_dir.name + STAGING)
+
+    @staticmethod
+    def part(rank: int) -> str:
+        return f"part-rank{rank:03d}.arrow"
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if trainer.is_global_zero:
-            (self.output_dir / META_FILE).unlink(missing_ok=True)  # incomplete until rewritten
-        for old in self.output_dir.glob(f"part-rank{trainer.global_rank:03d}.arrow*"):
-            old.unlink()
+        if trainer.is_global_zero:  # a staging folder left by a killed predict is stale
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
+        trainer.strategy.barrier("arrow-writer-staging")
+        self.staging.mkdir(parents=True, exist_ok=True)
         self._writer, self._sink, self._rows = None, None, 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         table = pa.table({k: _to_arrow(v) for k, v in prediction.items()})
         if self._writer is None:
-            self._sink = pa.OSFile(str(self._tmp(trainer.global_rank)), "wb")
+            self._sink = pa.OSFile(str(self.staging / f"{self.part(trainer.global_rank)}.tmp"), "wb")
             self._writer = pa.ipc.new_stream(self._sink, table.schema)
         self._writer.write_table(table)
         self._rows += table.num_rows
@@ -79,11 +107,70 @@ class ArrowPredictionWriter(BasePredictionWriter):
         if self._writer is not None:
             self._writer.close()
             self._sink.close()
-            os.replace(self._tmp(rank), self.output_dir / f"part-rank{rank:03d}.arrow")
+            os.replace(self.staging / f"{self.part(rank)}.tmp", self.staging / self.part(rank))
         trainer.strategy.barrier("arrow-writer")
         if trainer.is_global_zero:
-            parts = sorted(p.name for p in self.output_dir.glob("part-rank*.arrow"))
+            parts = [self.part(r) for r in range(trainer.world_size) if (self.staging / self.part(r)).exists()]
             meta = {**self.meta, **getattr(pl_module, "output_meta", lambda: {})(), "parts": parts,
                     "world_size": trainer.world_size}
-            atomic_write_json(self.output_dir / META_FILE, meta, default=str)
+            atomic_write_json(self.staging / META_FILE, meta, default=str)
+            replace_dir(self.staging, self.output_dir)
         trainer.strategy.barrier("arrow-writer-meta")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _local(path) -> bool:
+    return "://" not in str(path)
+
+
+def verify_checkpoint(path: str | Path, fix: str) -> None:
+    """Raise DataError unless ``path`` is a whole checkpoint: a torch zip whose bytes match the
+    checksum recorded beside it when it was written (checkpoints written elsewhere have none and
+    get the zip check only). ``fix``: what the reader should do, for the message."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file; {fix}.")
+    verify_sidecar(path, "checkpoint", fix)
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt: not a torch zip file); {fix}.")
+
+
+class ChecksumCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose checkpoints are written aside and renamed, carry a checksum
+    record beside them, and are verified before every load (remote paths: as Lightning does)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if not _local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        tmp = tmp_name(path)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            write_sidecar(path, record_of=tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        if not _local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        fix = "delete it (or pass another --ckpt_path), or train again"
+        verify_checkpoint(path, fix)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception as err:  # noqa: BLE001 - torch fails in many ways on a damaged file
+            raise DataError(f"{path}: the checkpoint cannot be read ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); {fix}.") from None
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        if _local(path):
+            sidecar(path).unlink(missing_ok=True)
+
+
+def install_checksums(trainer) -> None:
+    """Give ``trainer`` the :class:`ChecksumCheckpointIO` unless its strategy brings its own
+    checkpoint format (FSDP, DeepSpeed, a user plugin)."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = ChecksumCheckpointIO()

@@ -5,6 +5,9 @@
   the :class:`~data_modules.datamodule.UserDataModule` (``data:``) from ``--config`` files and flags.
 - :func:`fit_stage` / :func:`predict_stage`: a fit into a stage folder that resumes from its
   ``last.ckpt`` and records ``fit.done``; a predict from that folder's best (else last) checkpoint.
+  The checkpoint is verified (size and checksum, :mod:`foundv2.io`) and every folder the run
+  will write is checked writable (:func:`check_outputs`) before any work: a damaged checkpoint or
+  a read-only folder is a one-paragraph DataError up front, not a traceback after the fit.
 - :func:`data_parser` / :func:`run_with_data`: a parser of the ``data:`` section (plus one
   function's section, e.g. ``bench:``), and a call of that function on the configured DataModule.
 
@@ -36,7 +39,6 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     """Build the LightningCLI (``run=False`` only parses and instantiates: a fit or predict is
     then called on ``cli.trainer`` by the caller)."""
     import importlib.util
-    import warnings
 
     from jsonargparse import set_parsing_settings
     from lightning.pytorch import LightningModule
@@ -46,10 +48,26 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
     # a config dataclass's attribute docstrings are its options' --help (litgpt style)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    # the pipeline builds stage CLIs from its own arguments on purpose
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    from foundv2.console import filter_warnings
+
+    filter_warnings()  # the known harmless ones, e.g. the pipeline's own args= to LightningCLI
     has_omegaconf = importlib.util.find_spec("omegaconf") is not None
-    return LightningCLI(
+
+    class CLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            from foundv2.io import install_checksums
+
+            trainer = super().instantiate_trainer(**kwargs)
+            install_checksums(trainer)  # checkpoints carry a checksum, verified on every load
+            return trainer
+
+        def before_fit(self):
+            check_outputs(self.trainer, self.model, "fit")
+
+        def before_predict(self):
+            check_outputs(self.trainer, self.model, "predict")
+
+    return CLI(
         LightningModule,
         UserDataModule,
         subclass_mode_model=True,
@@ -78,14 +96,47 @@ def best_or_last_checkpoint(stage_dir: Path) -> Path:
     return last
 
 
-def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = print) -> dict:
+def check_outputs(trainer, model, command: str) -> None:
+    """Every folder a fit (logs, checkpoints, the model's ``export_dir``) or a predict (the
+    model's ``predict_dir``) will write must be writable: a DataError naming it, before any work."""
+    from data_modules.store import check_writable
+
+    fix = "point {key} at a folder you can write, or fix its permissions"
+    folders = []
+    if command == "fit":
+        folders.append((trainer.default_root_dir, "trainer.default_root_dir"))
+        if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
+            folders.append((trainer.logger.save_dir, "the logger's save_dir"))
+        folders += [(cb.dirpath, "the ModelCheckpoint dirpath") for cb in trainer.checkpoint_callbacks
+                    if getattr(cb, "dirpath", None)]
+    # folders replaced whole (written aside in their parent, then swapped in): the parent and the folder
+    key = "model.export_dir" if command == "fit" else "model.predict_dir"
+    if whole := getattr(model, key.split(".")[1], None):
+        folders += [(Path(whole).absolute().parent, key)] + ([(whole, key)] if Path(whole).exists() else [])
+    for folder, key in folders:
+        if folder and "://" not in str(folder):
+            check_writable(folder, f"{command} output ({key})", fix.format(key=key))
+
+
+def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = print, quiet: bool = False) -> dict:
     """Fit the stage that ``args`` configure; resume from ``stage_dir``'s ``last.ckpt`` when a
     run was cut off; rank 0 then writes ``stage_dir/fit.done`` with the final metrics (returned).
 
-    ``args`` should point the trainer's root and logger into ``stage_dir`` so the checkpoints land there.
+    ``args`` should point the trainer's root and logger into ``stage_dir`` so the checkpoints land
+    there. ``quiet``: one progress-bar line, the model summary logged (:func:`foundv2.console.quiet_trainer`).
     """
-    cli = lightning_cli(args, run=False)
+    from foundv2.io import verify_checkpoint
+
     last = last_checkpoint(stage_dir)
+    if last is not None:
+        verify_checkpoint(last, f"delete it (rm {last}) to start this fit again from the beginning, or delete "
+                                f"the stage folder {stage_dir} to run the whole stage again")
+    cli = lightning_cli(args, run=False)
+    check_outputs(cli.trainer, cli.model, "fit")
+    if quiet:
+        from foundv2.console import quiet_trainer
+
+        quiet_trainer(cli.trainer)
     if last is not None:
         say(f"  fit: resuming from {last}")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last else None)
@@ -96,11 +147,20 @@ def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = pri
     return metrics
 
 
-def predict_stage(args: list[str], stage_dir: Path) -> None:
+def predict_stage(args: list[str], stage_dir: Path, quiet: bool = False) -> None:
     """Predict with the stage that ``args`` configure from ``stage_dir``'s best (else last)
     checkpoint; ``args`` name the output (``--model.predict_dir``)."""
+    from foundv2.io import verify_checkpoint
+
     ckpt = best_or_last_checkpoint(stage_dir)
+    verify_checkpoint(ckpt, f"delete it (rm {ckpt}; the predict then uses the newest other checkpoint, else "
+                            f"last.ckpt), or delete the stage folder {stage_dir} to fit the stage again")
     cli = lightning_cli(args, run=False)
+    check_outputs(cli.trainer, cli.model, "predict")
+    if quiet:
+        from foundv2.console import quiet_trainer
+
+        quiet_trainer(cli.trainer)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), return_predictions=False)
 
 

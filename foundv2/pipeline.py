@@ -35,6 +35,12 @@ runs (every ``foundv2`` / ``data_modules`` module reachable by imports from its 
 fingerprint changed is rerun, and so are the steps that read it, because their fingerprints
 hold its own; nothing else is touched. ``on_change`` says whether a changed step stops the run
 (``error``, the default) or has its folder removed and is run again (``restart``).
+
+The console shows what a person needs: a line as each step starts and ends, one progress bar
+line per fit, predict and bench, then the results table and where the report is. Everything
+else a step logs (Lightning's INFO lines, model summaries, warnings) goes to
+``<run_dir>/<step>/log.txt`` (:mod:`foundv2.console`). The run folder and every existing step
+folder are checked writable before anything runs.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ from pathlib import Path
 import yaml
 
 from data_modules.schema import DataError
-from data_modules.store import atomic_write_json, output_is_complete
-from foundv2 import launch
+from data_modules.store import atomic_write_json, check_writable, output_is_complete
+from foundv2 import console, launch
 
 FINGERPRINT = "fingerprint.json"
 FINGERPRINT_WAIT_S = 600
@@ -359,13 +365,13 @@ def _run_stage(step: Step, folder: Path, args: list[str]) -> bool:
     if (folder / launch.FIT_DONE).exists():
         _say(f"  fit: done before ({folder / launch.FIT_DONE}), skipped")
     else:
-        launch.fit_stage(args, folder, say=_say)
+        launch.fit_stage(args, folder, say=_say, quiet=True)
         ran = True
     out = folder / step.output
     if output_is_complete(out):
         _say(f"  predict: {out} complete, skipped")
     else:
-        launch.predict_stage(args + ["--trainer.logger", "false", "--model.predict_dir", str(out)], folder)
+        launch.predict_stage(args + ["--trainer.logger", "false", "--model.predict_dir", str(out)], folder, quiet=True)
         ran = True
     return ran
 
@@ -388,6 +394,9 @@ def run_pipeline(cfg: PipelineConfig, root: Path = REPO) -> dict:
     step → seconds (and total), "ran": [steps that did work], "skipped": [steps already complete]}``."""
     validate(cfg)
     run = Path(cfg.run_dir)
+    fix = "point pipeline.run_dir at a folder you can write, or fix its permissions"
+    for folder in [run, *(run / s.name for s in cfg.steps if (run / s.name).exists())]:
+        check_writable(folder, "pipeline run", fix)
     run.mkdir(parents=True, exist_ok=True)
     check_run_folder(cfg, run, root)
     t_all = time.perf_counter()
@@ -396,13 +405,15 @@ def run_pipeline(cfg: PipelineConfig, root: Path = REPO) -> dict:
     bench_dirs = []
     for k, step in enumerate(cfg.steps, 1):
         t0 = time.perf_counter()
-        _say(f"[{k}/{len(cfg.steps)}] {step.name}: {step.config}")
         folder, args = run / step.name, step_args(cfg, step, run)
-        if step.kind == "stage":
-            did = _run_stage(step, folder, args)
-        else:
-            did = _run_bench(folder, args)
-            bench_dirs.append(folder)
+        log = folder / console.step_log_name()
+        _say(f"[{k}/{len(cfg.steps)}] {step.name}: {step.config} (log: {log})")
+        with console.log_to_file(log):
+            if step.kind == "stage":
+                did = _run_stage(step, folder, args)
+            else:
+                did = _run_bench(folder, args)
+                bench_dirs.append(folder)
         (ran if did else skipped).append(step.name)
         timings[step.name] = time.perf_counter() - t0
         _say(f"[{k}/{len(cfg.steps)}] {step.name}: {'finished' if did else 'skipped'} in {timings[step.name]:.0f}s")
