@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,22 @@ def empty_event_batch(b: int, e: int, w: int, text_dim: int, tabular: torch.Tens
         "win_mask": torch.zeros(b, w, dtype=torch.bool),
         "tabular": tabular,
     }
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Make ``folder`` unwritable, even for root (chattr +i) where chmod is not enough."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    immutable = False
+    if os.access(folder, os.W_OK):  # root ignores modes
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if not immutable:
+            folder.chmod(0o755)
+            pytest.skip("cannot make a folder read-only here (root without chattr)")
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)

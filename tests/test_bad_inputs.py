@@ -7,7 +7,6 @@ columns, declared epoch units, string labels, no future) assert what was prepare
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import pytest
 
 from data_modules.prepare import CALENDAR_FEATURES, OWNER_FILE, calendar_features, load_meta
 from foundv2.cli import main
-from tests.helpers import ROOT
+from tests.helpers import ROOT, read_only
 
 T0 = 1_718_000_000  # 2024-06-10, seconds
 N_USERS = 12
@@ -335,28 +334,9 @@ def test_nan_in_the_text_cache_is_rebuilt(tmp_path, capsys, caplog):
     assert np.isfinite(np.load(folder / "text_emb.npy")).all()
 
 
-@contextlib.contextmanager
-def _read_only(folder: Path):
-    """Make ``folder`` unwritable, even for root (chattr +i) where chmod is not enough."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o555)
-    immutable = False
-    if os.access(folder, os.W_OK):  # root ignores modes
-        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        if not immutable:
-            folder.chmod(0o755)
-            pytest.skip("cannot make a folder read-only here (root without chattr)")
-    try:
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
-
-
 def test_read_only_cache_folder_fails_up_front(tmp_path, capsys):
     case = Case(tmp_path)
-    with _read_only(case.cache):
+    with read_only(case.cache):
         case.refused(capsys, str(case.cache), "not writable", "cache_dir")
 
 
