@@ -18,6 +18,7 @@ step's code fingerprint (``foundv2.pipeline``) can count it without pulling them
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,6 +119,21 @@ def check_outputs(trainer, model, command: str) -> None:
             check_writable(folder, f"{command} output ({key})", fix.format(key=key))
 
 
+def remove_leftovers(stage_dir: Path) -> list[Path]:
+    """Remove the temporary files and folders (``<name>.tmp-<pid>-<id>``: a checkpoint or an
+    export being written) under a stage folder whose writer is dead, i.e. killed; return them."""
+    from data_modules.store import TMP_MARK
+    from data_modules.text import pid_alive
+
+    removed = []
+    for p in sorted(Path(stage_dir).rglob(f"*{TMP_MARK}*")):
+        pid = p.name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and p.exists() and not pid_alive(int(pid)):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed
+
+
 def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = print, quiet: bool = False) -> dict:
     """Fit the stage that ``args`` configure; resume from ``stage_dir``'s ``last.ckpt`` when a
     run was cut off; rank 0 then writes ``stage_dir/fit.done`` with the final metrics (returned).
@@ -127,6 +143,9 @@ def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = pri
     """
     from foundv2.io import verify_checkpoint
 
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:  # the rank that writes them
+        for p in remove_leftovers(stage_dir):
+            say(f"  fit: removed {p}, left by a killed run")
     last = last_checkpoint(stage_dir)
     if last is not None:
         verify_checkpoint(last, f"delete it (rm {last}) to start this fit again from the beginning, or delete "

@@ -297,3 +297,19 @@ def test_the_pipeline_console_is_quiet(configs, run_copy):  # noqa: F811
     assert len(console) < 40, console
     log = (run_copy / "tokenizer" / "log.txt").read_text()
     assert "GPU available" in log and "Restoring states from the checkpoint" in log
+
+
+def test_leftovers_of_a_killed_fit_are_removed_by_the_next_run(configs, run_copy):  # noqa: F811
+    """A checkpoint and an export that a killed fit was writing (``.tmp-<pid>-<id>``, its pid dead)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ckpts = next((run_copy / "tokenizer").rglob("last.ckpt")).parent
+    tmp_ckpt = ckpts / f"last.ckpt.tmp-{dead.pid}-0badc0de"
+    tmp_ckpt.write_bytes(b"half a checkpoint")
+    tmp_export = run_copy / "tokenizer" / f"export.tmp-{dead.pid}-0badc0de"
+    tmp_export.mkdir()
+    (tmp_export / "config.json").write_text("{}")
+    (run_copy / "tokenizer" / "fit.done").unlink()  # the fit is to run (resume) again
+    assert main(["pipeline", "--config", _pipeline_yaml(configs, run_copy)]) == 0
+    assert not tmp_ckpt.exists() and not tmp_export.exists()
+    assert (run_copy / "tokenizer" / "fit.done").exists()
