@@ -313,3 +313,17 @@ def test_leftovers_of_a_killed_fit_are_removed_by_the_next_run(configs, run_copy
     assert main(["pipeline", "--config", _pipeline_yaml(configs, run_copy)]) == 0
     assert not tmp_ckpt.exists() and not tmp_export.exists()
     assert (run_copy / "tokenizer" / "fit.done").exists()
+
+
+def test_a_single_fit_filters_the_known_harmless_warnings(configs, tmp_path):  # noqa: F811
+    """`foundv2 fit` keeps Lightning's console, without the warnings foundv2.console filters."""
+    root = tmp_path / "fit"
+    res = subprocess.run([sys.executable, "-m", "foundv2", "fit", "--config", configs["data"], "--config",
+                          configs["tokenizer"], "--trainer.default_root_dir", str(root),
+                          "--trainer.logger.init_args.save_dir", str(root), "--trainer.log_every_n_steps", "50",
+                          "--trainer.max_steps", "3"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "GPU available" in res.stdout + res.stderr  # Lightning's own lines stay
+    for harmless in ("smaller than the logging interval", "LeafSpec", "does not have many workers"):
+        assert harmless not in res.stderr, harmless
