@@ -266,6 +266,23 @@ def output_is_complete(folder: str | Path) -> bool:
     return bool(meta and meta.get("parts")) and all((folder / p).exists() for p in meta["parts"])
 
 
+def check_replaceable(folder: str | Path) -> None:
+    """A predict replaces its output folder whole: refuse (DataError) a folder that exists and is
+    not a stage output (no ``meta.json``, and files other than parts and ``report.json``), which
+    the swap would delete."""
+    folder = Path(folder)
+    if not folder.exists() or (folder / META_FILE).exists():
+        return
+    if not folder.is_dir():
+        raise DataError(f"{folder}: the output folder is a file; pass a folder for the stage's output.")
+    others = sorted(p.name for p in folder.iterdir()
+                    if not (p.name.startswith("part-rank") or p.name in (META_FILE, "report.json")))
+    if others:
+        raise DataError(f"{folder}: the output folder exists and is not a stage output (it holds "
+                        f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); a predict replaces its "
+                        f"folder whole, so pass a new folder or empty this one.")
+
+
 def read_stage_output(folder: str | Path):
     """(datasets.Dataset over every part, meta) of a complete stage output folder."""
     import datasets

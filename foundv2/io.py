@@ -31,6 +31,7 @@ from data_modules.store import (
     META_FILE,
     TMP_MARK,
     atomic_write_json,
+    check_replaceable,
     replace_dir,
     sidecar,
     tmp_name,
@@ -87,6 +88,7 @@ class ArrowPredictionWriter(BasePredictionWriter):
         return f"part-rank{rank:03d}.arrow"
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        check_replaceable(self.output_dir)  # never swap away a folder that is not a stage output
         if trainer.is_global_zero:  # a staging folder left by a killed predict is stale
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)

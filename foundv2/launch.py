@@ -100,7 +100,7 @@ def best_or_last_checkpoint(stage_dir: Path) -> Path:
 def check_outputs(trainer, model, command: str) -> None:
     """Every folder a fit (logs, checkpoints, the model's ``export_dir``) or a predict (the
     model's ``predict_dir``) will write must be writable: a DataError naming it, before any work."""
-    from data_modules.store import check_writable
+    from data_modules.store import check_replaceable, check_writable
 
     fix = "point {key} at a folder you can write, or fix its permissions"
     folders = []
@@ -117,6 +117,8 @@ def check_outputs(trainer, model, command: str) -> None:
     for folder, key in folders:
         if folder and "://" not in str(folder):
             check_writable(folder, f"{command} output ({key})", fix.format(key=key))
+    if command == "predict" and whole:
+        check_replaceable(whole)
 
 
 def remove_leftovers(stage_dir: Path) -> list[Path]:

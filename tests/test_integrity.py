@@ -206,6 +206,18 @@ def test_repredict_into_a_folder_with_a_stray_part(configs, run_copy):  # noqa: 
     assert not (features.parent / f"features{STAGING}").exists()
 
 
+def test_predict_never_replaces_a_folder_that_is_not_a_stage_output(configs, first_run, tmp_path, capsys):  # noqa: F811
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a dataset")
+    best, _ = _checkpoints(first_run, "stage1")
+    _refused(capsys, ["predict", "--config", configs["data"], "--config", configs["stage1"], "--ckpt_path", str(best),
+                      "--trainer.logger", "false", "--model.predict_dir", str(mine)],
+             str(mine), "not a stage output", "notes.txt")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / f"mine{STAGING}").exists()
+
+
 class PauseAt(L.Callback):
     """Stops a predict (sleeps, to be killed) after ``batches`` batches, once ``marker`` is touched."""
 
