@@ -136,6 +136,18 @@ def remove_leftovers(stage_dir: Path) -> list[Path]:
     return removed
 
 
+def _stage_cli(args: list[str], fn: str, quiet: bool):
+    """The stage's LightningCLI (not run), its outputs checked for ``fn`` (fit or predict) before
+    any work, the trainer made quiet when asked."""
+    cli = lightning_cli(args, run=False)
+    check_outputs(cli.trainer, cli.model, fn)
+    if quiet:
+        from foundv2.console import quiet_trainer
+
+        quiet_trainer(cli.trainer)
+    return cli
+
+
 def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = print, quiet: bool = False) -> dict:
     """Fit the stage that ``args`` configure; resume from ``stage_dir``'s ``last.ckpt`` when a
     run was cut off; rank 0 then writes ``stage_dir/fit.done`` with the final metrics (returned).
@@ -152,12 +164,7 @@ def fit_stage(args: list[str], stage_dir: Path, say: Callable[[str], None] = pri
     if last is not None:
         verify_checkpoint(last, f"delete it (rm {last}) to start this fit again from the beginning, or delete "
                                 f"the stage folder {stage_dir} to run the whole stage again")
-    cli = lightning_cli(args, run=False)
-    check_outputs(cli.trainer, cli.model, "fit")
-    if quiet:
-        from foundv2.console import quiet_trainer
-
-        quiet_trainer(cli.trainer)
+    cli = _stage_cli(args, "fit", quiet)
     if last is not None:
         say(f"  fit: resuming from {last}")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last else None)
@@ -176,12 +183,7 @@ def predict_stage(args: list[str], stage_dir: Path, quiet: bool = False) -> None
     ckpt = best_or_last_checkpoint(stage_dir)
     verify_checkpoint(ckpt, f"delete it (rm {ckpt}; the predict then uses the newest other checkpoint, else "
                             f"last.ckpt), or delete the stage folder {stage_dir} to fit the stage again")
-    cli = lightning_cli(args, run=False)
-    check_outputs(cli.trainer, cli.model, "predict")
-    if quiet:
-        from foundv2.console import quiet_trainer
-
-        quiet_trainer(cli.trainer)
+    cli = _stage_cli(args, "predict", quiet)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), return_predictions=False)
 
 
