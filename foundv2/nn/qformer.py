@@ -54,6 +54,64 @@ class QFormerOutput(NamedTuple):
     present: torch.Tensor
 
 
+class QFormerCache(NamedTuple):
+    """What :meth:`CausalQFormer.forward_window` needs of a user's earlier windows, per layer:
+    the self-attention keys/values of their query tokens and the cross-attention keys/values of
+    the memory (the null slot, the context tokens and every encoded event so far). Stage 1 is
+    causal, so these never change when a window is appended: a new window costs its own tokens.
+
+    Per user the real entries come first, padding after (``*_len`` say how many are real); the
+    tensors are ``self.kv`` / ``cross_attn.kv`` outputs of each block, before the head split:
+
+    - ``self_kv`` [B, L, P, 2·dim] and ``self_len`` [B]: the query tokens of windows
+      0..n_windows-1 (order w, s, q as in :meth:`CausalQFormer.token_index`);
+    - ``mem_kv`` [B, L, M, 2·dim] and ``mem_len`` [B]: the memory tokens (always visible to a
+      later window's queries, since every one of them belongs to an earlier window or none);
+    - ``n_windows`` [B]: windows encoded so far (the next window's position).
+    """
+
+    self_kv: torch.Tensor
+    self_len: torch.Tensor
+    mem_kv: torch.Tensor
+    mem_len: torch.Tensor
+    n_windows: torch.Tensor
+
+    def users(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per user ``(self_kv [L, self_len, 2·dim], mem_kv [L, mem_len, 2·dim], n_windows)``."""
+        return [(self.self_kv[i, :, : int(self.self_len[i])], self.mem_kv[i, :, : int(self.mem_len[i])],
+                 int(self.n_windows[i])) for i in range(self.self_kv.shape[0])]
+
+    @staticmethod
+    def stack(users: list[tuple[torch.Tensor, torch.Tensor, int]]) -> QFormerCache:
+        """The inverse of :meth:`users`: per-user entries → one padded batch cache."""
+        n_layers, _, width = users[0][1].shape
+        ref = users[0][1]
+        p = max(u[0].shape[1] for u in users)
+        m = max(u[1].shape[1] for u in users)
+        self_kv = ref.new_zeros(len(users), n_layers, p, width)
+        mem_kv = ref.new_zeros(len(users), n_layers, m, width)
+        for i, (skv, mkv, _) in enumerate(users):
+            self_kv[i, :, : skv.shape[1]] = skv
+            mem_kv[i, :, : mkv.shape[1]] = mkv
+        lens = [torch.tensor([u[k].shape[1] for u in users], device=ref.device) for k in (0, 1)]
+        return QFormerCache(self_kv, lens[0], mem_kv, lens[1],
+                            torch.tensor([u[2] for u in users], device=ref.device))
+
+
+def _append_rows(old: torch.Tensor, old_len: torch.Tensor, new: torch.Tensor, new_len: torch.Tensor) -> torch.Tensor:
+    """Per user, its ``old_len`` real rows of ``old`` [B, L, P, C] then its ``new_len`` real rows
+    of ``new`` [B, L, T, C] (real rows first in both), padded: [B, L, max(old_len + new_len), C]."""
+    b, n_layers, p, c = old.shape
+    total = old_len + new_len
+    width = int(total.max()) if b else 0
+    pos = torch.arange(width, device=old.device)[None, :]
+    src = torch.where(pos < old_len[:, None], pos, p + pos - old_len[:, None])
+    src = torch.where(pos < total[:, None], src, 0).clamp_max(p + new.shape[2] - 1)
+    both = torch.cat([old, new], dim=2)
+    out = torch.gather(both, 2, src[:, None, :, None].expand(b, n_layers, width, c))
+    return out * (pos < total[:, None])[:, None, :, None]
+
+
 def block_mlp(dim: int, mlp_ratio: int, dropout: float) -> nn.Sequential:
     """The MLP of a transformer block (Q-Former and stage 3): dim → ratio·dim → dim, GELU."""
     return nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim))
@@ -73,11 +131,16 @@ class _Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, self.kv(mem), mask)
+
+    def attend(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of ``x`` [B, T, dim] over keys/values already projected, ``kv = self.kv(mem)``
+        [B, M, 2·dim] (what :class:`QFormerCache` keeps), with ``mask`` [B, T, M]."""
         b, t, d = x.shape
-        m = mem.shape[1]
+        m = kv.shape[1]
         h = self.num_heads
         q = self.q(x).view(b, t, h, d // h).transpose(1, 2)
-        k, v = self.kv(mem).view(mem.shape[0], m, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        k, v = kv.view(kv.shape[0], m, 2, h, d // h).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
         )
@@ -104,6 +167,24 @@ class _Block(nn.Module):
         x = x + self.self_attn(h, h, self_mask)
         x = x + self.cross_attn(self.norm_ca(x), self.norm_mem(mem), cross_mask)
         return x + self.mlp(self.norm_mlp(x))
+
+    def memory_kv(self, mem: torch.Tensor) -> torch.Tensor:
+        """[B, M, dim] memory tokens → this block's cross-attention keys/values [B, M, 2·dim]."""
+        return self.cross_attn.kv(self.norm_mem(mem))
+
+    def forward_cached(
+        self, x: torch.Tensor, past_kv: torch.Tensor, self_mask: torch.Tensor, mem_kv: torch.Tensor,
+        cross_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on new query tokens ``x`` [B, T, dim] whose self-attention also sees the
+        earlier tokens' cached keys/values ``past_kv`` [B, P, 2·dim] (``self_mask`` [B, T, P + T])
+        and whose cross-attention reads ``mem_kv`` [B, M, 2·dim] (:meth:`memory_kv`). Returns
+        (the block's output, the new tokens' self-attention keys/values [B, T, 2·dim])."""
+        h = self.norm_sa(x)
+        new_kv = self.self_attn.kv(h)
+        x = x + self.self_attn.attend(h, torch.cat([past_kv, new_kv], dim=1), self_mask)
+        x = x + self.cross_attn.attend(self.norm_ca(x), mem_kv, cross_mask)
+        return x + self.mlp(self.norm_mlp(x)), new_kv
 
 
 class CausalQFormer(nn.Module):
@@ -223,6 +304,101 @@ class CausalQFormer(nn.Module):
         views = views * win_mask[:, :, None, None]
         present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
         return QFormerOutput(views, present)
+
+    # ------------------------------------------------------------------ one window at a time
+    def empty_cache(self, batch_size: int, context: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> QFormerCache:
+        """The cache of users with no window yet: the memory holds the null slot and the context
+        tokens (``context`` [B, M, dim], e.g. the profile), no query token."""
+        parts = [self.null_kv.expand(batch_size, -1, -1).to(dtype=dtype, device=device)]
+        if context is not None:
+            parts.append(context.to(dtype))
+        mem = torch.cat(parts, dim=1)
+        mem_kv = torch.stack([block.memory_kv(mem) for block in self.blocks], dim=1)
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=mem.device)
+        return QFormerCache(mem_kv.new_zeros(batch_size, len(self.blocks), 0, mem_kv.shape[-1]), zeros, mem_kv,
+                            torch.full_like(zeros, mem.shape[1]), zeros)
+
+    def forward_window(
+        self,
+        events: torch.Tensor,
+        ev_window: torch.Tensor,
+        ev_source: torch.Tensor,
+        ev_mask: torch.Tensor,
+        win_mask: torch.Tensor,
+        cache: QFormerCache | None = None,
+        context: torch.Tensor | None = None,
+    ) -> tuple[QFormerOutput, QFormerCache]:
+        """The views of windows appended after the cached ones, without re-encoding the past.
+
+        Equal (to float rounding) to :meth:`forward` over the whole history for the new windows:
+        a new window's queries attend to the cached keys/values of every earlier query and
+        memory token, to the new memory tokens of windows ≤ theirs and to each other with the
+        same block-causal mask. The cost is the new tokens' own (plus reading the cache).
+
+        Args:
+            events: [B, E, dim] the new memory tokens (encoded events of the new windows; any
+                encoder's tokens, e.g. :class:`~foundv2.nn.encoders.EventEncoder`'s).
+            ev_window: [B, E] window of each new token, counted from the first new window (0).
+            ev_source: [B, E] source index of each new token (for ``present``).
+            ev_mask: [B, E] True on real tokens.
+            win_mask: [B, W'] True on each user's real new windows (a prefix per user).
+            cache: the users' cache (:meth:`empty_cache` when None: no earlier window).
+            context: always-visible tokens [B, M, dim]; only with ``cache=None`` (they are in the
+                cache afterwards).
+
+        Returns:
+            ``(QFormerOutput(views [B, W', S, dim], present [B, W', S]), the updated cache)``.
+        """
+        b, w_count = win_mask.shape
+        s, q, d = self.num_sources, self.num_queries, self.dim
+        device = events.device
+        if cache is None:
+            cache = self.empty_cache(b, context, events.dtype, device)
+        elif context is not None:
+            raise ValueError("context tokens go in the first call only (cache=None); the cache holds them after")
+        n_new = win_mask.sum(1)
+        too_many = cache.n_windows + n_new > self.max_windows
+        if bool(too_many.any()):
+            raise ValueError(f"{int((cache.n_windows + n_new).max())} windows exceed the Q-Former's max_windows="
+                             f"{self.max_windows} (its window-position table)")
+        win_tok, src_tok = self.token_index(w_count, device)
+        pos = (cache.n_windows[:, None] + win_tok[None]).clamp_max(self.max_windows - 1)
+        x = self.queries[src_tok, torch.arange(len(win_tok), device=device) % q] + self.window_pos(pos)
+
+        past = cache.self_kv.shape[2]
+        old_self = torch.arange(past, device=device)[None, :] < cache.self_len[:, None]
+        self_mask = torch.cat([old_self[:, None, :].expand(-1, len(win_tok), -1),
+                               self.self_attention_mask(w_count, device)[None].expand(b, -1, -1)], dim=2)
+        old_mem = torch.arange(cache.mem_kv.shape[2], device=device)[None, :] < cache.mem_len[:, None]
+        new_mem = ev_mask[:, None, :] & (ev_window[:, None, :] <= win_tok[None, :, None])
+        cross_mask = torch.cat([old_mem[:, None, :].expand(-1, len(win_tok), -1), new_mem], dim=2)
+
+        # the new memory tokens, real ones first per user (the cache keeps them compact)
+        order = torch.sort((~ev_mask).to(torch.int8), dim=1, stable=True).indices
+        events_c = torch.gather(events, 1, order[..., None].expand(-1, -1, d))
+        cross_mask = torch.cat([cross_mask[:, :, : old_mem.shape[1]],
+                                torch.gather(new_mem, 2, order[:, None, :].expand(-1, len(win_tok), -1))], dim=2)
+        new_mem_kv, new_self_kv = [], []
+        for layer, block in enumerate(self.blocks):
+            mem_kv = block.memory_kv(events_c)
+            new_mem_kv.append(mem_kv)
+            x, kv = block.forward_cached(x, cache.self_kv[:, layer], self_mask,
+                                         torch.cat([cache.mem_kv[:, layer], mem_kv], dim=1), cross_mask)
+            new_self_kv.append(kv)
+        views = self.norm_out(x).view(b, w_count, s, q, d).mean(dim=3)
+        views = views * win_mask[:, :, None, None]
+        present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
+        new_tokens = n_new * s * q
+        n_events = ev_mask.sum(1)
+        updated = QFormerCache(
+            _append_rows(cache.self_kv, cache.self_len, torch.stack(new_self_kv, 1), new_tokens),
+            cache.self_len + new_tokens,
+            _append_rows(cache.mem_kv, cache.mem_len, torch.stack(new_mem_kv, 1), n_events),
+            cache.mem_len + n_events,
+            cache.n_windows + n_new,
+        )
+        return QFormerOutput(views, present), updated
 
 
 class ReconstructionHead(nn.Module):
