@@ -53,12 +53,19 @@ def _fail(err: BaseException) -> int:
 
 
 def tokenize_command(args: list[str]) -> int:
-    """``foundv2 tokenize --tokenizer DIR --output DIR --config data.yaml``."""
+    """``foundv2 tokenize --tokenizer DIR --output DIR --config data.yaml``; with ``--append``, new
+    windows of existing users onto a tokens dataset (:mod:`foundv2.append`)."""
+    if "--append" in args:
+        from foundv2.append import append_command
+
+        return append_command([a for a in args if a != "--append"])
     import lightning as L
 
     from foundv2.stages.tokenizer import TokenizerStage
 
     parser = launch.data_parser("foundv2 tokenize", OWN_COMMANDS["tokenize"])
+    parser.add_argument("--append", action="store_true",
+                        help="append new events' windows to a tokens dataset instead (foundv2 tokenize --append --help)")
     parser.add_argument("--tokenizer", required=True, help="a folder written by save_pretrained (export_dir)")
     parser.add_argument("--output", required=True, help="where the tokens dataset and report.json go")
     parser.add_argument("--accelerator", default="auto")

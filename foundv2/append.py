@@ -1,0 +1,678 @@
+"""Tokens appended one window at a time (issue 11): ``foundv2 tokenize --append``.
+
+A deployment tokenizes today's events of its users without re-encoding their past. Stage 1's
+Q-Former is causal (a window's view depends on windows ≤ it only), so the views of a user's new
+windows need only the new events plus what the earlier windows left behind: the per-layer keys
+and values of their query tokens and of the memory (null slot, profile, encoded events), kept
+in a :class:`~foundv2.nn.qformer.QFormerCache`. Appending then runs the event encoder on the new
+events, :meth:`~foundv2.nn.qformer.CausalQFormer.forward_window` on the new windows and the
+tokenizer on the new slices; the earlier windows' codes are copied, bit for bit.
+
+**Input.** ``--tokens`` a tokens dataset (the tokenizer's predict output, or an earlier append's),
+``--events`` a CSV/TSV/Parquet file, or a folder of them, in the canonical events schema (the
+``files`` loader's: ``user_id, source, timestamp`` and optional ``item_id, text, value,
+category``), ``--qformer`` the stage-1 checkpoint and ``--tokenizer`` the tokenizer folder that
+made the dataset, ``--config`` the data config it was made from (spec, item and text tables,
+window mode, text encoder). Items the prepared data never saw become "no item", categories
+outside the vocabulary "no category" (both counted in the log and the report); new texts are
+encoded with the data's text encoder through the shared text cache.
+
+**Windows.** New events are cut into windows as the data config says: ``day`` / ``week`` keys
+from the calendar; ``events`` windows of ``window_size`` distinct moments numbered on from the
+user's last window (the last, possibly partial, window is closed). Every new event must come
+after the user's last window (a later calendar key; for ``events`` windows, a later timestamp
+than the user's last event); a window is final once tokenized. A user's windows after the
+append must fit the Q-Former's window table (``max_windows``). The ``max_events`` cap of the
+data module is not re-applied: the cache keeps what the first encoding kept plus every new event.
+
+**Output.** ``--output``, a new tokens dataset version (the input is never changed), written
+aside and renamed into place whole: the tokens part (every user; appended users get their new
+slices after their old ones, ``slice_window`` numbered on), ``meta.json`` (the input's, plus an
+``append`` record), ``report.json`` (collisions and storage, recomputed) and ``append_cache/``:
+
+    append_cache/cache.json   format, identity (blake2b of the stage-1 and tokenizer weights),
+                              model sizes, the kv parts in order
+    append_cache/users.arrow  per user: windows encoded, last window key, last event time
+    append_cache/kv-NNNNN.arrow  per user (sorted by id): the self-attention K/V of the query
+                              tokens and the memory K/V added by one version (kv-00000: the
+                              first encoding of the history; one more part per append), fp32
+
+A version's kv parts are hard links to the previous version's plus its own delta (a copy where
+links are impossible), so an append writes only what it adds. With no ``append_cache/`` beside
+the input (a dataset straight from the tokenizer's predict) the first append builds it: one
+stage-1 pass over the prepared history, whose codes must reproduce the stored ones — which is
+also the proof that ``--qformer`` and ``--tokenizer`` made the dataset. Later appends compare
+the weights' digests with the cache's. Any bad input (schema, unknown users, events older than
+a user's last window, another model, too many windows) raises a one-paragraph
+:class:`~data_modules.schema.DataError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from data_modules.schema import DataError, validate_events
+from data_modules.store import META_FILE, atomic_dir, atomic_write_json, read_stage_output
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "append_cache"
+CACHE_META = "cache.json"
+CACHE_USERS = "users.arrow"
+CACHE_FORMAT = 1
+PART = "part-rank000.arrow"
+EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+#: share of stored codes the first encoding may fail to reproduce (float rounding at near-ties)
+REPRODUCE_TOLERANCE = 0.01
+SECONDS_PER_DAY = 86_400
+EPOCH_WEEKDAY_SHIFT = 3
+NO_TIME = np.iinfo(np.int64).min
+
+
+# ------------------------------------------------------------------------------ identity
+def weights_digest(*modules: torch.nn.Module | None) -> str:
+    """blake2b-128 over the named tensors of ``modules`` (in order): which weights made a dataset."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, mod in enumerate(modules):
+        if mod is None:
+            continue
+        for name, t in sorted(mod.state_dict().items()):
+            h.update(f"{k}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ arrow helpers
+def _write_ipc(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _read_ipc(path: Path) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(f"{path}: the append cache is unreadable ({err}); append to an earlier version, or to "
+                        f"the tokenizer's own output (the cache is then rebuilt).") from err
+
+
+def _ragged(values: list[np.ndarray], typ: pa.DataType) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64)
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, typ))
+
+
+def _list_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, flat values) of a list column, zero-copy where Arrow allows."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
+
+
+class KVParts:
+    """The kv parts of an append cache, memory-mapped: each user's cache is its rows of every
+    part, concatenated along the token axis in part order."""
+
+    def __init__(self, folder: Path, names: list[str], n_layers: int, width: int):
+        self.n_layers, self.width = n_layers, width
+        self.parts = []
+        for name in names:
+            table = _read_ipc(folder / name)
+            self.parts.append((np.asarray(table.column("user_id")), _list_values(table.column("self_kv")),
+                               _list_values(table.column("mem_kv"))))
+
+    def user(self, uid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self_kv [L, P, 2·dim], mem_kv [L, M, 2·dim]) of one user."""
+        chunks: tuple[list, list] = ([], [])
+        for ids, *cols in self.parts:
+            r = int(np.searchsorted(ids, uid))
+            if r >= len(ids) or ids[r] != uid:
+                continue
+            for out, (off, flat) in zip(chunks, cols, strict=True):
+                out.append(flat[off[r]:off[r + 1]].reshape(self.n_layers, -1, self.width))
+        return tuple(torch.from_numpy(np.concatenate(c, axis=1) if len(c) > 1 else c[0].copy()) for c in chunks)
+
+
+def _kv_table(user_ids: np.ndarray, self_kv: list[np.ndarray], mem_kv: list[np.ndarray]) -> pa.Table:
+    order = np.argsort(user_ids, kind="stable")
+    return pa.table({"user_id": pa.array(user_ids[order], pa.int64()),
+                     "self_kv": _ragged([self_kv[i].reshape(-1) for i in order], pa.float32()),
+                     "mem_kv": _ragged([mem_kv[i].reshape(-1) for i in order], pa.float32())})
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# ------------------------------------------------------------------------------ the models
+class Models:
+    """Stage 1 (a QFormerStage checkpoint, qformer backbone) and the tokenizer, checked against
+    the tokens dataset and the data."""
+
+    def __init__(self, qformer_ckpt: str, tokenizer_dir: str, tokens_meta: dict, dims: dict):
+        from foundv2.nn.mrqvae import MultiViewRQVAE
+        from foundv2.stages.qformer import QFormerStage
+
+        if not Path(qformer_ckpt).is_file():
+            raise DataError(f"--qformer {qformer_ckpt}: no such checkpoint file; give the stage-1 (QFormerStage) "
+                            f"checkpoint whose features the tokenizer read.")
+        try:
+            stage = QFormerStage.load_from_checkpoint(qformer_ckpt, map_location="cpu")
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(f"--qformer {qformer_ckpt}: not a loadable stage-1 checkpoint ({type(err).__name__}: "
+                            f"{err}).") from err
+        if stage.qformer is None:
+            raise DataError(f"--qformer {qformer_ckpt}: a {stage.hparams.backbone!r} stage 1, which has no causal "
+                            f"Q-Former to append with; append needs the qformer backbone.")
+        differ = sorted(k for k in ("sources", "num_items", "num_categories", "text_dim", "tabular_dim")
+                        if stage.dims.get(k) != dims.get(k))
+        if differ:
+            raise DataError(f"--qformer {qformer_ckpt}: the checkpoint was built for other data ("
+                            + "; ".join(f"{k} {stage.dims.get(k)!r} there, {dims.get(k)!r} here" for k in differ)
+                            + "); give the data config the dataset was made from.")
+        if not (Path(tokenizer_dir) / "config.json").exists():
+            raise DataError(f"--tokenizer {tokenizer_dir}: not a tokenizer folder (no config.json); pass the "
+                            f"tokenizer fit's export_dir.")
+        try:
+            tokenizer = MultiViewRQVAE.from_pretrained(tokenizer_dir)
+        except Exception as err:
+            raise DataError(f"--tokenizer {tokenizer_dir}: cannot be loaded ({type(err).__name__}: {err}).") from err
+        theirs = {"sources": list(tokenizer.sources), "vocab_size": int(tokenizer.vocab_size),
+                  "levels": int(tokenizer.quantizer.n_levels)}
+        ours = {k: tokens_meta.get(k) for k in theirs}
+        if theirs != ours:
+            raise DataError(f"--tokenizer {tokenizer_dir}: a tokenizer other than the one that made the tokens "
+                            f"dataset ({theirs} there, {ours} in the dataset); give the tokenizer that made it.")
+        if tokens_meta.get("feature_dim") not in (None, int(stage.hparams.dim)):
+            raise DataError(f"--qformer {qformer_ckpt}: its views are {stage.hparams.dim} wide but the tokenizer "
+                            f"read {tokens_meta['feature_dim']}-wide features; give the stage 1 that fed it.")
+        for m in (stage, tokenizer):
+            m.eval()
+        self.stage, self.tokenizer = stage, tokenizer
+        self.num_sources = len(stage.dims["sources"])
+        self.identity = {"qformer": weights_digest(stage.encoder, stage.tabular, stage.qformer),
+                         "tokenizer": weights_digest(tokenizer)}
+        self.n_layers = len(stage.qformer.blocks)
+        self.width = 2 * int(stage.qformer.dim)
+
+    @torch.no_grad()
+    def tokens(self, feat: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [N, L], global token ids [N, L]) of slice features, as the tokenizer's predict."""
+        codes = self.tokenizer.tokenize(feat.float(), source)
+        return codes, self.tokenizer.global_ids(codes, source)
+
+
+# ------------------------------------------------------------------------------ the tokens dataset
+class TokenRows:
+    """A tokens dataset's per-user arrays (the columns the tokenizer's predict writes)."""
+
+    SLICE_COLS = (("slice_window", np.int32), ("slice_source", np.int8), ("slice_key", np.int64),
+                  ("codes", np.int32), ("token_ids", np.int64))
+
+    def __init__(self, folder: str):
+        ds, meta = read_stage_output(folder)
+        if meta.get("kind") != "tokens":
+            raise DataError(f"--tokens {folder}: a {meta.get('kind')!r} dataset, not a tokens one; give the "
+                            f"tokenizer's predict output (or an earlier append's).")
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        missing = [c for c in ("user_id", "row", "split", *[c for c, _ in self.SLICE_COLS]) if c not in table.column_names]
+        if missing:
+            raise DataError(f"--tokens {folder}: the dataset lacks the column(s) {missing}; tokenize it again.")
+        self.folder, self.meta = Path(folder), meta
+        self.levels = int(meta["levels"])
+        self.user_id = np.asarray(table.column("user_id"), np.int64)
+        self.row = np.asarray(table.column("row"), np.int64)
+        self.split = np.asarray(table.column("split"), np.int8)
+        if len(np.unique(self.user_id)) != len(self.user_id):
+            raise DataError(f"--tokens {folder}: a user appears twice; the dataset is not one tokenizer predict.")
+        self.cols: dict[str, list[np.ndarray]] = {}
+        for name, dtype in self.SLICE_COLS:
+            arr = table.column(name).combine_chunks()
+            off, child = arr.offsets.to_numpy(), arr.values
+            if isinstance(child, pa.FixedSizeListArray):  # codes, token_ids: [n, L] per user
+                flat = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
+            else:
+                flat = child.to_numpy(zero_copy_only=False)
+            flat = flat.astype(dtype, copy=False)
+            self.cols[name] = [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+        self.index = {int(u): i for i, u in enumerate(self.user_id)}
+
+    def table(self) -> pa.Table:
+        out = {"user_id": pa.array(self.user_id, pa.int64()), "row": pa.array(self.row, pa.int64()),
+               "split": pa.array(self.split, pa.int8())}
+        for name, dtype in self.SLICE_COLS:
+            vals = self.cols[name]
+            offsets = pa.array(np.concatenate([[0], np.cumsum([len(v) for v in vals])]).astype(np.int32))
+            flat = np.concatenate(vals).astype(dtype) if vals else np.zeros(0, dtype)
+            if flat.ndim == 2:
+                inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+            else:
+                inner = pa.array(flat)
+            out[name] = pa.ListArray.from_arrays(offsets, inner)
+        return pa.table(out)
+
+
+# ------------------------------------------------------------------------------ new events
+def read_events(path: str, spec, timestamp_unit: str) -> pd.DataFrame:
+    """The new events of ``path`` (a file, or a folder of CSV/TSV/Parquet files), validated
+    against the data set's sources, sorted by (user, time) with file order breaking ties."""
+    from data_modules.sources.files import read_table
+
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in EVENT_SUFFIXES) if p.is_dir() else [p]
+    if not files:
+        raise DataError(f"--events {p}: the folder holds no .csv, .tsv or .parquet file.")
+    frames = [validate_events(read_table(f), spec.sources, str(f), timestamp_unit) for f in files]
+    ev = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    order = np.lexsort((np.arange(len(ev)), ev["timestamp"].to_numpy(), ev["user_id"].to_numpy()))
+    return ev.iloc[order].reset_index(drop=True)
+
+
+def window_keys(ts: np.ndarray, mode: str) -> np.ndarray:
+    """Calendar window key of each timestamp (``day`` / ``week``), as the prepared data numbers them."""
+    day = ts // SECONDS_PER_DAY
+    return day if mode == "day" else (day + EPOCH_WEEKDAY_SHIFT) // 7
+
+
+class NewWindows:
+    """The new events grouped per user into new windows, in the prepared data's encoding."""
+
+    def __init__(self, ev: pd.DataFrame, dm, where: str, rows: TokenRows, last_key: np.ndarray,
+                 last_time: np.ndarray, n_windows: np.ndarray, max_windows: int):
+        spec, meta, window = dm.spec, dm.meta, dm.window
+        uid = ev["user_id"].to_numpy()
+        known = np.isin(uid, rows.user_id)
+        if not known.all():
+            bad = sorted(set(uid[~known].tolist()))
+            raise DataError(f"{where}: {int((~known).sum())} event row(s) belong to {len(bad)} user(s) the tokens "
+                            f"dataset {rows.folder} does not hold, e.g. {bad[:5]}; append adds windows to existing "
+                            f"users only (tokenize new users with `foundv2 tokenize`).")
+        ts = ev["timestamp"].to_numpy()
+        pos = np.asarray([rows.index[int(u)] for u in uid], np.int64) if len(uid) else np.zeros(0, np.int64)
+        ustart = np.ones(len(uid), bool)
+        ustart[1:] = uid[1:] != uid[:-1]
+        if window.mode == "events":
+            tstart = ustart.copy()
+            tstart[1:] |= ts[1:] != ts[:-1]
+            moment = np.cumsum(tstart) - 1
+            moment = moment - moment[ustart][np.cumsum(ustart) - 1]
+            key = last_key[pos] + 1 + moment // window.size
+            late = ts > last_time[pos]
+            what = "an event time after the user's last event"
+        else:
+            key = window_keys(ts, window.mode)
+            late = key > last_key[pos]
+            what = f"a {window.mode} after the user's last window"
+        if not late.all():
+            i = int(np.flatnonzero(~late)[0])
+            raise DataError(f"{where}: {int((~late).sum())} event row(s) are not later than their user's last "
+                            f"tokenized window, e.g. user {int(uid[i])} at timestamp {int(ts[i])} (window key "
+                            f"{int(key[i])}, the user's last window key {int(last_key[pos[i]])}). A window is "
+                            f"final once tokenized: every appended event needs {what}.")
+        kstart = ustart.copy()
+        kstart[1:] |= key[1:] != key[:-1]
+        rel = np.cumsum(kstart) - 1
+        rel = rel - rel[ustart][np.cumsum(ustart) - 1]
+        self.users = pos[ustart]  # token-dataset row of each appended user
+        self.new_counts = np.bincount(np.cumsum(ustart) - 1, weights=kstart).astype(np.int64)
+        over = n_windows[self.users] + self.new_counts > max_windows
+        if over.any():
+            i = int(np.flatnonzero(over)[0])
+            raise DataError(f"{where}: after the append, {int(over.sum())} user(s) would have more windows than the "
+                            f"stage-1 Q-Former's window table (max_windows {max_windows}), e.g. user "
+                            f"{int(rows.user_id[self.users[i]])} with {int(n_windows[self.users[i]])} + "
+                            f"{int(self.new_counts[i])}; a causal append cannot shift the earlier windows' positions. "
+                            f"Re-tokenize those users' latest windows with `foundv2 tokenize` instead.")
+        # the prepared data's encodings: source index, global item index, text, category
+        src_index = {s: i for i, s in enumerate(spec.sources)}
+        src = ev["source"].map(src_index).to_numpy().astype(np.int64)
+        items = pa.ipc.open_stream(pa.memory_map(str(dm.prepared_dir / "items.arrow"))).read_all()
+        from data_modules.prepare import ITEM_KEY_STRIDE
+
+        item_keys = np.asarray(items.column("source"), np.int64) * ITEM_KEY_STRIDE + np.asarray(items.column("item_id"),
+                                                                                              np.int64)
+        lut = pd.Index(item_keys)
+        raw = ev["item_id"].to_numpy()
+        has_item = raw >= 0
+        found = lut.get_indexer(src * ITEM_KEY_STRIDE + raw)
+        item = np.where(has_item & (found >= 0), found + 1, 0).astype(np.int64)
+        self.unknown_items = int((has_item & (found < 0)).sum())
+        cat_index = {c: i for i, c in enumerate(spec.categories)}
+        cat = ev["category"].map(cat_index).fillna(-1).to_numpy().astype(np.int64)
+        self.unknown_categories = int(((cat < 0) & (ev["category"].to_numpy(dtype=object) != "")).sum())
+        for n, what_ in ((self.unknown_items, "items the prepared data never saw (kept as no item)"),
+                         (self.unknown_categories, "categories outside the vocabulary (kept as no category)")):
+            if n:
+                log.warning("append: %d new event(s) have %s", n, what_)
+        texts = ev["text"].to_numpy(dtype=object)
+        has_text = texts != ""
+        uniq, text_local = np.unique(texts[has_text].astype(str), return_inverse=True) if has_text.any() else \
+            (np.zeros(0, object), np.zeros(0, np.int64))
+        text = np.full(len(ev), -1, np.int64)
+        text[has_text] = text_local
+        self.text_emb = self._embed(dm, [str(t) for t in uniq], meta)
+        # per-user columns as the prepared table holds them (h_window: the new window, 0 = first new)
+        bounds = np.concatenate([np.flatnonzero(ustart), [len(uid)]])
+        self.cols = {name: [] for name in ("h_source", "h_item", "h_text", "h_value", "h_time", "h_category",
+                                           "h_window", "w_key", "w_day")}
+        value = ev["value"].to_numpy().astype(np.float32)
+        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            prev = last_time[self.users[g]]
+            lead = [prev != NO_TIME]  # a lead event at the last old time: the first new event's gap
+            first = kstart[a:b]
+            self.cols["h_source"].append(np.concatenate([[0] if lead[0] else [-1], src[a:b]]))
+            self.cols["h_item"].append(np.concatenate([[0], item[a:b]]))
+            self.cols["h_text"].append(np.concatenate([[-1], text[a:b]]))
+            self.cols["h_value"].append(np.concatenate([[0.0], value[a:b]]).astype(np.float32))
+            self.cols["h_time"].append(np.concatenate([[prev if lead[0] else ts[a]], ts[a:b]]))
+            self.cols["h_category"].append(np.concatenate([[-1], cat[a:b]]))
+            self.cols["h_window"].append(np.concatenate([[0], rel[a:b]]))
+            self.cols["w_key"].append(key[a:b][first])
+            self.cols["w_day"].append((ts[a:b] // SECONDS_PER_DAY)[first])
+        self.n_events = len(ev)
+        self.last_time = ts[np.append(ustart[1:], True)]
+        self.last_key = key[np.append(ustart[1:], True)]
+
+    @staticmethod
+    def _embed(dm, texts: list[str], meta: dict) -> np.ndarray:
+        """Embeddings of the new events' texts: the prepared table's where it has them, else the
+        data's text encoder through the shared text cache (fp16, as prepared data stores them)."""
+        d = int(meta["text_dim"])
+        if not texts:
+            return np.zeros((0, d), np.float32)
+        from data_modules.text import TextCache, build_text_encoder
+
+        cache = TextCache(Path(dm.hparams.cache_dir) / "text", build_text_encoder(dm.hparams.text_encoder))
+        emb = np.asarray(cache.embed(texts, progress=False), np.float16)
+        if emb.shape[1] != d:
+            raise DataError(f"the text encoder {dm.hparams.text_encoder!r} gives {emb.shape[1]}-d embeddings but the "
+                            f"prepared data has {d}-d ones; give the data config the dataset was made from.")
+        return emb.astype(np.float32)
+
+    def batch(self, idx: np.ndarray, tokens: TokenRows, collate) -> dict:
+        """The event batch of appended users ``idx`` (positions in :attr:`users`)."""
+        cols = {name: [self.cols[name][i] for i in idx] for name in self.cols}
+        rows = self.users[idx]
+        cols.update(user_id=tokens.user_id[rows].tolist(), row=tokens.row[rows].tolist(),
+                    split=tokens.split[rows].tolist(), n_windows=self.new_counts[idx].tolist(),
+                    f_item=[np.zeros(0, np.int64)] * len(idx), fut_text=[-1] * len(idx))
+        return collate(cols)
+
+
+# ------------------------------------------------------------------------------ the cache
+class AppendCache:
+    """The append cache beside a tokens dataset version (see the module docstring)."""
+
+    def __init__(self, folder: Path, models: Models, n_users_rows: TokenRows):
+        meta = json.loads((folder / CACHE_META).read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            raise DataError(f"{folder}: an append cache of format {meta.get('format')}, this foundv2 reads "
+                            f"{CACHE_FORMAT}; append to the tokenizer's own output to rebuild it.")
+        for what, flag in (("qformer", "--qformer"), ("tokenizer", "--tokenizer")):
+            if meta["identity"].get(what) != models.identity[what]:
+                raise DataError(f"{flag}: the {what} given is not the one that made {folder.parent} (its weights' "
+                                f"digest {models.identity[what]} differs from the dataset's "
+                                f"{meta['identity'].get(what)}); give the checkpoint and tokenizer that made it.")
+        users = _read_ipc(folder / CACHE_USERS)
+        if not np.array_equal(np.asarray(users.column("user_id")), n_users_rows.user_id):
+            raise DataError(f"{folder}: the append cache's users differ from the tokens dataset's; the folder was "
+                            f"edited. Append to the tokenizer's own output to rebuild the cache.")
+        self.folder, self.meta = folder, meta
+        self.n_windows = np.asarray(users.column("n_windows"), np.int64)
+        self.last_key = np.asarray(users.column("last_key"), np.int64)
+        self.last_time = np.asarray(users.column("last_time"), np.int64)
+        self.parts = list(meta["parts"])
+        self.kv = KVParts(folder, self.parts, models.n_layers, models.width)
+
+
+def users_table(user_id, n_windows, last_key, last_time) -> pa.Table:
+    return pa.table({"user_id": pa.array(user_id, pa.int64()), "n_windows": pa.array(n_windows, pa.int64()),
+                     "last_key": pa.array(last_key, pa.int64()), "last_time": pa.array(last_time, pa.int64())})
+
+
+def prepared_state(dm, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per prepared row: the windows a batch keeps (``min(n_windows, max_windows)``), the last
+    window's key and the last history event's time (:data:`NO_TIME` without history)."""
+    table = dm.table.data.table if hasattr(dm.table.data, "table") else dm.table.data
+    n = np.minimum(np.asarray(table.column("n_windows"), np.int64)[rows], int(dm.hparams.max_windows))
+    out = []
+    for name in ("w_key", "h_time"):
+        arr = table.column(name).combine_chunks()
+        off, flat = arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        has = off[rows + 1] > off[rows]
+        out.append(np.where(has, flat[np.maximum(off[rows + 1] - 1, 0)], -1 if name == "w_key" else NO_TIME))
+    return n, out[0], out[1]
+
+
+@torch.no_grad()
+def encode_history(dm, rows: TokenRows, models: Models, batch_size: int) -> dict:
+    """The first encoding: stage 1 over every user's prepared history (the data module's batches,
+    as its predict saw them) with the cache kept, the codes checked against the stored ones.
+    Returns the kv part's table and each user's window count, last key and last event time."""
+    from data_modules.datamodule import BATCH_KINDS, UserRows
+    from foundv2.nn.slices import add_profile_slices, flat_slices
+    from foundv2.stages.base import with_window_keys
+
+    stage, S = models.stage, models.num_sources
+    collate = BATCH_KINDS["events"].collate(dm)  # the batches stage 1's predict saw
+    table = UserRows(dm.table, rows.row)
+    n = len(rows.user_id)
+    self_kv, mem_kv = [None] * n, [None] * n
+    n_windows, last_key = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    last_time = np.full(n, NO_TIME, np.int64)
+    checked = differ = 0
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(start + batch_size, n)))
+        batch = collate(table.__getitems__(idx))
+        events = stage.encoder(batch)
+        profile = stage.tabular(batch["tabular"])
+        out, cache = stage.qformer.forward_window(events, batch["ev_window"], batch["ev_source"], batch["ev_mask"],
+                                                  batch["win_mask"], context=None if profile is None else profile[:, None])
+        sl = flat_slices(out.views, out.present)
+        if profile is not None:
+            sl = add_profile_slices(sl, profile, S)
+        sl = with_window_keys(sl, batch, S)
+        codes, _ = models.tokens(sl["feat"], sl["slice_source"])
+        counts = torch.bincount(sl["slice_user"], minlength=len(idx)).tolist()
+        per_user = [torch.split(sl[k], counts) for k in ("slice_window", "slice_source", "slice_key")]
+        per_codes = torch.split(codes, counts)
+        for j, i in enumerate(idx):
+            same = all(np.array_equal(per_user[c][j].numpy(), rows.cols[name][i])
+                       for c, name in enumerate(("slice_window", "slice_source", "slice_key")))
+            if not same:
+                raise DataError(f"--tokens {rows.folder}: user {int(rows.user_id[i])}'s windows there differ from "
+                                f"what the data config's history gives (the slices {rows.cols['slice_key'][i][:8]} "
+                                f"vs {per_user[2][j].numpy()[:8]}); give the data config the dataset was made from.")
+            checked += len(rows.cols["codes"][i])
+            differ += int((per_codes[j].numpy() != rows.cols["codes"][i]).any(1).sum())
+        for j, (skv, mkv, nw) in enumerate(cache.users()):
+            i = idx[j]
+            self_kv[i], mem_kv[i], n_windows[i] = skv.float().numpy(), mkv.float().numpy(), nw
+            wm = batch["win_mask"][j]
+            if nw:
+                last_key[i] = int(batch["win_key"][j][wm][-1])
+            em = batch["ev_mask"][j]
+            if em.any():
+                last_time[i] = int(batch["ev_time"][j][em].max())
+    share = differ / max(checked, 1)
+    if share > REPRODUCE_TOLERANCE:
+        raise DataError(f"--qformer/--tokenizer: re-encoding the history reproduces only {1 - share:.1%} of the "
+                        f"{checked:,} stored slices' codes of {rows.folder}: the stage-1 checkpoint or the tokenizer "
+                        f"(or the data config) is not the one that made the dataset. Give the ones that made it.")
+    if differ:
+        log.warning("append: %d of %d stored slices' codes were not reproduced bit for bit (float rounding at "
+                    "near-ties); the stored codes are kept", differ, checked)
+    return {"kv": _kv_table(rows.user_id, self_kv, mem_kv), "n_windows": n_windows, "last_key": last_key,
+            "last_time": last_time, "checked": checked, "not_reproduced": differ}
+
+
+@torch.no_grad()
+def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts, n_windows: np.ndarray,
+                   dm, batch_size: int) -> dict:
+    """Encode the new windows of the appended users from their caches; extend their token rows.
+    Returns the kv delta table and timings."""
+    from data_modules.datamodule import EventCollate
+    from foundv2.nn.qformer import QFormerCache
+    from foundv2.nn.slices import flat_slices
+
+    stage = models.stage
+
+    collate = EventCollate(dm.meta, new.text_emb, int(stage.qformer.max_windows), max_events=2**31 - 1)
+    m = len(new.users)
+    d_self, d_mem = [None] * m, [None] * m
+    t = {"read_cache_s": 0.0, "encode_s": 0.0, "tokenize_s": 0.0}
+    added = 0
+    for start in range(0, m, batch_size):
+        idx = np.arange(start, min(start + batch_size, m))
+        t0 = time.perf_counter()
+        batch = new.batch(idx, rows, collate)
+        users = new.users[idx]
+        cache = QFormerCache.stack([(*kv.user(int(rows.user_id[r])), int(n_windows[r])) for r in users])
+        t1 = time.perf_counter()
+        events = stage.encoder(batch)[:, 1:]  # the lead event only set the first new event's gap
+        out, updated = stage.qformer.forward_window(events, batch["ev_window"][:, 1:], batch["ev_source"][:, 1:],
+                                                    batch["ev_mask"][:, 1:], batch["win_mask"], cache)
+        t2 = time.perf_counter()
+        sl = flat_slices(out.views, out.present)
+        codes, gids = models.tokens(sl["feat"], sl["slice_source"])
+        counts = torch.bincount(sl["slice_user"], minlength=len(idx)).tolist()
+        parts = {"slice_window": sl["slice_window"] + cache.n_windows[sl["slice_user"]],
+                 "slice_source": sl["slice_source"],
+                 "slice_key": batch["win_key"][sl["slice_user"], sl["slice_window"]],
+                 "codes": codes, "token_ids": gids}
+        split = {k: torch.split(v, counts) for k, v in parts.items()}
+        for j, r in enumerate(users):
+            for name, dtype in TokenRows.SLICE_COLS:
+                rows.cols[name][r] = np.concatenate([rows.cols[name][r], split[name][j].numpy().astype(dtype)])
+            added += counts[j]
+        for j, (skv, mkv, _) in enumerate(updated.users()):
+            old_s, old_m = int(cache.self_len[j]), int(cache.mem_len[j])
+            d_self[start + j] = skv[:, old_s:].float().numpy()
+            d_mem[start + j] = mkv[:, old_m:].float().numpy()
+        t3 = time.perf_counter()
+        t["read_cache_s"] += t1 - t0
+        t["encode_s"] += t2 - t1
+        t["tokenize_s"] += t3 - t2
+    return {"kv": _kv_table(rows.user_id[new.users], d_self, d_mem), "slices_added": added, **t}
+
+
+# ------------------------------------------------------------------------------ the command
+def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, events: str | None = None,
+                  batch_size: int | None = None) -> dict:
+    """Append the windows of ``events`` to the tokens dataset ``tokens``; write the new version
+    ``output`` (see the module docstring). Returns the append report (also in ``meta.json``)."""
+    t_start = time.perf_counter()
+    out = Path(output)
+    if out.resolve() == Path(tokens).resolve():
+        raise DataError(f"--output {output}: the same folder as --tokens; an append writes a new version beside "
+                        f"the old one (e.g. {Path(tokens).name}-v2), never over it.")
+    dm.setup()
+    rows = TokenRows(tokens)
+    models = Models(qformer, tokenizer, rows.meta, dm.dims())
+    batch_size = int(batch_size or dm.hparams.batch_size)
+    cache_dir = Path(tokens) / CACHE_DIR
+    cache = AppendCache(cache_dir, models, rows) if (cache_dir / CACHE_META).exists() else None
+    ev = read_events(events, dm.spec, str((dm.hparams.loader_args or {}).get("timestamp_unit", "s"))) \
+        if events else None
+    max_windows = int(models.stage.qformer.max_windows)
+    if cache is None:  # what the first encoding will find, from the prepared history (checks before any work)
+        n_windows, last_key, last_time = prepared_state(dm, rows.row)
+    else:
+        last_time, last_key, n_windows = cache.last_time, cache.last_key, cache.n_windows
+    new = NewWindows(ev, dm, str(events), rows, last_key, last_time, n_windows, max_windows) if ev is not None \
+        else None
+    t_ready = time.perf_counter()
+    report = {"from": str(tokens), "events": str(events) if events else None, "users": len(rows.user_id),
+              "startup_s": t_ready - t_start}
+    with atomic_dir(out) as tmp:
+        (tmp / CACHE_DIR).mkdir()
+        if cache is None:
+            t0 = time.perf_counter()
+            first = encode_history(dm, rows, models, batch_size)
+            _write_ipc(first["kv"], tmp / CACHE_DIR / "kv-00000.arrow")
+            parts = ["kv-00000.arrow"]
+            n_windows, last_key, last_time = first["n_windows"], first["last_key"], first["last_time"]
+            kv = KVParts(tmp / CACHE_DIR, parts, models.n_layers, models.width)
+            report["first_encoding"] = {"seconds": time.perf_counter() - t0, "slices_checked": first["checked"],
+                                        "not_reproduced": first["not_reproduced"]}
+        else:
+            parts = list(cache.parts)
+            for name in parts:
+                _link_or_copy(cache_dir / name, tmp / CACHE_DIR / name)
+            kv = cache.kv
+        n_windows, last_key, last_time = n_windows.copy(), last_key.copy(), last_time.copy()
+        if new is not None and len(new.users):
+            t0 = time.perf_counter()
+            res = append_windows(new, rows, models, kv, n_windows, dm, batch_size)
+            name = f"kv-{len(parts):05d}.arrow"
+            _write_ipc(res["kv"], tmp / CACHE_DIR / name)
+            parts.append(name)
+            n_windows[new.users] += new.new_counts
+            last_key[new.users] = new.last_key
+            last_time[new.users] = new.last_time
+            report.update(appended_users=int(len(new.users)), appended_windows=int(new.new_counts.sum()),
+                          appended_events=int(new.n_events), slices_added=res["slices_added"],
+                          unknown_items=new.unknown_items, unknown_categories=new.unknown_categories,
+                          append_s=time.perf_counter() - t0,
+                          **{k: v for k, v in res.items() if k.endswith("_s")})
+        t0 = time.perf_counter()
+        _write_ipc(users_table(rows.user_id, n_windows, last_key, last_time), tmp / CACHE_DIR / CACHE_USERS)
+        atomic_write_json(tmp / CACHE_DIR / CACHE_META, {
+            "format": CACHE_FORMAT, "identity": models.identity, "parts": parts,
+            "layers": models.n_layers, "kv_width": models.width, "dtype": "float32"})
+        part = rows.table()
+        with pa.OSFile(str(tmp / PART), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as w:
+            w.write_table(part)
+        history = list(rows.meta.get("append", {}).get("history", []))
+        meta = {**rows.meta, "parts": [PART], "world_size": 1,
+                "append": {"history": [*history, {k: v for k, v in report.items() if not k.endswith("_s")}]}}
+        atomic_write_json(tmp / META_FILE, meta, default=str)
+        from foundv2.stages.tokenizer import write_token_report
+
+        write_token_report(tmp, models.tokenizer, int(rows.meta.get("feature_dim") or models.stage.hparams.dim))
+        report["write_s"] = time.perf_counter() - t0
+    report["total_s"] = time.perf_counter() - t_start
+    return report
+
+
+def append_command(args: list[str]) -> int:
+    """``foundv2 tokenize --append``: see :mod:`foundv2.append` (and ``--help``)."""
+    from foundv2 import launch
+
+    parser = launch.data_parser(
+        "foundv2 tokenize --append",
+        "Append new windows of existing users to a tokens dataset without re-encoding their past: writes a NEW "
+        "tokens dataset version (--output) in which every earlier window's codes are bit-identical. --events is a "
+        "CSV/TSV/Parquet file, or a folder of them, in the canonical events schema (user_id, source, timestamp; "
+        "optional item_id, text, value, category), the same format as the files loader's events; every event must "
+        "come after its user's last tokenized window (day/week: a later window key; events windows: a later "
+        "timestamp), and its users must be in --tokens. Windows are cut as the data config says. The first append "
+        "to a tokenizer's own output re-encodes the history once to build the cache kept in <output>/append_cache "
+        "(and proves --qformer/--tokenizer made the dataset); later appends cost only the new windows. Without "
+        "--events only that cache is built.")
+    parser.add_argument("--tokens", required=True, help="the tokens dataset to append to (never changed)")
+    parser.add_argument("--output", required=True, help="the new tokens dataset version (written aside, renamed)")
+    parser.add_argument("--events", default=None, help="new events: a CSV/TSV/Parquet file or a folder of them")
+    parser.add_argument("--qformer", required=True, help="the stage-1 (QFormerStage) checkpoint that made the features")
+    parser.add_argument("--tokenizer", required=True, help="the tokenizer folder (save_pretrained) that made the tokens")
+    parser.add_argument("--batch_size", type=int, default=None, help="users per batch (default: data.batch_size)")
+    cfg = parser.parse_args(args)
+    dm = parser.instantiate_classes(cfg).data
+    report = append_tokens(dm, cfg.tokens, cfg.output, cfg.qformer, cfg.tokenizer, cfg.events, cfg.batch_size)
+    print(json.dumps(report, indent=1))
+    return 0
