@@ -1,7 +1,7 @@
 """Stage 3 (AlignmentStage) against what it reads, on synthetic data and MovieLens-1M.
 
 Run:  make bench-alignment        (writes bench-results/alignment.json)
-      python benchmarks/bench_alignment.py --only synthetic|movielens-1m
+      python benchmarks/bench_alignment.py --only synthetic|movielens-1m|append
 
 For each data set it runs `foundv2 pipeline --config experiments/<data>/alignment-bench.yaml`
 (stage 1 → tokenizer → stage 3, and stage 3 with each objective switched off in turn → the bench)
@@ -13,13 +13,21 @@ in its own run folder, resuming whatever is complete, and records:
   and the verdict word (beats: interval above 0; tie: it includes 0; loses);
 - ``ablation``: aligned_tokens minus stage 3 with each objective off (a positive interval means
   the objective helps);
-- ``append``: not measured yet (``foundv2 tokenize --append`` is not built; see issue 11).
+- ``append``: for ``--append-users`` (10,000) synthetic users, the seconds ``foundv2 tokenize
+  --append`` takes to add one day window to every user from the cache, against the seconds to
+  re-tokenize their whole history (stage-1 predict + tokenizer over base + new), the ratio, the
+  mean windows per user, and the fixed start-up (the same append for one user only) measured
+  separately; the target is ``append <= retokenize / mean windows + start-up``. Every time is a
+  whole CLI process's wall time (what a deployment pays); the append's own report splits it.
+  Stage 1 and the tokenizer are small and briefly trained (quality does not change the timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, previous_figures, write_results  # noqa: E402
 
 DATASETS = ("synthetic", "movielens-1m")
+APPEND_MODEL = {"dim": 32, "num_queries": 2, "num_layers": 2, "num_heads": 4}
 MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc", "ranking": "ndcg@10"}
 ROWS = ("aligned_tokens", "tokens_bag", "tokens_sum", "qformer")
 BASELINES = ("tfidf", "ease", "itemknn", "sasrec", "tfidf_svd64_int8")
@@ -67,16 +76,110 @@ def run(dataset: str) -> dict:
             "wall_s": time.perf_counter() - t0, "config": config}
 
 
+def _timed(*args: str) -> tuple[float, str]:
+    """(wall seconds, stdout) of one ``python -m foundv2`` process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "foundv2", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode:
+        raise SystemExit(f"foundv2 {' '.join(args)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return wall, res.stdout
+
+
+def _report(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+def run_append(n_users: int, days: int, work: Path) -> dict:
+    """The append figures (see the module docstring), in ``work`` (rebuilt from scratch)."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT))
+    from tests.test_append import QFORMER, data_config, stage_config, tokenizer_model, write_split_events
+
+    shutil.rmtree(work, ignore_errors=True)
+    ev = write_split_events(work / "events", n_users, days, new_days=1, new_share=1.0)
+    new = pd.read_csv(ev["new"])
+    one = new[new["user_id"] == new["user_id"].iloc[0]]
+    one.to_csv(work / "one_user.csv", index=False)
+    kw = {"batch_size": 64, "max_windows": 64}
+    base = data_config(work / "base.yaml", ev["base"], ev["users"], work / "cache", **kw)
+    full = data_config(work / "full.yaml", ev["full"], ev["users"], work / "cache", **kw)
+    qcfg = stage_config(work / "qformer.yaml", work / "s1", {**QFORMER, "init_args": APPEND_MODEL},
+                        limit_train_batches=20)
+    tcfg = stage_config(work / "tokenizer.yaml", work / "s2", tokenizer_model(work / "tokenizer"), max_epochs=1,
+                        limit_train_batches=20)
+    t = {}
+    for name, cfg in (("base", base), ("full", full)):
+        t[f"prepare_{name}_s"], _ = _timed("data", "--config", str(cfg))
+    t["fit_stage1_s"], _ = _timed("fit", "--config", str(base), "--config", str(qcfg))
+    ckpt = next((work / "s1").rglob("*.ckpt"))
+    t["predict_stage1_base_s"], _ = _timed("predict", "--config", str(base), "--config", str(qcfg), "--ckpt_path",
+                                           str(ckpt), "--model.predict_dir", str(work / "features"))
+    t["fit_tokenizer_s"], _ = _timed("fit", "--config", str(base), "--config", str(tcfg), "--data.features_dir",
+                                     str(work / "features"))
+    tok = ["--tokenizer", str(work / "tokenizer"), "--accelerator", "cpu", "--devices", "1"]
+    t["tokenize_base_s"], _ = _timed("tokenize", "--config", str(base), "--data.features_dir", str(work / "features"),
+                                     "--output", str(work / "tokens"), *tok)
+    app = ["tokenize", "--append", "--config", str(base), "--qformer", str(ckpt), "--tokenizer", str(work / "tokenizer")]
+    # the one-time first encoding (builds the cache beside a tokenizer's own output)
+    t["first_encoding_wall_s"], out = _timed(*app, "--tokens", str(work / "tokens"), "--output", str(work / "v0"))
+    first = _report(out)
+    # the measured append: one new day window for every user
+    append_wall, out = _timed(*app, "--tokens", str(work / "v0"), "--events", str(ev["new"]), "--output",
+                              str(work / "v1"))
+    append = _report(out)
+    # the fixed start-up: the same command for one user's one window
+    startup_wall, out = _timed(*app, "--tokens", str(work / "v0"), "--events", str(work / "one_user.csv"),
+                               "--output", str(work / "v_one"))
+    one_report = _report(out)
+    # re-tokenizing the whole history (base + the new day) with the same models
+    p_wall, _ = _timed("predict", "--config", str(full), "--config", str(qcfg), "--ckpt_path", str(ckpt),
+                       "--model.predict_dir", str(work / "features_full"))
+    k_wall, _ = _timed("tokenize", "--config", str(full), "--data.features_dir", str(work / "features_full"),
+                       "--output", str(work / "tokens_full"), *tok)
+    retok = p_wall + k_wall
+    import pyarrow as pa
+
+    users = pa.ipc.open_file(str(work / "v1" / "append_cache" / "users.arrow")).read_all()
+    windows = float(users.column("n_windows").to_numpy().mean())  # the whole history's, the new window included
+    cache_bytes = sum(f.stat().st_size for f in (work / "v1" / "append_cache").glob("kv-*.arrow"))
+    delta_bytes = (work / "v1" / "append_cache" / "kv-00001.arrow").stat().st_size
+    bound = retok / windows + startup_wall
+    return {
+        "users": n_users, "appended_users": append["appended_users"], "appended_windows": append["appended_windows"],
+        "mean_windows_per_user": windows,
+        "append_s": append_wall, "retokenize_s": retok, "ratio": retok / append_wall,
+        "startup_s": startup_wall,
+        "target_s": bound, "meets_target": append_wall <= bound,
+        "append_report": {k: v for k, v in append.items() if k.endswith("_s")},
+        "startup_report": {k: v for k, v in one_report.items() if k.endswith("_s")},
+        "retokenize_split_s": {"stage1_predict": p_wall, "tokenize": k_wall},
+        "first_encoding_s": t["first_encoding_wall_s"], "first_encoding": first.get("first_encoding"),
+        "cache_bytes_per_user": cache_bytes / n_users, "append_delta_bytes_per_user": delta_bytes / n_users,
+        "setup_s": t, "model": APPEND_MODEL, "days": days,
+        "load": os.getloadavg(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=DATASETS, help="one data set (the other's last figures are kept)")
+    ap.add_argument("--only", choices=(*DATASETS, "append"),
+                    help="one data set, or the append timing (the other parts' last figures are kept)")
+    ap.add_argument("--append-users", type=int, default=10_000, help="synthetic users of the append timing")
+    ap.add_argument("--append-days", type=int, default=28, help="days of history of those users")
     args = ap.parse_args()
-    names = [args.only] if args.only else list(DATASETS)
-    out = previous_figures("alignment", DATASETS)
+    names = [args.only] if args.only else [*DATASETS, "append"]
+    out = previous_figures("alignment", (*DATASETS, "append"))
     for name in names:
-        out[name] = run(name)
-    out["append"] = {"measured": False, "why": "foundv2 tokenize --append is not built yet (issue 11)"}
-    write_results("alignment", out, {"datasets": names})
+        if name == "append":
+            load = os.getloadavg()
+            out["append"] = {**run_append(args.append_users, args.append_days, ROOT / "runs" / "append-bench"),
+                             "load_before": load}
+        else:
+            out[name] = run(name)
+    write_results("alignment", out, {"parts": names})
 
 
 if __name__ == "__main__":

@@ -128,26 +128,45 @@ class KVParts:
         self.parts = []
         for name in names:
             table = _read_ipc(folder / name)
-            self.parts.append((np.asarray(table.column("user_id")), _list_values(table.column("self_kv")),
+            self.parts.append((pd.Index(np.asarray(table.column("user_id"))), _list_values(table.column("self_kv")),
                                _list_values(table.column("mem_kv"))))
 
-    def user(self, uid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self_kv [L, P, 2·dim], mem_kv [L, M, 2·dim]) of one user."""
-        chunks: tuple[list, list] = ([], [])
-        for ids, *cols in self.parts:
-            r = int(np.searchsorted(ids, uid))
-            if r >= len(ids) or ids[r] != uid:
-                continue
-            for out, (off, flat) in zip(chunks, cols, strict=True):
-                out.append(flat[off[r]:off[r + 1]].reshape(self.n_layers, -1, self.width))
-        return tuple(torch.from_numpy(np.concatenate(c, axis=1) if len(c) > 1 else c[0].copy()) for c in chunks)
+    def users(self, uids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per user of ``uids``: (self_kv [L, P, 2·dim], mem_kv [L, M, 2·dim])."""
+        chunks = [([], []) for _ in uids]
+        for index, *cols in self.parts:
+            for j, r in enumerate(index.get_indexer(uids)):
+                if r < 0:
+                    continue
+                for out, (off, flat) in zip(chunks[j], cols, strict=True):
+                    out.append(flat[off[r]:off[r + 1]].reshape(self.n_layers, -1, self.width))
+        return [tuple(torch.from_numpy(np.concatenate(c, axis=1) if len(c) > 1 else c[0].copy()) for c in user)
+                for user in chunks]
 
 
 def _kv_table(user_ids: np.ndarray, self_kv: list[np.ndarray], mem_kv: list[np.ndarray]) -> pa.Table:
-    order = np.argsort(user_ids, kind="stable")
-    return pa.table({"user_id": pa.array(user_ids[order], pa.int64()),
-                     "self_kv": _ragged([self_kv[i].reshape(-1) for i in order], pa.float32()),
-                     "mem_kv": _ragged([mem_kv[i].reshape(-1) for i in order], pa.float32())})
+    return pa.table({"user_id": pa.array(user_ids, pa.int64()),
+                     "self_kv": _ragged([x.reshape(-1) for x in self_kv], pa.float32()),
+                     "mem_kv": _ragged([x.reshape(-1) for x in mem_kv], pa.float32())})
+
+
+class _KVWriter:
+    """Streams kv rows into one part file, batch by batch (the first encoding's part is large)."""
+
+    def __init__(self, path: Path):
+        self.path, self.sink, self.writer = path, None, None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.sink = pa.OSFile(str(self.path), "wb")
+            self.writer = pa.ipc.new_file(self.sink, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is None:
+            self.write(_kv_table(np.zeros(0, np.int64), [], []))
+        self.writer.close()
+        self.sink.close()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -179,7 +198,7 @@ class Models:
         if stage.qformer is None:
             raise DataError(f"--qformer {qformer_ckpt}: a {stage.hparams.backbone!r} stage 1, which has no causal "
                             f"Q-Former to append with; append needs the qformer backbone.")
-        differ = sorted(k for k in ("sources", "num_items", "num_categories", "text_dim", "tabular_dim")
+        differ = sorted(k for k in ("sources", "num_items", "num_categories", "text_dim", "tabular_dim", "max_windows")
                         if stage.dims.get(k) != dims.get(k))
         if differ:
             raise DataError(f"--qformer {qformer_ckpt}: the checkpoint was built for other data ("
@@ -372,14 +391,16 @@ class NewWindows:
                                            "h_window", "w_key", "w_day")}
         value = ev["value"].to_numpy().astype(np.float32)
         for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            # a lead event at the user's last old event time sets the first new event's gap (the
+            # event encoder's time feature); it is dropped after encoding. No history: masked (-1).
             prev = last_time[self.users[g]]
-            lead = [prev != NO_TIME]  # a lead event at the last old time: the first new event's gap
+            has_prev = prev != NO_TIME
             first = kstart[a:b]
-            self.cols["h_source"].append(np.concatenate([[0] if lead[0] else [-1], src[a:b]]))
+            self.cols["h_source"].append(np.concatenate([[0 if has_prev else -1], src[a:b]]))
             self.cols["h_item"].append(np.concatenate([[0], item[a:b]]))
             self.cols["h_text"].append(np.concatenate([[-1], text[a:b]]))
             self.cols["h_value"].append(np.concatenate([[0.0], value[a:b]]).astype(np.float32))
-            self.cols["h_time"].append(np.concatenate([[prev if lead[0] else ts[a]], ts[a:b]]))
+            self.cols["h_time"].append(np.concatenate([[prev if has_prev else ts[a]], ts[a:b]]))
             self.cols["h_category"].append(np.concatenate([[-1], cat[a:b]]))
             self.cols["h_window"].append(np.concatenate([[0], rel[a:b]]))
             self.cols["w_key"].append(key[a:b][first])
@@ -390,8 +411,8 @@ class NewWindows:
 
     @staticmethod
     def _embed(dm, texts: list[str], meta: dict) -> np.ndarray:
-        """Embeddings of the new events' texts: the prepared table's where it has them, else the
-        data's text encoder through the shared text cache (fp16, as prepared data stores them)."""
+        """Embeddings of the new events' texts: the data's text encoder through the shared text
+        cache (a text the prepared data saw is a cache hit), fp16 as prepared data stores them."""
         d = int(meta["text_dim"])
         if not texts:
             return np.zeros((0, d), np.float32)
@@ -460,10 +481,10 @@ def prepared_state(dm, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 @torch.no_grad()
-def encode_history(dm, rows: TokenRows, models: Models, batch_size: int) -> dict:
+def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path: Path) -> dict:
     """The first encoding: stage 1 over every user's prepared history (the data module's batches,
     as its predict saw them) with the cache kept, the codes checked against the stored ones.
-    Returns the kv part's table and each user's window count, last key and last event time."""
+    Writes the kv part ``kv_path``; returns each user's window count, last key and last event time."""
     from data_modules.datamodule import BATCH_KINDS, UserRows
     from foundv2.nn.slices import add_profile_slices, flat_slices
     from foundv2.stages.base import with_window_keys
@@ -472,7 +493,7 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int) -> dict
     collate = BATCH_KINDS["events"].collate(dm)  # the batches stage 1's predict saw
     table = UserRows(dm.table, rows.row)
     n = len(rows.user_id)
-    self_kv, mem_kv = [None] * n, [None] * n
+    writer = _KVWriter(kv_path)
     n_windows, last_key = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     last_time = np.full(n, NO_TIME, np.int64)
     checked = differ = 0
@@ -500,15 +521,19 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int) -> dict
                                 f"vs {per_user[2][j].numpy()[:8]}); give the data config the dataset was made from.")
             checked += len(rows.cols["codes"][i])
             differ += int((per_codes[j].numpy() != rows.cols["codes"][i]).any(1).sum())
-        for j, (skv, mkv, nw) in enumerate(cache.users()):
+        kv_users = cache.users()
+        writer.write(_kv_table(rows.user_id[idx], [u[0].float().numpy() for u in kv_users],
+                               [u[1].float().numpy() for u in kv_users]))
+        for j, (_, _, nw) in enumerate(kv_users):
             i = idx[j]
-            self_kv[i], mem_kv[i], n_windows[i] = skv.float().numpy(), mkv.float().numpy(), nw
+            n_windows[i] = nw
             wm = batch["win_mask"][j]
             if nw:
                 last_key[i] = int(batch["win_key"][j][wm][-1])
             em = batch["ev_mask"][j]
             if em.any():
                 last_time[i] = int(batch["ev_time"][j][em].max())
+    writer.close()
     share = differ / max(checked, 1)
     if share > REPRODUCE_TOLERANCE:
         raise DataError(f"--qformer/--tokenizer: re-encoding the history reproduces only {1 - share:.1%} of the "
@@ -517,7 +542,7 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int) -> dict
     if differ:
         log.warning("append: %d of %d stored slices' codes were not reproduced bit for bit (float rounding at "
                     "near-ties); the stored codes are kept", differ, checked)
-    return {"kv": _kv_table(rows.user_id, self_kv, mem_kv), "n_windows": n_windows, "last_key": last_key,
+    return {"n_windows": n_windows, "last_key": last_key,
             "last_time": last_time, "checked": checked, "not_reproduced": differ}
 
 
@@ -542,7 +567,8 @@ def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts
         t0 = time.perf_counter()
         batch = new.batch(idx, rows, collate)
         users = new.users[idx]
-        cache = QFormerCache.stack([(*kv.user(int(rows.user_id[r])), int(n_windows[r])) for r in users])
+        cache = QFormerCache.stack([(*u, int(n_windows[r])) for u, r in zip(kv.users(rows.user_id[users]), users,
+                                                                                 strict=True)])
         t1 = time.perf_counter()
         events = stage.encoder(batch)[:, 1:]  # the lead event only set the first new event's gap
         out, updated = stage.qformer.forward_window(events, batch["ev_window"][:, 1:], batch["ev_source"][:, 1:],
@@ -603,8 +629,7 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         (tmp / CACHE_DIR).mkdir()
         if cache is None:
             t0 = time.perf_counter()
-            first = encode_history(dm, rows, models, batch_size)
-            _write_ipc(first["kv"], tmp / CACHE_DIR / "kv-00000.arrow")
+            first = encode_history(dm, rows, models, batch_size, tmp / CACHE_DIR / "kv-00000.arrow")
             parts = ["kv-00000.arrow"]
             n_windows, last_key, last_time = first["n_windows"], first["last_key"], first["last_time"]
             kv = KVParts(tmp / CACHE_DIR, parts, models.n_layers, models.width)
