@@ -91,15 +91,24 @@ def _report(stdout: str) -> dict:
     return json.loads(stdout[stdout.index("{"):])
 
 
-def run_append(n_users: int, days: int, work: Path) -> dict:
-    """The append figures (see the module docstring), in ``work`` (rebuilt from scratch)."""
+def run_append(n_users: int, days: int, work: Path, reuse: bool = False) -> dict:
+    """The append figures (see the module docstring), in ``work``: rebuilt from scratch, or with
+    ``reuse`` the models, base tokens and first encoding (``v0``) of an earlier run of the same
+    size are kept and only the timed commands run again."""
     import pandas as pd
 
     sys.path.insert(0, str(ROOT))
     from tests.test_append import QFORMER, data_config, stage_config, tokenizer_model, write_split_events
 
-    shutil.rmtree(work, ignore_errors=True)
-    ev = write_split_events(work / "events", n_users, days, new_days=1, new_share=1.0)
+    reuse = reuse and (work / "v0" / "meta.json").exists() and \
+        json.loads((work / "v0" / "meta.json").read_text())["append"]["history"][-1]["users"] == n_users
+    if reuse:
+        for old in ("v1", "v_one", "features_full", "tokens_full"):
+            shutil.rmtree(work / old, ignore_errors=True)
+        ev = {name: work / "events" / f"{name}.csv" for name in ("base", "new", "full", "users")}
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        ev = write_split_events(work / "events", n_users, days, new_days=1, new_share=1.0)
     new = pd.read_csv(ev["new"])
     one = new[new["user_id"] == new["user_id"].iloc[0]]
     one.to_csv(work / "one_user.csv", index=False)
@@ -110,7 +119,21 @@ def run_append(n_users: int, days: int, work: Path) -> dict:
                         limit_train_batches=20)
     tcfg = stage_config(work / "tokenizer.yaml", work / "s2", tokenizer_model(work / "tokenizer"), max_epochs=1,
                         limit_train_batches=20)
+    app = ["tokenize", "--append", "--config", str(base), "--tokenizer", str(work / "tokenizer")]
+    tok = ["--tokenizer", str(work / "tokenizer"), "--accelerator", "cpu", "--devices", "1"]
     t = {}
+    if reuse:
+        ckpt = next((work / "s1").rglob("*.ckpt"))
+        first = json.loads((work / "v0" / "meta.json").read_text())["append"]["history"][-1]
+        t["first_encoding_wall_s"] = None
+    else:
+        ckpt, first = _build_append_world(work, base, full, qcfg, tcfg, tok, app, t)
+    app += ["--qformer", str(ckpt)]
+    return _time_append(work, ev, base, full, qcfg, ckpt, tok, app, t, first, n_users, days)
+
+
+def _build_append_world(work, base, full, qcfg, tcfg, tok, app, t) -> tuple[Path, dict]:
+    """Prepare both data sets, fit stage 1 and the tokenizer, tokenize the base, first encoding."""
     for name, cfg in (("base", base), ("full", full)):
         t[f"prepare_{name}_s"], _ = _timed("data", "--config", str(cfg))
     t["fit_stage1_s"], _ = _timed("fit", "--config", str(base), "--config", str(qcfg))
@@ -119,13 +142,16 @@ def run_append(n_users: int, days: int, work: Path) -> dict:
                                            str(ckpt), "--model.predict_dir", str(work / "features"))
     t["fit_tokenizer_s"], _ = _timed("fit", "--config", str(base), "--config", str(tcfg), "--data.features_dir",
                                      str(work / "features"))
-    tok = ["--tokenizer", str(work / "tokenizer"), "--accelerator", "cpu", "--devices", "1"]
     t["tokenize_base_s"], _ = _timed("tokenize", "--config", str(base), "--data.features_dir", str(work / "features"),
                                      "--output", str(work / "tokens"), *tok)
-    app = ["tokenize", "--append", "--config", str(base), "--qformer", str(ckpt), "--tokenizer", str(work / "tokenizer")]
     # the one-time first encoding (builds the cache beside a tokenizer's own output)
-    t["first_encoding_wall_s"], out = _timed(*app, "--tokens", str(work / "tokens"), "--output", str(work / "v0"))
-    first = _report(out)
+    t["first_encoding_wall_s"], out = _timed(*app, "--qformer", str(ckpt), "--tokens", str(work / "tokens"),
+                                             "--output", str(work / "v0"))
+    return ckpt, _report(out)
+
+
+def _time_append(work, ev, base, full, qcfg, ckpt, tok, app, t, first, n_users, days) -> dict:
+    """The timed commands: the append, the one-user append (start-up), the full re-tokenize."""
     # the measured append: one new day window for every user
     append_wall, out = _timed(*app, "--tokens", str(work / "v0"), "--events", str(ev["new"]), "--output",
                               str(work / "v1"))
@@ -169,13 +195,16 @@ def main() -> None:
                     help="one data set, or the append timing (the other parts' last figures are kept)")
     ap.add_argument("--append-users", type=int, default=10_000, help="synthetic users of the append timing")
     ap.add_argument("--append-days", type=int, default=28, help="days of history of those users")
+    ap.add_argument("--reuse", action="store_true",
+                    help="append: keep the models and first encoding of an earlier run of the same size")
     args = ap.parse_args()
     names = [args.only] if args.only else [*DATASETS, "append"]
     out = previous_figures("alignment", (*DATASETS, "append"))
     for name in names:
         if name == "append":
             load = os.getloadavg()
-            out["append"] = {**run_append(args.append_users, args.append_days, ROOT / "runs" / "append-bench"),
+            out["append"] = {**run_append(args.append_users, args.append_days, ROOT / "runs" / "append-bench",
+                                          reuse=args.reuse),
                              "load_before": load}
         else:
             out[name] = run(name)

@@ -113,33 +113,33 @@ def _ragged(values: list[np.ndarray], typ: pa.DataType) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, typ))
 
 
-def _list_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, flat values) of a list column, zero-copy where Arrow allows."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
-
-
 class KVParts:
-    """The kv parts of an append cache, memory-mapped: each user's cache is its rows of every
-    part, concatenated along the token axis in part order."""
+    """The kv parts of an append cache, memory-mapped and read without copies: each user's cache
+    is its rows of every part, concatenated along the token axis in part order."""
 
     def __init__(self, folder: Path, names: list[str], n_layers: int, width: int):
         self.n_layers, self.width = n_layers, width
         self.parts = []
         for name in names:
-            table = _read_ipc(folder / name)
-            self.parts.append((pd.Index(np.asarray(table.column("user_id"))), _list_values(table.column("self_kv")),
-                               _list_values(table.column("mem_kv"))))
+            batches = [b for b in _read_ipc(folder / name).to_batches() if b.num_rows]
+            ids = [b.column(0).to_numpy() for b in batches]
+            where = (np.repeat(np.arange(len(batches)), [len(i) for i in ids]),
+                     np.concatenate([np.arange(len(i)) for i in ids]) if ids else np.zeros(0, np.int64))
+            cols = [[(b.column(c).offsets.to_numpy(), b.column(c).values.to_numpy(zero_copy_only=True))
+                     for b in batches] for c in (1, 2)]
+            self.parts.append((pd.Index(np.concatenate(ids) if ids else np.zeros(0, np.int64)), where, cols))
 
     def users(self, uids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per user of ``uids``: (self_kv [L, P, 2·dim], mem_kv [L, M, 2·dim])."""
         chunks = [([], []) for _ in uids]
-        for index, *cols in self.parts:
+        for index, (batch_of, row_of), cols in self.parts:
             for j, r in enumerate(index.get_indexer(uids)):
                 if r < 0:
                     continue
-                for out, (off, flat) in zip(chunks[j], cols, strict=True):
-                    out.append(flat[off[r]:off[r + 1]].reshape(self.n_layers, -1, self.width))
+                b, i = batch_of[r], row_of[r]
+                for out, col in zip(chunks[j], cols, strict=True):
+                    off, flat = col[b]
+                    out.append(flat[off[i]:off[i + 1]].reshape(self.n_layers, -1, self.width))
         return [tuple(torch.from_numpy(np.concatenate(c, axis=1) if len(c) > 1 else c[0].copy()) for c in user)
                 for user in chunks]
 

@@ -228,22 +228,25 @@ class TokenizerStage(PredictStage):
 def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) -> dict:
     """Collisions of whole (user, window) code tuples, with and without disambiguation, and storage."""
     ds, meta = read_stage_output(folder)
-    ds = ds.with_format("numpy")
-    n_users = len(ds)
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    n_users = table.num_rows
     sources = len(meta["sources"])
-    tuples, n_slices, n_windows = [], 0, 0
-    for start in range(0, n_users, 4096):
-        part = ds[start:start + 4096]
-        for w, s, c in zip(part["slice_window"], part["slice_source"], part["codes"], strict=True):
-            if len(w) == 0:
-                continue
-            c = np.stack(c) if c.dtype == object else c
-            t = window_tuples(torch.zeros(len(w), dtype=torch.long), torch.as_tensor(w.astype(np.int64)),
-                              torch.as_tensor(s.astype(np.int64)), torch.as_tensor(c.astype(np.int64)), sources)
-            tuples.append(t)
-            n_slices += len(w)
-            n_windows += t.shape[0]
-    allt = torch.cat(tuples) if tuples else torch.zeros(0, 1, dtype=torch.long)
+
+    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:  # (slices per user, every user's values in order)
+        arr = table.column(name).combine_chunks()
+        values = arr.flatten()
+        if hasattr(values.type, "list_size"):  # codes: [n, L] per user
+            values = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
+        else:
+            values = values.to_numpy(zero_copy_only=False)
+        return np.diff(arr.offsets.to_numpy()), values.astype(np.int64)
+
+    counts, window = flat("slice_window")
+    source, codes = flat("slice_source")[1], flat("codes")[1]
+    user = torch.as_tensor(np.repeat(np.arange(n_users), counts))
+    allt = window_tuples(user, torch.as_tensor(window), torch.as_tensor(source), torch.as_tensor(codes), sources) \
+        if len(window) else torch.zeros(0, 1, dtype=torch.long)
+    n_slices, n_windows = len(window), allt.shape[0]
     stats = collision_stats(allt)
     extra = disambiguate(allt)
     after = collision_stats(torch.cat([allt, extra[:, None]], dim=1))
