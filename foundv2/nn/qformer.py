@@ -100,16 +100,16 @@ class QFormerCache(NamedTuple):
 
 def _append_rows(old: torch.Tensor, old_len: torch.Tensor, new: torch.Tensor, new_len: torch.Tensor) -> torch.Tensor:
     """Per user, its ``old_len`` real rows of ``old`` [B, L, P, C] then its ``new_len`` real rows
-    of ``new`` [B, L, T, C] (real rows first in both), padded: [B, L, max(old_len + new_len), C]."""
+    of ``new`` [B, L, T, C] (real rows first in both): [B, L, max(old_len + new_len), C]. One copy
+    of ``old`` and a scatter of the new rows; rows past a user's length are padding (masked by the
+    lengths wherever the cache is read)."""
     b, n_layers, p, c = old.shape
-    total = old_len + new_len
-    width = int(total.max()) if b else 0
-    pos = torch.arange(width, device=old.device)[None, :]
-    src = torch.where(pos < old_len[:, None], pos, p + pos - old_len[:, None])
-    src = torch.where(pos < total[:, None], src, 0).clamp_max(p + new.shape[2] - 1)
-    both = torch.cat([old, new], dim=2)
-    out = torch.gather(both, 2, src[:, None, :, None].expand(b, n_layers, width, c))
-    return out * (pos < total[:, None])[:, None, :, None]
+    t = new.shape[2]
+    out = torch.cat([old, old.new_zeros(b, n_layers, t, c)], dim=2)
+    pos = old_len[:, None] + torch.arange(t, device=old.device)[None, :]  # distinct per user, < p + t
+    out.scatter_(2, pos[:, None, :, None].expand(b, n_layers, t, c), new)
+    width = int((old_len + new_len).max()) if b else 0
+    return out[:, :, :width]
 
 
 def block_mlp(dim: int, mlp_ratio: int, dropout: float) -> nn.Sequential:
