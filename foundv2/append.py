@@ -312,7 +312,7 @@ class NewWindows:
     """The new events grouped per user into new windows, in the prepared data's encoding."""
 
     def __init__(self, ev: pd.DataFrame, dm, where: str, rows: TokenRows, last_key: np.ndarray,
-                 last_time: np.ndarray, n_windows: np.ndarray, max_windows: int):
+                 last_time: np.ndarray, first_day: np.ndarray, n_windows: np.ndarray, max_windows: int):
         spec, meta, window = dm.spec, dm.meta, dm.window
         uid = ev["user_id"].to_numpy()
         known = np.isin(uid, rows.user_id)
@@ -406,6 +406,8 @@ class NewWindows:
             self.cols["w_key"].append(key[a:b][first])
             self.cols["w_day"].append((ts[a:b] // SECONDS_PER_DAY)[first])
         self.n_events = len(ev)
+        # the user's first history day (the calendar's tenure): kept, or the first new day without history
+        self.first_day = np.where(first_day[self.users] >= 0, first_day[self.users], ts[ustart] // SECONDS_PER_DAY)
         self.last_time = ts[np.append(ustart[1:], True)]
         self.last_key = key[np.append(ustart[1:], True)]
 
@@ -431,6 +433,7 @@ class NewWindows:
         rows = self.users[idx]
         cols.update(user_id=tokens.user_id[rows].tolist(), row=tokens.row[rows].tolist(),
                     split=tokens.split[rows].tolist(), n_windows=self.new_counts[idx].tolist(),
+                    first_day=self.first_day[idx].tolist(),
                     f_item=[np.zeros(0, np.int64)] * len(idx), fut_text=[-1] * len(idx))
         return collate(cols)
 
@@ -457,27 +460,31 @@ class AppendCache:
         self.n_windows = np.asarray(users.column("n_windows"), np.int64)
         self.last_key = np.asarray(users.column("last_key"), np.int64)
         self.last_time = np.asarray(users.column("last_time"), np.int64)
+        self.first_day = np.asarray(users.column("first_day"), np.int64)
         self.parts = list(meta["parts"])
         self.kv = KVParts(folder, self.parts, models.n_layers, models.width)
 
 
-def users_table(user_id, n_windows, last_key, last_time) -> pa.Table:
+def users_table(user_id, n_windows, last_key, last_time, first_day) -> pa.Table:
     return pa.table({"user_id": pa.array(user_id, pa.int64()), "n_windows": pa.array(n_windows, pa.int64()),
-                     "last_key": pa.array(last_key, pa.int64()), "last_time": pa.array(last_time, pa.int64())})
+                     "last_key": pa.array(last_key, pa.int64()), "last_time": pa.array(last_time, pa.int64()),
+                     "first_day": pa.array(first_day, pa.int64())})
 
 
-def prepared_state(dm, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prepared_state(dm, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per prepared row: the windows a batch keeps (``min(n_windows, max_windows)``), the last
-    window's key and the last history event's time (:data:`NO_TIME` without history)."""
+    window's key, the last history event's time (:data:`NO_TIME` without history) and the first
+    history day (-1 without history; the calendar features' tenure counts from it)."""
     table = dm.table.data.table if hasattr(dm.table.data, "table") else dm.table.data
     n = np.minimum(np.asarray(table.column("n_windows"), np.int64)[rows], int(dm.hparams.max_windows))
+    first_day = np.asarray(table.column("first_day"), np.int64)[rows]
     out = []
     for name in ("w_key", "h_time"):
         arr = table.column(name).combine_chunks()
         off, flat = arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
         has = off[rows + 1] > off[rows]
         out.append(np.where(has, flat[np.maximum(off[rows + 1] - 1, 0)], -1 if name == "w_key" else NO_TIME))
-    return n, out[0], out[1]
+    return n, out[0], out[1], first_day
 
 
 @torch.no_grad()
@@ -617,10 +624,11 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         if events else None
     max_windows = int(models.stage.qformer.max_windows)
     if cache is None:  # what the first encoding will find, from the prepared history (checks before any work)
-        n_windows, last_key, last_time = prepared_state(dm, rows.row)
+        n_windows, last_key, last_time, first_day = prepared_state(dm, rows.row)
     else:
-        last_time, last_key, n_windows = cache.last_time, cache.last_key, cache.n_windows
-    new = NewWindows(ev, dm, str(events), rows, last_key, last_time, n_windows, max_windows) if ev is not None \
+        last_time, last_key, n_windows, first_day = cache.last_time, cache.last_key, cache.n_windows, cache.first_day
+    new = NewWindows(ev, dm, str(events), rows, last_key, last_time, first_day, n_windows, max_windows) \
+        if ev is not None \
         else None
     t_ready = time.perf_counter()
     report = {"from": str(tokens), "events": str(events) if events else None, "users": len(rows.user_id),
@@ -640,7 +648,7 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
             for name in parts:
                 _link_or_copy(cache_dir / name, tmp / CACHE_DIR / name)
             kv = cache.kv
-        n_windows, last_key, last_time = n_windows.copy(), last_key.copy(), last_time.copy()
+        n_windows, last_key, last_time, first_day = (a.copy() for a in (n_windows, last_key, last_time, first_day))
         if new is not None and len(new.users):
             t0 = time.perf_counter()
             res = append_windows(new, rows, models, kv, n_windows, dm, batch_size)
@@ -650,13 +658,14 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
             n_windows[new.users] += new.new_counts
             last_key[new.users] = new.last_key
             last_time[new.users] = new.last_time
+            first_day[new.users] = new.first_day
             report.update(appended_users=int(len(new.users)), appended_windows=int(new.new_counts.sum()),
                           appended_events=int(new.n_events), slices_added=res["slices_added"],
                           unknown_items=new.unknown_items, unknown_categories=new.unknown_categories,
                           append_s=time.perf_counter() - t0,
                           **{k: v for k, v in res.items() if k.endswith("_s")})
         t0 = time.perf_counter()
-        _write_ipc(users_table(rows.user_id, n_windows, last_key, last_time), tmp / CACHE_DIR / CACHE_USERS)
+        _write_ipc(users_table(rows.user_id, n_windows, last_key, last_time, first_day), tmp / CACHE_DIR / CACHE_USERS)
         atomic_write_json(tmp / CACHE_DIR / CACHE_META, {
             "format": CACHE_FORMAT, "identity": models.identity, "parts": parts,
             "layers": models.n_layers, "kv_width": models.width, "dtype": "float32"})

@@ -109,7 +109,10 @@ def data_config(path: Path, events: Path, users: Path, cache: Path, **kw) -> Pat
                                                "tabular_inputs": ["age_norm", "region"], "labels": LABELS,
                                                "categories": list(CATEGORIES)},
             "window_mode": "day", "future_frac": 0.0, "text_encoder": "hashing", "cache_dir": str(cache),
-            "batch_size": 16, "max_windows": 32, "progress": False, **kw}
+            "batch_size": 16, "max_windows": 32, "progress": False,
+            # calendar features are framed by the data set's span, which a re-prepare of base + new
+            # re-frames (changing every window's features): off, so a full re-tokenize is comparable
+            "calendar": False, **kw}
     path.write_text(yaml.safe_dump({"data": data}))
     return path
 
