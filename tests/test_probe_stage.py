@@ -191,3 +191,30 @@ def test_ddp_probe_equals_one_process(data, tmp_path):
     assert set(out["1"]) == {"test/auc", "test/ks", "test/weight_decay"}
     for key, value in out["1"].items():
         assert out["2"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_linear_heads_sparse_input_and_older_layout():
+    """A sparse COO input gives the dense input's logits and weight gradient (the embedding-bag
+    path), and a state dict of the earlier [G, O, D] weight layout loads into [D, G, O]."""
+    from foundv2.stages.probe import LinearHeads
+
+    torch.manual_seed(0)
+    heads = LinearHeads(2, 30, 5)
+    with torch.no_grad():
+        heads.weight.normal_()
+        heads.bias.normal_()
+    dense = torch.rand(7, 30) * (torch.rand(7, 30) < 0.2)
+    dense[3] = 0  # a row with no nonzero
+    grads = []
+    for x in (dense, dense.to_sparse()):
+        heads.zero_grad()
+        z = heads(x)
+        (z * torch.arange(10.0).view(1, 2, 5)).sum().backward()
+        grads.append((z.detach(), heads.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    older = {"weight": heads.weight.detach().permute(1, 2, 0).clone(), "bias": heads.bias.detach().clone()}
+    loaded = LinearHeads(2, 30, 5)
+    loaded.load_state_dict(older)
+    assert torch.equal(loaded.weight, heads.weight)
+    assert torch.equal(loaded.head_weight(1), older["weight"][1])
