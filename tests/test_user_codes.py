@@ -53,10 +53,10 @@ def test_user_codes_fit_is_deterministic_and_round_trips(tmp_path):
     assert torch.equal(c.encode(hist), ca)
     # the decoded vector is the quantised user vector and approximates it better with each level
     z = a.vectors(hist)
-    errs = [float((z - a.quantizer.decode_codes(torch.where(torch.arange(3) < n, ca, -1), torch.zeros(600,
+    errs = [float((z - a.quantizers[0].decode_codes(torch.where(torch.arange(3) < n, ca, -1), torch.zeros(600,
             dtype=torch.long))).pow(2).sum(1).mean()) for n in range(4)]
     assert errs[0] > errs[1] > errs[2] > errs[3]
-    assert torch.allclose(a.decode(ca), a.quantizer.decode_codes(ca, torch.zeros(600, dtype=torch.long)))
+    assert torch.allclose(a.decode(ca), a.quantizers[0].decode_codes(ca, torch.zeros(600, dtype=torch.long)))
 
 
 def test_user_codes_keep_the_taste_groups():

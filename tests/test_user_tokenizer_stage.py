@@ -1,39 +1,82 @@
-"""UserTokenizerStage at toy size: fit reads train users only, predict writes codes, export reloads."""
+"""UserTokenizerStage at toy size: fit reads train users only and checkpoints the fitted
+tokenizer (dims included), predict from the checkpoint and ``load_from_checkpoint`` give the same
+codes, the output's meta says it is a token row with its bytes per user, the export reloads."""
 
 from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
 from foundv2.bench.user_tokens import user_token_representations
+from foundv2.launch import best_or_last_checkpoint
 from foundv2.nn.user_codes import UserCodeTokenizer
+from foundv2.stages.base import DIMS_KEY
 from foundv2.stages.user_tokenizer import UserTokenizerStage, item_lists
 
+KW = dict(factor_dim=8, history_dim=4, future_dim=4, recent_items=5, levels=3, codes=16)
 
-def test_fit_predict_export(tmp_path):
+
+def _trainer(root, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(root), **kw)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("user_tok")
     dm = UserDataModule(dataset="synthetic", loader_args={"n_users": 300, "seed": 1}, window_mode="week",
-                        text_encoder="hashing", cache_dir=str(tmp_path / "cache"), batch_size=64, progress=False)
-    stage = UserTokenizerStage(factor_dim=8, history_dim=4, future_dim=4, recent_items=5, levels=3, codes=16,
-                               predict_dir=str(tmp_path / "tokens"), export_dir=str(tmp_path / "export"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1, limit_train_batches=1,
-                        limit_val_batches=0)
+                        text_encoder="hashing", cache_dir=str(tmp / "cache"), batch_size=64, progress=False)
+    stage = UserTokenizerStage(**KW, export_dir=str(tmp / "export"))
+    trainer = _trainer(tmp / "fit", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                       callbacks=[L.pytorch.callbacks.ModelCheckpoint(save_last=True)])
     trainer.fit(stage, datamodule=dm)
-    # the fit is exactly a UserCodeTokenizer fitted on the train users' histories and futures
+    return tmp, dm, stage
+
+
+def test_fit_is_the_tokenizer_fitted_on_train_users(fitted):
+    _, dm, stage = fitted
     train = dm.rows("train")
-    ref = UserCodeTokenizer(stage.model.config["num_items"], 8, 4, 4, 5, levels=3, codes=16).fit(
+    ref = UserCodeTokenizer(stage.model.config["num_items"], **KW).fit(
         item_lists(dm.table, train, "h_item"), item_lists(dm.table, train, "f_item"))
-    assert torch.equal(ref.quantizer.codebook, stage.model.quantizer.codebook)
-    trainer.predict(stage, datamodule=dm)
-    ds, meta = read_stage_output(tmp_path / "tokens")
-    assert len(ds) == len(dm.table) and meta["bytes_per_user"] == 1.5
+    assert torch.equal(ref.quantizers[0].codebook, stage.model.quantizers[0].codebook)
+
+
+def test_predict_from_the_checkpoint_and_load_from_checkpoint_agree(fitted):
+    tmp, dm, stage = fitted
+    ckpt = best_or_last_checkpoint(tmp / "fit")
+    assert torch.load(ckpt, weights_only=False)[DIMS_KEY]["num_items"] == stage.model.config["num_items"]
+    # predict as foundv2.launch.predict_stage does: a fresh stage, the checkpoint, the DataModule
+    fresh = UserTokenizerStage(**KW, predict_dir=str(tmp / "tokens"))
+    _trainer(tmp / "pred").predict(fresh, datamodule=dm, ckpt_path=str(ckpt), return_predictions=False)
+    ds, meta = read_stage_output(tmp / "tokens")
+    assert len(ds) == len(dm.table)
+    assert meta["row_kind"] == "tokens" and meta["bytes_per_user"] == 1.5 and meta["kind"] == "user_tokens"
+    assert meta["dims"]["num_items"] == stage.model.config["num_items"]
     codes = np.asarray(ds.with_format("numpy")["user_codes"])
-    reloaded = UserCodeTokenizer.from_pretrained(tmp_path / "export")
     rows = np.asarray(ds["row"], np.int64)
-    assert np.array_equal(reloaded.encode(item_lists(dm.table, rows, "h_item")).numpy(), codes)
-    reps = user_token_representations(tmp_path / "tokens", len(dm.table))
+    hist = item_lists(dm.table, rows, "h_item")
+    assert np.array_equal(stage.model.encode(hist).numpy(), codes)
+    loaded = UserTokenizerStage.load_from_checkpoint(ckpt)  # no DataModule: the dims come from the checkpoint
+    assert np.array_equal(loaded.model.encode(hist).numpy(), codes)
+    assert np.array_equal(UserCodeTokenizer.from_pretrained(tmp / "export").encode(hist).numpy(), codes)
+    reps = user_token_representations(tmp / "tokens", len(dm.table))
     assert reps["user_codes_bag"][0].shape == (len(dm.table), 48) and reps["user_codes_bag"][0].sum() == 3 * len(ds)
     assert reps["user_codes_dec"][0].shape == (len(dm.table), 8)
+
+
+def test_product_codes_one_code_per_block():
+    hist = [np.arange(i % 7, i % 7 + 5) for i in range(80)]
+    tok = UserCodeTokenizer(20, factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4, codes=8,
+                            groups=4).fit(hist)
+    codes = tok.encode(hist)
+    assert codes.shape == (80, 4) and tok.bytes_per_user == 4 * 3 / 8
+    # each block of one dimension is decoded by its own codebook
+    dec = tok.decode(codes)
+    for g, q in enumerate(tok.quantizers):
+        assert torch.equal(dec[:, g : g + 1], q.decode_codes(codes[:, g : g + 1], torch.zeros(80, dtype=torch.long)))
+    with pytest.raises(ValueError, match="groups"):
+        UserCodeTokenizer(20, factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4, groups=3)

@@ -10,7 +10,9 @@ a reduced-rank ridge regression from [whole-history projection | projection of t
 the user is predicted to do next (FOUNDv2's point that tokens should carry future intent, here
 in closed form). Both blocks are scaled to unit mean squared norm on the train users. The quantiser is the project's
 :class:`~foundv2.nn.quantizer.ResidualGroupQuantizer` with one source (``user``), initialised by
-residual k-means on the train users' vectors, level after level.
+residual k-means on the train users' vectors, level after level; with ``groups > 1`` the vector
+is cut into that many contiguous blocks of dimensions, each with its own quantiser of
+``levels / groups`` levels (``groups == levels``: product quantisation, one code per block).
 
 Codes are read back either as the decoded vector (the sum of the chosen code vectors, a dense
 ``dim``-wide approximation of the user vector) or as a bag of level-namespaced code ids.
@@ -43,32 +45,38 @@ class UserCodeTokenizer(nn.Module):
         ridge: ridge strength of the future regression.
         levels: residual levels = codes per user (bytes per user with 256 codes).
         codes: codes per level.
+        groups: contiguous blocks of the vector's dimensions, each coded by ``levels / groups``
+            residual levels (1: the whole vector; ``levels``: product quantisation).
         kmeans_iters: Lloyd iterations of each level's k-means.
         seed: seed of the SVD and the k-means.
     """
 
     def __init__(self, num_items: int, factor_dim: int = 128, history_dim: int = 16, future_dim: int = 16,
                  recent_items: int = 30, ridge: float = 10.0, levels: int = 16, codes: int = 256,
-                 kmeans_iters: int = 20, seed: int = 0) -> None:
+                 groups: int = 1, kmeans_iters: int = 20, seed: int = 0) -> None:
         super().__init__()
         if not 0 < history_dim <= factor_dim:
             raise ValueError(f"history_dim must be in 1..factor_dim={factor_dim}, got {history_dim}")
+        if groups < 1 or levels % groups or groups > history_dim + future_dim:
+            raise ValueError(f"groups must divide levels={levels} and be at most the vector's "
+                             f"{history_dim + future_dim} dimensions, got {groups}")
         self.config = {"num_items": num_items, "factor_dim": factor_dim, "history_dim": history_dim,
                        "future_dim": future_dim, "recent_items": recent_items, "ridge": ridge, "levels": levels,
-                       "codes": codes, "kmeans_iters": kmeans_iters, "seed": seed}
+                       "codes": codes, "groups": groups, "kmeans_iters": kmeans_iters, "seed": seed}
         self.factors = ItemFactors(num_items, factor_dim)
         self.recent = ItemFactors(num_items, factor_dim) if recent_items else None
         n_in = factor_dim * (2 if recent_items else 1)
         self.register_buffer("future_map", torch.zeros(n_in, future_dim, dtype=torch.float64))
         self.register_buffer("block_scale", torch.ones(2, dtype=torch.float64))
         self.dim = history_dim + future_dim
-        self.quantizer = ResidualGroupQuantizer(self.dim, ["user"], QuantizerConfig(
-            n_shared_levels=levels, n_specific_levels=0, shared_codes=codes, kmeans_init=True,
-            kmeans_iters=kmeans_iters, respawn=False, data_init=False, seed=seed))
+        self.block_dims = [len(b) for b in torch.arange(self.dim).tensor_split(groups)]
+        self.quantizers = nn.ModuleList(ResidualGroupQuantizer(d, ["user"], QuantizerConfig(
+            n_shared_levels=levels // groups, n_specific_levels=0, shared_codes=codes, kmeans_init=True,
+            kmeans_iters=kmeans_iters, respawn=False, data_init=False, seed=seed + g)) for g, d in enumerate(self.block_dims))
 
     @property
     def levels(self) -> int:
-        return self.quantizer.n_levels
+        return sum(q.n_levels for q in self.quantizers)
 
     @property
     def bytes_per_user(self) -> float:
@@ -112,26 +120,35 @@ class UserCodeTokenizer(nn.Module):
                                                       cfg["future_dim"], cfg["ridge"]))
             self.block_scale[1] = (inputs @ self.future_map).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
         z = self.vectors(histories)
-        q = self.quantizer
-        q.config = q.config.replace(kmeans_buffer=z.shape[0])  # k-means on every row at once
-        q.train()
-        q(z, torch.zeros(len(z), dtype=torch.long))  # buffers every row, then residual k-means per level
-        q.eval()
+        src = torch.zeros(len(z), dtype=torch.long)
+        for q, block in zip(self.quantizers, z.split(self.block_dims, 1), strict=True):
+            q.config = q.config.replace(kmeans_buffer=z.shape[0])  # k-means on every row at once
+            q.train()
+            q(block.contiguous(), src)  # buffers every row, then residual k-means per level
+            q.eval()
         return self
 
     @torch.no_grad()
     def encode_vectors(self, z: torch.Tensor) -> torch.Tensor:
-        """``[U, levels]`` codes (long) of user vectors."""
-        self.quantizer.eval()
-        return self.quantizer(z.float(), torch.zeros(len(z), dtype=torch.long)).codes
+        """``[U, levels]`` codes (long) of user vectors (block after block)."""
+        src = torch.zeros(len(z), dtype=torch.long)
+        out = []
+        for q, block in zip(self.quantizers, z.float().split(self.block_dims, 1), strict=True):
+            q.eval()
+            out.append(q(block.contiguous(), src).codes)
+        return torch.cat(out, 1)
 
     def encode(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """``[U, levels]`` codes of time-ordered histories."""
         return self.encode_vectors(self.vectors(histories))
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """``[U, dim]`` sum of the code vectors (the decoded user vector)."""
-        return self.quantizer.decode_codes(codes.long(), torch.zeros(len(codes), dtype=torch.long))
+        """``[U, dim]`` the decoded user vector: per block, the sum of its levels' code vectors."""
+        src = torch.zeros(len(codes), dtype=torch.long)
+        per = self.levels // len(self.quantizers)
+        return torch.cat([q.decode_codes(c, src) for q, c in zip(self.quantizers, codes.long().split(per, 1),
+                                                                   strict=True)], 1)
 
     # -------------------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | Path) -> None:

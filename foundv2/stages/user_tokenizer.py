@@ -1,25 +1,31 @@
 """UserTokenizerStage: user-level code tuples beside the per-window tokens of TokenizerStage.
 
-Nothing is trained by gradients: ``fit`` reads the train users' histories (and, for the
-future-aligned block, their futures) from the prepared data, fits the item factors, the
-future regression and the residual codebooks (:class:`~foundv2.nn.user_codes.UserCodeTokenizer`)
-in one pass, and exports the tokenizer (``save_pretrained``). Validation and test users are
-never read by ``fit``. ``predict`` writes one row per user: ``user_codes`` (``levels`` codes,
-one byte each with 256 codes) and ``user_emb`` (the decoded vector), plus ``report.json`` with
-the storage. Run ``fit`` with ``max_epochs: 1``.
+Nothing is trained by gradients: at the start of ``fit`` the stage reads the train users'
+histories (and, for the future-aligned block, their futures) from the prepared data and fits the
+item factors, the future regression and the residual codebooks
+(:class:`~foundv2.nn.user_codes.UserCodeTokenizer`) in closed form; the one training step of
+``max_epochs: 1`` (a zero loss, so the trainer counts a step and checkpoints) does nothing else.
+Validation and test users are never read by ``fit``. The fitted tokenizer lives in the
+checkpoint (its buffers, the data's sizes under the base's dims key), so ``predict`` from the
+checkpoint, or ``UserTokenizerStage.load_from_checkpoint(path)``, encodes the same codes; ``fit``
+also exports it (``save_pretrained``) when ``export_dir`` is set.
+
+``predict`` writes one row per user: ``user_codes`` (``levels`` codes, one byte each with 256
+codes) and ``user_emb`` (the decoded vector), ``meta.json`` with ``row_kind: tokens`` and the
+``bytes_per_user`` (the bench probes ``user_emb`` as a token row at the codes' size), and
+``report.json`` with the storage.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
 from data_modules.store import atomic_write_json
-from foundv2.io import ArrowPredictionWriter
 from foundv2.nn.user_codes import UserCodeTokenizer
+from foundv2.stages.base import PredictStage, user_columns
 
 
 def item_lists(table, rows: np.ndarray, column: str) -> list[np.ndarray]:
@@ -29,7 +35,7 @@ def item_lists(table, rows: np.ndarray, column: str) -> list[np.ndarray]:
     return [np.asarray(v, np.int64)[np.asarray(v) > 0] - 1 for v in part]
 
 
-class UserTokenizerStage(L.LightningModule):
+class UserTokenizerStage(PredictStage):
     """User-level tokenizer: a collaborative whole-history user vector → ``levels`` residual codes.
 
     Args:
@@ -42,63 +48,64 @@ class UserTokenizerStage(L.LightningModule):
         ridge: ridge strength of the future regression.
         levels: codes per user (bytes per user with 256 codes).
         codes: codes per level.
+        groups: the user vector is cut into this many contiguous blocks of dimensions, each
+            coded by ``levels / groups`` residual levels (1: residual codes of the whole vector;
+            ``levels``: one code per block, product quantisation).
         seed: seed of the SVD and the k-means.
         predict_dir: where ``predict`` writes the user tokens dataset and report.json.
         export_dir: where ``fit`` saves the tokenizer (save_pretrained folder).
-        pretrained: a save_pretrained folder to predict with.
+        pretrained: a save_pretrained folder to predict with (no fit needed).
     """
 
-    def __init__(self, factor_dim: int = 128, history_dim: int = 16, future_dim: int = 16, recent_items: int = 30,
-                 ridge: float = 10.0, levels: int = 16, codes: int = 256, seed: int = 0,
-                 predict_dir: str | None = None, export_dir: str | None = None, pretrained: str | None = None):
-        super().__init__()
-        self.save_hyperparameters(ignore=["predict_dir", "export_dir"])
-        self.predict_dir, self.export_dir = predict_dir, export_dir
-        self.model: UserCodeTokenizer | None = None
-        self.automatic_optimization = False
+    OUTPUT_KIND = "user_tokens"
+    STAGE = "user_tokenizer"
 
-    def setup(self, stage: str) -> None:
-        if self.model is not None:
-            return
+    def __init__(self, factor_dim: int = 128, history_dim: int = 16, future_dim: int = 16, recent_items: int = 30,
+                 ridge: float = 10.0, levels: int = 16, codes: int = 256, groups: int = 1, seed: int = 0,
+                 predict_dir: str | None = None, export_dir: str | None = None, pretrained: str | None = None):
+        super().__init__(predict_dir)
+        self.save_settings("export_dir")
+        self.export_dir = export_dir
+        self.model: UserCodeTokenizer | None = None
+        # the one parameter of the one (zero-lr) optimiser step that makes the trainer count a step
+        self._step_anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def build_nets(self, dims: dict) -> None:
         hp = self.hparams
         if hp.pretrained:
             self.model = UserCodeTokenizer.from_pretrained(hp.pretrained)
             return
-        num_items = int(self.trainer.datamodule.dims()["num_items"])
-        self.model = UserCodeTokenizer(num_items, hp.factor_dim, hp.history_dim, hp.future_dim, hp.recent_items,
-                                       hp.ridge, hp.levels, hp.codes, seed=hp.seed)
-
-    def configure_callbacks(self):
-        return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
+        self.model = UserCodeTokenizer(int(dims["num_items"]), hp.factor_dim, hp.history_dim, hp.future_dim,
+                                       hp.recent_items, hp.ridge, hp.levels, hp.codes, groups=hp.groups, seed=hp.seed)
 
     def configure_optimizers(self):
-        return None
+        # one parameter-free SGD step: the trainer counts it (a checkpoint is written) and it changes nothing
+        return torch.optim.SGD([self._step_anchor], lr=0.0)
 
     def on_fit_start(self) -> None:
+        if self.hparams.pretrained:
+            return
         dm = self.trainer.datamodule
         train = dm.rows("train")
         futures = item_lists(dm.table, train, "f_item") if self.hparams.future_dim else None
         self.model.fit(item_lists(dm.table, train, "h_item"), futures)
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        return None  # fitted in closed form in on_fit_start
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step_anchor * 0.0  # fitted in closed form in on_fit_start
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
             self.model.save_pretrained(self.export_dir)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        rows = batch["row"].cpu().numpy()
-        codes = self.model.encode(item_lists(self.trainer.datamodule.table, rows, "h_item"))
-        return {"user_id": batch["user_id"].cpu().numpy(), "row": rows,
-                "split": batch["split"].cpu().numpy().astype(np.int8),
-                "user_codes": codes.numpy().astype(np.int16), "user_emb": self.model.decode(codes).numpy()}
+        cols = user_columns(batch)
+        codes = self.model.encode(item_lists(self.trainer.datamodule.table, cols["row"], "h_item"))
+        return {**cols, "user_codes": codes.numpy().astype(np.int16), "user_emb": self.model.decode(codes).numpy()}
 
-    def output_meta(self) -> dict:
+    def output_info(self) -> dict:
         # row_kind: the bench probes the decoded ``user_emb`` as a token row at the codes' size
-        return {"kind": "user_tokens", "stage": "user_tokenizer", "row_kind": "tokens", "levels": self.model.levels,
-                "codes": self.model.config["codes"], "bytes_per_user": self.model.bytes_per_user,
-                "hparams": {k: v for k, v in self.hparams.items()}}
+        return {"row_kind": "tokens", "levels": self.model.levels, "codes": self.model.config["codes"],
+                "groups": self.model.config["groups"], "bytes_per_user": self.model.bytes_per_user}
 
     def on_predict_epoch_end(self) -> None:
         if self.predict_dir and self.trainer.is_global_zero:
