@@ -222,3 +222,30 @@ def test_no_future_held_back_skips_the_future_tasks(tmp_path, capsys):
     assert capsys.readouterr().out.count("no future events back") == 1
     assert "next_items" not in out["tasks"] and not any(t.startswith("future") for t in out["tasks"])
     assert out["tasks"] and (tmp_path / "out" / "bench.json").exists()
+
+
+def test_budget_verdicts_follow_the_storage_rule():
+    """A token row meets a budget only when it loses to no storage-matched baseline of that size
+    on any task and beats each on at least two; rows above the budget and other sizes stay out."""
+    from foundv2.bench.report import budget_line, budget_verdicts
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    noise = lambda s: y + rng.normal(0, s, 400)  # noqa: E731 - scores whose AUC falls with s
+    bench = {"tasks": {"a": "binary", "b": "binary", "c": "binary"}, "results": {
+        "good16": {"kind": "tokens", "bytes_per_user": 16.0}, "weak16": {"kind": "tokens", "bytes_per_user": 16.0},
+        "big": {"kind": "tokens", "bytes_per_user": 62.0}, "tfidf_svd16_int8": {"kind": "baseline", "bytes_per_user": 16.0},
+        "top_items16": {"kind": "baseline", "bytes_per_user": 16.0},
+        "tfidf_svd64_int8": {"kind": "baseline", "bytes_per_user": 64.0}}}
+    sd = {"good16": (0.3, 0.3, 1.0), "weak16": (3.0, 0.3, 1.0), "big": (0.3, 0.3, 0.3),
+          "tfidf_svd16_int8": (1.0, 1.0, 1.0), "top_items16": (1.0, 1.0, 1.0), "tfidf_svd64_int8": (1.0, 1.0, 1.0)}
+    scores = {(n, t): noise(s) for n, v in sd.items() for t, s in zip("abc", v, strict=True)}
+    out = budget_verdicts(bench, lambda n, t: scores[(n, t)], {t: y for t in "abc"}, [16, 64])
+    v16 = out["16"]
+    assert sorted(v16["baselines"]) == ["tfidf_svd16_int8", "top_items16"] and set(v16["rows"]) == {"good16", "weak16"}
+    assert v16["best"] == "good16" and v16["meets"] and not v16["rows"]["weak16"]["meets"]
+    assert v16["rows"]["weak16"]["losses"] == 2  # task a against both baselines
+    assert len(v16["rows"]["good16"]["comparisons"]) == 3 * 2
+    assert out["64"]["baselines"] == ["tfidf_svd64_int8"] and set(out["64"]["rows"]) == {"good16", "weak16", "big"}
+    assert out["64"]["best"] == "big" and out["64"]["meets"]
+    assert "meets" in budget_line("16", v16) and "misses" in budget_line("16", {**v16, "best": "weak16", "meets": False})

@@ -100,6 +100,62 @@ def verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
     return out
 
 
+#: the storage-matched baselines (foundv2.bench.baselines): what a token row must match at its budget
+STORAGE_MATCHED = ("tfidf_svd", "top_items")
+
+
+def budget_verdicts(bench: dict, scores, labels: dict, budgets) -> dict[str, dict]:
+    """Per budget ``B`` (bytes per user): each token row of at most ``B`` bytes against every
+    storage-matched baseline (``tfidf_svd<k>_int8``, ``top_items<b>``) of exactly ``B`` bytes, on
+    every task, with paired intervals. A row *meets* the budget when on every task against every
+    such baseline the interval of the difference is not below 0 (tie or beats) and it beats each
+    of them on at least two tasks. ``best`` is the row that meets it, else the one with the fewest
+    losses and then the most wins.
+    """
+    from foundv2.bench.probes import paired_bootstrap
+
+    res, tasks = bench["results"], bench["tasks"]
+    out = {}
+    for budget in sorted({int(b) for b in budgets}):
+        refs = [n for n, r in res.items() if n.startswith(STORAGE_MATCHED) and r.get("bytes_per_user") == budget]
+        rows = [n for n, r in res.items() if _kind(n, r) == "tokens" and r.get("bytes_per_user") is not None
+                and r["bytes_per_user"] <= budget]
+        if not refs or not rows:
+            continue
+        per_row = {}
+        for n in rows:
+            cells, ok, wins = [], True, {b: 0 for b in refs}
+            for task, kind in tasks.items():
+                key = MAIN[kind]
+                a = scores(n, task)
+                for b in refs:
+                    sb = scores(b, task)
+                    if a is None or sb is None or len(a) != len(sb):
+                        ok = False
+                        continue
+                    ci = paired_bootstrap(kind, a, sb, labels.get(task), metric=key, n_boot=N_BOOT)
+                    word = _word(ci["lo"], ci["hi"])
+                    ok &= word != "loses"
+                    wins[b] += word == "beats"
+                    cells.append({"task": task, "metric": key, "baseline": b, "delta": ci["delta"], "lo": ci["lo"],
+                                  "hi": ci["hi"], "verdict": word})
+            losses = sum(c["verdict"] == "loses" for c in cells)
+            per_row[n] = {"bytes_per_user": res[n]["bytes_per_user"], "meets": ok and min(wins.values()) >= 2,
+                          "losses": losses, "wins": sum(wins.values()), "comparisons": cells}
+        best = max(per_row, key=lambda n: (per_row[n]["meets"], -per_row[n]["losses"], per_row[n]["wins"]))
+        out[str(budget)] = {"baselines": refs, "best": best, "meets": per_row[best]["meets"], "rows": per_row}
+    return out
+
+
+def budget_line(budget: str, v: dict) -> str:
+    """One line per budget: the best token row, met or not, and its shortfalls."""
+    row = v["rows"][v["best"]]
+    short = [f"{c['task']} vs {c['baseline']} {_fmt_interval(c)}" for c in row["comparisons"] if c["verdict"] == "loses"]
+    return (f"≤ {budget} B/user: {v['best']} ({_size(row['bytes_per_user'])} B) "
+            f"{'meets' if v['meets'] else 'misses'} the budget against {', '.join(v['baselines'])}: "
+            f"{row['wins']} wins, {row['losses']} losses" + (f" ({'; '.join(short)})" if short else ""))
+
+
 def _size(b) -> str:
     return "unbounded" if b is None else f"{b:,.0f}"
 
@@ -137,6 +193,19 @@ def markdown(bench: dict, verdict: dict, pngs: list[Path]) -> str:
         "storage; `majority`/`popularity` 0; EASE, item-kNN and SASRec read the full history (unbounded).",
         "",
     ]
+    budgets = bench.get("budgets") or {}
+    if budgets:
+        lines += ["## Storage budgets", "",
+                  "Each token row of at most B bytes per user against the storage-matched baselines of exactly B "
+                  "bytes, every task (paired 95 % intervals). It meets the budget when it loses nowhere and beats "
+                  "each baseline on at least two tasks.", ""]
+        for budget, v in budgets.items():
+            lines += [budget_line(budget, v) + ".", "", "| row | task | vs | Δ | 95 % interval | verdict |",
+                      "|---|---|---|---|---|---|"]
+            for n, r in v["rows"].items():
+                lines += [f"| {n} | {c['task']} ({c['metric']}) | {c['baseline']} | {c['delta']:+.4f} | "
+                          f"[{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['verdict']} |" for c in r["comparisons"]]
+            lines.append("")
     combined = [p for p in pngs if p.name == "metric_vs_bytes.png"]
     if combined:
         lines += [f"![metric against bytes per user]({combined[0].name})", ""]
@@ -285,6 +354,8 @@ def write_report(bench: dict, out_dir: Path, usage=None, labels: dict | None = N
     from foundv2.bench.run import load_scores
 
     bench["verdicts"] = verdicts(bench, lambda row, task: load_scores(out_dir, row, task), labels or {})
+    bench["budgets"] = budget_verdicts(bench, lambda row, task: load_scores(out_dir, row, task), labels or {},
+                                       bench.get("storage_bytes") or ())
     pngs = plots(bench, out_dir, usage)
     atomic_write_text(out_dir / "report.md", markdown(bench, bench["verdicts"], pngs))
     tensorboard(bench, out_dir, pngs)
@@ -309,4 +380,7 @@ def table(bench: dict) -> str:
     if verdict:
         out += ["", "verdicts (Δ [95 % paired interval]; beats/loses only when the interval excludes 0):"]
         out += [verdict_line(t, v) for t, v in verdict.items()]
+    if bench.get("budgets"):
+        out += ["", "storage budgets (token rows against the storage-matched baselines of the budget's size):"]
+        out += [budget_line(b, v) for b, v in bench["budgets"].items()]
     return "\n".join(out)

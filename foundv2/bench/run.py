@@ -607,6 +607,7 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
         "has_items": data.has_items,
         "notes": notes,
         "tasks": {t.name: t.kind for t in tasks},
+        "storage_bytes": sorted({int(b) for b in inputs["storage_bytes"] or [16, 64]}),
         "versions": _versions(),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
         "seconds": time.perf_counter() - t_start,
