@@ -1,36 +1,93 @@
 """The linear-probe benchmark on MovieLens-1M, end to end on this machine.
 
 Run:  make bench-probe      (writes bench-results/probe.json: the run's bench.json plus timings)
+      python benchmarks/bench_probe.py --no-repeat    (skip the second run of the token steps)
 
 It runs `foundv2 pipeline --config experiments/movielens-1m/probe-pipeline.yaml` from scratch
-(tokenizer fit + predict over pooled features, then every representation and baseline) in a
-fresh run folder, and records the wall time of each step.
+(stage 1, the per-window tokenizer, the user-level tokenizers, then every representation and
+baseline) in a fresh run folder and records the wall time of each step and the machine's load
+(1-minute load average before and after: the cores are shared). Then, unless ``--no-repeat``, it
+runs the token steps of the same config a second time into another folder and compares the
+token datasets column by column: ``repeat.identical`` says whether the same config gave the
+same tokens (the bench's probes are seeded, so identical tokens give identical token rows).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_results  # noqa: E402
 
 CONFIG = "experiments/movielens-1m/probe-pipeline.yaml"
+TOKEN_STEPS = ("tokenizer", "user_tokens16", "user_tokens64")
+TOKEN_COLUMNS = ("token_ids", "codes", "user_codes", "user_emb")
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def pipeline(config: str, run_dir: Path) -> float:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "foundv2", "pipeline", "--config", config,
+                    "--pipeline.run_dir", str(run_dir)], cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def same_tokens(a: Path, b: Path) -> dict:
+    """Per token step: whether every token column of the two runs' outputs is identical."""
+    from data_modules.store import read_stage_output
+
+    out = {}
+    for step in TOKEN_STEPS:
+        da, _ = read_stage_output(a / step / "tokens")
+        db, _ = read_stage_output(b / step / "tokens")
+        cols = [c for c in TOKEN_COLUMNS if c in da.column_names]
+        same = len(da) == len(db)
+        for c in cols:
+            order_a, order_b = np.argsort(da["row"]), np.argsort(db["row"])
+            va = [np.asarray(da[int(i)][c]).tolist() for i in order_a]
+            vb = [np.asarray(db[int(i)][c]).tolist() for i in order_b]
+            same &= va == vb
+        out[step] = {"columns": cols, "identical": bool(same)}
+    return out
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-repeat", action="store_true", help="skip the second run of the token steps")
+    args = ap.parse_args()
     run_dir = ROOT / "runs" / "movielens-1m" / "probe"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "foundv2", "pipeline", "--config", CONFIG], cwd=ROOT, check=True)
-    wall = time.perf_counter() - t0
+    load_before = load()
+    wall = pipeline(CONFIG, run_dir)
+    load_after = load()
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
-    write_results("probe", {**bench, "pipeline_timings": timings, "end_to_end_s": wall}, {"config": CONFIG})
+    figures = {**bench, "pipeline_timings": timings, "end_to_end_s": wall,
+               "load_average_1min": {"before": load_before, "after": load_after}}
+    write_results("probe", figures, {"config": CONFIG})  # rewritten below with the repeat check
+    if not args.no_repeat:
+        cfg = yaml.safe_load((ROOT / CONFIG).read_text())
+        cfg["pipeline"]["steps"] = [s for s in cfg["pipeline"]["steps"] if s["name"] in TOKEN_STEPS]
+        repeat_cfg = ROOT / "runs" / "movielens-1m" / "probe-repeat.yaml"
+        repeat_cfg.write_text(yaml.safe_dump(cfg))
+        repeat_dir = ROOT / "runs" / "movielens-1m" / "probe-repeat"
+        t = pipeline(str(repeat_cfg.relative_to(ROOT)), repeat_dir)
+        steps = same_tokens(run_dir, repeat_dir)
+        figures["repeat"] = {"seconds": t, "steps": steps, "identical": all(s["identical"] for s in steps.values())}
+        write_results("probe", figures, {"config": CONFIG})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from data_modules.store import atomic_write_json  # noqa: E402
 from foundv2.bench import baselines as B  # noqa: E402
 from foundv2.bench import probes as P  # noqa: E402
 from foundv2.bench.run import BenchData, load_bench_data  # noqa: E402
+from foundv2.nn.user_codes import UserCodeTokenizer  # noqa: E402
 
 CACHE = ROOT / "runs" / "explore_tokens"
 TASK_METRIC = {"gender": "auc", "age": "accuracy", "occupation": "accuracy", "future_genres": "macro_auc",
@@ -298,6 +299,23 @@ def main() -> None:
         reps[f"pq_svd{d}_G{G}_bag"] = (lambda d=d, G=G: code_bag(product_codes(svd_k(d), data, G)[0], 256), G)
     for k in (16, 64, 128):
         reps[f"svd{k}_float"] = (lambda k=k: svd_k(k), 4 * k)
+    # the shipped user-level tokenizer (foundv2.nn.user_codes), fitted on the train users only:
+    # ut_h<history>_f<future>_L<levels> (residual codes) and ..._pq (one code per block of dims)
+    futures = [data.future[u].indices for u in range(data.future.shape[0])]
+
+    def user_vectors(h: int, f: int, fd: int = 128, r: int = 30) -> tuple[np.ndarray, object]:
+        key = ("ut", h, f, fd, r)
+        if key not in cache:
+            tok = UserCodeTokenizer(data.history.shape[1], fd, h, f, r, levels=1, codes=2)
+            tok.fit([data.sequences[u] for u in train], [futures[u] for u in train])
+            cache[key] = tok.vectors(data.sequences).numpy()
+        return cache[key]
+
+    for h, f, L in ((16, 16, 16), (32, 32, 64), (64, 64, 64), (96, 32, 64), (48, 16, 64), (112, 16, 64),
+                    (64, 32, 64), (80, 48, 64)):
+        reps[f"ut_h{h}_f{f}_L{L}"] = (lambda h=h, f=f, L=L: residual_codes(user_vectors(h, f), data, L)[1], L)
+        reps[f"ut_h{h}_f{f}_L{L}_pq"] = (lambda h=h, f=f, L=L: product_codes(user_vectors(h, f), data, L)[1], L)
+        reps[f"ut_h{h}_f{f}_int8"] = (lambda h=h, f=f: int8(user_vectors(h, f), data), h + f)
     wanted = [n for n in reps if args.only is None or any(n.startswith(o) for o in args.only)]
     results = {}
     for name in wanted:
