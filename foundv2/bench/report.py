@@ -384,3 +384,9 @@ def table(bench: dict) -> str:
         out += ["", "storage budgets (token rows against the storage-matched baselines of the budget's size):"]
         out += [budget_line(b, v) for b, v in bench["budgets"].items()]
     return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m foundv2.bench.report <bench.json>: the table of a finished run
+    import sys
+
+    print(table(json.loads(Path(sys.argv[1]).read_text())))
