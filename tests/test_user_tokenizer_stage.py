@@ -80,3 +80,25 @@ def test_product_codes_one_code_per_block():
         assert torch.equal(dec[:, g : g + 1], q.decode_codes(codes[:, g : g + 1], torch.zeros(80, dtype=torch.long)))
     with pytest.raises(ValueError, match="groups"):
         UserCodeTokenizer(20, factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4, groups=3)
+
+
+def test_launch_fit_and_predict_stage(tmp_path):
+    """What a pipeline step runs: launch.fit_stage (checkpoints in the stage folder), then
+    launch.predict_stage from that folder's checkpoint, on the shipped config's trainer settings."""
+    from foundv2.launch import fit_stage, predict_stage
+    from tests.helpers import ROOT
+
+    stage_dir = tmp_path / "user_tokens"
+    args = ["--config", str(ROOT / "experiments/synthetic/data.yaml"),
+            "--config", str(ROOT / "experiments/movielens-1m/user-tokenizer.yaml"),
+            "--data.loader_args", '{"n_users": 200, "seed": 0}', "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.progress", "false", "--trainer.default_root_dir", str(stage_dir),
+            "--trainer.logger.init_args.save_dir", str(stage_dir), "--trainer.enable_progress_bar", "false",
+            "--model.factor_dim", "8", "--model.history_dim", "4", "--model.future_dim", "4", "--model.levels", "4",
+            "--model.groups", "4", "--model.codes", "16", "--model.export_dir", str(stage_dir / "export")]
+    fit_stage(args, stage_dir, say=lambda _: None)
+    predict_stage([*args, "--model.predict_dir", str(stage_dir / "tokens")], stage_dir)
+    ds, meta = read_stage_output(stage_dir / "tokens")
+    assert meta["row_kind"] == "tokens" and meta["bytes_per_user"] == 2.0 and meta["groups"] == 4
+    codes = np.asarray(ds.with_format("numpy")["user_codes"])
+    assert codes.shape == (len(ds), 4) and codes.max() < 16
