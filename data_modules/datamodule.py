@@ -315,6 +315,7 @@ class UserDataModule(L.LightningDataModule):
         self.input_meta: dict | None = None
         self.input_table = None  # the dataset batches are read from (the prepared table for events)
         self.input_split: np.ndarray | None = None
+        self._pairs = None  # the query/answer pairs (questions set), built on first use
 
     # ---------------------------------------------------------------- preparation
     def prepare_config(self) -> PrepareConfig:
@@ -426,7 +427,7 @@ class UserDataModule(L.LightningDataModule):
         """The query/answer pairs of the training users (``questions`` set; built once)."""
         from data_modules.questions import build_pairs, questions_from_config
 
-        if getattr(self, "_pairs", None) is None:
+        if self._pairs is None:
             q = self.hparams.questions
             texts = _open_shards(self.prepared_dir, ["texts.arrow"])["text"]
             self._pairs = build_pairs(self.table.data.table, self.meta, list(texts),

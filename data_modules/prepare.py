@@ -99,6 +99,12 @@ class WindowConfig:
             self.period = {"day": 7, "week": 4, "events": 2}[self.mode]
 
 
+def calendar_key(day: np.ndarray, mode: str) -> np.ndarray:
+    """The window key of calendar days (days since the epoch) for ``day`` or ``week`` windows
+    (weeks start on Monday)."""
+    return day if mode == "day" else (day + EPOCH_WEEKDAY_SHIFT) // 7
+
+
 def user_split(user_ids: np.ndarray, seed: int) -> np.ndarray:
     """Deterministic train/val/test (0/1/2) per user id: a splitmix64 hash of (id, seed).
 
@@ -324,10 +330,8 @@ def _process_chunk(chunk: Chunk, spec: DatasetSpec, cfg: PrepareConfig, items: _
 
     # --- windows over the history ----------------------------------------------------------
     w = cfg.window
-    if w.mode == "day":
-        key = day
-    elif w.mode == "week":
-        key = (day + EPOCH_WEEKDAY_SHIFT) // 7
+    if w.mode in ("day", "week"):
+        key = calendar_key(day, w.mode)
     else:
         moment = _rank_within(ustart, _segment_starts(ts) | ustart)
         key = moment // w.size

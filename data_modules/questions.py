@@ -33,6 +33,7 @@ user reaches training. Answers are deterministic: ties are broken by index.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
+from data_modules.prepare import EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY, load_meta
 from data_modules.schema import DataError
 from data_modules.store import Split
 
@@ -222,7 +225,7 @@ class _Answers:
         if ev.empty or not self.calendar.get("has_calendar"):
             return {}, "the timestamps are not calendar time"
         end = int(self.calendar["end_day"])
-        last = (ev.groupby("u")["time"].max() // 86400).astype(np.int64)
+        last = (ev.groupby("u")["time"].max() // SECONDS_PER_DAY).astype(np.int64)
         out = {}
         for u, day in last.items():
             gap = end - int(day)
@@ -234,14 +237,14 @@ class _Answers:
     def time_of_day(self, q: Question, ev: pd.DataFrame):
         if ev.empty or not self.calendar.get("has_calendar"):
             return {}, "the timestamps are not calendar time"
-        ev = ev.assign(part=(ev["time"] % 86400) // 21600)
+        ev = ev.assign(part=(ev["time"] % SECONDS_PER_DAY) // (SECONDS_PER_DAY // len(DAY_PARTS)))
         top = _top_k(ev, "part", 1)
         return {u: f"Mostly {DAY_PARTS[p[0]]}." for u, p in top.items()}, None
 
     def weekday(self, q: Question, ev: pd.DataFrame):
         if ev.empty or not self.calendar.get("has_calendar"):
             return {}, "the timestamps are not calendar time"
-        day = ((ev["time"] // 86400) + 3) % 7  # 1970-01-01 was a Thursday: 0 = Monday
+        day = (ev["time"] // SECONDS_PER_DAY + EPOCH_WEEKDAY_SHIFT) % 7  # 0 = Monday
         ev = ev.assign(day=day, weekend=day >= 5)
         top = _top_k(ev, "day", 1)
         share = ev.groupby("u")["weekend"].mean()
@@ -291,8 +294,6 @@ def build_pairs(table: pa.Table, meta: dict, texts: list[str], questions: Sequen
 
 def load_pairs(prepared_dir: str | Path, questions: Sequence[Question] | None = None) -> QAPairs:
     """:func:`build_pairs` over a prepared folder (``foundv2 data`` output)."""
-    from data_modules.prepare import load_meta  # prepare imports heavy modules; keep this one light
-
     folder = Path(prepared_dir)
     meta = load_meta(folder)
     if meta is None:
@@ -337,10 +338,6 @@ class QACollate:
         self.events, self.pairs = events_collate, pairs
 
     def __call__(self, cols: dict) -> dict:
-        import zlib
-
-        import torch
-
         pair = np.asarray(cols.pop("pair"), dtype=np.int64)
         out = self.events(cols)
         out["pair"] = torch.as_tensor(pair)

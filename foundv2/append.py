@@ -62,6 +62,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from data_modules.prepare import SECONDS_PER_DAY, calendar_key
 from data_modules.schema import DataError, validate_events
 from data_modules.store import META_FILE, atomic_dir, atomic_write_json, read_stage_output
 
@@ -75,8 +76,6 @@ PART = "part-rank000.arrow"
 EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 #: share of stored codes the first encoding may fail to reproduce (float rounding at near-ties)
 REPRODUCE_TOLERANCE = 0.01
-SECONDS_PER_DAY = 86_400
-EPOCH_WEEKDAY_SHIFT = 3
 NO_TIME = np.iinfo(np.int64).min
 
 
@@ -302,12 +301,6 @@ def read_events(path: str, spec, timestamp_unit: str) -> pd.DataFrame:
     return ev.iloc[order].reset_index(drop=True)
 
 
-def window_keys(ts: np.ndarray, mode: str) -> np.ndarray:
-    """Calendar window key of each timestamp (``day`` / ``week``), as the prepared data numbers them."""
-    day = ts // SECONDS_PER_DAY
-    return day if mode == "day" else (day + EPOCH_WEEKDAY_SHIFT) // 7
-
-
 class NewWindows:
     """The new events grouped per user into new windows, in the prepared data's encoding."""
 
@@ -334,7 +327,7 @@ class NewWindows:
             late = ts > last_time[pos]
             what = "an event time after the user's last event"
         else:
-            key = window_keys(ts, window.mode)
+            key = calendar_key(ts // SECONDS_PER_DAY, window.mode)
             late = key > last_key[pos]
             what = f"a {window.mode} after the user's last window"
         if not late.all():

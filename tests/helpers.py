@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,22 @@ def run_cli(*args: str, timeout: int = 600, check: bool = True) -> subprocess.Co
     if check and res.returncode != 0:
         raise AssertionError(f"foundv2 {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
+
+
+def kill_when(argv: list[str], marker: Path, timeout: float, what: str, **popen) -> None:
+    """Start ``argv`` from the repo root and SIGKILL it as soon as ``marker`` exists (the run has
+    reached the point to kill it at); fails the test if that never happens within ``timeout``."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, **popen)
+    try:
+        deadline = time.time() + timeout
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the {what} to kill did not start"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def empty_event_batch(b: int, e: int, w: int, text_dim: int, tabular: torch.Tensor) -> dict:

@@ -8,12 +8,8 @@ columns, declared epoch units, string labels, no future) assert what was prepare
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,7 @@ import pytest
 
 from data_modules.prepare import CALENDAR_FEATURES, OWNER_FILE, calendar_features, load_meta
 from foundv2.cli import main
-from tests.helpers import ROOT, read_only
+from tests.helpers import kill_when, read_only
 
 T0 = 1_718_000_000  # 2024-06-10, seconds
 N_USERS = 12
@@ -365,17 +361,7 @@ cfg = PrepareConfig("files", args, WindowConfig("day"))
 prepare_dataset(cfg, spec, slow(), Path({str(case.cache)!r}) / "prepared" / "files-x", HashingEncoder,
                 Path({str(case.cache)!r}) / "text", progress=False)
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.time() + 120
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), "the run to kill did not start"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when([sys.executable, "-c", code], marker, 120, "run")
     leftovers = [p for p in (case.cache / "prepared").iterdir() if ".tmp-" in p.name]
     assert len(leftovers) == 1 and (leftovers[0] / OWNER_FILE).exists()
     assert list(leftovers[0].glob("users-*.arrow"))

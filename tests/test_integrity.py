@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ import yaml
 from data_modules.store import read_stage_output, save_export
 from foundv2.cli import main
 from foundv2.io import STAGING, ChecksumCheckpointIO
-from tests.helpers import ROOT, read_only
-from tests.test_pipeline import _cfg, configs  # noqa: F401 - the toy configs, a module fixture
+from tests.helpers import ROOT, kill_when, read_only
+from tests.test_pipeline import _cfg, configs, run_copy  # noqa: F401 - the toy configs and a copy of this module's first run (fixtures)
 
 
 # ------------------------------------------------------------------------------ the toy run
@@ -41,13 +40,6 @@ def _pipeline_yaml(configs, run: Path) -> str:  # noqa: F811
 def first_run(configs, tmp_path_factory) -> Path:  # noqa: F811
     run = tmp_path_factory.mktemp("integrity") / "run"
     assert main(["pipeline", "--config", _pipeline_yaml(configs, run)]) == 0
-    return run
-
-
-@pytest.fixture
-def run_copy(first_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(first_run, run)
     return run
 
 
@@ -242,18 +234,7 @@ def test_killed_repredict_leaves_the_old_output_whole(configs, run_copy, tmp_pat
         {"class_path": "tests.test_integrity.PauseAt", "init_args": {"marker": str(marker)}}]}}))
     argv = [sys.executable, "-m", "foundv2", "predict", "--config", configs["data"], "--config", configs["stage1"],
             "--config", str(pause), "--ckpt_path", str(best), "--model.predict_dir", str(features)]
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), "the predict to kill did not start"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(argv, marker, 300, "predict", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = features.parent / f"features{STAGING}"
     assert staging.exists() and list(staging.glob("part-rank000.arrow.tmp"))  # it was writing aside
     assert _bytes(features) == before  # the old output, whole
