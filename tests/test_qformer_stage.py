@@ -192,6 +192,36 @@ def test_user_pool_modes(cache):
         QFormerStage(user_pool="max")
 
 
+def test_item_factors_init_from_train_histories_once(cache):
+    """item_init=factors: the item table starts as the collaborative factors of the *train* users'
+    histories (exactly the train rows), and a resumed fit (items_fitted set by
+    the checkpoint) does not refit over the trained table."""
+    from foundv2.nn.item_factors import ItemFactors
+    from foundv2.stages.base import train_item_lists
+
+    dm = make_dm(cache)
+    dm.setup()
+    L.seed_everything(0)
+    stage = QFormerStage(**TINY, item_init="factors", optim=OptimConfig(lr=0.0))
+    trainer(max_steps=1, limit_val_batches=0).fit(stage, dm)
+    table = stage.encoder.item.weight.detach()
+    histories = train_item_lists(dm)
+    assert len(histories) == int((np.asarray(dm.table["split"]) == 0).sum()) and sum(map(len, histories)) > 0
+    fitted = ItemFactors(table.shape[0] - 1, table.shape[1]).fit(histories)
+    cos = torch.nn.functional.cosine_similarity(table[1:], fitted.item_codes()[1:], dim=1)
+    used = fitted.item_codes()[1:].norm(dim=1) > 0
+    assert int(stage.items_fitted) == 1 and bool(used.any()) and torch.allclose(cos[used], torch.ones(()), atol=1e-5)
+    assert torch.count_nonzero(table[0]) == 0  # row 0: no item
+    stage.encoder.item.weight.data.zero_()
+    stage.on_fit_start()  # as after a resume: the checkpoint's items_fitted is 1
+    assert torch.count_nonzero(stage.encoder.item.weight) == 0
+    plain = QFormerStage(**TINY)
+    plain.build(dm.dims())
+    assert "items_fitted" not in plain.state_dict()  # random init: old checkpoints still load
+    with pytest.raises(ValueError, match="item_init"):
+        QFormerStage(item_init="svd")
+
+
 @pytest.mark.parametrize("fine_target", ["content", "state"])
 def test_fine_target(cache, fine_target):
     """``content``: the fine term predicts the next window's pooled slice targets (every source

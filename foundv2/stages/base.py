@@ -76,6 +76,19 @@ def split_by_user(out: dict, batch: dict, per_slice: tuple = (("feat", np.float3
 
 
 # ------------------------------------------------------------------------------ optimiser
+def item_lists(table, rows: np.ndarray, column: str) -> list[np.ndarray]:
+    """0-based item ids of ``column`` (``h_item`` / ``f_item``) for the prepared ``rows``, in time
+    order, events without an item dropped."""
+    part = table.select(rows.tolist()).with_format("numpy", columns=[column])[column]
+    return [np.asarray(v, np.int64)[np.asarray(v) > 0] - 1 for v in part]
+
+
+def train_item_lists(datamodule) -> list[np.ndarray]:
+    """The train users' history item ids (:func:`item_lists` of ``h_item``): what collaborative
+    item factors are fitted on (never a validation or test user)."""
+    return item_lists(datamodule.table, datamodule.rows("train"), "h_item")
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups: weight decay on matrices only (nanoGPT), none on biases, norms and
     every other 1-D parameter, nor on embedding tables (minGPT): an embedding row only gets a

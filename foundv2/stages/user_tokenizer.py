@@ -25,14 +25,7 @@ import torch
 
 from data_modules.store import atomic_write_json
 from foundv2.nn.user_codes import UserCodeTokenizer
-from foundv2.stages.base import PredictStage, user_columns
-
-
-def item_lists(table, rows: np.ndarray, column: str) -> list[np.ndarray]:
-    """0-based item ids of ``column`` (``h_item`` / ``f_item``) for the prepared ``rows``, in time
-    order, events without an item dropped."""
-    part = table.select(rows.tolist()).with_format("numpy", columns=[column])[column]
-    return [np.asarray(v, np.int64)[np.asarray(v) > 0] - 1 for v in part]
+from foundv2.stages.base import PredictStage, item_lists, user_columns
 
 
 class UserTokenizerStage(PredictStage):
