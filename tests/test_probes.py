@@ -173,6 +173,21 @@ def test_c_is_chosen_on_validation_only(planted) -> None:
     assert second["auc"] == pytest.approx(1 - first["auc"])
 
 
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel"])
+def test_warm_started_fit_reaches_the_cold_fits_optimum(planted, kind) -> None:
+    """Each C's fit starts from the previous C's solution: it reaches the same optimum as a fit
+    from zero (to the solver's tolerance), so warm starts only save iterations."""
+    from foundv2.bench.probes import _fit_probe, n_classes_of, standardise
+
+    y, train = planted[kind], planted["split"] == 0
+    X = standardise(planted["X"], np.flatnonzero(train))[train]
+    n = n_classes_of(y, kind)
+    warm = _fit_probe(X, y[train], kind, 1.0, n, 1000, 0, start=_fit_probe(X, y[train], kind, 0.01, n, 1000, 0))
+    cold = _fit_probe(X, y[train], kind, 1.0, n, 1000, 0)
+    assert all(m.clf.warm_start for m in warm.models) and not any(m.clf.warm_start for m in cold.models)
+    assert np.abs(warm.predict(X) - cold.predict(X)).max() < 5e-3  # LBFGS stops at tol=1e-4 on the gradient
+
+
 def test_unknown_kind_is_rejected(planted) -> None:
     with pytest.raises(ValueError, match="kind"):
         fit_logistic_probe(planted["X"], planted["binary"], planted["split"], "regression")
