@@ -249,3 +249,16 @@ def test_budget_verdicts_follow_the_storage_rule():
     assert out["64"]["baselines"] == ["tfidf_svd64_int8"] and set(out["64"]["rows"]) == {"good16", "weak16", "big"}
     assert out["64"]["best"] == "big" and out["64"]["meets"]
     assert "meets" in budget_line("16", v16) and "misses" in budget_line("16", {**v16, "best": "weak16", "meets": False})
+
+
+def test_report_command_on_a_missing_or_broken_bench_json(tmp_path, capsys):
+    """`python -m foundv2.bench.report <bench.json>`: a missing or broken file is a one-line
+    error naming it, status 2, no traceback."""
+    from foundv2.bench.report import main
+
+    assert main([str(tmp_path / "none.json")]) == 2
+    broken = tmp_path / "bench.json"
+    broken.write_text('{"results": ')
+    assert main([str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("foundv2: error:") == 2 and str(broken) in err and "Traceback" not in err

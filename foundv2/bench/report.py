@@ -13,6 +13,7 @@ or an interval wider than :data:`MAX_CI_WIDTH` (in the metric's units).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -386,7 +387,23 @@ def table(bench: dict) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # python -m foundv2.bench.report <bench.json>: the table of a finished run
-    import sys
+def main(argv: list[str]) -> int:
+    """``python -m foundv2.bench.report <bench.json>``: print the table of a finished run; a
+    missing or unreadable file is a one-line error and exit status 2."""
+    if len(argv) != 1:
+        print("usage: python -m foundv2.bench.report <bench.json>", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    try:
+        bench = json.loads(path.read_text())
+        text = table(bench)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        print(f"foundv2: error: {path}: not a finished bench's bench.json ({type(err).__name__}: {err}); "
+              f"pass the bench.json of a finished run (the bench writes it last).", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
 
-    print(table(json.loads(Path(sys.argv[1]).read_text())))
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
