@@ -39,6 +39,7 @@ from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, atomic_write_bytes, atomic_write_json, read_output_meta
 from foundv2.bench import baselines as B
 from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe
+from foundv2.console import log_to_file
 
 log = logging.getLogger(__name__)
 PROTOCOL = "foundv2-bench-v1"
@@ -400,27 +401,11 @@ def _versions() -> dict:
 
 @contextlib.contextmanager
 def _quiet(log_path: Path) -> Iterator[None]:
-    """Send foundv2's log lines and every Python warning to ``log_path`` instead of the console."""
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("foundv2", "py.warnings")]
-    saved = [(lg.level, lg.propagate) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-        lg.propagate = False
-    logging.captureWarnings(True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            yield
-    finally:
-        logging.captureWarnings(False)
-        for lg, (level, prop) in zip(loggers, saved, strict=True):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-            lg.propagate = prop
-        handler.close()
+    """Send every log line (the per-C probe lines included) and every Python warning, once per
+    place, to ``log_path`` instead of the console (:func:`foundv2.console.log_to_file`)."""
+    with log_to_file(log_path), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        yield
 
 
 def _save_scores(folder: Path, row: str, task: str, scores: np.ndarray) -> None:
