@@ -286,6 +286,12 @@ def test_activity_features_see_time_and_values() -> None:
     assert f["tenure_days"] == 10 and f["recency_days"] == 10 and f["first_day_before_ref"] == 20
     assert f["active_days"] == 3 and f["no_history"] == 0
     assert X[2, names.index("no_history")] == 1 and X[1, names.index("recency_days")] == 0
+    # last events: day 10 (1970-01-11, a Sunday: weekday 6) and day 20 (a Wednesday: 2); none for user 2
+    for u, weekday in ((0, 6), (1, 2)):
+        angle = 2 * np.pi * weekday / 7
+        assert X[u, names.index("last_dow_sin")] == pytest.approx(np.sin(angle), abs=1e-6)
+        assert X[u, names.index("last_dow_cos")] == pytest.approx(np.cos(angle), abs=1e-6)
+    assert not X[2, names.index("last_dow_sin")] and not X[2, names.index("last_dow_cos")]
 
 
 def test_per_user_ranking_metrics_average_to_the_metric(cooc) -> None:

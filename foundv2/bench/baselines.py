@@ -43,6 +43,7 @@ import torch
 from sklearn.feature_extraction.text import TfidfTransformer
 from torch import nn
 
+from data_modules.prepare import SECONDS_PER_DAY
 from foundv2.bench.probes import (
     SELECTION_METRIC,
     TaskKind,
@@ -51,6 +52,7 @@ from foundv2.bench.probes import (
     split_indices,
 )
 from foundv2.metrics.ranking import evaluate_ranking
+from foundv2.nn.slices import clock_features
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +311,7 @@ def top_items(history: sp.spmatrix, n_bytes: int) -> sp.csr_matrix:
     return sp.csr_matrix((cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=history.shape)
 
 
-DAY = 86400.0
+DAY = float(SECONDS_PER_DAY)
 
 
 def activity_features(
@@ -339,6 +341,7 @@ def activity_features(
     names += ["log_count", "active_days", "events_per_day", "tenure_days", "recency_days", "first_day_before_ref",
               "last_dow_sin", "last_dow_cos", "no_history"]
     out = np.zeros((len(times), len(names)), np.float32)
+    last = np.zeros(len(times), np.float64)
     for u, (src, t, v) in enumerate(zip(sources, times, values, strict=True)):
         n = len(t)
         if n == 0:
@@ -354,12 +357,14 @@ def activity_features(
             vs = vs[np.isfinite(vs)]
             row += [np.log1p(sel.sum()), sel.mean(), vs.mean() if vs.size else 0.0, vs.std() if vs.size else 0.0,
                     np.log1p(np.abs(vs.sum())) if vs.size else 0.0]
-        days = np.floor(t / DAY)
-        active = np.unique(days).size
-        dow = 2 * np.pi * ((days.max() + 3) % 7) / 7  # 1970-01-01 was a Thursday: +3 makes Monday 0
+        active = np.unique(np.floor(t / DAY)).size
         row += [np.log1p(n), active, n / active, (t.max() - t.min()) / DAY, (ref - t.max()) / DAY,
-                (ref - t.min()) / DAY, np.sin(dow), np.cos(dow), 0.0]
+                (ref - t.min()) / DAY, 0.0, 0.0, 0.0]
         out[u] = row
+        last[u] = t.max()
+    has = out[:, -1] == 0
+    # the last event's weekday: the one clock of every feature (day of week sin, cos)
+    out[has, -3:-1] = clock_features(torch.from_numpy(last[has]))[:, 2:4].numpy()
     return out, names
 
 
