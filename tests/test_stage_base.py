@@ -5,6 +5,7 @@ predict with a quantizer that was never initialised."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -77,6 +78,24 @@ def test_qformer_checkpoint_alone_predicts_the_trainers_features(tmp_path):
     loaded = QFormerStage.load_from_checkpoint(ckpt)
     assert loaded.dims == dm.dims() and loaded.qformer is not None
     _assert_same(tmp_path / "features", _predict_by_hand(loaded, dm), ("feat", "user_emb", "slice_key"), atol=1e-5)
+
+
+def test_load_from_checkpoint_refuses_a_damaged_file(tmp_path):
+    """``Stage.load_from_checkpoint`` makes the same checks as a CLI load: a truncated
+    checkpoint, or one whose bytes no longer match its checksum, is a DataError naming it."""
+    from data_modules.schema import DataError
+
+    dm = make_dm(tmp_path / "cache")
+    L.seed_everything(0)
+    ckpt = Path(_fit_and_checkpoint(QFormerStage(dim=16, num_layers=1, num_heads=2, predict_dir=str(tmp_path / "f")), dm,
+                                    tmp_path, 1))
+    QFormerStage.load_from_checkpoint(ckpt)  # whole: loads
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=str(ckpt)):
+        QFormerStage.load_from_checkpoint(ckpt)
+    with pytest.raises(DataError, match="no such checkpoint"):
+        QFormerStage.load_from_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_checkpoint_for_other_data_is_a_clear_error(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from data_modules.schema import DataError
-from foundv2.io import ArrowPredictionWriter
+from foundv2.io import ArrowPredictionWriter, verify_checkpoint
 from foundv2.options import Options
 
 DIMS_KEY = "foundv2_dims"  # where a checkpoint keeps the sizes the nets were built for
@@ -168,6 +169,15 @@ class PredictStage(L.LightningModule):
         super().__init__()
         self.predict_dir = predict_dir
         self.dims: dict | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint`` after the checks every other load makes: a local
+        checkpoint must be whole (a torch zip whose bytes match the checksum recorded beside it),
+        else a :class:`DataError` naming it."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            verify_checkpoint(checkpoint_path, "pass a whole checkpoint (e.g. the run's last.ckpt), or train again")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def save_settings(self, *run_settings: str) -> None:
         """``save_hyperparameters`` of the calling ``__init__`` without ``predict_dir`` and the
