@@ -116,6 +116,8 @@ class ArrowPredictionWriter(BasePredictionWriter):
             meta = {**self.meta, **getattr(pl_module, "output_meta", lambda: {})(), "parts": parts,
                     "world_size": trainer.world_size}
             atomic_write_json(self.staging / META_FILE, meta, default=str)
+            if hasattr(pl_module, "finish_output"):  # PredictStage: files beside the parts (a report), before the swap
+                pl_module.finish_output(self.staging)
             replace_dir(self.staging, self.output_dir)
         trainer.strategy.barrier("arrow-writer-meta")
 

@@ -240,6 +240,11 @@ class PredictStage(L.LightningModule):
         """The stage's own entries of ``meta.json`` (sources, widths, ...)."""
         return {}
 
+    def finish_output(self, folder) -> None:
+        """Rank 0, after the predict's parts and meta.json are complete in the staging
+        ``folder`` and before it replaces the output: write files that belong with the dataset
+        (a report), so that both appear together or not at all. Nothing by default."""
+
     def output_meta(self) -> dict:
         """What ``meta.json`` records about the output: kind, stage, dims, hparams and
         :meth:`output_info`."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, read_stage_output
@@ -218,11 +217,10 @@ class TokenizerStage(PredictStage):
         return {"sources": self.sources, "levels": self.model.quantizer.n_levels,
                 "vocab_size": int(self.model.vocab_size), "feature_dim": self.feature_dim}
 
-    def on_predict_epoch_end(self) -> None:
-        if self.predict_dir and self.trainer.is_global_zero:
-            write_token_report(Path(self.predict_dir), self.model, self.feature_dim)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+    def finish_output(self, folder: Path) -> None:
+        """Rank 0, the written parts complete in the staging ``folder``: add report.json, so the
+        dataset and its report replace the old output together."""
+        write_token_report(Path(folder), self.model, self.feature_dim)
 
 
 def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) -> dict:

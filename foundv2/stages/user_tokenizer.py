@@ -100,10 +100,8 @@ class UserTokenizerStage(PredictStage):
         return {"row_kind": "tokens", "levels": self.model.levels, "codes": self.model.config["codes"],
                 "groups": self.model.config["groups"], "bytes_per_user": self.model.bytes_per_user}
 
-    def on_predict_epoch_end(self) -> None:
-        if self.predict_dir and self.trainer.is_global_zero:
-            atomic_write_json(Path(self.predict_dir) / "report.json",
-                              {"storage": {"bytes_per_user": self.model.bytes_per_user, "levels": self.model.levels,
-                                           "bits_per_code": int(np.ceil(np.log2(self.model.config["codes"])))}})
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+    def finish_output(self, folder: Path) -> None:
+        """Rank 0: report.json beside the parts in the staging ``folder``, before the swap."""
+        atomic_write_json(Path(folder) / "report.json",
+                          {"storage": {"bytes_per_user": self.model.bytes_per_user, "levels": self.model.levels,
+                                       "bits_per_code": int(np.ceil(np.log2(self.model.config["codes"])))}})
