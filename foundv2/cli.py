@@ -28,6 +28,7 @@ OWN_COMMANDS = {
     "data": "prepare a configured data set and print its summary",
     "tokenize": "tokenize a data set with a trained tokenizer folder (save_pretrained)",
     "bench": "linear-probe benchmark (foundv2-bench-v1): representations and baselines side by side",
+    "embed": "query-aware user embeddings for a list of queries from a QAnchorStage checkpoint (Arrow dataset)",
     "pipeline": "the declared steps of a pipeline YAML (stage fits and predicts, the bench): one run folder, resumable",
 }
 
@@ -130,6 +131,13 @@ def check_checkpoint(argv: list[str]) -> None:
         verify_checkpoint(Path(value), "use another one, e.g. --ckpt_path last, or train again")
 
 
+def embed_command(args: list[str]) -> int:
+    """``foundv2 embed``: :mod:`foundv2.embed`."""
+    from foundv2.embed import embed_command as run
+
+    return run(args, OWN_COMMANDS["embed"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in OWN_COMMANDS:
             return {"data": data_command, "tokenize": tokenize_command, "bench": bench_command,
-                    "pipeline": pipeline_command}[command](argv[1:])
+                    "embed": embed_command, "pipeline": pipeline_command}[command](argv[1:])
         if command in LIGHTNING_COMMANDS:
             check_checkpoint(argv)
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):

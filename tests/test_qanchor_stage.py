@@ -76,7 +76,7 @@ def test_predict_embeds_every_user_per_query_as_a_full_pass_would(fitted):
     with torch.no_grad():
         cached = stage.embed_users(batch)
         for q, text in enumerate(stage.queries):
-            ids, mask = stage.net.tokenize_queries([text] * len(batch["row"]))
+            ids, mask = stage.net.tokenize_queries([text] * len(batch["row"]), max_length=stage.hparams.max_query_tokens)
             full = stage.net(stage.net.prefix.inputs_from(batch), ids, mask).embedding
             assert torch.allclose(cached[:, q], full, atol=1e-4), float((cached[:, q] - full).abs().max())
     # queries differ, so the embeddings of one user differ between queries
