@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from data_modules.datamodule import UserDataModule
+from data_modules.schema import DataError
 from data_modules.store import read_stage_output
-from foundv2.cli import main
+from foundv2.embed import embed_command
 from foundv2.stages.base import OptimConfig
 from foundv2.stages.qanchor import QAnchorStage
 from tests.helpers import run_cli
@@ -51,9 +52,13 @@ def trained(tmp_path_factory):
     return root, data, ckpt
 
 
+def _args(data: dict, ckpt, out, *extra: str) -> list[str]:
+    return [*_flags(data), "--embed.checkpoint", str(ckpt), "--embed.output_dir", str(out),
+                 "--embed.accelerator", "cpu", "--embed.devices", "1", "--embed.progress", "false", *extra]
+
+
 def _embed(data: dict, ckpt, out, *extra: str) -> int:
-    return main(["embed", *_flags(data), "--embed.checkpoint", str(ckpt), "--embed.output_dir", str(out),
-                 "--embed.accelerator", "cpu", "--embed.devices", "1", "--embed.progress", "false", *extra])
+    return embed_command(_args(data, ckpt, out, *extra))
 
 
 def _by_user(folder) -> tuple[dict, dict]:
@@ -99,7 +104,7 @@ def test_embed_writes_every_user_for_every_query_as_a_full_pass(trained, tmp_pat
         np.testing.assert_allclose(v[:16], emb[u][32:48], atol=1e-5)
 
 
-def test_bad_input_is_one_paragraph_and_nothing_written(trained, tmp_path, capsys):
+def test_bad_input_is_one_paragraph_and_nothing_written(trained, tmp_path):
     root, data, ckpt = trained
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(ckpt.read_bytes()[:5000])
@@ -114,11 +119,15 @@ def test_bad_input_is_one_paragraph_and_nothing_written(trained, tmp_path, capsy
     }
     for what, (path, extra, words) in cases.items():
         out = tmp_path / what.replace(" ", "-")
-        assert _embed(data, path, out, *extra) == 2, what
-        err = capsys.readouterr().err
-        assert err.startswith("foundv2: error: ") and words in err and "Traceback" not in err, (what, err)
-        assert len(err.strip().splitlines()) == 1, (what, err)
+        with pytest.raises(DataError) as err:
+            _embed(data, path, out, *extra)
+        assert words in str(err.value) and "\n" not in str(err.value), (what, err.value)
         assert not out.exists() and not list(tmp_path.glob(f"{out.name}*")), what
+    # the command turns it into one paragraph and exit status 2, without a traceback
+    out = tmp_path / "cli"
+    res = run_cli("embed", *_args(data, tmp_path / "nope.ckpt", out), check=False)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("foundv2: error: ")
+    assert "no such checkpoint" in res.stderr and "Traceback" not in res.stderr and not out.exists()
 
 
 @pytest.mark.ddp
