@@ -328,6 +328,7 @@ class CausalQFormer(nn.Module):
         win_mask: torch.Tensor,
         cache: QFormerCache | None = None,
         context: torch.Tensor | None = None,
+        delta: bool = False,
     ) -> tuple[QFormerOutput, QFormerCache]:
         """The views of windows appended after the cached ones, without re-encoding the past.
 
@@ -346,9 +347,14 @@ class CausalQFormer(nn.Module):
             cache: the users' cache (:meth:`empty_cache` when None: no earlier window).
             context: always-visible tokens [B, M, dim]; only with ``cache=None`` (they are in the
                 cache afterwards).
+            delta: return only what this call adds to the cache (``self_kv``/``mem_kv`` hold the
+                new rows, real first, ``*_len`` their counts; ``n_windows`` the updated count)
+                instead of the whole updated cache: what a store that keeps the earlier rows
+                needs, without copying them.
 
         Returns:
-            ``(QFormerOutput(views [B, W', S, dim], present [B, W', S]), the updated cache)``.
+            ``(QFormerOutput(views [B, W', S, dim], present [B, W', S]), the updated cache)``
+            (its delta with ``delta=True``).
         """
         b, w_count = win_mask.shape
         s, q, d = self.num_sources, self.num_queries, self.dim
@@ -391,6 +397,10 @@ class CausalQFormer(nn.Module):
         present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
         new_tokens = n_new * s * q
         n_events = ev_mask.sum(1)
+        if delta:
+            return QFormerOutput(views, present), QFormerCache(
+                torch.stack(new_self_kv, 1), new_tokens, torch.stack(new_mem_kv, 1), n_events,
+                cache.n_windows + n_new)
         updated = QFormerCache(
             _append_rows(cache.self_kv, cache.self_len, torch.stack(new_self_kv, 1), new_tokens),
             cache.self_len + new_tokens,
