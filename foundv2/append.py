@@ -33,7 +33,7 @@ slices after their old ones, ``slice_window`` numbered on), ``meta.json`` (the i
     append_cache/cache.json   format, identity (blake2b of the stage-1 and tokenizer weights),
                               model sizes, the kv parts in order
     append_cache/users.arrow  per user: windows encoded, last window key, last event time
-    append_cache/kv-NNNNN.arrow  per user (sorted by id): the self-attention K/V of the query
+    append_cache/kv-NNNNN.arrow  per user (any order; looked up by id): the self-attention K/V of the query
                               tokens and the memory K/V added by one version (kv-00000: the
                               first encoding of the history; one more part per append), fp32
 
@@ -65,6 +65,7 @@ import torch
 from data_modules.prepare import SECONDS_PER_DAY, calendar_key
 from data_modules.schema import DataError, validate_events
 from data_modules.store import META_FILE, atomic_dir, atomic_write_json, read_stage_output
+from foundv2.nn.qformer import QFormerCache
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ CACHE_USERS = "users.arrow"
 CACHE_FORMAT = 1
 PART = "part-rank000.arrow"
 EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+#: appended users per batch. Each brings about one new window, so a batch of history-batch size is
+#: tiny tensor ops whose per-call overhead dominated (10,000 users: 64 per batch 40 s, 4096 per
+#: batch 7 s); 4096 users of ~16 cached windows hold ~0.6 GB of cache in a batch
+APPEND_BATCH = 4096
 #: share of stored codes the first encoding may fail to reproduce (float rounding at near-ties)
 REPRODUCE_TOLERANCE = 0.01
 NO_TIME = np.iinfo(np.int64).min
@@ -126,27 +131,59 @@ class KVParts:
                      np.concatenate([np.arange(len(i)) for i in ids]) if ids else np.zeros(0, np.int64))
             cols = [[(b.column(c).offsets.to_numpy(), b.column(c).values.to_numpy(zero_copy_only=True))
                      for b in batches] for c in (1, 2)]
-            self.parts.append((pd.Index(np.concatenate(ids) if ids else np.zeros(0, np.int64)), where, cols))
+            row_len = [np.concatenate([np.diff(off) for off, _ in col]) // (n_layers * width) if col else
+                       np.zeros(0, np.int64) for col in cols]  # per row of the part: cached rows (self, memory)
+            self.parts.append((pd.Index(np.concatenate(ids) if ids else np.zeros(0, np.int64)), where, cols, row_len))
 
-    def users(self, uids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per user of ``uids``: (self_kv [L, P, 2·dim], mem_kv [L, M, 2·dim])."""
-        chunks = [([], []) for _ in uids]
-        for index, (batch_of, row_of), cols in self.parts:
-            for j, r in enumerate(index.get_indexer(uids)):
-                if r < 0:
-                    continue
-                b, i = batch_of[r], row_of[r]
-                for out, col in zip(chunks[j], cols, strict=True):
-                    off, flat = col[b]
-                    out.append(flat[off[i]:off[i + 1]].reshape(self.n_layers, -1, self.width))
-        return [tuple(torch.from_numpy(np.concatenate(c, axis=1) if len(c) > 1 else c[0].copy()) for c in user)
-                for user in chunks]
+    def cache(self, uids: np.ndarray, n_windows: np.ndarray, room: tuple[int, int] = (0, 0)) -> QFormerCache:
+        """The padded batch cache of users ``uids`` (each user's rows of every part, in part order,
+        real rows first), copied once from the memory-mapped parts into preallocated tensors with
+        ``room`` (self, memory) spare rows past the longest user's (for ``forward_window``'s
+        ``in_place``)."""
+        b, n_layers, width = len(uids), self.n_layers, self.width
+        found = [index.get_indexer(uids) for index, _, _, _ in self.parts]
+        lens = np.stack([np.stack([np.where(r >= 0, row_len[c][r], 0) for c in (0, 1)])
+                         for r, (_, _, _, row_len) in zip(found, self.parts, strict=True)]) if self.parts else \
+            np.zeros((0, 2, b), np.int64)  # part, kind, user: rows held
+        total = lens.sum(0)  # kind, user
+        bufs = [np.zeros((b, n_layers, (int(total[c].max()) if b else 0) + room[c], width), np.float32) for c in (0, 1)]
+        filled = np.zeros((2, b), np.int64)
+        for p, (r, (_, (batch_of, row_of), cols, _)) in enumerate(zip(found, self.parts, strict=True)):
+            for j in np.flatnonzero(r >= 0):
+                bi, i = batch_of[r[j]], row_of[r[j]]
+                for c in (0, 1):
+                    n = lens[p, c, j]
+                    if n:
+                        off, flat = cols[c][bi]
+                        at = filled[c, j]
+                        bufs[c][j, :, at:at + n] = flat[off[i]:off[i + 1]].reshape(n_layers, n, width)
+                        filled[c, j] += n
+        return QFormerCache(torch.from_numpy(bufs[0]), torch.from_numpy(total[0]), torch.from_numpy(bufs[1]),
+                            torch.from_numpy(total[1]), torch.as_tensor(np.asarray(n_windows, np.int64)))
+
+
+def _real_rows(kv: torch.Tensor, lens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(flat fp32 values, per-user element counts) of the first ``lens[b]`` rows of each user of
+    ``kv`` [B, L, T, C], user-major then layer then row (the kv part's layout), in one gather."""
+    b, n_layers, t, c = kv.shape
+    keep = (torch.arange(t)[None, :] < lens[:, None])[:, None, :].expand(b, n_layers, t)
+    return kv[keep].float().reshape(-1).numpy(), lens.numpy().astype(np.int64) * n_layers * c
 
 
 def _kv_table(user_ids: np.ndarray, self_kv: list[np.ndarray], mem_kv: list[np.ndarray]) -> pa.Table:
     return pa.table({"user_id": pa.array(user_ids, pa.int64()),
                      "self_kv": _ragged([x.reshape(-1) for x in self_kv], pa.float32()),
                      "mem_kv": _ragged([x.reshape(-1) for x in mem_kv], pa.float32())})
+
+
+def _kv_batch(user_ids: np.ndarray, delta) -> pa.RecordBatch:
+    """The kv rows a :class:`~foundv2.nn.qformer.QFormerCache` delta adds, as one record batch."""
+    cols = {"user_id": pa.array(user_ids, pa.int64())}
+    for name, kv, lens in (("self_kv", delta.self_kv, delta.self_len), ("mem_kv", delta.mem_kv, delta.mem_len)):
+        flat, counts = _real_rows(kv, lens)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        cols[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
+    return pa.RecordBatch.from_pydict(cols)
 
 
 class _KVWriter:
@@ -160,6 +197,9 @@ class _KVWriter:
             self.sink = pa.OSFile(str(self.path), "wb")
             self.writer = pa.ipc.new_file(self.sink, table.schema)
         self.writer.write_table(table)
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self.write(pa.Table.from_batches([batch]))
 
     def close(self) -> None:
         if self.writer is None:
@@ -258,25 +298,57 @@ class TokenRows:
         self.split = np.asarray(table.column("split"), np.int8)
         if len(np.unique(self.user_id)) != len(self.user_id):
             raise DataError(f"--tokens {folder}: a user appears twice; the dataset is not one tokenizer predict.")
-        self.cols: dict[str, list[np.ndarray]] = {}
+        self.flat: dict[str, np.ndarray] = {}
+        self.cols: dict[str, list[np.ndarray]] = {}  # per user: views into flat
         for name, dtype in self.SLICE_COLS:
             arr = table.column(name).combine_chunks()
-            off, child = arr.offsets.to_numpy(), arr.values
+            off, child = arr.offsets.to_numpy().astype(np.int64), arr.values
             if isinstance(child, pa.FixedSizeListArray):  # codes, token_ids: [n, L] per user
                 flat = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
             else:
                 flat = child.to_numpy(zero_copy_only=False)
-            flat = flat.astype(dtype, copy=False)
-            self.cols[name] = [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-        self.index = {int(u): i for i, u in enumerate(self.user_id)}
+            flat = flat[off[0]:off[-1]].astype(dtype, copy=False)
+            self.off = off - off[0]  # the same for every slice column: one entry per slice
+            self.flat[name] = flat
+            self.cols[name] = [flat[self.off[i]:self.off[i + 1]] for i in range(len(off) - 1)]
+        self.index = pd.Index(self.user_id)
+        self.added: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+
+    def extend(self, users: np.ndarray, counts: np.ndarray, slices: dict[str, np.ndarray]) -> None:
+        """Queue new slices after the old ones of users ``users`` (dataset rows, each at most
+        once over all calls): ``counts[j]`` slices of ``slices[name]`` (user by user) each."""
+        self.added.append((np.asarray(users, np.int64), np.asarray(counts, np.int64),
+                           {name: np.asarray(slices[name]).astype(dtype, copy=False) for name, dtype in self.SLICE_COLS}))
+
+    def merged(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(offsets, flat columns) with the queued slices placed after each user's old ones:
+        one vectorised scatter per column, however many users were extended."""
+        if not self.added:
+            return self.off, self.flat
+        users = np.concatenate([u for u, _, _ in self.added])
+        counts = np.concatenate([c for _, c, _ in self.added])
+        old_len = np.diff(self.off)
+        add = np.zeros_like(old_len)
+        add[users] = counts
+        off = np.concatenate([[0], np.cumsum(old_len + add)])
+        old_dest = np.repeat(off[:-1] - self.off[:-1], old_len) + np.arange(self.off[-1])
+        first_new = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        new_dest = np.repeat(off[users] + old_len[users] - first_new, counts) + np.arange(int(counts.sum()))
+        flat = {}
+        for name, _ in self.SLICE_COLS:
+            col = np.empty((int(off[-1]), *self.flat[name].shape[1:]), self.flat[name].dtype)
+            col[old_dest] = self.flat[name]
+            col[new_dest] = np.concatenate([a[name] for _, _, a in self.added])
+            flat[name] = col
+        return off, flat
 
     def table(self) -> pa.Table:
         out = {"user_id": pa.array(self.user_id, pa.int64()), "row": pa.array(self.row, pa.int64()),
                "split": pa.array(self.split, pa.int8())}
-        for name, dtype in self.SLICE_COLS:
-            vals = self.cols[name]
-            offsets = pa.array(np.concatenate([[0], np.cumsum([len(v) for v in vals])]).astype(np.int32))
-            flat = np.concatenate(vals).astype(dtype) if vals else np.zeros(0, dtype)
+        off, cols = self.merged()
+        offsets = pa.array(off.astype(np.int32))
+        for name, _ in self.SLICE_COLS:
+            flat = cols[name]
             if flat.ndim == 2:
                 inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
             else:
@@ -315,7 +387,7 @@ class NewWindows:
                             f"dataset {rows.folder} does not hold, e.g. {bad[:5]}; append adds windows to existing "
                             f"users only (tokenize new users with `foundv2 tokenize`).")
         ts = ev["timestamp"].to_numpy()
-        pos = np.asarray([rows.index[int(u)] for u in uid], np.int64) if len(uid) else np.zeros(0, np.int64)
+        pos = rows.index.get_indexer(uid).astype(np.int64)
         ustart = np.ones(len(uid), bool)
         ustart[1:] = uid[1:] != uid[:-1]
         if window.mode == "events":
@@ -379,25 +451,31 @@ class NewWindows:
         text[has_text] = text_local
         self.text_emb = self._embed(dm, [str(t) for t in uniq], meta)
         # per-user columns as the prepared table holds them (h_window: the new window, 0 = first new)
-        bounds = np.concatenate([np.flatnonzero(ustart), [len(uid)]])
-        self.cols = {name: [] for name in ("h_source", "h_item", "h_text", "h_value", "h_time", "h_category",
-                                           "h_window", "w_key", "w_day")}
+        # (a lead event at the user's last old event time sets the first new event's gap, the event
+        # encoder's time feature; it is dropped after encoding. No history: masked, -1.)
+        group = np.cumsum(ustart) - 1
+        n_users = len(self.users)
+        prev = last_time[self.users]
+        has_prev = prev != NO_TIME
+        lead = np.flatnonzero(ustart) + np.arange(n_users)  # where each user's lead event goes
+        at = np.arange(len(uid)) + group + 1  # where each new event goes
         value = ev["value"].to_numpy().astype(np.float32)
-        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            # a lead event at the user's last old event time sets the first new event's gap (the
-            # event encoder's time feature); it is dropped after encoding. No history: masked (-1).
-            prev = last_time[self.users[g]]
-            has_prev = prev != NO_TIME
-            first = kstart[a:b]
-            self.cols["h_source"].append(np.concatenate([[0 if has_prev else -1], src[a:b]]))
-            self.cols["h_item"].append(np.concatenate([[0], item[a:b]]))
-            self.cols["h_text"].append(np.concatenate([[-1], text[a:b]]))
-            self.cols["h_value"].append(np.concatenate([[0.0], value[a:b]]).astype(np.float32))
-            self.cols["h_time"].append(np.concatenate([[prev if has_prev else ts[a]], ts[a:b]]))
-            self.cols["h_category"].append(np.concatenate([[-1], cat[a:b]]))
-            self.cols["h_window"].append(np.concatenate([[0], rel[a:b]]))
-            self.cols["w_key"].append(key[a:b][first])
-            self.cols["w_day"].append((ts[a:b] // SECONDS_PER_DAY)[first])
+
+        def with_lead(values: np.ndarray, lead_value, dtype) -> np.ndarray:
+            out = np.empty(len(uid) + n_users, dtype)
+            out[lead], out[at] = lead_value, values
+            return out
+
+        flat = {"h_source": with_lead(src, np.where(has_prev, 0, -1), np.int64),
+                "h_item": with_lead(item, 0, np.int64), "h_text": with_lead(text, -1, np.int64),
+                "h_value": with_lead(value, 0.0, np.float32),
+                "h_time": with_lead(ts, np.where(has_prev, prev, ts[ustart]), np.int64),
+                "h_category": with_lead(cat, -1, np.int64), "h_window": with_lead(rel, 0, np.int64)}
+        cuts = lead[1:]
+        self.cols = {name: np.split(v, cuts) for name, v in flat.items()}
+        wcuts = np.cumsum(self.new_counts)[:-1]
+        self.cols["w_key"] = np.split(key[kstart], wcuts)
+        self.cols["w_day"] = np.split((ts // SECONDS_PER_DAY)[kstart], wcuts)
         self.n_events = len(ev)
         # the user's first history day (the calendar's tenure): kept, or the first new day without history
         self.first_day = np.where(first_day[self.users] >= 0, first_day[self.users], ts[ustart] // SECONDS_PER_DAY)
@@ -548,58 +626,59 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
 
 @torch.no_grad()
 def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts, n_windows: np.ndarray,
-                   dm, batch_size: int) -> dict:
-    """Encode the new windows of the appended users from their caches; extend their token rows.
-    Returns the kv delta table and timings."""
+                   dm, batch_size: int, kv_path: Path) -> dict:
+    """Encode the new windows of the appended users from their caches; queue their new token
+    rows (:meth:`TokenRows.extend`) and stream what they add to the cache into the kv part
+    ``kv_path`` (users in batch order). Returns counts and timings."""
     from data_modules.datamodule import EventCollate
-    from foundv2.nn.qformer import QFormerCache
     from foundv2.nn.slices import flat_slices
 
     stage = models.stage
-
+    new_tokens = stage.qformer.num_sources * stage.qformer.num_queries  # query tokens per window
     collate = EventCollate(dm.meta, new.text_emb, int(stage.qformer.max_windows), max_events=2**31 - 1)
     m = len(new.users)
-    d_self, d_mem = [None] * m, [None] * m
-    t = {"read_cache_s": 0.0, "encode_s": 0.0, "tokenize_s": 0.0}
+    t = {"read_cache_s": 0.0, "encode_s": 0.0, "tokenize_s": 0.0, "write_cache_s": 0.0}
     added = 0
+    writer = _KVWriter(kv_path)
+    # users of like history length batched together: the cache is padded to a batch's longest
+    order = np.argsort(n_windows[new.users], kind="stable")
     for start in range(0, m, batch_size):
-        idx = np.arange(start, min(start + batch_size, m))
+        idx = order[start:start + batch_size]
         t0 = time.perf_counter()
         batch = new.batch(idx, rows, collate)
         users = new.users[idx]
-        cache = QFormerCache.stack([(*u, int(n_windows[r])) for u, r in zip(kv.users(rows.user_id[users]), users,
-                                                                                 strict=True)])
+        room = (batch["win_mask"].shape[1] * new_tokens, batch["ev_mask"].shape[1] - 1)
+        cache = kv.cache(rows.user_id[users], n_windows[users], room)
         t1 = time.perf_counter()
         events = stage.encoder(batch)[:, 1:]  # the lead event only set the first new event's gap
-        out, updated = stage.qformer.forward_window(events, batch["ev_window"][:, 1:], batch["ev_source"][:, 1:],
-                                                    batch["ev_mask"][:, 1:], batch["win_mask"], cache)
+        out, delta = stage.qformer.forward_window(events, batch["ev_window"][:, 1:], batch["ev_source"][:, 1:],
+                                                  batch["ev_mask"][:, 1:], batch["win_mask"], cache, delta=True,
+                                                  in_place=True)
         t2 = time.perf_counter()
         sl = flat_slices(out.views, out.present)
         codes, gids = models.tokens(sl["feat"], sl["slice_source"])
-        counts = torch.bincount(sl["slice_user"], minlength=len(idx)).tolist()
-        parts = {"slice_window": sl["slice_window"] + cache.n_windows[sl["slice_user"]],
-                 "slice_source": sl["slice_source"],
-                 "slice_key": batch["win_key"][sl["slice_user"], sl["slice_window"]],
-                 "codes": codes, "token_ids": gids}
-        split = {k: torch.split(v, counts) for k, v in parts.items()}
-        for j, r in enumerate(users):
-            for name, dtype in TokenRows.SLICE_COLS:
-                rows.cols[name][r] = np.concatenate([rows.cols[name][r], split[name][j].numpy().astype(dtype)])
-            added += counts[j]
-        for j, (skv, mkv, _) in enumerate(updated.users()):
-            old_s, old_m = int(cache.self_len[j]), int(cache.mem_len[j])
-            d_self[start + j] = skv[:, old_s:].float().numpy()
-            d_mem[start + j] = mkv[:, old_m:].float().numpy()
+        counts = torch.bincount(sl["slice_user"], minlength=len(idx)).numpy()
+        # flat_slices orders slices user by user: the new rows are already grouped as extend wants
+        rows.extend(users, counts, {
+            "slice_window": (sl["slice_window"] + cache.n_windows[sl["slice_user"]]).numpy(),
+            "slice_source": sl["slice_source"].numpy(),
+            "slice_key": batch["win_key"][sl["slice_user"], sl["slice_window"]].numpy(),
+            "codes": codes.numpy(), "token_ids": gids.numpy()})
+        added += int(counts.sum())
         t3 = time.perf_counter()
+        writer.write_batch(_kv_batch(rows.user_id[users], delta))
+        t4 = time.perf_counter()
         t["read_cache_s"] += t1 - t0
         t["encode_s"] += t2 - t1
         t["tokenize_s"] += t3 - t2
-    return {"kv": _kv_table(rows.user_id[new.users], d_self, d_mem), "slices_added": added, **t}
+        t["write_cache_s"] += t4 - t3
+    writer.close()
+    return {"slices_added": added, **t}
 
 
 # ------------------------------------------------------------------------------ the command
 def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, events: str | None = None,
-                  batch_size: int | None = None) -> dict:
+                  batch_size: int | None = None, append_batch: int = APPEND_BATCH) -> dict:
     """Append the windows of ``events`` to the tokens dataset ``tokens``; write the new version
     ``output`` (see the module docstring). Returns the append report (also in ``meta.json``)."""
     t_start = time.perf_counter()
@@ -644,9 +723,8 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         n_windows, last_key, last_time, first_day = (a.copy() for a in (n_windows, last_key, last_time, first_day))
         if new is not None and len(new.users):
             t0 = time.perf_counter()
-            res = append_windows(new, rows, models, kv, n_windows, dm, batch_size)
             name = f"kv-{len(parts):05d}.arrow"
-            _write_ipc(res["kv"], tmp / CACHE_DIR / name)
+            res = append_windows(new, rows, models, kv, n_windows, dm, int(append_batch), tmp / CACHE_DIR / name)
             parts.append(name)
             n_windows[new.users] += new.new_counts
             last_key[new.users] = new.last_key
@@ -697,9 +775,13 @@ def append_command(args: list[str]) -> int:
     parser.add_argument("--events", default=None, help="new events: a CSV/TSV/Parquet file or a folder of them")
     parser.add_argument("--qformer", required=True, help="the stage-1 (QFormerStage) checkpoint that made the features")
     parser.add_argument("--tokenizer", required=True, help="the tokenizer folder (save_pretrained) that made the tokens")
-    parser.add_argument("--batch_size", type=int, default=None, help="users per batch (default: data.batch_size)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="users per batch of the first encoding of the history (default: data.batch_size)")
+    parser.add_argument("--append_batch", type=int, default=APPEND_BATCH,
+                        help=f"appended users per batch (default {APPEND_BATCH}; users of like history length together)")
     cfg = parser.parse_args(args)
     dm = parser.instantiate_classes(cfg).data
-    report = append_tokens(dm, cfg.tokens, cfg.output, cfg.qformer, cfg.tokenizer, cfg.events, cfg.batch_size)
+    report = append_tokens(dm, cfg.tokens, cfg.output, cfg.qformer, cfg.tokenizer, cfg.events, cfg.batch_size,
+                           cfg.append_batch)
     print(json.dumps(report, indent=1))
     return 0

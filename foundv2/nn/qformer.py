@@ -174,15 +174,22 @@ class _Block(nn.Module):
 
     def forward_cached(
         self, x: torch.Tensor, past_kv: torch.Tensor, self_mask: torch.Tensor, mem_kv: torch.Tensor,
-        cross_mask: torch.Tensor,
+        cross_mask: torch.Tensor, in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on new query tokens ``x`` [B, T, dim] whose self-attention also sees the
         earlier tokens' cached keys/values ``past_kv`` [B, P, 2·dim] (``self_mask`` [B, T, P + T])
-        and whose cross-attention reads ``mem_kv`` [B, M, 2·dim] (:meth:`memory_kv`). Returns
-        (the block's output, the new tokens' self-attention keys/values [B, T, 2·dim])."""
+        and whose cross-attention reads ``mem_kv`` [B, M, 2·dim] (:meth:`memory_kv`). With
+        ``in_place``, ``past_kv`` is [B, P + T, 2·dim] with its last T rows free: the new keys/values
+        are written there instead of concatenated (no copy of the past). Returns (the block's
+        output, the new tokens' self-attention keys/values [B, T, 2·dim])."""
         h = self.norm_sa(x)
         new_kv = self.self_attn.kv(h)
-        x = x + self.self_attn.attend(h, torch.cat([past_kv, new_kv], dim=1), self_mask)
+        if in_place:
+            past_kv[:, past_kv.shape[1] - new_kv.shape[1]:] = new_kv
+            keys = past_kv
+        else:
+            keys = torch.cat([past_kv, new_kv], dim=1)
+        x = x + self.self_attn.attend(h, keys, self_mask)
         x = x + self.cross_attn.attend(self.norm_ca(x), mem_kv, cross_mask)
         return x + self.mlp(self.norm_mlp(x)), new_kv
 
@@ -329,6 +336,7 @@ class CausalQFormer(nn.Module):
         cache: QFormerCache | None = None,
         context: torch.Tensor | None = None,
         delta: bool = False,
+        in_place: bool = False,
     ) -> tuple[QFormerOutput, QFormerCache]:
         """The views of windows appended after the cached ones, without re-encoding the past.
 
@@ -351,6 +359,10 @@ class CausalQFormer(nn.Module):
                 new rows, real first, ``*_len`` their counts; ``n_windows`` the updated count)
                 instead of the whole updated cache: what a store that keeps the earlier rows
                 needs, without copying them.
+            in_place: ``cache`` has spare rows past every user's real ones, at least the new
+                query tokens' (W'·S·Q) in ``self_kv`` and the new memory tokens' (E) in ``mem_kv``:
+                each layer's new keys/values are written there (the cache is changed) and attended
+                to without copying the cached rows. The same numbers as without it.
 
         Returns:
             ``(QFormerOutput(views [B, W', S, dim], present [B, W', S]), the updated cache)``
@@ -372,11 +384,20 @@ class CausalQFormer(nn.Module):
         pos = (cache.n_windows[:, None] + win_tok[None]).clamp_max(self.max_windows - 1)
         x = self.queries[src_tok, torch.arange(len(win_tok), device=device) % q] + self.window_pos(pos)
 
-        past = cache.self_kv.shape[2]
+        n_tok, n_ev = len(win_tok), events.shape[1]
+        if in_place:  # the cached rows in use; the new ones go right after them
+            past = int(cache.self_len.max()) if b else 0
+            past_mem = int(cache.mem_len.max()) if b else 0
+            if cache.self_kv.shape[2] < past + n_tok or cache.mem_kv.shape[2] < past_mem + n_ev:
+                raise ValueError(f"in_place needs {n_tok} spare self rows and {n_ev} spare memory rows past the "
+                                 f"cached ones; the cache has {cache.self_kv.shape[2] - past} and "
+                                 f"{cache.mem_kv.shape[2] - past_mem}")
+        else:
+            past, past_mem = cache.self_kv.shape[2], cache.mem_kv.shape[2]
         old_self = torch.arange(past, device=device)[None, :] < cache.self_len[:, None]
         self_mask = torch.cat([old_self[:, None, :].expand(-1, len(win_tok), -1),
                                self.self_attention_mask(w_count, device)[None].expand(b, -1, -1)], dim=2)
-        old_mem = torch.arange(cache.mem_kv.shape[2], device=device)[None, :] < cache.mem_len[:, None]
+        old_mem = torch.arange(past_mem, device=device)[None, :] < cache.mem_len[:, None]
         new_mem = ev_mask[:, None, :] & (ev_window[:, None, :] <= win_tok[None, :, None])
         cross_mask = torch.cat([old_mem[:, None, :].expand(-1, len(win_tok), -1), new_mem], dim=2)
 
@@ -389,8 +410,13 @@ class CausalQFormer(nn.Module):
         for layer, block in enumerate(self.blocks):
             mem_kv = block.memory_kv(events_c)
             new_mem_kv.append(mem_kv)
-            x, kv = block.forward_cached(x, cache.self_kv[:, layer], self_mask,
-                                         torch.cat([cache.mem_kv[:, layer], mem_kv], dim=1), cross_mask)
+            if in_place:
+                cache.mem_kv[:, layer, past_mem:past_mem + n_ev] = mem_kv
+                x, kv = block.forward_cached(x, cache.self_kv[:, layer, :past + n_tok], self_mask,
+                                             cache.mem_kv[:, layer, :past_mem + n_ev], cross_mask, in_place=True)
+            else:
+                x, kv = block.forward_cached(x, cache.self_kv[:, layer], self_mask,
+                                             torch.cat([cache.mem_kv[:, layer], mem_kv], dim=1), cross_mask)
             new_self_kv.append(kv)
         views = self.norm_out(x).view(b, w_count, s, q, d).mean(dim=3)
         views = views * win_mask[:, :, None, None]
