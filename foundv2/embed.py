@@ -57,12 +57,11 @@ def read_queries(queries: list[str] | None, queries_file: str | None) -> list[st
 
 
 def load_stage(checkpoint: str | Path):
-    """The QAnchorStage of a checkpoint (verified first); a DataError for anything else."""
-    from foundv2.io import verify_checkpoint
+    """The QAnchorStage of a checkpoint (``load_from_checkpoint`` verifies the file first); a
+    DataError for anything else."""
     from foundv2.stages.qanchor import QAnchorStage
 
     path = Path(checkpoint)
-    verify_checkpoint(path, FIX)
     try:
         stage = QAnchorStage.load_from_checkpoint(path, map_location="cpu")
     except DataError:
