@@ -6,7 +6,11 @@ For each data set the shipped config (experiments/<data>/tokenizer.yaml) is trai
 then its predict writes the tokens dataset and report.json. Figures: util_min (the lowest
 share of codes used in the last epoch over every level and block), collision_rate of whole
 (user, window) code tuples with the disambiguation token off, recon_mse (validation),
-bytes_per_user of the codes and fp32_bytes_per_user of the continuous features they replace.
+bytes_per_user of the codes and fp32_bytes_per_user of the continuous features they replace;
+beside the collision rate, the same split by the number of sources a window holds, and
+input_collision_rate, the same tuples built from the tokenizer's input vectors (its floor: equal
+inputs get equal codes from any tokenizer). `synthetic-week` is the synthetic config over week
+windows.
 Speed: benchmarks/tokenizer_speed.py, ours and ResidualVQ side by side in one run.
 """
 
@@ -21,7 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, previous_figures, write_results  # noqa: E402
 
-CONFIGS = {"synthetic": "experiments/synthetic/tokenizer.yaml", "movielens-1m": "experiments/movielens-1m/tokenizer.yaml"}
+# name: (shipped tokenizer config, extra flags). `synthetic-week` is the same config over week
+# windows (the data config gives day windows, where 2 in 3 windows hold one source's events)
+CONFIGS = {"synthetic": ("experiments/synthetic/tokenizer.yaml", []),
+           "synthetic-week": ("experiments/synthetic/tokenizer.yaml", ["--data.window_mode", "week"]),
+           "movielens-1m": ("experiments/movielens-1m/tokenizer.yaml", [])}
 
 
 def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
@@ -43,6 +51,7 @@ def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
     L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).predict(
         cli.model, datamodule=cli.datamodule, return_predictions=False)
     report = json.loads((run_dir / "tokens" / "report.json").read_text())
+    floor = input_collisions(cli.model, cli.datamodule)
     return {
         "util_min": min(util.values()),
         # MovieLens' profile is a one-hot zip region: 10 distinct inputs cannot use 64 codes
@@ -50,8 +59,13 @@ def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
         "util": util,
         "collision_rate": report["collisions"]["collision_rate"],
         "unique_frac": report["collisions"]["unique_frac"],
+        "collisions_by_sources_in_window": report["collisions_by_sources_in_window"],
         "max_dup": report["collisions"]["max_dup"],
         "collision_rate_disambiguated": report["collisions_disambiguated"]["collision_rate"],
+        # the same tuples built from the tokenizer's input vectors: identical inputs get identical
+        # codes from any tokenizer, so this is collision_rate's floor on the data
+        "input_collision_rate": floor["collision_rate"],
+        "input_unique_frac": floor["unique_frac"],
         "recon_mse": metrics.get("val/recon_mse"),
         "bytes_per_user": report["storage"]["bytes_per_user"],
         "fp32_bytes_per_user": report["storage"]["fp32_bytes_per_user"],
@@ -61,6 +75,28 @@ def run_config(name: str, config: str, out: Path, extra: list[str]) -> dict:
         "fit_seconds": fit_s,
         "config": config,
     }
+
+
+def input_collisions(model, datamodule) -> dict:
+    """collision_stats of the (user, window) tuples made of the tokenizer's inputs instead of its
+    codes: every slice's feature vector (exact float bytes) stands for its code. Two windows whose
+    slices have equal inputs cannot get different codes, whatever the tokenizer."""
+    import torch
+
+    from foundv2.metrics.collisions import collision_stats, window_tuples
+
+    ids: dict[bytes, int] = {}
+    parts = []
+    model.eval()
+    with torch.no_grad():
+        for batch in datamodule.predict_dataloader():
+            s = model.slices(batch)
+            feat = s["feat"].float().contiguous().numpy()
+            code = torch.as_tensor([ids.setdefault(r.tobytes(), len(ids)) for r in feat], dtype=torch.long)
+            parts.append(torch.stack([batch["user_id"][s["slice_user"]].long(), s["slice_window"].long(),
+                                      s["slice_source"].long(), code], dim=1))
+    rows = torch.cat(parts)
+    return collision_stats(window_tuples(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:], len(model.sources)))
 
 
 def reachable_codes(rows: int = 4096) -> dict:
@@ -101,10 +137,10 @@ def main() -> None:
     a = ap.parse_args()
     # a partial run updates the last full one
     figures = previous_figures("tokenizer", (*CONFIGS, "speed", "reachable")) if a.only or a.no_speed else {}
-    for name, config in CONFIGS.items():
+    for name, (config, extra) in CONFIGS.items():
         if a.only and name != a.only:
             continue
-        figures[name] = run_config(name, config, Path(a.out), [])
+        figures[name] = {**run_config(name, config, Path(a.out), extra), "extra_flags": extra}
         print(name, json.dumps({k: v for k, v in figures[name].items() if k != "util"}), flush=True)
     figures["reachable"] = reachable_codes()
     print("reachable", json.dumps(figures["reachable"]), flush=True)
@@ -112,7 +148,7 @@ def main() -> None:
         from tokenizer_speed import measure_speed
 
         figures["speed"] = measure_speed()
-    write_results("tokenizer", figures, {"configs": CONFIGS})
+    write_results("tokenizer", figures, {"configs": {k: c for k, (c, _) in CONFIGS.items()}})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from foundv2.metrics.collisions import collision_stats
+from foundv2.metrics.collisions import collision_stats, collisions_by_sources
 from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
 from foundv2.nn.quantizer import SHARED, QuantizerConfig, ResidualGroupQuantizer
 
@@ -275,6 +275,16 @@ def test_collision_stats_known_input() -> None:
     assert stats["max_dup"] == 3
     assert stats["unique_frac"] == pytest.approx(3 / 6)
     assert collision_stats(torch.tensor([[1], [2]]))["collision_rate"] == 0
+
+
+def test_collisions_by_sources_in_window() -> None:
+    # 2 sources x 1 level; -1 = source absent. One-source windows: (5,-1) twice, (6,-1) once;
+    # two-source windows: (1,2) twice, (3,4) once
+    tuples = torch.tensor([[5, -1], [5, -1], [6, -1], [1, 2], [1, 2], [3, 4]])
+    by = collisions_by_sources(tuples, 2)
+    assert by["1"] == {"windows": pytest.approx(0.5), "collision_rate": pytest.approx(2 / 3)}
+    assert by["2"] == {"windows": pytest.approx(0.5), "collision_rate": pytest.approx(2 / 3)}
+    assert collisions_by_sources(torch.tensor([[5, -1], [-1, 6]]), 2)["1"]["collision_rate"] == 0
 
 
 def test_disambiguate_makes_tuples_unique() -> None:

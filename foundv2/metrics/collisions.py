@@ -38,6 +38,24 @@ def collision_stats(tuples: Tensor) -> dict[str, float]:
     }
 
 
+def collisions_by_sources(tuples: Tensor, num_sources: int) -> dict[str, dict[str, float]]:
+    """``collision_rate`` of the tuples ``[N, num_sources * L]`` (from :func:`window_tuples`)
+    split by how many sources the window holds (``"1"``, ``"2"``, ...): with ``windows``, each
+    group's share of all windows. A window of one source can only collide with another window
+    of that one source, so small windows are where a code tuple runs out of room first."""
+    n = tuples.shape[0]
+    if n == 0:
+        return {}
+    _, inverse, counts = torch.unique(tuples, dim=0, return_inverse=True, return_counts=True)
+    repeated = counts[inverse] > 1
+    present = (tuples.view(n, num_sources, -1)[:, :, 0] >= 0).sum(1)
+    out = {}
+    for k in torch.unique(present).tolist():
+        m = present == k
+        out[str(k)] = {"windows": float(m.float().mean()), "collision_rate": float(repeated[m].float().mean())}
+    return out
+
+
 class CollisionRate(Metric):
     """:func:`collision_stats` of the (user, window) tuples of every slice seen since the last
     reset, over all DDP ranks.

@@ -18,7 +18,7 @@ import torch
 
 from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, read_stage_output
-from foundv2.metrics.collisions import CollisionRate, collision_stats, window_tuples
+from foundv2.metrics.collisions import CollisionRate, collision_stats, collisions_by_sources, window_tuples
 from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures
@@ -251,6 +251,7 @@ def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) ->
     report = {
         "users": n_users,
         "collisions": {k: float(v) for k, v in stats.items()},
+        "collisions_by_sources_in_window": collisions_by_sources(allt, sources),
         "collisions_disambiguated": {k: float(v) for k, v in after.items()},
         "disambiguation_max_index": int(extra.max()) if len(extra) else 0,
         "storage": storage_report(model, n_slices / max(n_users, 1), n_windows / max(n_users, 1), feature_dim),
