@@ -127,16 +127,37 @@ def _local(path) -> bool:
     return "://" not in str(path)
 
 
+_VERIFIED: dict[str, tuple] = {}  # resolved path -> its and its record's (inode, size, mtime_ns) when it passed
+
+
+def _identity(path: Path) -> tuple:
+    def stat(p: Path) -> tuple[int, int, int] | None:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+    return stat(path), stat(sidecar(path)), stat(sidecar(path.resolve()))
+
+
 def verify_checkpoint(path: str | Path, fix: str) -> None:
     """Raise DataError unless ``path`` is a whole checkpoint: a torch zip whose bytes match the
     checksum recorded beside it when it was written (checkpoints written elsewhere have none and
-    get the zip check only). ``fix``: what the reader should do, for the message."""
+    get the zip check only). ``fix``: what the reader should do, for the message.
+
+    A file that passed in this process and has not changed since (same inode, size and mtime) is
+    not hashed again (nor its record changed): the pipeline checks a checkpoint before the
+    trainer's load checks it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such checkpoint file; {fix}.")
+    key = str(path.resolve())
+    if _VERIFIED.get(key) == _identity(path):
+        return
     verify_sidecar(path, "checkpoint", fix)
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt: not a torch zip file); {fix}.")
+    _VERIFIED[key] = _identity(path)
 
 
 class ChecksumCheckpointIO(TorchCheckpointIO):

@@ -137,6 +137,27 @@ def test_every_checkpoint_load_is_verified(first_run, tmp_path):
     assert type(err.value).__name__ == "DataError"
 
 
+def test_an_unchanged_checkpoint_is_hashed_once(first_run, tmp_path, monkeypatch):
+    """The pipeline checks a checkpoint, then the trainer's load checks it again: the second check
+    of the same unchanged file does not hash it again; a changed record or file is checked anew."""
+    import foundv2.io as fio
+
+    best, _ = _checkpoints(first_run, "stage1")
+    copy, record = tmp_path / best.name, tmp_path / f"{best.name}.checksum"
+    shutil.copy(best, copy)
+    shutil.copy(best.parent / f"{best.name}.checksum", record)
+    hashed = []
+    real = fio.verify_sidecar
+    monkeypatch.setattr(fio, "verify_sidecar", lambda *a: hashed.append(a[0]) or real(*a))
+    fio.verify_checkpoint(copy, "fix")
+    assert "state_dict" in ChecksumCheckpointIO().load_checkpoint(copy, weights_only=False)
+    assert len(hashed) == 1
+    record.write_text(record.read_text().replace('"blake2b_128": "', '"blake2b_128": "0'))  # the record changed
+    with pytest.raises(Exception, match="checksum mismatch"):
+        fio.verify_checkpoint(copy, "fix")
+    assert len(hashed) == 2
+
+
 # ------------------------------------------------------------------------------ exports
 def test_export_carries_checksums(first_run):
     export = first_run / "tokenizer" / "export"
