@@ -199,16 +199,18 @@ def main() -> None:
                     help="append: keep the models and first encoding of an earlier run of the same size")
     args = ap.parse_args()
     names = [args.only] if args.only else [*DATASETS, "append"]
-    out = previous_figures("alignment", (*DATASETS, "append"))
     for name in names:
         if name == "append":
             load = os.getloadavg()
-            out["append"] = {**run_append(args.append_users, args.append_days, ROOT / "runs" / "append-bench",
-                                          reuse=args.reuse),
-                             "load_before": load}
+            part = {**run_append(args.append_users, args.append_days, ROOT / "runs" / "append-bench",
+                                 reuse=args.reuse),
+                    "load_before": load}
         else:
-            out[name] = run(name)
-    write_results("alignment", out, {"parts": names})
+            part = run(name)
+        # merged with the file as it is now (not as it was at the start): each part is kept as soon
+        # as it is done, and two runs of different parts at once do not drop each other's figures
+        out = {**previous_figures("alignment", (*DATASETS, "append")), name: part}
+        write_results("alignment", out, {"parts": sorted(k for k in out if k in (*DATASETS, "append"))})
 
 
 if __name__ == "__main__":
