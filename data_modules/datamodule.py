@@ -272,7 +272,8 @@ class UserDataModule(L.LightningDataModule):
         questions: Query-as-Anchor pairs (data_modules/questions.py): a list of questions
             ``{name, query, answer, source?, top?}``, or ``true`` for the default set; when set,
             *training* batches are query/answer batches of the training users' pairs (validation
-            and test users get none), and ``predict`` still hands out event batches of users.
+            and test users get none): event batches of the pairs' users plus the pairs, or token
+            batches with ``tokens_dir``; ``predict`` still hands out batches of users.
         calendar: give the models absolute time where the data has calendar time: each window's
             position in the data set's calendar and the user's tenure at it (event batches'
             ``win_calendar``; stage 1's event encoder and the pooled slice features read it).
@@ -441,10 +442,13 @@ class UserDataModule(L.LightningDataModule):
             from data_modules.questions import PairRows, QACollate
 
             pairs = self.qa_pairs()
-            events = BATCH_KINDS["events"].collate(self)
+            if self.batch_kind == "tokens":  # the users' token rows (Q-Anchor's token prefix)
+                users, collate = PairRows(self.input_table, pairs, table_rows="row"), self.collate()
+            else:
+                users, collate = PairRows(self.table, pairs), BATCH_KINDS["events"].collate(self)
             sampler = EpochShuffleSampler(len(pairs), self.hparams.split_seed)
-            return DataLoader(PairRows(self.table, pairs), batch_size=self.hparams.batch_size, sampler=sampler,
-                              collate_fn=QACollate(events, pairs), num_workers=self.hparams.num_workers,
+            return DataLoader(users, batch_size=self.hparams.batch_size, sampler=sampler,
+                              collate_fn=QACollate(collate, pairs), num_workers=self.hparams.num_workers,
                               persistent_workers=self.hparams.num_workers > 0)
         return self._loader(self.rows("train"), shuffle=True)
 

@@ -306,11 +306,26 @@ def load_pairs(prepared_dir: str | Path, questions: Sequence[Question] | None = 
 
 # ------------------------------------------------------------------------------------ batches
 class PairRows:
-    """A map-style dataset of pairs: item ``p`` fetches the prepared columns of pair ``p``'s user
-    (batched, like ``UserRows``) plus the pair's question index and answer."""
+    """A map-style dataset of pairs: item ``p`` fetches the columns of pair ``p``'s user
+    (batched, like ``UserRows``) plus the pair's question index and answer.
 
-    def __init__(self, table, pairs: QAPairs):
+    ``table`` is the prepared table (row ``r`` is prepared row ``r``) or, with ``table_rows``,
+    another per-user table (a tokens dataset) whose ``table_rows`` column holds each user's
+    prepared row; ``row`` in the batch is always the prepared row."""
+
+    def __init__(self, table, pairs: QAPairs, table_rows: str | None = None):
         self.table, self.pairs = table, pairs
+        self.index = None
+        if table_rows is not None:
+            prepared = np.asarray(table[table_rows], dtype=np.int64)
+            where = np.full(max(int(prepared.max(initial=-1)), int(pairs.row.max(initial=-1))) + 1, -1, np.int64)
+            where[prepared] = np.arange(len(prepared))
+            missing = np.unique(pairs.row[where[pairs.row] < 0])
+            if len(missing):
+                raise DataError(f"{len(missing)} training user(s) with question pairs have no row in the input "
+                                f"dataset (prepared rows {missing[:5].tolist()}...): it was made for other users or "
+                                "splits; predict it again for every split.")
+            self.index = where
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -321,7 +336,7 @@ class PairRows:
     def __getitems__(self, idx: list[int]) -> dict:
         idx = np.asarray(idx, dtype=np.int64)
         rows = self.pairs.row[idx]
-        cols = self.table[rows.tolist()]
+        cols = self.table[(rows if self.index is None else self.index[rows]).tolist()]
         cols["row"] = rows.tolist()
         cols["pair"] = idx.tolist()
         return cols
@@ -329,7 +344,8 @@ class PairRows:
 
 class QACollate:
     """Pairs → the **query/answer batch**: the event batch of the pairs' users (``EventCollate``:
-    the soft prefix reads ``ev_text_emb``, ``ev_source``, ``ev_mask``) plus ``pair [B]`` (index
+    the soft prefix reads ``ev_text_emb``, ``ev_source``, ``ev_mask``), or their token batch
+    (``TokenCollate``, with a tokens dataset: the token prefix reads ``token_id``), plus ``pair [B]`` (index
     into the pairs), ``question [B]``, ``query`` and ``answer`` (lists of B strings; the stage
     tokenizes them with its LM) and ``answer_key [B]`` (an int64 id of the answer text, equal
     for equal texts on every process: a same-answer candidate is no negative)."""

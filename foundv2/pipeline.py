@@ -23,7 +23,11 @@ the whole pipeline, and is every step's first ``--config``::
                   bench.tokenizer_dir: tokenizer/export}
 
 A ``stage`` step fits its YAML's LightningModule (resuming from ``last.ckpt`` after a crash),
-then predicts from the best checkpoint into its output; a ``bench`` step calls
+then predicts from the best checkpoint into its output; a ``qanchor`` step is a stage step (a
+:class:`~foundv2.stages.qanchor.QAnchorStage` YAML) that also puts that checkpoint into its
+``model`` folder (``model/stage.ckpt``, hard-linked where it can be), which a later step reads
+as ``<step>/model``: the bench's ``bench.qanchor.<name>`` (base, prompt-tuned and no-query
+rows, :mod:`foundv2.bench.qanchor`) or ``foundv2 embed``; a ``bench`` step calls
 :func:`foundv2.bench.run.run_bench` on rank 0 with its YAML's ``bench:`` arguments. Adding a
 stage is one more entry. Everything a step writes lives in ``<run_dir>/<name>/`` (logs,
 checkpoints, ``fit.done``, its outputs; the bench's ``bench.json``, ``report.md``, plots).
@@ -70,7 +74,12 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("foundv2", "data_modules")
 #: each kind of step: the modules its code fingerprint starts from (a stage adds the modules of
 #: every foundv2/data_modules ``class_path`` in its YAML: its LightningModule, callbacks)
-KIND_CODE = {"stage": ("foundv2.launch", "data_modules.datamodule"), "bench": ("foundv2.launch", "foundv2.bench.run")}
+KIND_CODE = {"stage": ("foundv2.launch", "data_modules.datamodule"), "bench": ("foundv2.launch", "foundv2.bench.run"),
+             "qanchor": ("foundv2.launch", "data_modules.datamodule", "foundv2.stages.qanchor")}
+#: step kinds that fit a stage (and predict into their output)
+STAGE_KINDS = ("stage", "qanchor")
+#: the folder of a qanchor step that holds its checkpoint, and the checkpoint's name in it
+MODEL_FOLDER = "model"
 
 
 @dataclass
@@ -83,7 +92,8 @@ class Step:
         config: its YAML: a stage config (trainer and model sections) for ``stage``, a config
             with a ``bench:`` section for ``bench``. No ``data:`` section: the pipeline's data
             config is given to every step.
-        kind: ``stage`` (fit, then predict from the best checkpoint) or ``bench`` (run_bench on rank 0).
+        kind: ``stage`` (fit, then predict from the best checkpoint), ``qanchor`` (a stage step whose
+            checkpoint is also put into its ``model`` folder) or ``bench`` (run_bench on rank 0).
         args: extra flags for this step only, after its YAML, e.g. ["--trainer.max_epochs", "4"].
         output: a stage's predict output, a folder in the step's folder (given as --model.predict_dir).
         writes: other folders a stage writes in its folder: folder name → the config key that
@@ -102,7 +112,8 @@ class Step:
 
     def folders(self) -> dict[str, str]:
         """The folders this step writes that later steps may read: name → the key that sets it."""
-        return {**({self.output: "model.predict_dir"} if self.output else {}), **self.writes}
+        model = {MODEL_FOLDER: None} if self.kind == "qanchor" else {}
+        return {**({self.output: "model.predict_dir"} if self.output else {}), **model, **self.writes}
 
 
 @dataclass
@@ -154,8 +165,11 @@ def validate(cfg: PipelineConfig) -> None:
             raise DataError(f"{where}: a step name must be unique and a plain folder name (letters, digits, _ . -).")
         if step.kind not in KIND_CODE:
             raise DataError(f"{where}: kind must be one of {sorted(KIND_CODE)}, got {step.kind!r}.")
-        if step.kind == "stage" and not step.output:
+        if step.kind in STAGE_KINDS and not step.output:
             raise DataError(f"{where}: a stage step needs an output (the folder its predict writes).")
+        if step.kind == "qanchor" and MODEL_FOLDER in {step.output, *step.writes}:
+            raise DataError(f"{where}: a qanchor step writes its checkpoint into {MODEL_FOLDER!r}; name its output "
+                            "and written folders otherwise.")
         if step.kind == "bench" and (step.output or step.writes):
             raise DataError(f"{where}: a bench step writes only its own folder; drop output and writes.")
         for key, ref in step.reads.items():
@@ -177,7 +191,7 @@ def step_args(cfg: PipelineConfig, step: Step, run: Path) -> list[str]:
     config, the folders it writes and reads, then its own flags (last, so they win)."""
     folder = run / step.name
     args = ["--config", cfg.data, "--config", step.config]
-    if step.kind == "stage":
+    if step.kind in STAGE_KINDS:
         args += ["--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
                  *cfg.trainer_args]
         for name, key in step.writes.items():
@@ -258,12 +272,12 @@ def step_fingerprint(cfg: PipelineConfig, step: Step, upstream: dict[str, str], 
     where = f"pipeline step {step.name!r}"
     data, own = _read_config(cfg.data, where), _read_config(step.config, where)
     entry = list(KIND_CODE[step.kind])
-    if step.kind == "stage":
+    if step.kind in STAGE_KINDS:
         entry += _class_path_modules(yaml.safe_load(own))
     fp = {
         "config": {"data": hashlib.sha256(data).hexdigest(), "step": hashlib.sha256(own).hexdigest()},
         "flags": {"kind": step.kind, "args": step.args, "output": step.output, "writes": step.writes,
-                  "trainer_args": cfg.trainer_args if step.kind == "stage" else []},
+                  "trainer_args": cfg.trainer_args if step.kind in STAGE_KINDS else []},
         "reads": {key: {"from": ref, "fingerprint": upstream[ref.partition("/")[0]]} for key, ref in step.reads.items()},
         "code": code_closure(entry, root),
     }
@@ -376,6 +390,31 @@ def _run_stage(step: Step, folder: Path, args: list[str]) -> bool:
     return ran
 
 
+def _put_model(folder: Path) -> bool:
+    """A qanchor step: its best (else last) checkpoint, with its checksum record, into
+    ``<folder>/model/`` (hard links where the file system allows, else copies), atomically; rank 0.
+    True when it was put there now."""
+    from data_modules.store import atomic_dir, sidecar
+    from foundv2.bench.qanchor import CHECKPOINT_NAME
+
+    out = folder / MODEL_FOLDER
+    if not _is_rank_zero():
+        return False
+    if (out / CHECKPOINT_NAME).is_file():
+        _say(f"  model: {out} complete, skipped")
+        return False
+    ckpt = launch.best_or_last_checkpoint(folder)
+    with atomic_dir(out) as tmp:
+        for src, dst in ((ckpt, tmp / CHECKPOINT_NAME), (sidecar(ckpt), sidecar(tmp / CHECKPOINT_NAME))):
+            if src.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+    _say(f"  model: {ckpt.name} put into {out}")
+    return True
+
+
 def _run_bench(folder: Path, args: list[str]) -> bool:
     if not _is_rank_zero():
         return False
@@ -409,8 +448,10 @@ def run_pipeline(cfg: PipelineConfig, root: Path = REPO) -> dict:
         log = folder / console.step_log_name()
         _say(f"[{k}/{len(cfg.steps)}] {step.name}: {step.config} (log: {log})")
         with console.log_to_file(log):
-            if step.kind == "stage":
+            if step.kind in STAGE_KINDS:
                 did = _run_stage(step, folder, args)
+                if step.kind == "qanchor":
+                    did = _put_model(folder) or did
             else:
                 did = _run_bench(folder, args)
                 bench_dirs.append(folder)

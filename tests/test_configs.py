@@ -12,6 +12,16 @@ from tests.helpers import ROOT, run_cli
 CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml"))
 
 
+def _stage_data_keys() -> set[str]:
+    from data_modules.datamodule import BATCH_KINDS
+
+    return {k.input_arg for k in BATCH_KINDS.values() if k.input_arg} | {"questions"}
+
+
+#: the data keys a stage YAML may set: what its batches are, not what the data is
+STAGE_DATA_KEYS = _stage_data_keys()
+
+
 def _kind(path: Path) -> str:
     cfg = yaml.safe_load(path.read_text())
     if "pipeline" in cfg:
@@ -39,10 +49,9 @@ def _with_data(path: Path) -> list[str]:
 
 def test_stage_and_bench_configs_hold_no_data_section():
     """The data config lives once per data-set folder (data.yaml); stage YAMLs do not repeat it.
-    A stage YAML may only name the input dataset it reads (a batch kind's input folder)."""
-    from data_modules.datamodule import BATCH_KINDS
-
-    inputs = {k.input_arg for k in BATCH_KINDS.values() if k.input_arg}
+    A stage YAML may only name what its batches are: the input dataset it reads (a batch kind's
+    input folder) or, for Q-Anchor, the question/answer pairs it trains on."""
+    inputs = STAGE_DATA_KEYS
     for p in CONFIGS:
         if _kind(p) in ("lightning", "bench"):
             assert set(yaml.safe_load(p.read_text()).get("data") or {}) <= inputs, p
@@ -95,10 +104,11 @@ def test_every_step_of_a_pipeline_sees_the_same_data_config(path, tmp_path, monk
     cfg = parse_config(["--config", str(path)])
     cfg = replace(cfg, run_dir=str(tmp_path))
     read = {k.removeprefix("data.") for s in cfg.steps for k in s.reads if k.startswith("data.")}
+    read |= {"questions"}  # Q-Anchor's training batches, set by its stage YAML
     seen = {}
     for step in cfg.steps:
         args = step_args(cfg, step, tmp_path)
-        if step.kind == "stage":
+        if step.kind != "bench":
             data = dict(lightning_cli([*args, "--trainer.accelerator", "cpu"], run=False).datamodule.hparams)
         else:
             data = function_parser(run_bench, "bench").parse_args(args).data.as_dict()
@@ -111,7 +121,7 @@ def test_every_step_of_a_pipeline_sees_the_same_data_config(path, tmp_path, monk
                                       if first.get(k) != data.get(k)})
 
 
-@pytest.mark.parametrize("name", ["synthetic/tokenizer.yaml", "synthetic/qformer.yaml"])
+@pytest.mark.parametrize("name", ["synthetic/tokenizer.yaml", "synthetic/qformer.yaml", "synthetic/qanchor.yaml"])
 def test_small_configs_run_one_step(name, tmp_path):
     run_cli("fit", *_with_data(ROOT / "experiments" / name), "--trainer.fast_dev_run", "1",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",

@@ -56,3 +56,19 @@ def test_qformer_ddp_fit_and_predict(tmp_path):
     run_cli("predict", *pred, "--trainer.devices", "1", "--model.predict_dir", str(tmp_path / "p1"))
     run_cli("predict", *pred, *DDP2, "--model.predict_dir", str(tmp_path / "p2"))
     _same_output(tmp_path, cfg, pred, "user_emb", atol=1e-5)
+
+
+@pytest.mark.ddp
+def test_qanchor_ddp_fit_and_predict(tmp_path):
+    """Query-as-Anchor with the tiny LM: a 2-process fit (InfoNCE over the gathered batch), then
+    its predict under 2 processes equals 1 process."""
+    cfg = str(ROOT / "experiments/synthetic/qanchor.yaml")
+    common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"), "--data.max_events", "24"]
+    run_cli("fit", *common, *DDP2, "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path))
+    ckpt = sorted(tmp_path.rglob("last.ckpt"))[-1]
+    pred = [*common, "--trainer.logger", "false", "--ckpt_path", str(ckpt), "--trainer.default_root_dir",
+            str(tmp_path)]
+    run_cli("predict", *pred, "--trainer.devices", "1", "--model.predict_dir", str(tmp_path / "p1"))
+    run_cli("predict", *pred, *DDP2, "--model.predict_dir", str(tmp_path / "p2"))
+    _same_output(tmp_path, cfg, pred, "user_emb", atol=1e-5)

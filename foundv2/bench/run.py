@@ -268,6 +268,7 @@ class Row:
     tasks: list[str]
     build: Callable[[], object] | None = None  # → features X, probed on every task
     run: Callable[[Task, dict], dict] | None = None  # (task, scores_out) → metrics, for model baselines
+    build_task: Callable[[Task], object] | None = None  # → features X of one task (e.g. Q-Anchor: its own query)
 
 
 def _fmt_storage(b: float | None) -> str:
@@ -276,7 +277,8 @@ def _fmt_storage(b: float | None) -> str:
 
 def _rows(data: BenchData, dm: UserDataModule, tokens_dir: str | None, tokenizer_dir: str | None,
           embeddings: dict[str, str], baselines: list[str], representations: list[str],
-          storage_bytes: list[int], sasrec_epochs: int, seed: int, tasks: list[Task]) -> tuple[list[Row], dict]:
+          storage_bytes: list[int], sasrec_epochs: int, seed: int, tasks: list[Task],
+          qanchor: list | None = None) -> tuple[list[Row], dict]:
     """Every row of this run, in report order, with lazily built features."""
     n_rows = len(data.split)
     cls_tasks = [t.name for t in tasks if t.kind != "ranking"]
@@ -316,6 +318,11 @@ def _rows(data: BenchData, dm: UserDataModule, tokens_dir: str | None, tokenizer
                             "the tokens as stored (the model's weights are shared by all users)", all_tasks, build=emb))
         else:
             rows.append(Row(name, "representation", None, "float32 × dim", all_tasks, build=emb))
+    for qa in qanchor or []:  # base, prompt-tuned and no-query rows of each Q-Anchor model
+        size, kind, what = qa.bytes_per_user(tok_bytes if qa.prefix == "tokens" else None)
+        for name in qa.row_names:
+            rows.append(Row(name, kind, size, what, all_tasks,
+                            build_task=lambda task, qa=qa, name=name: qa.build()[name][task.name]))
     sizes = sorted({int(b) for b in storage_bytes} | ({int(round(tok_bytes))} if tok_bytes else set()))
     tfidf_cache: dict = {}
 
@@ -447,6 +454,11 @@ def _fingerprint(dm: UserDataModule, inputs: dict) -> str:
     for name, folder in (inputs.get("embeddings") or {}).items():
         p = Path(folder) / "meta.json"
         parts[f"emb/{name}"] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+    for name, ckpt in (inputs.get("qanchor") or {}).items():
+        from foundv2.bench.qanchor import checkpoint_path
+
+        st = checkpoint_path(ckpt).stat()
+        parts[f"qanchor/{name}"] = [st.st_size, st.st_mtime_ns]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -464,6 +476,10 @@ def run_bench(
     seed: int = 0,
     skip_tasks: list[str] | None = None,
     compare: list[list[str]] | None = None,
+    qanchor: dict[str, str] | None = None,
+    qanchor_queries: dict[str, str] | None = None,
+    qanchor_tune_steps: int = 300,
+    qanchor_prompt_tokens: int = 6,
     progress: bool = True,
     resume: bool = True,
 ) -> dict:
@@ -488,13 +504,23 @@ def run_bench(
         compare: pairs of rows ``[a, b]`` compared on every task with the paired 95 % interval of
             ``a - b`` (bench.json ``pairs``), whatever their sizes: e.g. stage 3 against the token
             bag it reads, or an ablation against the full model.
+        qanchor: name → a QAnchorStage checkpoint (or a pipeline qanchor step's ``model``
+            folder): rows ``<name>`` (each task its own query), ``<name>_tuned`` (plus a
+            scenario prompt tuned per task on the training users) and ``<name>_noquery``
+            (:mod:`foundv2.bench.qanchor`); a token-prefix model reads ``tokens_dir``.
+        qanchor_queries: task → the query it is asked with (defaults:
+            ``foundv2.bench.qanchor.TASK_QUERIES``).
+        qanchor_tune_steps: scenario-tuning steps per task.
+        qanchor_prompt_tokens: learned prompt tokens per scenario.
         progress: show one progress bar over rows × tasks.
         resume: reuse the finished (row, task) results of an unfinished run with the same inputs.
     """
     inputs = {"tokens_dir": tokens_dir, "tokenizer_dir": tokenizer_dir, "embeddings": embeddings or {},
               "baselines": baselines, "representations": representations, "storage_bytes": storage_bytes,
               "sasrec_epochs": sasrec_epochs, "probe_epochs": probe_epochs, "seed": seed, "skip_tasks": skip_tasks,
-              "compare": [list(p) for p in compare or []]}
+              "compare": [list(p) for p in compare or []], "qanchor": qanchor or {},
+              "qanchor_queries": qanchor_queries, "qanchor_tune_steps": qanchor_tune_steps,
+              "qanchor_prompt_tokens": qanchor_prompt_tokens}
     out_dir = Path(output_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -530,8 +556,13 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
         print(f"bench: {note}", flush=True)
     names = list(ALL_BASELINES if inputs["baselines"] is None else inputs["baselines"])
     wanted = inputs["representations"] or ["pooled", "tokens_bag", "tokens_sum"]
+    from foundv2.bench.qanchor import QAnchorRows
+
+    qanchor = [QAnchorRows(name, ckpt, dm, tasks, out_dir, inputs["tokens_dir"], inputs["qanchor_queries"],
+                           inputs["qanchor_tune_steps"], inputs["qanchor_prompt_tokens"], seed)
+               for name, ckpt in inputs["qanchor"].items()]
     rows, extra = _rows(data, dm, inputs["tokens_dir"], inputs["tokenizer_dir"], inputs["embeddings"], names, wanted,
-                        inputs["storage_bytes"] or [16, 64], inputs["sasrec_epochs"], seed, tasks)
+                        inputs["storage_bytes"] or [16, 64], inputs["sasrec_epochs"], seed, tasks, qanchor)
     fp = _fingerprint(dm, inputs)
     prog_path = out_dir / PROGRESS_FILE
     done: dict = {}
@@ -560,10 +591,14 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
                 continue
             bar.set_postfix_str(row.name)
             X = row.build() if row.build is not None else None
-            if row.kind == "representation":
+            if row.kind == "representation" and X is not None:
                 results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
             for name in todo:
                 task = by_name[name]
+                if row.build_task is not None:
+                    X = row.build_task(task)
+                    if row.kind == "representation":
+                        results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
                 bar.set_postfix_str(f"{row.name} / {name}")
                 t0 = time.perf_counter()
                 scores: dict = {}
@@ -590,14 +625,14 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
         "split_seed": dm.hparams.split_seed,
         "num_items": int(data.history.shape[1]),
         "has_items": data.has_items,
-        "notes": notes,
+        "notes": notes + [n for qa in qanchor for n in qa.notes],
         "tasks": {t.name: t.kind for t in tasks},
         "storage_bytes": sorted({int(b) for b in inputs["storage_bytes"] or [16, 64]}),
         "versions": _versions(),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
         "seconds": time.perf_counter() - t_start,
         "results": results,
-        "inputs": {k: inputs[k] for k in ("tokens_dir", "tokenizer_dir", "embeddings")},
+        "inputs": {k: inputs[k] for k in ("tokens_dir", "tokenizer_dir", "embeddings", "qanchor")},
     }
     from foundv2.bench.report import write_report
 

@@ -182,7 +182,7 @@ class SoftPrefix(UserPrefix):
         for s, adapter in enumerate(self.event_adapters):
             sel = valid & (ev_source == s)
             if sel.any():
-                events[sel] = adapter(x[sel])
+                events[sel] = adapter(x[sel]).to(events.dtype)  # bf16 under autocast
         onehot = nn.functional.one_hot(ev_source.clamp(0, self.n_sources - 1), self.n_sources).to(x.dtype)
         onehot = onehot * valid[..., None]  # [B, E, S]
         counts = onehot.sum(dim=1)  # [B, S]
@@ -214,6 +214,10 @@ class PrefixCache:
         for layer, (k, v) in enumerate(self.kv):
             cache.update(k, v, layer)  # concatenates onto an empty cache: a copy
         return cache
+
+    def select(self, rows: Tensor) -> PrefixCache:
+        """The cache of some users only (``rows``: a [B] bool mask or indices)."""
+        return PrefixCache([(k[rows], v[rows]) for k, v in self.kv], self.mask[rows], self.count[rows])
 
     def repeat_interleave(self, n: int) -> PrefixCache:
         """Each user's cache ``n`` times in a row (``n`` queries per user in one batch)."""
@@ -247,10 +251,11 @@ class QueryAnchor(nn.Module):
         head_hidden: hidden width of the head (paper 512).
         lead: the fixed text before the prefix (must not be empty).
         query_lead: text put before every query by :meth:`tokenize_queries`.
+        head_norm: a LayerNorm on the last hidden state before the head (both towers).
     """
 
     def __init__(self, lm: CausalLM, prefix: UserPrefix, emb_dim: int = 128, head_hidden: int = 512,
-                 lead: str = "User:", query_lead: str = "\nQuery: ") -> None:
+                 lead: str = "User:", query_lead: str = "\nQuery: ", head_norm: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self.prefix = prefix
@@ -261,7 +266,12 @@ class QueryAnchor(nn.Module):
                             "valid whatever prefix slots are empty.")
         self.register_buffer("lead_ids", lead_ids, persistent=False)
         self.query_lead = query_lead
+        self.head_norm = nn.LayerNorm(lm.hidden_size) if head_norm else nn.Identity()
         self.head = _mlp(lm.hidden_size, head_hidden, emb_dim)
+
+    def embed_hidden(self, hidden: Tensor) -> Tensor:
+        """The embedding head on last hidden states ``[..., H]`` → ``[..., emb_dim]``."""
+        return self.head(self.head_norm(hidden))
 
     # ---------------------------------------------------------------------------- text
     def tokenize_queries(self, queries: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -320,7 +330,7 @@ class QueryAnchor(nn.Module):
         logits = None
         if answer_ids is not None:  # <USER_EMB> predicts answer token 0, answer token t-1 predicts t
             logits = self.lm.logits(hidden[:, at: at + answer_ids.shape[1]])
-        return AnchorOutput(self.head(h), h, logits)
+        return AnchorOutput(self.embed_hidden(h), h, logits)
 
     # ---------------------------------------------------------------------------- answer tower
     def embed_answers(self, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
@@ -331,7 +341,7 @@ class QueryAnchor(nn.Module):
                             "(QueryAnchor.tokenize_answers), so none is empty.")
         hidden, _ = self.lm.trunk(self.lm.embed(answer_ids), mask, _positions(mask))
         last = mask.long().cumsum(dim=1).argmax(dim=1)  # the last valid position
-        return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return self.embed_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
     # ---------------------------------------------------------------------------- serving
     def encode_prefix(self, prefix_inputs: Mapping[str, Tensor]) -> PrefixCache:
@@ -352,7 +362,7 @@ class QueryAnchor(nn.Module):
         mask = torch.cat([cache.mask, suf_mask], dim=1)
         hidden, _ = self.lm.trunk(suf, mask, _positions(suf_mask, cache.count), past_key_values=cache.fresh(),
                                   use_cache=True)
-        return self.head(hidden[:, -1])
+        return self.embed_hidden(hidden[:, -1])
 
     def embed_users(self, prefix_inputs: Mapping[str, Tensor], queries: list[str],
                     prompts: list[Tensor | None] | None = None, max_length: int | None = None) -> Tensor:
@@ -393,7 +403,7 @@ class QueryAnchor(nn.Module):
         hidden, _ = self.lm.trunk(suf.expand(b, -1, -1), visible, positions, past_key_values=cache.fresh(),
                                   use_cache=True)
         ends = torch.cumsum(lengths, 0) - 1  # each segment's <USER_EMB>
-        return self.head(hidden[:, ends])
+        return self.embed_hidden(hidden[:, ends])
 
 
 # ------------------------------------------------------------------------------ scenario tuning

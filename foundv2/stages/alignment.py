@@ -34,10 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_modules.schema import DataError
-from foundv2.nn.sequence import TokenSequenceEncoder, code_vectors
+from foundv2.nn.sequence import TokenSequenceEncoder
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
-from foundv2.stages.base import ObjectiveStage, OptimConfig, pool_windows
+from foundv2.stages.base import (
+    ObjectiveStage,
+    OptimConfig,
+    load_code_vectors,
+    pool_windows,
+    tokens_code_vectors,
+)
 from foundv2.stages.qformer import USER_POOLS, semantic_mask
 
 TERMS = ("fine", "window", "semantic")  # stage 3's objective terms: no recon
@@ -92,31 +97,12 @@ class AlignmentStage(ObjectiveStage):
     # ------------------------------------------------------------------ building
     def data_dims(self, datamodule) -> dict:
         meta = datamodule.input_meta or {}
-        if datamodule.batch_kind != "tokens":
-            raise DataError("AlignmentStage reads token batches: set data.tokens_dir to a tokens dataset "
-                            "(the tokenizer's predict output).")
-        if not self.tokenizer_dir:
-            raise DataError("AlignmentStage needs model.tokenizer_dir (the tokenizer folder that made "
-                            f"{datamodule.hparams.tokens_dir}) to start its token table from the code vectors.")
-        vectors = self._code_vectors()
-        if vectors.shape[0] != int(meta["vocab_size"]):
-            raise DataError(f"{self.tokenizer_dir}: a tokenizer of {vectors.shape[0]} tokens, but the tokens dataset "
-                            f"{datamodule.hparams.tokens_dir} has a vocabulary of {meta['vocab_size']}: "
-                            f"give the tokenizer that made it.")
+        vectors = tokens_code_vectors("AlignmentStage", datamodule, self.tokenizer_dir, "start its token table")
         dims = datamodule.dims()
         return {"vocab_size": int(vectors.shape[0]), "code_dim": int(vectors.shape[1]),
                 "num_levels": int(meta["levels"]), "num_sources": len(meta["sources"]),
                 "sources": list(meta["sources"]), "text_dim": dims["text_dim"],
                 "window_period": dims["window_period"], "max_windows": dims["max_windows"]}
-
-    def _code_vectors(self) -> torch.Tensor:
-        from foundv2.nn.mrqvae import MultiViewRQVAE
-
-        try:
-            return code_vectors(MultiViewRQVAE.from_pretrained(self.tokenizer_dir))
-        except Exception as err:  # safetensors / json raise several kinds on a damaged folder
-            raise DataError(f"{self.tokenizer_dir}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
-                            f"{err}); pass the tokenizer's export_dir.") from err
 
     def build_nets(self, dims: dict) -> None:
         hp = self.hparams
@@ -131,7 +117,7 @@ class AlignmentStage(ObjectiveStage):
         fresh = self.dims is None and self._trainer is not None
         super().configure_model()
         if fresh:  # a fit from scratch starts the token table at the tokenizer's code vectors
-            vectors = self._code_vectors()
+            vectors = load_code_vectors(self.tokenizer_dir)
             with torch.no_grad():
                 self.net.token_table.weight.copy_(vectors)
                 self.net.target_table.copy_(vectors)
