@@ -36,14 +36,9 @@ import torch
 
 from foundv2.nn.sequence import TokenSequenceEncoder
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
-from foundv2.stages.base import (
-    ObjectiveStage,
-    OptimConfig,
-    load_code_vectors,
-    pool_windows,
-    tokens_code_vectors,
-)
+from foundv2.stages.base import ObjectiveStage, OptimConfig, pool_windows
 from foundv2.stages.qformer import USER_POOLS, semantic_mask
+from foundv2.stages.token_inputs import load_code_vectors, tokens_code_vectors
 
 TERMS = ("fine", "window", "semantic")  # stage 3's objective terms: no recon
 

@@ -49,7 +49,8 @@ from foundv2.nn.anchor import (
     TokenPrefix,
 )
 from foundv2.nn.llm import load_causal_lm
-from foundv2.stages.base import OptimConfig, PredictStage, tokens_code_vectors, user_columns
+from foundv2.stages.base import OptimConfig, PredictStage, user_columns
+from foundv2.stages.token_inputs import tokens_code_vectors
 
 PREFIXES = ("soft", "tokens")
 LM_TOKENS_KEY = "foundv2_lm_tokens"  # where a checkpoint records the added LM tokens' ids
