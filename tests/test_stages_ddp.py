@@ -43,19 +43,24 @@ def test_tokenizer_ddp_fit_and_predict(tmp_path):
     _same_output(tmp_path, cfg, pred, "codes", atol=0)
 
 
-@pytest.mark.ddp
-def test_qformer_ddp_fit_and_predict(tmp_path):
-    cfg = str(ROOT / "experiments/synthetic/qformer.yaml")
-    common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"), "--model.dim", "16",
-              "--model.num_layers", "1"]
-    run_cli("fit", *common, *DDP2, "--trainer.max_steps", "6", "--trainer.limit_val_batches", "2",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path))
+def _fit_then_predict_twice(tmp_path, cfg: str, common: list[str], fit_args: list[str]) -> None:
+    """A 2-process fit, then its last checkpoint's predict under 1 and 2 processes: the same user_emb."""
+    run_cli("fit", *common, *DDP2, *fit_args, "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path))
     ckpt = sorted(tmp_path.rglob("last.ckpt"))[-1]
     pred = [*common, "--trainer.logger", "false", "--ckpt_path", str(ckpt), "--trainer.default_root_dir",
             str(tmp_path)]
     run_cli("predict", *pred, "--trainer.devices", "1", "--model.predict_dir", str(tmp_path / "p1"))
     run_cli("predict", *pred, *DDP2, "--model.predict_dir", str(tmp_path / "p2"))
     _same_output(tmp_path, cfg, pred, "user_emb", atol=1e-5)
+
+
+@pytest.mark.ddp
+def test_qformer_ddp_fit_and_predict(tmp_path):
+    cfg = str(ROOT / "experiments/synthetic/qformer.yaml")
+    common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"), "--model.dim", "16",
+              "--model.num_layers", "1"]
+    _fit_then_predict_twice(tmp_path, cfg, common, ["--trainer.max_steps", "6", "--trainer.limit_val_batches", "2"])
 
 
 @pytest.mark.ddp
@@ -64,11 +69,4 @@ def test_qanchor_ddp_fit_and_predict(tmp_path):
     its predict under 2 processes equals 1 process."""
     cfg = str(ROOT / "experiments/synthetic/qanchor.yaml")
     common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"), "--data.max_events", "24"]
-    run_cli("fit", *common, *DDP2, "--trainer.max_steps", "4", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path))
-    ckpt = sorted(tmp_path.rglob("last.ckpt"))[-1]
-    pred = [*common, "--trainer.logger", "false", "--ckpt_path", str(ckpt), "--trainer.default_root_dir",
-            str(tmp_path)]
-    run_cli("predict", *pred, "--trainer.devices", "1", "--model.predict_dir", str(tmp_path / "p1"))
-    run_cli("predict", *pred, *DDP2, "--model.predict_dir", str(tmp_path / "p2"))
-    _same_output(tmp_path, cfg, pred, "user_emb", atol=1e-5)
+    _fit_then_predict_twice(tmp_path, cfg, common, ["--trainer.max_steps", "4"])

@@ -591,14 +591,12 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
                 continue
             bar.set_postfix_str(row.name)
             X = row.build() if row.build is not None else None
-            if row.kind == "representation" and X is not None:
-                results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
             for name in todo:
                 task = by_name[name]
-                if row.build_task is not None:
+                if row.build_task is not None:  # features of this task alone (Q-Anchor: its own query)
                     X = row.build_task(task)
-                    if row.kind == "representation":
-                        results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
+                if row.kind == "representation" and X is not None:
+                    results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
                 bar.set_postfix_str(f"{row.name} / {name}")
                 t0 = time.perf_counter()
                 scores: dict = {}
