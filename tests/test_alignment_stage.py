@@ -110,6 +110,39 @@ def test_predict_writes_user_and_window_states_with_real_keys(tokens, tmp_path):
     torch.testing.assert_close(again.user_embedding(batch), trainer.lightning_module.eval().user_embedding(batch))
 
 
+def test_the_sum_readout_is_the_per_source_code_sum_and_sits_beside_the_states(tokens, tmp_path):
+    """With the token table frozen at the code vectors, ``user_pool: sum`` is exactly the bench's
+    ``tokens_sum`` (per-source sums of the decoded codes) for every user whose windows all fit in a
+    batch; ``mean_last_sum`` puts it after the two window-state pools."""
+    from foundv2.bench.run import token_representations
+
+    L.seed_everything(0)
+    dm = _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"))
+    stage = _stage(tokens, freeze_codes=True, user_pool="sum", predict_dir=str(tmp_path / "emb"))
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(stage, datamodule=dm)
+    trainer.predict(stage, datamodule=dm, return_predictions=False)
+    emb, meta = read_stage_output(tmp_path / "emb")
+    tok, _ = read_stage_output(tokens / "tokens")
+    S, C = stage.dims["num_sources"], stage.dims["code_dim"]
+    assert meta["user_dim"] == S * C
+    summed = token_representations(tokens / "tokens", tokens / "export", len(tok))["tokens_sum"][0]
+    whole = 0
+    for r, wk, ue in zip(emb["row"], emb["window_key"], emb["user_emb"], strict=True):
+        if len(wk) < 64:  # the user's whole history is in the batch
+            whole += 1
+            np.testing.assert_allclose(np.asarray(ue), summed[r], rtol=1e-4, atol=1e-4)
+    assert whole > 100
+    both = _stage(tokens, user_pool="mean_last_sum")
+    both.dims, both.net = stage.dims, stage.net
+    batch = next(iter(dm.predict_dataloader()))
+    out = both.user_embedding(batch)
+    assert out.shape[1] == 2 * 16 + S * C
+    torch.testing.assert_close(out[:, 32:], stage.user_embedding(batch))
+    with pytest.raises(ValueError, match="user_pool"):
+        _stage(tokens, user_pool="sum_mean")
+
+
 def test_bf16_mixed_fit_on_cpu(tokens):
     L.seed_everything(0)
     trainer = _trainer(max_epochs=1, precision="bf16-mixed")

@@ -21,7 +21,11 @@ semantic  the state at the user's last window ↔ the text embedding of the user
 ========  ==============================================================================
 
 Predict output (``kind: embeddings``): per user ``user_id, row, split, user_emb [D']``
-(pooled as ``user_pool`` says) and the per-window states ``window_states [W, D]`` with their
+(pooled as ``user_pool`` says; its ``sum`` part is the per-source sum of the stage's token
+embeddings over the user's tokens, a count-carrying readout: the window states are LayerNorm'd
+means, so how many windows and slices a user has and how much of each source reaches them only
+through position; at initialisation the sum equals the bench's ``tokens_sum`` and it is trained
+with the token table) and the per-window states ``window_states [W, D]`` with their
 real keys ``window_key [W]``. Being causal, the state of window w never changes when later
 windows are appended.
 """
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from foundv2.nn.sequence import TokenSequenceEncoder
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
@@ -41,6 +46,8 @@ from foundv2.stages.qformer import USER_POOLS, semantic_mask
 from foundv2.stages.token_inputs import load_code_vectors, tokens_code_vectors
 
 TERMS = ("fine", "window", "semantic")  # stage 3's objective terms: no recon
+# window-state pools (as stage 1's) and the same with the token-sum readout beside them
+ALIGN_POOLS = (*USER_POOLS, "sum", "mean_sum", "mean_last_sum")
 
 class AlignmentStage(ObjectiveStage):
     """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
@@ -54,7 +61,9 @@ class AlignmentStage(ObjectiveStage):
         mlp_ratio: block MLP width as a multiple of ``dim``.
         dropout: attention and MLP dropout.
         freeze_codes: keep the token table at the code vectors (else trained from them).
-        user_pool: ``mean``, ``last`` or ``mean_last`` over the real windows' states.
+        user_pool: ``mean``, ``last`` or ``mean_last`` over the real windows' states; with a
+            ``_sum`` suffix (or ``sum`` alone) the per-source sum of the token table's vectors
+            over the user's tokens is put beside them (see the module docstring).
         objectives: the objective terms (``--model.objectives.*``,
             :class:`~foundv2.objectives.ObjectivesConfig`): fine, window and semantic (stage 3
             has no recon term); the fine mode defaults to the paper's weighted ``cosine``.
@@ -80,8 +89,8 @@ class AlignmentStage(ObjectiveStage):
         predict_dir: str | None = None,
     ):
         super().__init__(predict_dir)
-        if user_pool not in USER_POOLS:
-            raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
+        if user_pool not in ALIGN_POOLS:
+            raise ValueError(f"user_pool must be one of {ALIGN_POOLS}, got {user_pool!r}")
         self.tokenizer_dir = tokenizer_dir
         self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
         ObjectivesConfig.keep(self.hparams, "objectives").only(TERMS)  # a recon term is refused here, not at fit
@@ -124,9 +133,26 @@ class AlignmentStage(ObjectiveStage):
                        batch["tok_mask"], batch["win_mask"].shape[1])
         return out.windows
 
+    def token_sum(self, batch: dict) -> torch.Tensor:
+        """[B, S·C] per source, the sum of the token table's vectors over the user's real tokens."""
+        net, S = self.net, self.dims["num_sources"]
+        codes = F.embedding(batch["token_id"].clamp_min(0), net.token_table.weight).float()
+        codes = codes * batch["tok_mask"][..., None]
+        onehot = F.one_hot(batch["tok_source"].clamp_min(0), S).float() * batch["tok_mask"][..., None]
+        return (onehot.transpose(1, 2) @ codes).flatten(1)  # [B, S, T] @ [B, T, C]
+
+    def pool(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
+        """The user vector as ``user_pool`` says: window-state pools, then the token sum."""
+        how = self.hparams.user_pool
+        states = how.removesuffix("sum").rstrip("_")
+        parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
+        if how.endswith("sum"):
+            parts.append(self.token_sum(batch))
+        return torch.cat(parts, dim=1)
+
     @torch.no_grad()
     def user_embedding(self, batch: dict) -> torch.Tensor:
-        return pool_windows(self.encode(batch).float(), batch["win_mask"], self.hparams.user_pool)
+        return self.pool(batch, self.encode(batch).float())
 
     def model_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         windows = self.encode(batch)
@@ -143,7 +169,7 @@ class AlignmentStage(ObjectiveStage):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         windows = self.encode(batch).float()
         win_mask = batch["win_mask"]
-        user = pool_windows(windows, win_mask, self.hparams.user_pool)
+        user = self.pool(batch, windows)
         n = win_mask.sum(1).tolist()
         return {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
                 "split": batch["split"].cpu().numpy().astype(np.int8),
@@ -155,9 +181,11 @@ class AlignmentStage(ObjectiveStage):
         """Besides the widths: a user's embedding is computed from its tokens alone (the weights are
         shared by all users), so its storage is the tokens' — the bench reads ``row_kind`` and
         ``bytes_per_user`` and compares it with rows of that size."""
-        parts = len(self.hparams.user_pool.split("_"))
-        info = {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim),
-                "user_dim": int(self.hparams.dim) * parts}
+        how = self.hparams.user_pool
+        states = len([p for p in how.split("_") if p != "sum"])
+        width = int(self.hparams.dim) * states + (self.dims["num_sources"] * self.dims["code_dim"]
+                                                   if how.endswith("sum") else 0)
+        info = {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim), "user_dim": width}
         dm = self._trainer.datamodule if self._trainer is not None else None
         tokens_dir = getattr(dm, "hparams", {}).get("tokens_dir") if dm is not None else None
         report = Path(tokens_dir) / "report.json" if tokens_dir else None
