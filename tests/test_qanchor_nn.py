@@ -235,6 +235,13 @@ def test_added_token_ids_survive_save_and_load(tmp_path):
     assert len(loaded.tokenizer) == len(lm.tokenizer)  # nothing added twice
     with pytest.raises(DataError, match="no token"):
         loaded.token_id("<NOT_ADDED>")
+    # the export is checksummed: one flipped byte in its weights is refused, naming the file
+    weights = next((tmp_path / "lm").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"checksum mismatch.*causal LM folder"):
+        load_causal_lm(str(tmp_path / "lm"))
 
 
 def test_fold_into_embeddings_keeps_the_prefix(tmp_path):

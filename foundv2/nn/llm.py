@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from data_modules.schema import DataError
-from data_modules.store import atomic_dir
+from data_modules.store import atomic_dir, verify_checksums, write_checksums
 
 TINY = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 SMOLLM2 = "smollm2"
@@ -228,22 +228,29 @@ class CausalLM(nn.Module):
     # ---------------------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | Path) -> None:
         """Model and tokenizer into one Hugging Face folder, atomically. Under LoRA the adapters
-        are merged into the weights first (an export: the wrapper is gone afterwards)."""
+        are merged into the weights first (an export: the wrapper is gone afterwards). Every
+        file's checksum goes into ``checksums.json``, checked by :meth:`from_pretrained`."""
         if self.lora:
             self.model, self.lora = self.model.merge_and_unload(), False
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            write_checksums(tmp)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> CausalLM:
-        """Load a Hugging Face causal-LM folder (model and tokenizer)."""
+        """Load a Hugging Face causal-LM folder (model and tokenizer). A folder this code wrote
+        (an export, the converted SmolLM2) is checked against its ``checksums.json`` first; a
+        folder from elsewhere has none and is read as it is."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise DataError(f"{folder}: not a Hugging Face model folder (no config.json). Give a folder "
                             f"written by save_pretrained, or one of {sorted(TINY)} or {SMOLLM2!r}.")
+        verify_checksums(folder, "causal LM folder",
+                         "delete the folder (a converted SmolLM2 is converted again on the next load) or "
+                         "export the model again")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -311,6 +318,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         stat = gguf.stat()
         (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": gguf.name, "bytes": stat.st_size}))
+        write_checksums(tmp)
     return out
 
 
