@@ -2,6 +2,7 @@
 
 Run:  make bench-alignment        (writes bench-results/alignment.json)
       python benchmarks/bench_alignment.py --only synthetic|movielens-1m|append
+      python benchmarks/bench_alignment.py --markdown      (the README's tables from that file)
 
 For each data set it runs `foundv2 pipeline --config experiments/<data>/alignment-bench.yaml`
 (stage 1 → tokenizer → stage 3, and stage 3 with each objective switched off in turn → the bench)
@@ -189,6 +190,40 @@ def _time_append(work, ev, base, full, qcfg, ckpt, tok, app, t, first, n_users, 
     }
 
 
+def _cell(c: dict, with_word: bool = True) -> str:
+    return f"{c['delta']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]" + (f" {c['verdict']}" if with_word else "")
+
+
+def markdown(results: dict) -> str:
+    """The README tables of each data set part of ``alignment.json``: the metrics, aligned_tokens
+    minus each row it is compared with, and the ablation."""
+    out = []
+    for name in DATASETS:
+        part = results.get(name)
+        if not part:
+            continue
+        tasks = list(part["metrics"])
+        out.append(f"### {name} (wall {part['wall_s']:.0f} s)\n")
+        out.append("| row | " + " | ".join(f"{t} {part['metrics'][t]['metric']}" for t in tasks) + " |")
+        out.append("|---|" + "---|" * len(tasks))
+        for row in ROWS:
+            out.append(f"| `{row}` | " + " | ".join(f"{part['metrics'][t].get(row, float('nan')):.4f}" for t in tasks) + " |")
+        best = [part["metrics"][t].get("best_baseline") for t in tasks]
+        out.append("| best baseline | " + " | ".join(
+            f"`{b}` {part['metrics'][t][b]:.4f}" if b else "" for b, t in zip(best, tasks)) + " |\n")
+        for key, title, word_ in (("vs", "aligned_tokens −", True), ("ablation", "aligned_tokens − (objective off)", False)):
+            names = sorted({n for t in tasks for n in part.get(key, {}).get(t, {})})
+            if not names:
+                continue
+            out.append(f"| {title} | " + " | ".join(tasks) + " |")
+            out.append("|---|" + "---|" * len(tasks))
+            for n in names:
+                out.append(f"| {n} | " + " | ".join(
+                    _cell(part[key][t][n], word_) if n in part[key].get(t, {}) else "" for t in tasks) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=(*DATASETS, "append"),
@@ -197,7 +232,11 @@ def main() -> None:
     ap.add_argument("--append-days", type=int, default=28, help="days of history of those users")
     ap.add_argument("--reuse", action="store_true",
                     help="append: keep the models and first encoding of an earlier run of the same size")
+    ap.add_argument("--markdown", action="store_true", help="print the README tables of the last results and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(previous_figures("alignment", (*DATASETS, "append"))))
+        return
     names = [args.only] if args.only else [*DATASETS, "append"]
     for name in names:
         if name == "append":
