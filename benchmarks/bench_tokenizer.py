@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -134,13 +135,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-tokenizer"))
     ap.add_argument("--only", default=None, help="one data set name")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--extra", default="", help="more CLI flags for every config run, one string "
+                    "(e.g. \"--model.quantizer.specific_codes 256\"): a variant without a config copy")
     a = ap.parse_args()
+    more = shlex.split(a.extra)
     # a partial run updates the last full one
     figures = previous_figures("tokenizer", (*CONFIGS, "speed", "reachable")) if a.only or a.no_speed else {}
     for name, (config, extra) in CONFIGS.items():
         if a.only and name != a.only:
             continue
-        figures[name] = {**run_config(name, config, Path(a.out), extra), "extra_flags": extra}
+        figures[name] = {**run_config(name, config, Path(a.out), [*extra, *more]), "extra_flags": [*extra, *more]}
         print(name, json.dumps({k: v for k, v in figures[name].items() if k != "util"}), flush=True)
     figures["reachable"] = reachable_codes()
     print("reachable", json.dumps(figures["reachable"]), flush=True)

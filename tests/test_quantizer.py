@@ -243,6 +243,41 @@ def test_recon_reduction_sum_vs_mean() -> None:
     assert torch.isclose(ratio, torch.tensor(16.0))
 
 
+def test_recon_weights_weight_the_trained_term_only() -> None:
+    """recon_weights multiply each feature's squared error in `loss`; recon_mse stays unweighted,
+    a source not named keeps weight 1, and the weights survive config round trips."""
+    config = QuantizerConfig(n_shared_levels=1, n_specific_levels=0, shared_codes=CODES, kmeans_init=False)
+    kw = dict(sources=["a", "b"], code_dim=8, hidden=(16,), quantizer=config)
+    weights = [0.0] * 12 + [10.0] * 4
+    torch.manual_seed(0)
+    plain = MultiViewRQVAE(16, **kw).eval()
+    torch.manual_seed(0)
+    weighted = MultiViewRQVAE(16, recon_weights={"a": weights}, **kw).eval()
+    feat, source = torch.randn(32, 16), torch.tensor([0, 1] * 16)
+    p, w = plain(feat, source), weighted(feat, source)
+    assert torch.equal(p.codes, w.codes) and "recon_weighted" not in p.losses
+    assert torch.isclose(w.losses["recon_mse"], p.losses["recon_mse"])
+    err = (w.recon - feat).pow(2)
+    expected = ((err[source == 0] * torch.tensor(weights)).sum() + err[source == 1].sum()) / 32
+    assert torch.isclose(w.losses["recon_weighted"], expected)
+    assert torch.isclose(w.losses["loss"] - w.losses["recon_weighted"], p.losses["loss"] - p.losses["recon_mse"])
+    assert MultiViewRQVAE.from_config(weighted.config).config["recon_weights"] == {"a": weights}
+    with pytest.raises(ValueError, match="input dim"):
+        MultiViewRQVAE(16, recon_weights={"a": [1.0] * 3}, **kw)
+    with pytest.raises(ValueError, match="not one of"):
+        MultiViewRQVAE(16, recon_weights={"c": weights}, **kw)
+
+
+def test_pooled_feature_groups_tile_the_slice_vector() -> None:
+    from foundv2.nn.slices import PooledSliceFeatures
+
+    pooled = PooledSliceFeatures(num_sources=2, num_items=5, num_categories=3, text_dim=6, item_dim=4, calendar_dim=2)
+    groups = pooled.feature_groups()
+    assert list(groups) == ["text", "item", "category", "count", "value", "clock", "calendar"]
+    ends = [0] + [stop for _, stop in groups.values()]
+    assert [start for start, _ in groups.values()] == ends[:-1] and ends[-1] == pooled.dim
+
+
 @pytest.mark.parametrize("tabular_separate", [False, True])
 def test_save_load_round_trip(tmp_path, tabular_separate: bool) -> None:
     torch.manual_seed(0)

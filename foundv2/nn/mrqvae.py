@@ -37,7 +37,7 @@ class MRQVAEOutput:
     codes: Tensor  # [N, L] long, -1 for masked rows (and for levels a quantiser does not have)
     latent: Tensor  # [N, code_dim] encoder output (fp32)
     quantized: Tensor  # [N, code_dim] quantised latent
-    losses: dict[str, Tensor]  # recon_mse, recon_mse/<source>, loss_codebook, loss_commit, loss
+    losses: dict[str, Tensor]  # recon_mse, recon_mse/<source>, [recon_weighted], loss_codebook, loss_commit, loss
     counts: Tensor  # [vocab_size] this batch's code usage by global id
 
 
@@ -54,6 +54,9 @@ class MultiViewRQVAE(nn.Module):
 
     ``loss = recon_mse + loss_codebook + beta * loss_commit`` (quantiser terms as documented in
     `foundv2.nn.quantizer`; with ``tabular_separate`` the tabular quantiser's terms are added).
+    With ``recon_weights`` the reconstruction term of the loss is ``recon_weighted``, the same
+    error with every feature's square multiplied by its weight; ``recon_mse`` stays unweighted
+    (comparable across weightings) and is logged beside it.
 
     Args:
         input_dims: one input dim shared by all sources, or a dict source → input dim (then the
@@ -75,6 +78,12 @@ class MultiViewRQVAE(nn.Module):
         tabular_source: name of the tabular source.
         tabular_levels: levels of the tabular quantiser (default: the group quantiser's).
         tabular_codes: codebook size per level of the tabular quantiser.
+        recon_weights: per source, one weight per input feature (a list as long as the source's
+            input dim) multiplying that feature's squared error in the training loss; a source
+            not named keeps weight 1 everywhere. A feature of small variance (a window's clock or
+            calendar position beside a wide text embedding) adds little to a summed error, so the
+            codes need not keep it; a weight makes them. Only the loss changes: the encoder still
+            reads the raw features, so `tokenize` is unaffected.
     """
 
     def __init__(
@@ -91,6 +100,7 @@ class MultiViewRQVAE(nn.Module):
         tabular_source: str = "tabular",
         tabular_levels: int | None = None,
         tabular_codes: int = 1024,
+        recon_weights: dict[str, Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(input_dims, dict):
@@ -103,16 +113,30 @@ class MultiViewRQVAE(nn.Module):
             dims = {s: int(input_dims) for s in sources}
         if recon_reduction not in ("sum", "mean"):
             raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {recon_reduction!r}")
+        weights = {str(k): [float(x) for x in v] for k, v in (recon_weights or {}).items()}
+        for name, w in weights.items():
+            if name not in dims:
+                raise ValueError(f"recon_weights names source {name!r}, not one of {list(dims)}")
+            if len(w) != dims[name]:
+                raise ValueError(f"recon_weights[{name!r}] has {len(w)} entries, the source's input dim is {dims[name]}")
+            if min(w) < 0:
+                raise ValueError(f"recon_weights[{name!r}] has a negative weight")
         self.config = dict(
             input_dims=dims, sources=sources, code_dim=code_dim, hidden=list(hidden), dropout=dropout,
             recon_reduction=recon_reduction, latent_norm=latent_norm, quantizer=dataclasses.asdict(quantizer),
             tabular_separate=tabular_separate, tabular_source=tabular_source, tabular_levels=tabular_levels,
-            tabular_codes=tabular_codes,
+            tabular_codes=tabular_codes, recon_weights=weights or None,
         )  # fmt: skip
         self.sources = sources
         self.input_dims = dims
         self.max_dim = max(dims.values())
         self.recon_reduction = recon_reduction
+        # [S, max_dim] weight of each feature's squared error (1 where none is given; unused columns 0)
+        table = torch.zeros(len(sources), self.max_dim)
+        for i, name in enumerate(sources):
+            table[i, : dims[name]] = torch.tensor(weights[name]) if name in weights else 1.0
+        self.register_buffer("recon_weight_table", table, persistent=False)
+        self.weighted = bool(weights)
         self.encoders = nn.ModuleList(_mlp([dims[s], *hidden, code_dim], dropout) for s in sources)
         if latent_norm:
             for encoder in self.encoders:
@@ -196,16 +220,23 @@ class MultiViewRQVAE(nn.Module):
 
         losses: dict[str, Tensor] = {}
         total = recon.new_zeros(())
+        total_weighted = recon.new_zeros(())
+        reduce = (lambda e: e.sum(1)) if self.recon_reduction == "sum" else (lambda e: e.mean(1))
         for i, rows in enumerate(self._rows(source, valid)):
             d = self.input_dims[self.sources[i]]
             err = (recon[rows, :d] - feat[rows, :d].float()).pow(2)
-            per_row = err.sum(1) if self.recon_reduction == "sum" else err.mean(1)
+            per_row = reduce(err)
             losses[f"recon_mse/{self.sources[i]}"] = per_row.sum() / max(rows.numel(), 1)
             total = total + per_row.sum()
-        losses["recon_mse"] = total / valid.sum().clamp_min(1)
+            if self.weighted:
+                total_weighted = total_weighted + reduce(err * self.recon_weight_table[i, :d]).sum()
+        n_valid = valid.sum().clamp_min(1)
+        losses["recon_mse"] = total / n_valid
+        if self.weighted:
+            losses["recon_weighted"] = total_weighted / n_valid
         losses["loss_codebook"] = loss_codebook
         losses["loss_commit"] = loss_commit
-        losses["loss"] = losses["recon_mse"] + loss_q
+        losses["loss"] = losses["recon_weighted" if self.weighted else "recon_mse"] + loss_q
         return MRQVAEOutput(
             recon=recon, codes=codes, latent=z, quantized=quantized, losses=losses, counts=counts
         )

@@ -207,6 +207,18 @@ class PooledSliceFeatures(nn.Module):
     def total_sources(self) -> int:
         return self.num_sources + (1 if self.tabular_dim else 0)
 
+    def feature_groups(self) -> dict[str, tuple[int, int]]:
+        """(start, stop) columns of each named part of a behaviour slice's feature vector, in
+        order: ``text``, ``item``, ``category``, ``count`` (log1p), ``value`` (signed-log mean
+        and std), ``clock`` (mean hour and weekday sin/cos), ``calendar`` (may be empty)."""
+        widths = {"text": self.text_dim, "item": self.item_codes.shape[1], "category": self.num_categories,
+                  "count": 1, "value": STATS - 1, "clock": TIME, "calendar": self.calendar_dim}
+        out, start = {}, 0
+        for name, width in widths.items():
+            out[name] = (start, start + width)
+            start += width
+        return out
+
     @torch.no_grad()
     def forward(self, batch: dict) -> dict:
         """Returns slice_user, slice_window, slice_source [N] and feat [N, dim], slices sorted by user."""

@@ -66,6 +66,15 @@ class TokenizerStage(PredictStage):
             prevents collapse) or ``mean``.
         latent_norm: a LayerNorm without weights at the end of every encoder (keeps the latents
             at the codes' scale; see :class:`~foundv2.nn.mrqvae.MultiViewRQVAE`).
+        recon_weights: weights of the squared reconstruction error by part of the built-in pooled
+            features (``text``, ``item``, ``category``, ``count``, ``value``, ``clock``,
+            ``calendar``: :meth:`~foundv2.nn.slices.PooledSliceFeatures.feature_groups`), e.g.
+            ``{clock: 20, calendar: 400}``; parts not named keep weight 1, the profile slice is
+            not weighted. The summed error is dominated by the wide text, item and category
+            parts, so without weights the codes drop the narrow "when" and "how much" parts and
+            windows of one item on nearby days share a code tuple. Only the loss changes
+            (``val/recon_mse`` stays unweighted; ``recon_weighted`` is what is trained). Not
+            available with a features dataset (``data.features_dir``), whose layout is not named.
         optim: the optimiser (``--model.optim.*``, :class:`~foundv2.stages.base.OptimConfig`;
             paper: AdamW at 1e-3, here no weight decay by default).
         item_dim: width of the item codes of the built-in pooled features.
@@ -84,6 +93,7 @@ class TokenizerStage(PredictStage):
         hidden: list[int] = (256,),
         recon_reduction: str = "sum",
         latent_norm: bool = True,
+        recon_weights: dict[str, float] | None = None,
         optim: OptimConfig = OptimConfig(weight_decay=0.0),
         item_dim: int = 32,
         predict_dir: str | None = None,
@@ -127,8 +137,27 @@ class TokenizerStage(PredictStage):
             self.model = MultiViewRQVAE(
                 input_dims=self.feature_dim, sources=self.sources, code_dim=hp.code_dim, hidden=tuple(hp.hidden),
                 recon_reduction=hp.recon_reduction, latent_norm=hp.latent_norm,
-                quantizer=QuantizerConfig.from_dict(hp.quantizer),
+                quantizer=QuantizerConfig.from_dict(hp.quantizer), recon_weights=self._feature_weights(),
             )
+
+    def _feature_weights(self) -> dict[str, list[float]] | None:
+        """``recon_weights`` (by part of the pooled features) as one weight per feature column
+        for every behaviour source (the profile source, if any, is left unweighted)."""
+        given = dict(self.hparams.recon_weights or {})
+        if not given:
+            return None
+        if self.pooled is None:
+            raise DataError("model.recon_weights names parts of the built-in pooled slice features, but the "
+                            "input is a features dataset (data.features_dir); drop recon_weights or the features_dir.")
+        groups = self.pooled.feature_groups()
+        unknown = sorted(set(given) - set(groups))
+        if unknown:
+            raise ValueError(f"model.recon_weights: unknown parts {unknown}; the parts are {list(groups)}")
+        columns = [1.0] * self.pooled.dim
+        for name, weight in given.items():
+            start, stop = groups[name]
+            columns[start:stop] = [float(weight)] * (stop - start)
+        return {s: columns for s in self.sources[: self.pooled.num_sources]}
 
     def _load_pretrained(self, folder: str) -> MultiViewRQVAE:
         try:
