@@ -141,12 +141,16 @@ class AlignmentStage(ObjectiveStage):
         onehot = F.one_hot(batch["tok_source"].clamp_min(0), S).float() * batch["tok_mask"][..., None]
         return (onehot.transpose(1, 2) @ codes).flatten(1)  # [B, S, T] @ [B, T, C]
 
+    def _pool_parts(self) -> tuple[str, bool]:
+        """``user_pool`` split into its window-state pools ("" for none) and whether the token sum follows."""
+        how = self.hparams.user_pool
+        return how.removesuffix("sum").rstrip("_"), how.endswith("sum")
+
     def pool(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
         """The user vector as ``user_pool`` says: window-state pools, then the token sum."""
-        how = self.hparams.user_pool
-        states = how.removesuffix("sum").rstrip("_")
+        states, with_sum = self._pool_parts()
         parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
-        if how.endswith("sum"):
+        if with_sum:
             parts.append(self.token_sum(batch))
         return torch.cat(parts, dim=1)
 
@@ -181,10 +185,9 @@ class AlignmentStage(ObjectiveStage):
         """Besides the widths: a user's embedding is computed from its tokens alone (the weights are
         shared by all users), so its storage is the tokens' — the bench reads ``row_kind`` and
         ``bytes_per_user`` and compares it with rows of that size."""
-        how = self.hparams.user_pool
-        states = len([p for p in how.split("_") if p != "sum"])
-        width = int(self.hparams.dim) * states + (self.dims["num_sources"] * self.dims["code_dim"]
-                                                   if how.endswith("sum") else 0)
+        states, with_sum = self._pool_parts()
+        width = (int(self.hparams.dim) * len(states.split("_")) * bool(states)
+                 + self.dims["num_sources"] * self.dims["code_dim"] * with_sum)
         info = {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim), "user_dim": width}
         dm = self._trainer.datamodule if self._trainer is not None else None
         tokens_dir = getattr(dm, "hparams", {}).get("tokens_dir") if dm is not None else None
