@@ -252,6 +252,9 @@ def test_bootstrap_resample_metrics_equal_the_reported_ones() -> None:
     P, c = rng.dirichlet(np.ones(4), 300), rng.integers(0, 4, 300)
     assert _resample_metric("multiclass", "accuracy")(P, c) == pytest.approx(
         score_predictions("multiclass", P, c)["accuracy"])
+    c[c == 3] = 2  # a class that never occurs is skipped by both
+    assert _resample_metric("multiclass", "macro_auc")(P, c) == pytest.approx(
+        score_predictions("multiclass", P, c)["macro_auc"])
     S, Y = rng.normal(size=(300, 5)), rng.integers(0, 2, (300, 5))
     Y[:, 0] = 0  # a label with one class is skipped by both
     assert _resample_metric("multilabel", "macro_auc")(S, Y) == pytest.approx(

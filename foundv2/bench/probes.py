@@ -111,10 +111,18 @@ def _rank_auc(scores: np.ndarray, y: np.ndarray) -> float:
 
 
 def _macro_rank_auc(scores: np.ndarray, y: np.ndarray) -> float:
-    """Mean of the per-column AUCs over the columns with both classes (multi-label / one-vs-rest)."""
-    aucs = [_rank_auc(scores[:, c], y[:, c]) for c in range(y.shape[1])]
-    aucs = [a for a in aucs if np.isfinite(a)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+    """Mean of the per-column AUCs over the columns with both classes (multi-label / one-vs-rest):
+    :func:`_rank_auc` of every column at once (one ``rankdata`` over the columns)."""
+    y = np.asarray(y).astype(bool)
+    n_pos = y.sum(0)
+    n_neg = y.shape[0] - n_pos
+    both = (n_pos > 0) & (n_neg > 0)
+    if not both.any():
+        return float("nan")
+    ranks = rankdata(scores[:, both], method="average", axis=0)
+    pos, neg = n_pos[both].astype(np.float64), n_neg[both].astype(np.float64)
+    aucs = ((ranks * y[:, both]).sum(0) - pos * (pos + 1) / 2) / (pos * neg)
+    return float(aucs.mean())
 
 
 def _resample_metric(kind: str, metric: str):
@@ -126,6 +134,8 @@ def _resample_metric(kind: str, metric: str):
         return lambda s, y: float(np.mean(np.argmax(s, axis=1) == y))
     if kind == "multilabel" and metric == "macro_auc":
         return _macro_rank_auc
+    if kind == "multiclass" and metric == "macro_auc":  # one-vs-rest: the classes as labels
+        return lambda s, y: _macro_rank_auc(s, np.eye(s.shape[1], dtype=bool)[np.asarray(y, np.int64)])
     return None
 
 
