@@ -179,7 +179,7 @@ def test_user_pool_modes(cache):
     batch = next(iter(dm.predict_dataloader()))
     L.seed_everything(0)
     stages = {}
-    for pool in ("mean", "last", "mean_last"):
+    for pool in ("mean", "last", "mean_last", "items", "mean_last_items"):
         stages[pool] = QFormerStage(**TINY, user_pool=pool)
         stages[pool].build(dm.dims())
         stages[pool].load_state_dict(stages["mean"].state_dict())
@@ -188,6 +188,13 @@ def test_user_pool_modes(cache):
     assert emb["mean"].shape[1] == 16 and emb["mean_last"].shape[1] == 32
     assert torch.equal(emb["mean_last"], torch.cat([emb["mean"], emb["last"]], 1))
     assert not torch.allclose(emb["mean"], emb["last"])
+    # items: the mean item-table row over each user's events that have an item, computed here by hand
+    table = stages["items"].encoder.item.weight
+    for b in range(batch["ev_item"].shape[0]):
+        ids = batch["ev_item"][b][batch["ev_mask"][b].bool() & (batch["ev_item"][b] > 0)]
+        assert len(ids) > 0
+        assert torch.allclose(emb["items"][b], table[ids].mean(0), atol=1e-6)
+    assert torch.equal(emb["mean_last_items"], torch.cat([emb["mean_last"], emb["items"]], 1))
     with pytest.raises(ValueError, match="user_pool"):
         QFormerStage(user_pool="max")
 

@@ -64,6 +64,8 @@ from foundv2.stages.base import (
 
 BACKBONES = ("qformer", "text_encoder", "pooled")
 USER_POOLS = ("mean", "last", "mean_last")
+#: stage 1 can also read the user's items: ``items`` is the mean of its (trained) item-table rows
+QFORMER_POOLS = (*USER_POOLS, "items", "mean_items", "mean_last_items")
 FINE_TARGETS = ("content", "state")
 ITEM_INITS = ("random", "factors")
 
@@ -93,7 +95,11 @@ class QFormerStage(ObjectiveStage):
         user_pool: how ``user_emb`` is made from the window representations (``qformer``):
             ``mean`` (over real windows, D wide), ``last`` (the last real window, which sees
             the whole history) or ``mean_last`` (both, concatenated: 2·D wide; a linear probe
-            then also sees the drift between the average and the latest state).
+            then also sees the drift between the average and the latest state); ``items``,
+            ``mean_items`` and ``mean_last_items`` add (or are) the mean of the event encoder's
+            item-table rows over the user's events that have an item (D wide): with ``item_init:
+            factors`` that starts as a collaborative profile of the history, which the window
+            states, trained on time and periodicity, only partly keep.
         objectives: the objective terms (``--model.objectives.*``: weights, switches, τ, the fine
             mode, false-negative margins; :class:`~foundv2.objectives.ObjectivesConfig`);
             the terms are fine, window, semantic and recon.
@@ -144,8 +150,8 @@ class QFormerStage(ObjectiveStage):
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         if fine_target not in FINE_TARGETS:
             raise ValueError(f"fine_target must be one of {FINE_TARGETS}, got {fine_target!r}")
-        if user_pool not in USER_POOLS:
-            raise ValueError(f"user_pool must be one of {USER_POOLS}, got {user_pool!r}")
+        if user_pool not in QFORMER_POOLS:
+            raise ValueError(f"user_pool must be one of {QFORMER_POOLS}, got {user_pool!r}")
         if item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
         self.save_settings()
@@ -250,8 +256,18 @@ class QFormerStage(ObjectiveStage):
         if profile is not None:
             out = add_profile_slices(out, profile, S)
         out = with_window_keys(out, batch, S)
-        user = pool_windows(views.mean(2).float(), batch["win_mask"], self.hparams.user_pool)
-        return out, user
+        return out, self.pool_user(batch, views.mean(2).float())
+
+    def pool_user(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
+        """``user_emb`` from the window states [B, W, D] (and the batch's items) as ``user_pool`` says."""
+        how = self.hparams.user_pool
+        states = how.removesuffix("items").rstrip("_")
+        parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
+        if how.endswith("items"):
+            has = (batch["ev_mask"].bool() & (batch["ev_item"] > 0)).float()
+            rows = self.encoder.item(batch["ev_item"].clamp_min(0)).float() * has.unsqueeze(-1)
+            parts.append(rows.sum(1) / has.sum(1, keepdim=True).clamp_min(1))
+        return torch.cat(parts, dim=1)
 
     def forward(self, batch: dict) -> dict:
         """Flat slices of a batch (slice_user, slice_window, slice_source, slice_key [N], feat [N, D])."""
