@@ -230,7 +230,7 @@ if [[ " $PARTS " == *" q "* ]]; then
   ls -la "$WORK/feat"; cat "$WORK/feat/meta.json" 2>/dev/null | head -c 600; echo
 fi
 
-TOK=(--config experiments/synthetic/data.yaml --config experiments/synthetic/tokenizer.yaml "${DATA_ARGS[@]}" --data.features_dir "$WORK/feat" "${COMMON[@]}")
+TOK=(--config experiments/synthetic/data.yaml --config experiments/synthetic/tokenizer.yaml "${DATA_ARGS[@]}" --data.features_dir "$WORK/feat" --model.recon_weights null "${COMMON[@]}")
 # ------------------------------------------------------------------------------------ stage 2
 if [[ " $PARTS " == *" tok "* ]]; then
   banner "stage 2: tokenizer fit (bf16-mixed, $TOK_EPOCHS epochs) on $WORK/feat"
