@@ -33,6 +33,11 @@ Figures:
   ``foundv2 embed`` run per batch: ``QueryAnchor.embed_users``, prefix encoded then all queries
   in one cached pass) on ``--embed-users`` users of ``--embed-events`` events (about a
   MovieLens-100k user's median history) in batches of ``--embed-batch``, soft prefix;
+- ``token_prefix_build_s``: building the token prefix (adding ``--codes`` U2QT tokens to the
+  LM and looking their ids up by name), which every fit, predict and checkpoint load of a
+  token-prefix stage pays; ``token_lookup``: those ids looked up one name at a time
+  (``CausalLM.token_id`` per name) against one read of the vocabulary (``CausalLM.token_ids``),
+  side by side, and the ratio;
 - ``peak_rss_mb``: this process's peak resident memory.
 """
 
@@ -124,6 +129,23 @@ def embed_throughput(model, users: int, events: int, batch: int, sources: int, q
             "embed_s": seconds}
 
 
+def token_lookup(lm, codes: int) -> dict:
+    """The added U2QT tokens' ids looked up by name, side by side: one ``token_id`` call per name
+    (each reads the tokenizer's whole vocabulary) against ``token_ids`` (one read for all)."""
+    from foundv2.nn.anchor import U2QT_TOKEN
+
+    names = [U2QT_TOKEN.format(g) for g in range(codes)]
+    t0 = time.perf_counter()
+    one_by_one = [lm.token_id(n) for n in names]
+    per_name_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    together = lm.token_ids(names)
+    one_read_s = time.perf_counter() - t0
+    assert together == one_by_one
+    print(f"{codes} token ids by name: {per_name_s:.2f} s one by one, {one_read_s:.4f} s in one read", flush=True)
+    return {"names": codes, "per_name_s": per_name_s, "one_read_s": one_read_s, "ratio": per_name_s / one_read_s}
+
+
 def _events(b: int, e: int, s: int, g: torch.Generator) -> dict:
     """Random event embeddings; every other user 40 events shorter (padded slots)."""
     return {"ev_text_emb": torch.randn(b, e, 384, generator=g), "ev_source": torch.randint(0, s, (b, e), generator=g),
@@ -164,7 +186,11 @@ def main() -> None:
     kinds["soft"] = measure(soft, _events(b, e, s, g), queries, args.repeats)
     embed = (embed_throughput(soft, args.embed_users, args.embed_events, args.embed_batch, s, queries)
              if args.embed_users else {})
-    token = QueryAnchor(lm, TokenPrefix(lm, torch.randn(args.codes, 256, generator=g))).eval()
+    t0 = time.perf_counter()
+    token_prefix = TokenPrefix(lm, torch.randn(args.codes, 256, generator=g))  # adds the U2QT tokens
+    build_s = time.perf_counter() - t0
+    lookup = token_lookup(lm, args.codes)
+    token = QueryAnchor(lm, token_prefix).eval()
     ids = torch.randint(0, args.codes, (b, e), generator=g)
     ids[1::2, e - 50:] = -1  # every other user shorter: padded slots
     kinds["token"] = measure(token, {"token_ids": ids}, queries, args.repeats)
@@ -176,6 +202,8 @@ def main() -> None:
                                  "(prefix + query) per query against one cached pass over all queries' own tokens; "
                                  "the prefix encoding (prefix_encode_ms) is paid once per user and not included",
         **embed,
+        "token_prefix_build_s": build_s,
+        "token_lookup": lookup,
         "conversion_s": conversion_s,
         "cached_load_s": load_s,
         "kinds": kinds,

@@ -125,7 +125,8 @@ class CausalLM(nn.Module):
         mean resizing); an untied output head gets the same treatment."""
         if self.lora:
             raise RuntimeError("add special tokens before enable_lora: peft fixes the embedding size")
-        missing = [n for n in names if n not in self.tokenizer.get_vocab()]
+        vocab = self.tokenizer.get_vocab()  # a fresh dict of the whole vocabulary: built once, not per name
+        missing = [n for n in names if n not in vocab]
         if missing:
             self.tokenizer.add_tokens(missing, special_tokens=True)
         old = self.input_embeddings.weight.shape[0]
@@ -135,15 +136,28 @@ class CausalLM(nn.Module):
                 weights = {id(m.weight): m.weight for m in (self.input_embeddings, self.hf.get_output_embeddings())}
                 for w in weights.values():  # one table when input and output are tied
                     w[old:] = w[:old].mean(dim=0)
-        return [self.token_id(n) for n in names]
+        return self.token_ids(names)
 
     def token_id(self, name: str) -> int:
         """The id of token ``name``; a clear error when the tokenizer does not have it."""
-        tid = self.tokenizer.get_vocab().get(name)
-        if tid is None:
-            raise DataError(f"the LM's tokenizer has no token {name!r}: it must be added first "
-                            "(CausalLM.add_special_tokens) or the LM folder was saved before it was added.")
-        return int(tid)
+        return self.token_ids([name])[0]
+
+    def has_tokens(self, names: list[str]) -> bool:
+        """Whether the tokenizer holds every token of ``names``."""
+        vocab = self.tokenizer.get_vocab()
+        return all(n in vocab for n in names)
+
+    def token_ids(self, names: list[str]) -> list[int]:
+        """The ids of tokens ``names``, looked up by name in one read of the vocabulary (a
+        tokenizer's ``get_vocab`` builds a new dict of every token each call: per name, the
+        lookups of a few hundred U2QT tokens cost minutes); a clear error for a missing one."""
+        vocab = self.tokenizer.get_vocab()
+        missing = [n for n in names if n not in vocab]
+        if missing:
+            raise DataError(f"the LM's tokenizer has no token {missing[0]!r}"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it must be added "
+                            "first (CausalLM.add_special_tokens) or the LM folder was saved before it was added.")
+        return [int(vocab[n]) for n in names]
 
     def tokenize(self, texts: list[str], add_eos: bool = False, max_length: int | None = None,
                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:

@@ -178,7 +178,7 @@ class QAnchorStage(PredictStage):
         names = [USER_EMB]
         if isinstance(self.net.prefix, TokenPrefix):
             names += [U2QT_TOKEN.format(g) for g in range(self.net.prefix.codebook.shape[0])]
-        return {name: self.net.lm.token_id(name) for name in names}
+        return dict(zip(names, self.net.lm.token_ids(names), strict=True))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
