@@ -91,7 +91,9 @@ class Step:
             later steps read it by.
         config: its YAML: a stage config (trainer and model sections) for ``stage``, a config
             with a ``bench:`` section for ``bench``. No ``data:`` section: the pipeline's data
-            config is given to every step.
+            config is given to every step. Or a list of YAMLs layered in order (each a
+            ``--config``, later ones win), e.g. a stage config and a small file holding only what
+            this use of it changes; every one of them is in the step's fingerprint.
         kind: ``stage`` (fit, then predict from the best checkpoint), ``qanchor`` (a stage step whose
             checkpoint is also put into its ``model`` folder) or ``bench`` (run_bench on rank 0).
         args: extra flags for this step only, after its YAML, e.g. ["--trainer.max_epochs", "4"].
@@ -103,12 +105,16 @@ class Step:
     """
 
     name: str
-    config: str
+    config: str | list[str]
     kind: str = "stage"
     args: list[str] = field(default_factory=list)
     output: str | None = None
     writes: dict[str, str] = field(default_factory=dict)
     reads: dict[str, str] = field(default_factory=dict)
+
+    def configs(self) -> list[str]:
+        """The step's YAMLs, in the order they are layered."""
+        return [self.config] if isinstance(self.config, str) else list(self.config)
 
     def folders(self) -> dict[str, str]:
         """The folders this step writes that later steps may read: name → the key that sets it."""
@@ -163,6 +169,8 @@ def validate(cfg: PipelineConfig) -> None:
         where = f"pipeline step {step.name!r}"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", step.name) or step.name in earlier:
             raise DataError(f"{where}: a step name must be unique and a plain folder name (letters, digits, _ . -).")
+        if not step.configs():
+            raise DataError(f"{where}: config is an empty list: give its YAML, or YAMLs to layer.")
         if step.kind not in KIND_CODE:
             raise DataError(f"{where}: kind must be one of {sorted(KIND_CODE)}, got {step.kind!r}.")
         if step.kind in STAGE_KINDS and not step.output:
@@ -190,7 +198,7 @@ def step_args(cfg: PipelineConfig, step: Step, run: Path) -> list[str]:
     """The arguments the step's fit, predict or bench is built from: the data config, the step's
     config, the folders it writes and reads, then its own flags (last, so they win)."""
     folder = run / step.name
-    args = ["--config", cfg.data, "--config", step.config]
+    args = ["--config", cfg.data, *(a for c in step.configs() for a in ("--config", c))]
     if step.kind in STAGE_KINDS:
         args += ["--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
                  *cfg.trainer_args]
@@ -270,12 +278,15 @@ def _read_config(path: str, where: str) -> bytes:
 def step_fingerprint(cfg: PipelineConfig, step: Step, upstream: dict[str, str], root: Path = REPO) -> dict:
     """What a step's results depend on. ``upstream``: step name → digest of its fingerprint."""
     where = f"pipeline step {step.name!r}"
-    data, own = _read_config(cfg.data, where), _read_config(step.config, where)
+    data, own = _read_config(cfg.data, where), [_read_config(c, where) for c in step.configs()]
     entry = list(KIND_CODE[step.kind])
     if step.kind in STAGE_KINDS:
-        entry += _class_path_modules(yaml.safe_load(own))
+        entry += [m for text in own for m in _class_path_modules(yaml.safe_load(text))]
+    digests = [hashlib.sha256(text).hexdigest() for text in own]
+    # one YAML: its digest (as before layering existed, so older run folders still match)
+    step_digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
     fp = {
-        "config": {"data": hashlib.sha256(data).hexdigest(), "step": hashlib.sha256(own).hexdigest()},
+        "config": {"data": hashlib.sha256(data).hexdigest(), "step": step_digest},
         "flags": {"kind": step.kind, "args": step.args, "output": step.output, "writes": step.writes,
                   "trainer_args": cfg.trainer_args if step.kind in STAGE_KINDS else []},
         "reads": {key: {"from": ref, "fingerprint": upstream[ref.partition("/")[0]]} for key, ref in step.reads.items()},
@@ -302,7 +313,7 @@ def what_changed(cfg: PipelineConfig, step: Step, before: dict | None, now: dict
         return f"no {FINGERPRINT} says what made it"
     why = []
     old = before.get("config", {})
-    names = {"data": cfg.data, "step": step.config}
+    names = {"data": cfg.data, "step": " + ".join(step.configs())}
     if changed := [names[k] for k in names if old.get(k) != now["config"][k]]:
         why.append(f"config {', '.join(changed)}")
     if before.get("flags") != now["flags"]:
@@ -446,7 +457,7 @@ def run_pipeline(cfg: PipelineConfig, root: Path = REPO) -> dict:
         t0 = time.perf_counter()
         folder, args = run / step.name, step_args(cfg, step, run)
         log = folder / console.step_log_name()
-        _say(f"[{k}/{len(cfg.steps)}] {step.name}: {step.config} (log: {log})")
+        _say(f"[{k}/{len(cfg.steps)}] {step.name}: {' + '.join(step.configs())} (log: {log})")
         with console.log_to_file(log):
             if step.kind in STAGE_KINDS:
                 did = _run_stage(step, folder, args)

@@ -76,7 +76,7 @@ def test_config_parses(path, tmp_path, monkeypatch):
         from foundv2.pipeline import parse_config
 
         cfg = parse_config(["--config", str(path)])  # validated: every read names an earlier step's folder
-        for conf in (cfg.data, *(s.config for s in cfg.steps)):
+        for conf in (cfg.data, *(c for s in cfg.steps for c in s.configs())):
             assert (ROOT / conf).exists(), conf
     else:
         from foundv2.bench.run import run_bench

@@ -85,6 +85,28 @@ def test_flags_and_configs_change_the_step_and_the_steps_that_read_it(shipped, t
     assert flags["stage1"] != trainer["stage1"] and flags["bench"] == trainer["bench"]  # the bench has no trainer
 
 
+def test_a_step_of_layered_configs_passes_them_in_order_and_hashes_each(shipped, tmp_path):
+    """``config: [a.yaml, b.yaml]``: both are --config flags in that order (the later wins), an
+    edit of either changes the step and those reading it, and a one-item list is the single YAML."""
+    from foundv2.pipeline import step_args
+
+    tok = next(s for s in shipped.steps if s.name == "tokenizer")
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("model:\n  init_args:\n    code_dim: 32\n")
+    layered = [replace(s, config=[s.config, str(layer)]) if s is tok else s for s in shipped.steps]
+    args = step_args(replace(shipped, steps=layered), layered[[s.name for s in layered].index("tokenizer")],
+                     tmp_path / "run")
+    assert args[:6] == ["--config", shipped.data, "--config", tok.config, "--config", str(layer)]
+    before = _digests(replace(shipped, steps=layered))
+    layer.write_text("model:\n  init_args:\n    code_dim: 16\n")
+    after = _digests(replace(shipped, steps=layered))
+    assert {n for n in before if before[n] != after[n]} == {"tokenizer", "bench"}
+    single = [replace(s, config=[s.config]) if s is tok else s for s in shipped.steps]
+    assert _digests(replace(shipped, steps=single)) == _digests(shipped)
+    with pytest.raises(DataError, match="empty list"):
+        validate(replace(shipped, steps=[replace(s, config=[]) if s is tok else s for s in shipped.steps]))
+
+
 def test_module_imports_resolve_relative_and_submodule_imports():
     src = "from . import report\nfrom ..nn.quantizer import X\nimport foundv2.io\ndef f():\n    from data_modules import store\n"
     found = module_imports(src, "foundv2.bench.run")
