@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import explore_tokens as E  # noqa: E402
@@ -85,9 +86,8 @@ def main() -> None:
     from data_modules.datamodule import UserDataModule
     from foundv2.bench.run import load_bench_data
 
-    dm = UserDataModule(dataset="synthetic", loader_args={"n_users": 5000, "seed": 0}, window_mode="day",
-                        text_encoder="hashing", split_seed=0, batch_size=64, max_windows=32, max_events=512,
-                        progress=False)  # experiments/synthetic/data.yaml
+    data_cfg = yaml.safe_load((ROOT / "experiments" / "synthetic" / "data.yaml").read_text())["data"]
+    dm = UserDataModule(**data_cfg, progress=False)  # the data config the alignment bench ran on
     dm.prepare_data()
     data = load_bench_data(dm)
     n = len(data.split)

@@ -94,8 +94,7 @@ def test_a_step_of_layered_configs_passes_them_in_order_and_hashes_each(shipped,
     layer = tmp_path / "layer.yaml"
     layer.write_text("model:\n  init_args:\n    code_dim: 32\n")
     layered = [replace(s, config=[s.config, str(layer)]) if s is tok else s for s in shipped.steps]
-    args = step_args(replace(shipped, steps=layered), layered[[s.name for s in layered].index("tokenizer")],
-                     tmp_path / "run")
+    args = step_args(replace(shipped, steps=layered), next(s for s in layered if s.name == "tokenizer"), tmp_path / "run")
     assert args[:6] == ["--config", shipped.data, "--config", tok.config, "--config", str(layer)]
     before = _digests(replace(shipped, steps=layered))
     layer.write_text("model:\n  init_args:\n    code_dim: 16\n")

@@ -105,7 +105,7 @@ class TokenPrefix(UserPrefix):
             raise DataError(f"TokenPrefix needs a [K, code_dim] codebook with K > 0; got shape {tuple(codebook.shape)}.")
         k, code_dim = codebook.shape
         names = [U2QT_TOKEN.format(g) for g in range(k)]
-        already = lm.has_tokens(names)
+        already = not lm.missing_tokens(names)
         ids = lm.add_special_tokens(names)
         self.register_buffer("lm_token_ids", torch.tensor(ids, dtype=torch.long))
         self.register_buffer("codebook", codebook.detach().float().clone())

@@ -125,9 +125,7 @@ class CausalLM(nn.Module):
         mean resizing); an untied output head gets the same treatment."""
         if self.lora:
             raise RuntimeError("add special tokens before enable_lora: peft fixes the embedding size")
-        vocab = self.tokenizer.get_vocab()  # a fresh dict of the whole vocabulary: built once, not per name
-        missing = [n for n in names if n not in vocab]
-        if missing:
+        if missing := self.missing_tokens(names):
             self.tokenizer.add_tokens(missing, special_tokens=True)
         old = self.input_embeddings.weight.shape[0]
         if len(self.tokenizer) > old:
@@ -142,18 +140,17 @@ class CausalLM(nn.Module):
         """The id of token ``name``; a clear error when the tokenizer does not have it."""
         return self.token_ids([name])[0]
 
-    def has_tokens(self, names: list[str]) -> bool:
-        """Whether the tokenizer holds every token of ``names``."""
+    def missing_tokens(self, names: list[str]) -> list[str]:
+        """The tokens of ``names`` the tokenizer does not hold, in one read of the vocabulary."""
         vocab = self.tokenizer.get_vocab()
-        return all(n in vocab for n in names)
+        return [n for n in names if n not in vocab]
 
     def token_ids(self, names: list[str]) -> list[int]:
         """The ids of tokens ``names``, looked up by name in one read of the vocabulary (a
         tokenizer's ``get_vocab`` builds a new dict of every token each call: per name, the
         lookups of a few hundred U2QT tokens cost minutes); a clear error for a missing one."""
         vocab = self.tokenizer.get_vocab()
-        missing = [n for n in names if n not in vocab]
-        if missing:
+        if missing := [n for n in names if n not in vocab]:
             raise DataError(f"the LM's tokenizer has no token {missing[0]!r}"
                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it must be added "
                             "first (CausalLM.add_special_tokens) or the LM folder was saved before it was added.")
