@@ -235,7 +235,7 @@ BATCH_KINDS = {k.name: k for k in (
     BatchKind("tokens", "tokens_dir", "tokens",
               ("user_id", "row", "split", "slice_source", "slice_key", "token_ids"),
               lambda dm: TokenCollate(dm.table, dm.text_emb, [lab.name for lab in dm.spec.labels],
-                                      dm.hparams.max_windows)),
+                                      dm.hparams.max_windows, dm.teacher)),
     BatchKind("representations", "representation_dir", None, REPRESENTATION_COLUMNS,
               lambda dm: RepresentationCollate(dm.table, dm.spec), only_columns=True),
     # question/answer pairs the same way
@@ -269,6 +269,11 @@ class UserDataModule(L.LightningDataModule):
         representation_dir: a dataset with one ``user_emb`` per user (any stage output that has
             it, or ``representations.write_representation``); when set, batches are
             representation batches (the vector, the labels, history and future items) for probes.
+        teacher_dir: with ``tokens_dir``: a dataset with one ``user_emb`` per user (stage 1's
+            features, say) that token batches carry as ``teacher_emb``, standardised per feature
+            with the training users' mean and spread, for stage 3's distill term; ``has_teacher``
+            is False for test users (their vectors never reach a loss; validation users' score
+            only the validation loss).
         questions: Query-as-Anchor pairs (data_modules/questions.py): a list of questions
             ``{name, query, answer, source?, top?}``, or ``true`` for the default set; when set,
             *training* batches are query/answer batches of the training users' pairs (validation
@@ -303,6 +308,7 @@ class UserDataModule(L.LightningDataModule):
         features_dir: str | None = None,
         tokens_dir: str | None = None,
         representation_dir: str | None = None,
+        teacher_dir: str | None = None,
         questions: list[dict] | bool | None = None,
         calendar: bool = True,
     ):
@@ -316,6 +322,7 @@ class UserDataModule(L.LightningDataModule):
         self.input_meta: dict | None = None
         self.input_table = None  # the dataset batches are read from (the prepared table for events)
         self.input_split: np.ndarray | None = None
+        self.teacher: tuple[np.ndarray, np.ndarray] | None = None  # (standardised [rows, D], present [rows])
         self._pairs = None  # the query/answer pairs (questions set), built on first use
 
     # ---------------------------------------------------------------- preparation
@@ -363,6 +370,41 @@ class UserDataModule(L.LightningDataModule):
             raise DataError(f"{self.prepared_dir / 'text_emb.npy'}: corrupt ({err}); delete the folder to rebuild.") from err
         self.split = np.asarray(self.table["split"], dtype=np.int64)
         self._open_input(self._choose_batch_kind())
+        if self.hparams.teacher_dir:
+            self.teacher = self._open_teacher(self.hparams.teacher_dir)
+
+    def _open_teacher(self, folder: str) -> tuple[np.ndarray, np.ndarray]:
+        """``teacher_dir`` → (every prepared row's ``user_emb`` standardised with the training
+        users' mean and spread, zeros where absent; which rows have one)."""
+        if self.batch_kind != "tokens":
+            raise DataError(f"data.teacher_dir {folder}: a teacher is read by token batches only (stage 3's "
+                            f"distill term); give data.tokens_dir too, or drop data.teacher_dir.")
+        ds, _ = read_stage_output(folder)
+        missing = [c for c in ("row", "user_emb") if c not in ds.column_names]
+        if missing:
+            raise DataError(f"data.teacher_dir {folder}: the dataset lacks the column(s) {missing}; point it at a "
+                            f"stage output with one user_emb per user (stage 1's features, say).")
+        ds = ds.select_columns(["row", "user_emb"]).with_format("numpy")
+        rows = np.asarray(ds["row"], np.int64)
+        emb = np.stack(ds["user_emb"]).astype(np.float32) if len(ds) else np.zeros((0, 0), np.float32)
+        n = len(self.split)
+        if emb.ndim != 2 or emb.shape[1] == 0 or rows.min(initial=0) < 0 or rows.max(initial=-1) >= n:
+            raise DataError(f"data.teacher_dir {folder}: its rows do not fit this data set ({n} users) or its "
+                            f"user_emb is not one vector per user; was it made from other data?")
+        bad = ~np.isfinite(emb).all(1)
+        if bad.any():
+            raise DataError(f"data.teacher_dir {folder}: user_emb holds NaN or infinite values for {int(bad.sum())} "
+                            f"user(s) (first row {int(rows[bad][0])}); refit or re-predict the stage that wrote it.")
+        table = np.zeros((n, emb.shape[1]), np.float32)
+        present = np.zeros(n, bool)
+        table[rows], present[rows] = emb, True
+        train = present & (self.split == Split.TRAIN)
+        if not train.any():
+            raise DataError(f"data.teacher_dir {folder}: no training user has a vector, so there is nothing to "
+                            f"learn from; predict that stage for the training split too.")
+        mean, std = table[train].mean(0), table[train].std(0) + 1e-6
+        table[present] = (table[present] - mean) / std
+        return table, present
 
     def _choose_batch_kind(self) -> BatchKind:
         given = [k for k in BATCH_KINDS.values() if k.input_arg and self.hparams[k.input_arg]]
@@ -406,6 +448,8 @@ class UserDataModule(L.LightningDataModule):
             "max_windows": int(self.hparams.max_windows),
             # width of win_calendar the models read: 0 without calendar time or with calendar off
             "calendar_dim": len(WINDOW_CALENDAR) if self.hparams.calendar and m["calendar"]["has_calendar"] else 0,
+            # width of the teacher vectors token batches carry (0: no data.teacher_dir)
+            "teacher_dim": int(self.teacher[0].shape[1]) if self.teacher is not None else 0,
         }
 
     # ---------------------------------------------------------------- loaders

@@ -20,6 +20,9 @@ a user in the batch, W = the most windows::
     win_mask     [B, W]     bool
     fut_text_emb [B, d]     float32 future-summary embedding (zeros if none)
     has_fut_text [B]        bool    True only for training users
+    teacher_emb  [B, Dt]    float32 the user's teacher vector, standardised (zeros if none;
+                                    only with a teacher, ``data.teacher_dir``)
+    has_teacher  [B]        bool    True for training and validation users with one
     label/<name> [B]        int64
 """
 
@@ -52,13 +55,16 @@ class TokenCollate:
         text_emb: the prepared text-embedding table [texts, d].
         label_names: the data set's label names.
         max_windows: most recent windows kept per user.
+        teacher: (standardised vectors [rows, Dt], present [rows]) by prepared row, or None.
     """
 
-    def __init__(self, prepared, text_emb: np.ndarray, label_names: list[str], max_windows: int):
+    def __init__(self, prepared, text_emb: np.ndarray, label_names: list[str], max_windows: int,
+                 teacher: tuple[np.ndarray, np.ndarray] | None = None):
         self.label_cols = [f"label/{n}" for n in label_names if f"label/{n}" in prepared.column_names]
         self.prepared = prepared.select_columns(["fut_text", *self.label_cols])
         self.text_emb = text_emb
         self.max_windows = max_windows
+        self.teacher = teacher
 
     def __call__(self, cols: dict) -> dict:
         if isinstance(cols, list):
@@ -110,6 +116,12 @@ class TokenCollate:
             # only training users' futures may reach a loss
             "has_fut_text": torch.as_tensor(has & (split == Split.TRAIN)),
         }
+        if self.teacher is not None:
+            table, present = self.teacher
+            batch["teacher_emb"] = torch.as_tensor(table[rows])
+            # training users' vectors train; validation users' only score the validation loss
+            # (the stage masks by split); a test user's never reaches a loss
+            batch["has_teacher"] = torch.as_tensor(present[rows] & (split != Split.TEST))
         for c in self.label_cols:
             batch[c] = torch.as_tensor(np.asarray(prep[c], np.int64))
         return batch

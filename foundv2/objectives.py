@@ -16,6 +16,10 @@ masks, window keys, pooled user vectors — never a stage's batch.
   end of the history and the embedding of a text describing its future behaviour.
 - :class:`ReconstructionObjective`: per-source reconstruction of pooled input features
   (:func:`foundv2.nn.slices.pooled_slice_targets`) on present slices.
+- :class:`DistillObjective` (stage 3 only, off unless weighted): regress a teacher's per-user
+  vector (stage 1's continuous features, standardised) from the user's representation, on
+  training users only, so that what quantisation blurred is learned back as a function of the
+  tokens.
 - :class:`MultiScaleObjectives`: the weighted sum, every term switchable, each term's loss and
   accuracy reported under ``loss/<term>`` and ``acc/<term>``.
 
@@ -37,9 +41,10 @@ from torch import nn
 
 from foundv2.options import Options
 
-TERMS = ("fine", "window", "semantic", "recon")
+TERMS = ("fine", "window", "semantic", "recon", "distill")
 FINE_MODES = ("infonce", "cosine")
-DEFAULT_WEIGHTS = {"fine": 0.2, "window": 0.4, "semantic": 0.4, "recon": 1.0}  # paper: 0.2/0.4/0.4
+# paper: 0.2/0.4/0.4; distill is ours and off unless given a weight (it needs a teacher)
+DEFAULT_WEIGHTS = {"fine": 0.2, "window": 0.4, "semantic": 0.4, "recon": 1.0, "distill": 0.0}
 # Offset that keeps default row keys of different ranks apart when they are gathered.
 RANK_KEY_OFFSET = 1 << 40
 
@@ -333,6 +338,9 @@ class WindowObjective(nn.Module):
         fn_margin: float | None = None,
         max_pairs: int | None = 4096,
         gather: bool = True,
+        distill_in_dim: int | None = None,
+        teacher_dim: int | None = None,
+        distill_hidden: int = 512,
     ) -> None:
         super().__init__()
         self.period, self.tau, self.fn_margin = period, tau, fn_margin
@@ -426,6 +434,39 @@ class ReconstructionObjective(nn.Module):
         return loss, per_source
 
 
+class DistillObjective(nn.Module):
+    """Squared error between a head's reading of the user representation and a teacher's vector
+    of the user (``teacher_emb``, standardised per feature on the training users by the data
+    module), for users with ``has_teacher`` only (training users). Reduction: mean over features
+    and over those users; a rank with none contributes a zero that stays in the graph.
+
+    The head (LayerNorm, Linear, GELU, Linear) is also the stage's ``distill`` readout, so a
+    user's embedding can be the teacher's vector as predicted from tokens alone.
+
+    Args:
+        in_dim: width of the representation read.
+        teacher_dim: width of the teacher's vector.
+        hidden: the head's hidden width.
+    """
+
+    def __init__(self, in_dim: int, teacher_dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(),
+                                  nn.Linear(hidden, teacher_dim))
+
+    def forward(
+        self, rep: torch.Tensor, teacher_emb: torch.Tensor, has_teacher: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rep [B, Din], teacher_emb [B, Dt], has_teacher [B] bool → (loss, explained share
+        ``1 − mse / mean square of the targets``, detached)."""
+        err = (self.head(rep.float()) - teacher_emb.float()).pow(2).mean(-1) * has_teacher
+        n = has_teacher.float().sum()
+        loss = err.sum() / n.clamp_min(1.0)
+        power = (teacher_emb.float().pow(2).mean(-1) * has_teacher).sum() / n.clamp_min(1.0)
+        explained = torch.where(n > 0, 1.0 - loss / power.clamp_min(1e-8), torch.zeros_like(loss))
+        return loss, explained.detach()  # 0 where no user has a target (validation batches)
+
+
 @dataclass(frozen=True)
 class ObjectivesConfig(Options):
     """The objective terms of the stages trained by :class:`MultiScaleObjectives` (stage 1 and
@@ -435,8 +476,8 @@ class ObjectivesConfig(Options):
     GROUP: ClassVar[str] = "objectives"
 
     weights: dict[str, float] | None = None
-    """Per-term weights (fine, window, semantic, and recon where the stage has it); missing terms
-    take the paper's 0.2 / 0.4 / 0.4 (recon 1.0)."""
+    """Per-term weights (fine, window, semantic, and recon or distill where the stage has it);
+    missing terms take the paper's 0.2 / 0.4 / 0.4 (recon 1.0; distill 0, i.e. off)."""
     enabled: dict[str, bool] | None = None
     """Per-term switches, e.g. ``{semantic: false}``; missing → on."""
     tau: float = 0.07
@@ -452,6 +493,8 @@ class ObjectivesConfig(Options):
     """False-negative margin of the semantic term (None = off)."""
     max_pairs: int | None = 4096
     """Cap on fine/window pairs per batch and rank."""
+    distill_hidden: int = 512
+    """Hidden width of the distill term's head."""
 
     def only(self, terms: Sequence[str]) -> ObjectivesConfig:
         """These options for a stage trained by ``terms`` only (stage 3 has no recon): a weight or
@@ -491,6 +534,9 @@ class MultiScaleObjectives(nn.Module):
         semantic_fn_margin: false-negative margin of the semantic term; None = off.
         max_pairs: cap on pairs per rank and batch for the fine and window terms.
         gather: gather negatives across DDP ranks.
+        distill_in_dim, teacher_dim: the distill term's input and teacher widths (None: the
+            stage has no teacher, and giving the term a weight is an error).
+        distill_hidden: the distill head's hidden width.
     """
 
     def __init__(
@@ -508,6 +554,9 @@ class MultiScaleObjectives(nn.Module):
         semantic_fn_margin: float | None = 0.1,
         max_pairs: int | None = 4096,
         gather: bool = True,
+        distill_in_dim: int | None = None,
+        teacher_dim: int | None = None,
+        distill_hidden: int = 512,
     ) -> None:
         super().__init__()
         for name, table in (("weights", weights or {}), ("enabled", enabled or {})):
@@ -524,15 +573,21 @@ class MultiScaleObjectives(nn.Module):
         )
         self.semantic = SemanticObjective(dim, text_dim, tau, fn_margin=semantic_fn_margin, gather=gather)
         self.recon = ReconstructionObjective()
+        self.distill = DistillObjective(distill_in_dim, teacher_dim, distill_hidden) if teacher_dim else None
+        if self.active("distill") and self.distill is None:
+            raise ValueError("the distill term has a weight but there is no teacher: give the data module "
+                             "data.teacher_dir (a dataset with one user_emb per user, e.g. stage 1's features)")
 
     @classmethod
     def from_options(cls, options: ObjectivesConfig, dim: int, text_dim: int, period: int,
-                     fine_target_dim: int | None = None) -> MultiScaleObjectives:
+                     fine_target_dim: int | None = None, distill_in_dim: int | None = None,
+                     teacher_dim: int | None = None) -> MultiScaleObjectives:
         """The objectives of a stage's :class:`ObjectivesConfig`."""
         return cls(dim, text_dim, weights=options.weights, enabled=options.enabled, period=period, tau=options.tau,
                    fine_mode=options.fine_mode, fine_target_dim=fine_target_dim, step_tau=options.step_tau,
                    window_fn_margin=options.window_fn_margin, semantic_fn_margin=options.semantic_fn_margin,
-                   max_pairs=options.max_pairs)
+                   max_pairs=options.max_pairs, distill_in_dim=distill_in_dim, teacher_dim=teacher_dim,
+                   distill_hidden=options.distill_hidden)
 
     def active(self, term: str) -> bool:
         """Whether ``term`` is computed (enabled and weight > 0)."""
@@ -560,6 +615,9 @@ class MultiScaleObjectives(nn.Module):
         recon: torch.Tensor | None = None,
         recon_target: torch.Tensor | None = None,
         present: torch.Tensor | None = None,
+        distill_in: torch.Tensor | None = None,
+        teacher_emb: torch.Tensor | None = None,
+        has_teacher: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the active terms.
 
@@ -570,12 +628,14 @@ class MultiScaleObjectives(nn.Module):
                 [B, W] bool, [B, W] int, optional [B] ids unique across ranks.
             user_rep, fut_text_emb, has_fut_text: semantic term — [B, D], [B, d], [B] bool.
             recon, recon_target, present: recon term — [B, W, S, Dp] twice, [B, W, S] bool.
+            distill_in, teacher_emb, has_teacher: distill term — [B, Din], [B, Dt], [B] bool.
 
         Returns:
             ``(total, logs)``: total = Σ weight·loss over active terms; logs (detached) holds
             ``loss/total`` and, per active term, ``loss/<term>``; ``acc/fine``,
             ``acc/window``, ``pairs/window``, ``acc/semantic``, ``n/semantic``, and
-            ``recon_mse/<source index>`` (the recon error of each source).
+            ``recon_mse/<source index>`` (the recon error of each source), ``explained/distill``
+            and ``n/distill``.
         """
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, torch.Tensor] = {}
@@ -596,6 +656,10 @@ class MultiScaleObjectives(nn.Module):
             losses["recon"], per_source = self.recon(recon, recon_target, present)
             for s, v in enumerate(per_source):
                 logs[f"recon_mse/{s}"] = v
+        if self.active("distill"):
+            self._need("distill", distill_in=distill_in, teacher_emb=teacher_emb, has_teacher=has_teacher)
+            losses["distill"], logs["explained/distill"] = self.distill(distill_in, teacher_emb, has_teacher)
+            logs["n/distill"] = has_teacher.float().sum()
         if not losses:
             raise ValueError("no objective term is active: enable one and give it a weight > 0")
         total = sum(self.weights[t] * v for t, v in losses.items())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data_modules.datamodule import UserDataModule
+from data_modules.schema import DataError
 from data_modules.store import read_stage_output
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.objectives import ObjectivesConfig
@@ -170,3 +171,105 @@ def test_the_bench_counts_stage_3_at_the_tokens_bytes(tokens, tmp_path):
                       skip_tasks=["next_items"], storage_bytes=[])
     row = bench["results"]["aligned_tokens"]
     assert row["kind"] == "tokens" and row["bytes_per_user"] == tok_bytes
+
+
+# ------------------------------------------------------------------ the distill term (ours)
+def _teacher(tokens, folder):
+    """A real per-user vector that the tokens do not hold exactly: a 12-d SVD of the users'
+    log-count item histories, its basis fitted on the training users only."""
+    from data_modules.representations import write_representation
+    from foundv2.bench.run import load_bench_data
+
+    dm = _dm(tokens / "cache")
+    dm.prepare_data()
+    data = load_bench_data(dm)
+    H = np.log1p(data.history.toarray().astype(np.float64))
+    _, _, vt = np.linalg.svd(H[data.split == 0] - H[data.split == 0].mean(0), full_matrices=False)
+    emb = (H @ vt[:12].T).astype(np.float32)
+    rows = np.arange(len(emb))
+    write_representation(folder, emb, rows, data.split, np.asarray(dm.table["user_id"]))
+    return folder, emb
+
+
+def _distill_stage(tokens, **kw) -> AlignmentStage:
+    kw.setdefault("objectives", ObjectivesConfig(fine_mode="cosine", weights={"distill": 1.0}))
+    return _stage(tokens, user_pool="distill", optim=OptimConfig(lr=3e-3), **kw)
+
+
+def test_the_distill_term_learns_the_teacher_and_its_head_is_the_embedding(tokens, tmp_path):
+    teacher, _ = _teacher(tokens, tmp_path / "teacher")
+    L.seed_everything(0)
+    dm = _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"), teacher_dir=str(teacher))
+    first = {}
+
+    class Record(L.Callback):
+        def on_train_epoch_end(self, tr, pl):
+            if not first:
+                first.update({k: float(v) for k, v in tr.callback_metrics.items()})
+
+    stage = _distill_stage(tokens, predict_dir=str(tmp_path / "emb"))
+    trainer = _trainer(max_epochs=6, callbacks=[Record()])
+    trainer.fit(stage, datamodule=dm)
+    last = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert last["train/loss/distill_epoch"] < 0.8 * first["train/loss/distill_epoch"]
+    assert last["train/explained/distill_epoch"] > first["train/explained/distill_epoch"]
+    assert last["val/n/distill"] > 0 and np.isfinite(last["val/loss/distill"])  # validation users score it
+    # predict from the checkpoint without the teacher: the head's width comes from the checkpoint
+    ckpt = tmp_path / "d.ckpt"
+    trainer.save_checkpoint(ckpt)
+    _trainer().predict(_distill_stage(tokens, predict_dir=str(tmp_path / "emb")),
+                       datamodule=_dm(tokens / "cache", tokens_dir=str(tokens / "tokens")),
+                       ckpt_path=str(ckpt), return_predictions=False)
+    emb, meta = read_stage_output(tmp_path / "emb")
+    assert meta["user_dim"] == 12 and len(emb[0]["user_emb"]) == 12
+    batch = next(iter(dm.predict_dataloader()))
+    stage.eval()
+    rows = {r: i for i, r in enumerate(emb["row"])}
+    want = stage.user_embedding(batch)
+    got = torch.as_tensor(np.stack([emb[rows[int(r)]]["user_emb"] for r in batch["row"]]).astype(np.float32))
+    torch.testing.assert_close(got, want)
+    with pytest.raises(DataError, match="ckpt_path"):  # no checkpoint, no teacher: nothing to build from
+        _trainer().predict(_distill_stage(tokens), datamodule=_dm(tokens / "cache", tokens_dir=str(tokens / "tokens")))
+
+
+def test_the_distill_term_never_learns_from_a_test_or_validation_users_teacher(tokens, tmp_path):
+    teacher, _ = _teacher(tokens, tmp_path / "teacher")
+    L.seed_everything(0)
+    stage = _distill_stage(tokens, objectives=ObjectivesConfig(
+        fine_mode="cosine", weights={"distill": 1.0}, enabled={"fine": False, "window": False, "semantic": False}))
+    dm = _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"), teacher_dir=str(teacher))
+    _trainer(max_steps=1, limit_val_batches=0).fit(stage, datamodule=dm)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["has_teacher"].all()  # training users, all with a vector
+    stage.train()
+    base, _ = stage.model_step(batch)
+    other = {k: v.clone() for k, v in batch.items()}
+    other["split"][:8] = torch.tensor([1, 2] * 4)  # pretend these are validation and test users
+    held, _ = stage.model_step(other)
+    other["teacher_emb"][:8] += torch.randn_like(other["teacher_emb"][:8]) * 10
+    assert torch.equal(stage.model_step(other)[0], held)
+    batch["teacher_emb"][:8] += 10.0  # a training user's vector does move the loss: the test can fail
+    assert not torch.equal(stage.model_step(batch)[0], base)
+
+
+def test_bad_teachers_and_a_distill_without_one_are_refused_clearly(tokens, tmp_path):
+    from data_modules.representations import write_representation
+
+    teacher, emb = _teacher(tokens, tmp_path / "teacher")
+    with pytest.raises(DataError, match="token batches only"):
+        _dm(tokens / "cache", teacher_dir=str(teacher)).setup("fit")
+    split = read_stage_output(teacher)[0]["split"]
+    bad = emb.copy()
+    bad[5, 3] = np.nan
+    write_representation(tmp_path / "nan", bad, np.arange(len(bad)), np.asarray(split), np.arange(len(bad)))
+    with pytest.raises(DataError, match="NaN"):
+        _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"), teacher_dir=str(tmp_path / "nan")).setup("fit")
+    with pytest.raises(DataError, match="meta.json missing"):
+        _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"), teacher_dir=str(tmp_path / "none")).setup("fit")
+    with pytest.raises(DataError, match="lacks the column"):  # a tokens dataset has no user_emb
+        _dm(tokens / "cache", tokens_dir=str(tokens / "tokens"), teacher_dir=str(tokens / "tokens")).setup("fit")
+    with pytest.raises(ValueError, match="data.teacher_dir"):  # a weighted distill term, no teacher
+        _trainer(max_steps=1).fit(_distill_stage(tokens), datamodule=_dm(tokens / "cache",
+                                                                         tokens_dir=str(tokens / "tokens")))
+    with pytest.raises(ValueError, match="distill"):  # the distill readout without its term
+        _stage(tokens, user_pool="distill")

@@ -18,6 +18,12 @@ window    InfoNCE between a user's periodic windows (real window keys ``period``
           negatives from other users
 semantic  the state at the user's last window ↔ the text embedding of the user's future
           summary, *training users only* (:func:`~foundv2.stages.qformer.semantic_mask`)
+distill   (ours; off unless weighted, needs ``data.teacher_dir``) from the user's mean and last
+          window states and its token sum, a head regresses a teacher's vector of the user
+          (stage 1's continuous features, standardised), trained on *training users only*
+          (validation users' vectors give the validation loss, test users' none): the tokens
+          quantise stage 1's window features, and this term learns back, as a function of the
+          whole token sequence, what the quantisation blurred
 ========  ==============================================================================
 
 Predict output (``kind: embeddings``): per user ``user_id, row, split, user_emb [D']``
@@ -25,7 +31,8 @@ Predict output (``kind: embeddings``): per user ``user_id, row, split, user_emb 
 embeddings over the user's tokens, a count-carrying readout: the window states are LayerNorm'd
 means, so how many windows and slices a user has and how much of each source reaches them only
 through position; at initialisation the sum equals the bench's ``tokens_sum`` and it is trained
-with the token table) and the per-window states ``window_states [W, D]`` with their
+with the token table; ``distill`` is the distill head's output, the teacher's vector as
+predicted from the tokens) and the per-window states ``window_states [W, D]`` with their
 real keys ``window_key [W]``. Being causal, the state of window w never changes when later
 windows are appended.
 """
@@ -39,15 +46,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_modules.schema import DataError
+from data_modules.store import Split
 from foundv2.nn.sequence import TokenSequenceEncoder
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
 from foundv2.stages.base import ObjectiveStage, OptimConfig, pool_windows
 from foundv2.stages.qformer import USER_POOLS, semantic_mask
 from foundv2.stages.token_inputs import load_code_vectors, tokens_code_vectors
 
-TERMS = ("fine", "window", "semantic")  # stage 3's objective terms: no recon
-# window-state pools (as stage 1's) and the same with the token-sum readout beside them
-ALIGN_POOLS = (*USER_POOLS, "sum", "mean_sum", "mean_last_sum")
+TERMS = ("fine", "window", "semantic", "distill")  # stage 3's objective terms: no recon
+# window-state pools (as stage 1's), the same with the token-sum readout beside them, and the
+# distill head's prediction of the teacher
+ALIGN_POOLS = (*USER_POOLS, "sum", "mean_sum", "mean_last_sum", "distill")
+
+def _distill_on(options: ObjectivesConfig) -> bool:
+    """Whether these options switch the distill term on (it is off unless given a weight)."""
+    return (options.weights or {}).get("distill", 0) > 0 and (options.enabled or {}).get("distill", True)
+
 
 class AlignmentStage(ObjectiveStage):
     """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
@@ -63,10 +78,11 @@ class AlignmentStage(ObjectiveStage):
         freeze_codes: keep the token table at the code vectors (else trained from them).
         user_pool: ``mean``, ``last`` or ``mean_last`` over the real windows' states; with a
             ``_sum`` suffix (or ``sum`` alone) the per-source sum of the token table's vectors
-            over the user's tokens is put beside them (see the module docstring).
+            over the user's tokens is put beside them (see the module docstring); ``distill``:
+            the distill head's output (needs the distill term).
         objectives: the objective terms (``--model.objectives.*``,
-            :class:`~foundv2.objectives.ObjectivesConfig`): fine, window and semantic (stage 3
-            has no recon term); the fine mode defaults to the paper's weighted ``cosine``.
+            :class:`~foundv2.objectives.ObjectivesConfig`): fine, window, semantic and distill
+            (stage 3 has no recon term); the fine mode defaults to the paper's weighted ``cosine``.
         optim: the optimiser (``--model.optim.*``, :class:`~foundv2.stages.base.OptimConfig`).
         predict_dir: where ``predict`` writes the embeddings dataset.
     """
@@ -93,7 +109,10 @@ class AlignmentStage(ObjectiveStage):
             raise ValueError(f"user_pool must be one of {ALIGN_POOLS}, got {user_pool!r}")
         self.tokenizer_dir = tokenizer_dir
         self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
-        ObjectivesConfig.keep(self.hparams, "objectives").only(TERMS)  # a recon term is refused here, not at fit
+        options = ObjectivesConfig.keep(self.hparams, "objectives").only(TERMS)  # recon is refused here, not at fit
+        if user_pool == "distill" and not _distill_on(options):
+            raise ValueError("user_pool 'distill' reads the distill term's head: give objectives.weights.distill > 0 "
+                             "(and data.teacher_dir)")
         OptimConfig.keep(self.hparams, "optim")
         self.net: TokenSequenceEncoder | None = None
         self.objectives: MultiScaleObjectives | None = None
@@ -106,7 +125,8 @@ class AlignmentStage(ObjectiveStage):
         return {"vocab_size": int(vectors.shape[0]), "code_dim": int(vectors.shape[1]),
                 "num_levels": int(meta["levels"]), "num_sources": len(meta["sources"]),
                 "sources": list(meta["sources"]), "text_dim": dims["text_dim"],
-                "window_period": dims["window_period"], "max_windows": dims["max_windows"]}
+                "window_period": dims["window_period"], "max_windows": dims["max_windows"],
+                "teacher_dim": int(dims.get("teacher_dim", 0))}
 
     def build_nets(self, dims: dict) -> None:
         hp = self.hparams
@@ -115,16 +135,45 @@ class AlignmentStage(ObjectiveStage):
             hp.num_layers, hp.num_heads, dims["max_windows"], hp.mlp_ratio, hp.dropout, hp.freeze_codes)
         self.objectives = MultiScaleObjectives.from_options(
             ObjectivesConfig.from_dict(hp.objectives).only(TERMS), hp.dim, dims["text_dim"], dims["window_period"],
-            fine_target_dim=dims["code_dim"])
+            fine_target_dim=dims["code_dim"], distill_in_dim=2 * hp.dim + dims["num_sources"] * dims["code_dim"],
+            teacher_dim=dims.get("teacher_dim") or None)
 
     def configure_model(self) -> None:
         fresh = self.dims is None and self._trainer is not None
+        if fresh and self._teacher_from_checkpoint():
+            return  # on_load_checkpoint builds the nets from the checkpoint's sizes, teacher width included
         super().configure_model()
         if fresh:  # a fit from scratch starts the token table at the tokenizer's code vectors
             vectors = load_code_vectors(self.tokenizer_dir)
             with torch.no_grad():
                 self.net.token_table.weight.copy_(vectors)
                 self.net.target_table.copy_(vectors)
+
+    def _teacher_from_checkpoint(self) -> bool:
+        """Whether a distill stage runs without a teacher in the data outside a fit (predict,
+        validate or test): only a fit reads the teacher's vectors, so the nets, the head's
+        teacher width included, are built from the checkpoint (``--ckpt_path``) instead of
+        asking for ``data.teacher_dir``; :meth:`_check_built` refuses a run without one."""
+        dm = self.trainer.datamodule
+        return bool(_distill_on(ObjectivesConfig.from_dict(self.hparams.objectives)) and self.trainer.state.fn != "fit"
+                    and dm is not None and getattr(dm, "teacher", None) is None)
+
+    def _check_built(self) -> None:
+        if self.dims is None:
+            raise DataError("AlignmentStage with the distill term: outside a fit its nets come from the checkpoint; "
+                            "give --ckpt_path (or data.teacher_dir, from which the teacher's width is read).")
+
+    def on_predict_start(self) -> None:
+        self._check_built()
+        super().on_predict_start()
+
+    def on_validation_start(self) -> None:
+        self._check_built()
+        super().on_validation_start()
+
+    def on_test_start(self) -> None:
+        self._check_built()
+        super().on_test_start()
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict) -> torch.Tensor:
@@ -146,8 +195,15 @@ class AlignmentStage(ObjectiveStage):
         how = self.hparams.user_pool
         return how.removesuffix("sum").rstrip("_"), how.endswith("sum")
 
+    def distill_input(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
+        """[B, 2D + S·C] what the distill head reads: the mean and last window states, the token sum."""
+        return torch.cat([pool_windows(windows, batch["win_mask"], "mean_last"), self.token_sum(batch)], dim=1)
+
     def pool(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
-        """The user vector as ``user_pool`` says: window-state pools, then the token sum."""
+        """The user vector as ``user_pool`` says: window-state pools, then the token sum; or the
+        distill head's prediction of the teacher."""
+        if self.hparams.user_pool == "distill":
+            return self.objectives.distill.head(self.distill_input(batch, windows).float())
         states, with_sum = self._pool_parts()
         parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
         if with_sum:
@@ -167,7 +223,16 @@ class AlignmentStage(ObjectiveStage):
             seq=windows, seq_mask=win_mask, seq_targets=targets,
             windows=windows, win_mask=win_mask, win_key=batch["win_key"], user_keys=batch["user_id"],
             user_rep=last_valid(windows, win_mask), fut_text_emb=batch["fut_text_emb"],
-            has_fut_text=semantic_mask(batch))
+            has_fut_text=semantic_mask(batch), **self._distill_inputs(batch, windows))
+
+    def _distill_inputs(self, batch: dict, windows: torch.Tensor) -> dict:
+        if not self.objectives.active("distill"):
+            return {}
+        if "teacher_emb" not in batch:
+            raise ValueError("the distill term is on but the batch has no teacher_emb: give data.teacher_dir")
+        return {"distill_in": self.distill_input(batch, windows), "teacher_emb": batch["teacher_emb"],
+                # a fit learns from training users; validation scores on validation users only
+                "has_teacher": batch["has_teacher"] & (batch["split"] == (Split.TRAIN if self.training else Split.VAL))}
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -188,6 +253,8 @@ class AlignmentStage(ObjectiveStage):
         states, with_sum = self._pool_parts()
         width = (int(self.hparams.dim) * len(states.split("_")) * bool(states)
                  + self.dims["num_sources"] * self.dims["code_dim"] * with_sum)
+        if self.hparams.user_pool == "distill":
+            width = int(self.dims["teacher_dim"])
         info = {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim), "user_dim": width}
         dm = self._trainer.datamodule if self._trainer is not None else None
         tokens_dir = getattr(dm, "hparams", {}).get("tokens_dir") if dm is not None else None

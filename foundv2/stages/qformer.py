@@ -67,6 +67,7 @@ USER_POOLS = ("mean", "last", "mean_last")
 #: stage 1 can also read the user's items: ``items`` is the mean of its (trained) item-table rows
 QFORMER_POOLS = (*USER_POOLS, "items", "mean_items", "mean_last_items")
 FINE_TARGETS = ("content", "state")
+STAGE1_TERMS = ("fine", "window", "semantic", "recon")  # the objective terms stage 1 trains with (no distill)
 ITEM_INITS = ("random", "factors")
 
 
@@ -155,7 +156,7 @@ class QFormerStage(ObjectiveStage):
         if item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
         self.save_settings()
-        ObjectivesConfig.keep(self.hparams, "objectives")
+        ObjectivesConfig.keep(self.hparams, "objectives").only(STAGE1_TERMS)  # distill is refused here
         OptimConfig.keep(self.hparams, "optim")
         self.sources: list[str] = []
         self.encoder: EventEncoder | None = None
@@ -189,8 +190,8 @@ class QFormerStage(ObjectiveStage):
         if hp.item_init == "factors":  # 1 once the table holds fitted factors: a resumed fit does not refit
             self.register_buffer("items_fitted", torch.zeros((), dtype=torch.uint8))
         self.objectives = MultiScaleObjectives.from_options(
-            ObjectivesConfig.from_dict(hp.objectives), hp.dim, dims["text_dim"], dims["window_period"],
-            fine_target_dim=self._fine_target_dim(dims))
+            ObjectivesConfig.from_dict(hp.objectives).only(STAGE1_TERMS), hp.dim, dims["text_dim"],
+            dims["window_period"], fine_target_dim=self._fine_target_dim(dims))
 
     def _fine_target_dim(self, dims: dict) -> int | None:
         if self.hparams.fine_target != "content":
