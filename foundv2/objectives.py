@@ -338,9 +338,6 @@ class WindowObjective(nn.Module):
         fn_margin: float | None = None,
         max_pairs: int | None = 4096,
         gather: bool = True,
-        distill_in_dim: int | None = None,
-        teacher_dim: int | None = None,
-        distill_hidden: int = 512,
     ) -> None:
         super().__init__()
         self.period, self.tau, self.fn_margin = period, tau, fn_margin
@@ -503,6 +500,12 @@ class ObjectivesConfig(Options):
         if other:
             raise ValueError(f"this stage's objective terms are {list(terms)}; got {other}")
         return self.replace(enabled={**(self.enabled or {}), **{t: False for t in TERMS if t not in terms}})
+
+    def active(self, term: str) -> bool:
+        """Whether these options compute ``term`` (enabled and weight > 0, defaults filled in), as
+        :meth:`MultiScaleObjectives.active` will."""
+        weight = {**DEFAULT_WEIGHTS, **(self.weights or {})}[term]
+        return bool((self.enabled or {}).get(term, True)) and weight > 0
 
     def __post_init__(self) -> None:
         if self.fine_mode not in FINE_MODES:

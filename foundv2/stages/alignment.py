@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_modules.schema import DataError
 from data_modules.store import Split
 from foundv2.nn.sequence import TokenSequenceEncoder
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
@@ -58,11 +57,6 @@ TERMS = ("fine", "window", "semantic", "distill")  # stage 3's objective terms: 
 # window-state pools (as stage 1's), the same with the token-sum readout beside them, and the
 # distill head's prediction of the teacher
 ALIGN_POOLS = (*USER_POOLS, "sum", "mean_sum", "mean_last_sum", "distill")
-
-def _distill_on(options: ObjectivesConfig) -> bool:
-    """Whether these options switch the distill term on (it is off unless given a weight)."""
-    return (options.weights or {}).get("distill", 0) > 0 and (options.enabled or {}).get("distill", True)
-
 
 class AlignmentStage(ObjectiveStage):
     """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
@@ -110,7 +104,7 @@ class AlignmentStage(ObjectiveStage):
         self.tokenizer_dir = tokenizer_dir
         self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
         options = ObjectivesConfig.keep(self.hparams, "objectives").only(TERMS)  # recon is refused here, not at fit
-        if user_pool == "distill" and not _distill_on(options):
+        if user_pool == "distill" and not options.active("distill"):
             raise ValueError("user_pool 'distill' reads the distill term's head: give objectives.weights.distill > 0 "
                              "(and data.teacher_dir)")
         OptimConfig.keep(self.hparams, "optim")
@@ -118,7 +112,9 @@ class AlignmentStage(ObjectiveStage):
         self.objectives: MultiScaleObjectives | None = None
 
     # ------------------------------------------------------------------ building
-    def data_dims(self, datamodule) -> dict:
+    def data_dims(self, datamodule) -> dict | None:
+        if self._teacher_from_checkpoint(datamodule):
+            return None
         meta = datamodule.input_meta or {}
         vectors = tokens_code_vectors("AlignmentStage", datamodule, self.tokenizer_dir, "start its token table")
         dims = datamodule.dims()
@@ -140,40 +136,21 @@ class AlignmentStage(ObjectiveStage):
 
     def configure_model(self) -> None:
         fresh = self.dims is None and self._trainer is not None
-        if fresh and self._teacher_from_checkpoint():
-            return  # on_load_checkpoint builds the nets from the checkpoint's sizes, teacher width included
         super().configure_model()
-        if fresh:  # a fit from scratch starts the token table at the tokenizer's code vectors
+        if fresh and self.dims is not None:  # a fit from scratch starts the token table at the tokenizer's code vectors
             vectors = load_code_vectors(self.tokenizer_dir)
             with torch.no_grad():
                 self.net.token_table.weight.copy_(vectors)
                 self.net.target_table.copy_(vectors)
 
-    def _teacher_from_checkpoint(self) -> bool:
+    def _teacher_from_checkpoint(self, datamodule) -> bool:
         """Whether a distill stage runs without a teacher in the data outside a fit (predict,
         validate or test): only a fit reads the teacher's vectors, so the nets, the head's
-        teacher width included, are built from the checkpoint (``--ckpt_path``) instead of
-        asking for ``data.teacher_dir``; :meth:`_check_built` refuses a run without one."""
-        dm = self.trainer.datamodule
-        return bool(_distill_on(ObjectivesConfig.from_dict(self.hparams.objectives)) and self.trainer.state.fn != "fit"
-                    and dm is not None and getattr(dm, "teacher", None) is None)
-
-    def _check_built(self) -> None:
-        if self.dims is None:
-            raise DataError("AlignmentStage with the distill term: outside a fit its nets come from the checkpoint; "
-                            "give --ckpt_path (or data.teacher_dir, from which the teacher's width is read).")
-
-    def on_predict_start(self) -> None:
-        self._check_built()
-        super().on_predict_start()
-
-    def on_validation_start(self) -> None:
-        self._check_built()
-        super().on_validation_start()
-
-    def on_test_start(self) -> None:
-        self._check_built()
-        super().on_test_start()
+        teacher width included, come from the checkpoint (``--ckpt_path``) instead of asking for
+        ``data.teacher_dir``."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        return (ObjectivesConfig.from_dict(self.hparams.objectives).active("distill") and not fitting
+                and getattr(datamodule, "teacher", None) is None)
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict) -> torch.Tensor:

@@ -185,8 +185,9 @@ class PredictStage(L.LightningModule):
         self.save_hyperparameters(ignore=["predict_dir", *run_settings], frame=inspect.currentframe().f_back)
 
     # ------------------------------------------------------------------ nets
-    def data_dims(self, datamodule) -> dict:
-        """The sizes the nets are built for, from the DataModule (saved in checkpoints)."""
+    def data_dims(self, datamodule) -> dict | None:
+        """The sizes the nets are built for, from the DataModule (saved in checkpoints); None when
+        this run's data cannot give them and the checkpoint must (``on_load_checkpoint`` builds)."""
         return datamodule.dims()
 
     def build_nets(self, dims: dict) -> None:
@@ -207,7 +208,23 @@ class PredictStage(L.LightningModule):
         if dm is None:
             raise DataError(f"{type(self).__name__} builds its nets from the data's sizes: give the trainer a "
                             f"datamodule, or load the stage with {type(self).__name__}.load_from_checkpoint(path).")
-        self.build(self.data_dims(dm))
+        dims = self.data_dims(dm)
+        if dims is not None:  # else the checkpoint's sizes build the nets; _check_built refuses a run without one
+            self.build(dims)
+
+    def _check_built(self) -> None:
+        if self.dims is None:
+            raise DataError(f"{type(self).__name__}: this run's data cannot size the nets (e.g. a fit-only input "
+                            f"is not given), so they come from a checkpoint: give --ckpt_path.")
+
+    def on_predict_start(self) -> None:
+        self._check_built()
+
+    def on_validation_start(self) -> None:
+        self._check_built()
+
+    def on_test_start(self) -> None:
+        self._check_built()
 
     def checkpoint_dims(self) -> dict:
         """What a checkpoint stores to rebuild the nets (by default the data's sizes)."""
