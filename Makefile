@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
+# pytest workers (pytest-xdist); whole test files go to one worker, so a module fixture is built once
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -31,10 +33,10 @@ demo: $(STAMP)  ## the whole pipeline on MovieLens-100k (Q-Former, tokenizer, be
 	$(BIN)/foundv2 pipeline --config experiments/movielens-100k/pipeline.yaml --pipeline.on_change restart
 
 test: $(STAMP)  ## the fast test suite (CI runs this)
-	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test-full: $(STAMP)  ## every test, the slow ones included
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check foundv2 data_modules tests benchmarks
