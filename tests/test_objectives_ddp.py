@@ -4,7 +4,6 @@ ranks with gradients, uneven and empty ranks."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,15 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from foundv2.objectives import WindowObjective, info_nce
+from tests.helpers import free_port
 
 WORLD = 2
 N, D = 6, 8  # rows per rank in the even case, width
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +65,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.ddp
 def test_info_nce_gathers_across_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     a_all, b_all = _data()
 

@@ -6,7 +6,6 @@ and train, the losses fall on a planted task, and the gathered InfoNCE under 2-p
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from data_modules.schema import DataError
 from foundv2.anchor_losses import anchor_info_nce, next_token_loss, prototype_loss, qanchor_loss
 from foundv2.nn.anchor import U2QT_TOKEN, USER_EMB, QueryAnchor, ScenarioPrompt, SoftPrefix, TokenPrefix
 from foundv2.nn.llm import CausalLM, load_causal_lm, tiny_causal_lm
+from tests.helpers import free_port
 
 K, CODE_DIM, EV_DIM, N_SRC = 24, 8, 12, 3  # codes, codebook width, event width, sources
 QUERIES = ["favourite genre?", "how active is this user lately", "weekday habits"]
@@ -388,12 +388,6 @@ def test_load_errors():
 WORLD, PER_RANK = 2, 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_batch():
     b = WORLD * PER_RANK
     tok = _tokens(3, b)
@@ -435,7 +429,7 @@ def test_gathered_info_nce_under_ddp(tmp_path, one_thread):
     tok, queries, answers = _ddp_batch()
     full = _ddp_losses(model, tok, queries, answers, gather=False)["loss/nce"]
     full.backward()
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # the rank losses average to the single-process loss over the whole batch ...
     assert torch.allclose(sum(r["nce"] for r in res) / WORLD, full, atol=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -12,15 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
+from tests.helpers import free_port
 
 WORLD = 2
 DIM = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _same_on_all_ranks(t: torch.Tensor) -> bool:
@@ -76,4 +70,4 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.ddp
 def test_codebook_care_identical_on_all_ranks() -> None:
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
