@@ -210,7 +210,7 @@ def markdown(results: dict) -> str:
             out.append(f"| `{row}` | " + " | ".join(f"{part['metrics'][t].get(row, float('nan')):.4f}" for t in tasks) + " |")
         best = [part["metrics"][t].get("best_baseline") for t in tasks]
         out.append("| best baseline | " + " | ".join(
-            f"`{b}` {part['metrics'][t][b]:.4f}" if b else "" for b, t in zip(best, tasks)) + " |\n")
+            f"`{b}` {part['metrics'][t][b]:.4f}" if b else "" for b, t in zip(best, tasks, strict=True)) + " |\n")
         for key, title, word_ in (("vs", "aligned_tokens −", True), ("ablation", "aligned_tokens − (objective off)", False)):
             names = sorted({n for t in tasks for n in part.get(key, {}).get(t, {})})
             if not names:
