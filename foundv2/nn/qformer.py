@@ -247,6 +247,15 @@ class CausalQFormer(nn.Module):
         tok = torch.arange(num_windows * s * q, device=device)
         return tok // (s * q), (tok // q) % s
 
+    def query_rows(self, src_tok: torch.Tensor) -> torch.Tensor:
+        """[T, D] each query token's learned query (tokens in :meth:`token_index` order), read as an
+        embedding lookup: the backward of ``queries[src, q]`` is an accumulating ``index_put_``,
+        which on a CPU with several threads adds in no fixed order (two fits of one config differed
+        in the last bits); the embedding backward adds in a fixed one."""
+        q = self.num_queries
+        flat = src_tok * q + torch.arange(len(src_tok), device=src_tok.device) % q
+        return F.embedding(flat, self.queries.reshape(-1, self.dim))
+
     def self_attention_mask(self, num_windows: int, device: torch.device | None = None) -> torch.Tensor:
         """[T, T] bool, True where query token i may attend to token j (block causal)."""
         win, src = self.token_index(num_windows, device)
@@ -288,7 +297,7 @@ class CausalQFormer(nn.Module):
         s, q, d = self.num_sources, self.num_queries, self.dim
         device = events.device
         win_tok, src_tok = self.token_index(w_count, device)
-        x = self.queries[src_tok, torch.arange(len(win_tok), device=device) % q] + self.window_pos(win_tok)
+        x = self.query_rows(src_tok) + self.window_pos(win_tok)
         x = x.unsqueeze(0).expand(b, -1, -1)
 
         # Memory: null slot, context tokens, events. Cross mask [B, T, 1 + M + E].
@@ -382,7 +391,7 @@ class CausalQFormer(nn.Module):
                              f"{self.max_windows} (its window-position table)")
         win_tok, src_tok = self.token_index(w_count, device)
         pos = (cache.n_windows[:, None] + win_tok[None]).clamp_max(self.max_windows - 1)
-        x = self.queries[src_tok, torch.arange(len(win_tok), device=device) % q] + self.window_pos(pos)
+        x = self.query_rows(src_tok) + self.window_pos(pos)
 
         n_tok, n_ev = len(win_tok), events.shape[1]
         if in_place:  # the cached rows in use; the new ones go right after them
