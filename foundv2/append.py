@@ -256,8 +256,8 @@ class Models:
         if theirs != ours:
             raise DataError(f"--tokenizer {tokenizer_dir}: a tokenizer other than the one that made the tokens "
                             f"dataset ({theirs} there, {ours} in the dataset); give the tokenizer that made it.")
-        if tokens_meta.get("feature_dim") not in (None, int(stage.hparams.dim)):
-            raise DataError(f"--qformer {qformer_ckpt}: its views are {stage.hparams.dim} wide but the tokenizer "
+        if tokens_meta.get("feature_dim") not in (None, stage.feature_dim):
+            raise DataError(f"--qformer {qformer_ckpt}: its slice features are {stage.feature_dim} wide but the tokenizer "
                             f"read {tokens_meta['feature_dim']}-wide features; give the stage 1 that fed it.")
         for m in (stage, tokenizer):
             m.eval()
@@ -564,7 +564,6 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
     as its predict saw them) with the cache kept, the codes checked against the stored ones.
     Writes the kv part ``kv_path``; returns each user's window count, last key and last event time."""
     from data_modules.datamodule import BATCH_KINDS, UserRows
-    from foundv2.nn.slices import add_profile_slices, flat_slices
     from foundv2.stages.base import with_window_keys
 
     stage, S = models.stage, models.num_sources
@@ -582,10 +581,7 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
         profile = stage.tabular(batch["tabular"])
         out, cache = stage.qformer.forward_window(events, batch["ev_window"], batch["ev_source"], batch["ev_mask"],
                                                   batch["win_mask"], context=None if profile is None else profile[:, None])
-        sl = flat_slices(out.views, out.present)
-        if profile is not None:
-            sl = add_profile_slices(sl, profile, S)
-        sl = with_window_keys(sl, batch, S)
+        sl = with_window_keys(stage.flat_views(batch, out.views, out.present, profile), batch, S)
         codes, _ = models.tokens(sl["feat"], sl["slice_source"])
         counts = torch.bincount(sl["slice_user"], minlength=len(idx)).tolist()
         per_user = [torch.split(sl[k], counts) for k in ("slice_window", "slice_source", "slice_key")]
@@ -631,7 +627,6 @@ def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts
     rows (:meth:`TokenRows.extend`) and stream what they add to the cache into the kv part
     ``kv_path`` (users in batch order). Returns counts and timings."""
     from data_modules.datamodule import EventCollate
-    from foundv2.nn.slices import flat_slices
 
     stage = models.stage
     new_tokens = stage.qformer.num_sources * stage.qformer.num_queries  # query tokens per window
@@ -655,7 +650,7 @@ def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts
                                                   batch["ev_mask"][:, 1:], batch["win_mask"], cache, delta=True,
                                                   in_place=True)
         t2 = time.perf_counter()
-        sl = flat_slices(out.views, out.present)
+        sl = stage.flat_views(batch, out.views, out.present, None, lead=1)  # the lead event is in no new window
         codes, gids = models.tokens(sl["feat"], sl["slice_source"])
         counts = torch.bincount(sl["slice_user"], minlength=len(idx)).numpy()
         # flat_slices orders slices user by user: the new rows are already grouped as extend wants

@@ -204,14 +204,15 @@ def tokenizer_model(export: Path) -> dict:
                           "code_dim": 8, "hidden": [32], "export_dir": str(export)}}
 
 
-def build_world(tmp: Path, n_users: int = 48, days: int = 14, new_days: int = 2, new_share: float = 0.6) -> dict:
+def build_world(tmp: Path, n_users: int = 48, days: int = 14, new_days: int = 2, new_share: float = 0.6,
+                qformer: dict = QFORMER) -> dict:
     """Stage 1 and the tokenizer trained on the base history; its tokens, and the full re-tokenize
     of base + new with the same models (the reference an append must equal)."""
     ev = write_split_events(tmp / "events", n_users, days, new_days, new_share)
     cache = tmp / "cache"
     base = data_config(tmp / "base.yaml", ev["base"], ev["users"], cache)
     full = data_config(tmp / "full.yaml", ev["full"], ev["users"], cache)
-    qcfg = stage_config(tmp / "qformer.yaml", tmp / "s1", QFORMER)
+    qcfg = stage_config(tmp / "qformer.yaml", tmp / "s1", qformer)
     run_cli("fit", "--config", str(base), "--config", str(qcfg))
     ckpt = next((tmp / "s1").rglob("*.ckpt"))
     for cfg, out in ((base, "features"), (full, "features_full")):
@@ -286,6 +287,22 @@ def test_append_keeps_earlier_codes_and_equals_a_full_retokenize(world):
     meta = json.loads((tmp / "v2" / "meta.json").read_text())
     assert meta["kind"] == "tokens" and len(meta["append"]["history"]) == 2
     assert (tmp / "v2" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_append_with_view_items_equals_a_full_retokenize(tmp_path):
+    # stage 1 writes each window's item mean beside its view: the append path must build it the same way
+    world = build_world(tmp_path, qformer={**QFORMER, "init_args": {**QFORMER["init_args"], "view_items": True}})
+    run_cli(*append_args(world, tmp_path / "v1", world["events"]["new"]))
+    before, v1, full = (per_user(p) for p in (world["tokens"], tmp_path / "v1", world["tokens_full"]))
+    grew = 0
+    for u, old in before.items():
+        n = len(old["codes"])
+        grew += len(v1[u]["codes"]) > n
+        for c in old:
+            assert np.array_equal(v1[u][c][:n], old[c]), (u, c)
+            assert np.array_equal(v1[u][c], full[u][c]), (u, c)
+    assert grew > 0
 
 
 @pytest.mark.slow

@@ -129,6 +129,37 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
     assert len(rec.total) == 5 and all(math.isfinite(v) for v in rec.total)
 
 
+def test_view_items_put_each_windows_item_mean_beside_its_view(cache, tmp_path):
+    L.seed_everything(0)
+    stage = QFormerStage(**TINY, view_items=True, predict_dir=str(tmp_path / "features"))
+    dm = make_dm(cache, batch_size=300)  # one predict batch: its event tensors index every user
+    trainer(max_steps=2, limit_val_batches=0).fit(stage, dm)
+    trainer().predict(stage, dm, return_predictions=False)
+    ds, meta = read_stage_output(tmp_path / "features")
+    assert meta["dim"] == 16 and meta["feature_dim"] == 32
+    batch = next(iter(dm.predict_dataloader()))
+    table = stage.encoder.item.weight.detach()
+    by_user = {int(u): i for i, u in enumerate(batch["user_id"])}
+    checked = 0
+    for row in ds.with_format("numpy").select(range(20)):
+        b, feat = by_user[int(row["user_id"])], np.stack(row["feat"])
+        assert feat.shape[1] == 32
+        assert np.all(feat[row["slice_source"] == 4, 16:] == 0)  # the profile slice: padded
+        ok = batch["ev_mask"][b].bool() & (batch["ev_item"][b] > 0)
+        for j in np.flatnonzero(row["slice_source"] < 4):
+            sel = ok & (batch["ev_window"][b] == int(row["slice_window"][j])) & (batch["ev_source"][b] == int(row["slice_source"][j]))
+            want = table[batch["ev_item"][b][sel]].mean(0).numpy() if sel.any() else np.zeros(16, np.float32)
+            np.testing.assert_allclose(feat[j, 16:], want, rtol=1e-5, atol=1e-6)
+            checked += int(sel.any())
+    assert checked > 50  # windows with items were compared, not only empty ones
+    tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=16,
+                                                   specific_codes=8, kmeans_buffer=64), code_dim=8, hidden=[16])
+    trainer(max_steps=2, limit_val_batches=0).fit(tok, make_dm(cache, features_dir=str(tmp_path / "features")))
+    assert tok.feature_dim == 32
+    with pytest.raises(ValueError, match="view_items"):
+        QFormerStage(backbone="pooled", view_items=True)
+
+
 def test_bf16_mixed_fit_on_cpu(cache):
     L.seed_everything(0)
     rec = StepLosses()

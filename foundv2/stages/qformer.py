@@ -37,6 +37,7 @@ the prepared data gave them (calendar day or week number, or the event-window nu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from data_modules.store import Split
@@ -118,6 +119,13 @@ class QFormerStage(ObjectiveStage):
             :class:`~foundv2.nn.item_factors.ItemFactors`), then trained with the rest. Which
             items co-occur across users is what predicts attributes and next items on
             MovieLens, and ~150 steps of a random table do not learn it.
+        view_items: (``qformer``) every (window, source) view that ``predict`` writes also carries
+            the mean of the item-table rows of that window's events of that source (zeros where
+            none has an item; the profile slice is padded with zeros), so the features are
+            ``2·dim`` wide. The views are LayerNorm'd attention outputs in which *which* items a
+            window holds is only partly kept, and the tokenizer quantises what the features hold:
+            with ``item_init: factors`` this puts the window's collaborative profile in its tokens.
+            Training is unchanged; the part depends on the window's own events only (causal).
         item_dim: width of the fixed item codes of the ``pooled`` backbone.
         seed: seed of those item codes.
         predict_dir: where ``predict`` writes the features dataset (one Arrow part per rank).
@@ -142,6 +150,7 @@ class QFormerStage(ObjectiveStage):
         fine_target: str = "content",
         optim: OptimConfig = OptimConfig(),
         item_init: str = "random",
+        view_items: bool = False,
         item_dim: int = 32,
         seed: int = 0,
         predict_dir: str | None = None,
@@ -155,6 +164,8 @@ class QFormerStage(ObjectiveStage):
             raise ValueError(f"user_pool must be one of {QFORMER_POOLS}, got {user_pool!r}")
         if item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
+        if view_items and backbone != "qformer":
+            raise ValueError(f"view_items reads the qformer backbone's item table; backbone is {backbone!r}")
         self.save_settings()
         ObjectivesConfig.keep(self.hparams, "objectives").only(STAGE1_TERMS)  # distill is refused here
         OptimConfig.keep(self.hparams, "optim")
@@ -253,11 +264,35 @@ class QFormerStage(ObjectiveStage):
             keep = out["slice_source"] < S
             return out, mean_by_user(out["feat"][keep], out["slice_user"][keep], batch["user_id"].shape[0])
         views, present, profile = self.encode(batch)
+        out = with_window_keys(self.flat_views(batch, views, present, profile), batch, S)
+        return out, self.pool_user(batch, views.mean(2).float())
+
+    def flat_views(self, batch: dict, views: torch.Tensor, present: torch.Tensor, profile: torch.Tensor | None,
+                   lead: int = 0) -> dict:
+        """The slices ``predict`` writes from the Q-Former's ``views [B, W, S, D]``: flat, with the
+        window's item mean beside each view if ``view_items``, and one profile slice per user if
+        ``profile`` is given. ``lead``: events at the start of the batch that belong to no window
+        of ``views`` (an append's lead event), left out of the item means."""
+        if self.hparams.view_items:
+            views = torch.cat([views, self.window_item_means(batch, views.shape[1], lead).to(views)], dim=-1)
         out = flat_slices(views, present)
         if profile is not None:
-            out = add_profile_slices(out, profile, S)
-        out = with_window_keys(out, batch, S)
-        return out, self.pool_user(batch, views.mean(2).float())
+            width = out["feat"].shape[1]
+            out = add_profile_slices(out, F.pad(profile, (0, width - profile.shape[1])), self.dims["num_sources"])
+        return out
+
+    def window_item_means(self, batch: dict, num_windows: int, lead: int = 0) -> torch.Tensor:
+        """[B, W, S, D] per (window, source): the mean item-table row of its events that have an
+        item (zeros where none has)."""
+        S = self.dims["num_sources"]
+        item, window = batch["ev_item"][:, lead:], batch["ev_window"][:, lead:]
+        has = batch["ev_mask"][:, lead:].bool() & (item > 0) & (window >= 0)
+        slot = (window.clamp_min(0) * S + batch["ev_source"][:, lead:].clamp_min(0)).clamp_max(num_windows * S - 1)
+        onehot = F.one_hot(slot, num_windows * S).float() * has.unsqueeze(-1).float()  # [B, E, W·S]
+        rows = self.encoder.item(item.clamp_min(0)).float()
+        sums = onehot.transpose(1, 2) @ rows
+        means = sums / onehot.sum(1).clamp_min(1).unsqueeze(-1)
+        return means.view(means.shape[0], num_windows, S, -1)
 
     def pool_user(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
         """``user_emb`` from the window states [B, W, D] (and the batch's items) as ``user_pool`` says."""
@@ -318,4 +353,11 @@ class QFormerStage(ObjectiveStage):
     def output_info(self) -> dict:
         dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
         user_dim = dim * (len(self.hparams.user_pool.split("_")) if self.frozen is None else 1)
-        return {"backbone": self.hparams.backbone, "sources": self.sources, "dim": dim, "user_dim": user_dim}
+        return {"backbone": self.hparams.backbone, "sources": self.sources, "dim": dim, "user_dim": user_dim,
+                "feature_dim": self.feature_dim}
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of a slice feature that ``predict`` writes: the view, and its item mean with ``view_items``."""
+        dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
+        return dim * (2 if self.hparams.view_items else 1)

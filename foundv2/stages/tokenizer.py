@@ -116,7 +116,9 @@ class TokenizerStage(PredictStage):
         """A features dataset's sources and width, or what the built-in pooled features need."""
         if datamodule.batch_kind == "slices":
             meta = datamodule.input_meta
-            return {"sources": list(meta["sources"]), "feature_dim": int(meta["dim"])}
+            # a slice's width: stage 1's views (and their item means with view_items); older
+            # features datasets name only the views' width
+            return {"sources": list(meta["sources"]), "feature_dim": int(meta.get("feature_dim", meta["dim"]))}
         dims = datamodule.dims()
         return {"sources": dims["sources"] + (["profile"] if dims["tabular_dim"] else []),
                 "pooled": {k: dims[k] for k in POOLED_DIMS}}
