@@ -1,7 +1,7 @@
 """Research for issue 11 (stage 3): what limits a readout of the per-window tokens?
 
 Run:  python benchmarks/explore_alignment.py [--data synthetic|movielens-1m] [--decoded] [--stage1-mean]
-          [--supervised] [--tasks T ...] [NAME=STEP/FOLDER ...]
+          [--supervised] [--no-widened] [--tasks T ...] [--run-dir DIR] [NAME=STEP/FOLDER ...]
       (after ``python benchmarks/bench_alignment.py --only <data>``, whose run folder
       ``runs/<data>/alignment-bench`` holds stage 1's features, the tokens and the tokenizer;
       ~2.5 min per representation on 2 cores for synthetic, ~6 min for MovieLens-1M)
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--decoded", action="store_true", help="add decoded_mean (see the module docstring)")
     ap.add_argument("--stage1-mean", action="store_true", help="add stage 1's mean window state")
     ap.add_argument("--supervised", action="store_true", help="add the supervised MLP ceiling of the label tasks")
+    ap.add_argument("--no-widened", action="store_true", help="leave out sum+decay and sum+last")
     ap.add_argument("--tasks", nargs="*", help="only these tasks (default: all)")
     ap.add_argument("--run-dir", help="the alignment bench's run folder (default: runs/<data>/alignment-bench)")
     ap.add_argument("embeddings", nargs="*", metavar="NAME=STEP/FOLDER")
@@ -185,6 +186,8 @@ def main() -> None:
     data = load_bench_data(dm)
     n = len(data.split)
     reps, bag = token_readouts(run, n, args.decoded)
+    if args.no_widened:
+        reps = {k: v for k, v in reps.items() if k in ("tokens_sum", "decoded_mean")}
     stage1, stage1_meta = embeddings(run / "stage1" / "features", n)
     if args.stage1_mean:
         reps["stage1_mean"] = stage1[:, : int(stage1_meta["dim"])]
