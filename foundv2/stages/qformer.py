@@ -285,14 +285,20 @@ class QFormerStage(ObjectiveStage):
         """[B, W, S, D] per (window, source): the mean item-table row of its events that have an
         item (zeros where none has)."""
         S = self.dims["num_sources"]
-        item, window = batch["ev_item"][:, lead:], batch["ev_window"][:, lead:]
-        has = batch["ev_mask"][:, lead:].bool() & (item > 0) & (window >= 0)
-        slot = (window.clamp_min(0) * S + batch["ev_source"][:, lead:].clamp_min(0)).clamp_max(num_windows * S - 1)
+        rows, has = self.event_item_rows(batch, lead)
+        window = batch["ev_window"][:, lead:]
+        has = has & (window >= 0) & (window < num_windows)
+        slot = torch.where(has, window * S + batch["ev_source"][:, lead:], 0)
         onehot = F.one_hot(slot, num_windows * S).float() * has.unsqueeze(-1).float()  # [B, E, W·S]
-        rows = self.encoder.item(item.clamp_min(0)).float()
         sums = onehot.transpose(1, 2) @ rows
         means = sums / onehot.sum(1).clamp_min(1).unsqueeze(-1)
         return means.view(means.shape[0], num_windows, S, -1)
+
+    def event_item_rows(self, batch: dict, lead: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[B, E, D]`` the item-table row of each event from ``lead`` on, ``[B, E]`` whether the
+        event is real and has an item)."""
+        item = batch["ev_item"][:, lead:]
+        return self.encoder.item(item.clamp_min(0)).float(), batch["ev_mask"][:, lead:].bool() & (item > 0)
 
     def pool_user(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
         """``user_emb`` from the window states [B, W, D] (and the batch's items) as ``user_pool`` says."""
@@ -300,9 +306,9 @@ class QFormerStage(ObjectiveStage):
         states = how.removesuffix("items").rstrip("_")
         parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
         if how.endswith("items"):
-            has = (batch["ev_mask"].bool() & (batch["ev_item"] > 0)).float()
-            rows = self.encoder.item(batch["ev_item"].clamp_min(0)).float() * has.unsqueeze(-1)
-            parts.append(rows.sum(1) / has.sum(1, keepdim=True).clamp_min(1))
+            rows, has = self.event_item_rows(batch)
+            has = has.float()
+            parts.append((rows * has.unsqueeze(-1)).sum(1) / has.sum(1, keepdim=True).clamp_min(1))
         return torch.cat(parts, dim=1)
 
     def forward(self, batch: dict) -> dict:
@@ -351,13 +357,17 @@ class QFormerStage(ObjectiveStage):
         return cols
 
     def output_info(self) -> dict:
-        dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
+        dim = self.view_dim
         user_dim = dim * (len(self.hparams.user_pool.split("_")) if self.frozen is None else 1)
         return {"backbone": self.hparams.backbone, "sources": self.sources, "dim": dim, "user_dim": user_dim,
                 "feature_dim": self.feature_dim}
 
     @property
+    def view_dim(self) -> int:
+        """Width of a view (a frozen backbone's slice feature, or the Q-Former's ``dim``)."""
+        return int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
+
+    @property
     def feature_dim(self) -> int:
         """Width of a slice feature that ``predict`` writes: the view, and its item mean with ``view_items``."""
-        dim = int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
-        return dim * (2 if self.hparams.view_items else 1)
+        return self.view_dim * (2 if self.hparams.view_items else 1)
