@@ -61,26 +61,22 @@ TASK_METRICS = {
 }
 
 
-def token_readouts(run: Path, n_rows: int, decoded: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The readouts of the module docstring, and the bag of token ids ``[U, vocab]`` (dense)."""
+def token_readouts(run: Path, n_rows: int, decoded: bool) -> dict[str, np.ndarray]:
+    """The readouts of the module docstring."""
     from data_modules.store import read_stage_output
     from foundv2.nn.mrqvae import MultiViewRQVAE
 
     ds, meta = read_stage_output(run / "tokenizer" / "tokens")
     ds = ds.with_format("numpy")
     model = MultiViewRQVAE.from_pretrained(run / "tokenizer" / "export").eval()
-    S, vocab = len(meta["sources"]), int(meta["vocab_size"])
-    bag = np.zeros((n_rows, vocab), np.float32)
+    S = len(meta["sources"])
     total = decayed = last = dec_sum = None
     n_slices = np.zeros(n_rows, np.float32)
     for start in range(0, len(ds), 2048):
         part = ds[start : start + 2048]
-        for r, ids, codes, src, key in zip(part["row"], part["token_ids"], part["codes"], part["slice_source"],
-                                           part["slice_key"], strict=True):
+        for r, codes, src, key in zip(part["row"], part["codes"], part["slice_source"], part["slice_key"], strict=True):
             if len(src) == 0:
                 continue
-            ids = (np.stack(ids) if ids.dtype == object else ids).reshape(-1)
-            np.add.at(bag[r], ids[ids >= 0], 1.0)
             codes = np.stack(codes) if codes.dtype == object else codes
             s = torch.as_tensor(src, dtype=torch.long)
             with torch.no_grad():
@@ -103,7 +99,7 @@ def token_readouts(run: Path, n_rows: int, decoded: bool) -> tuple[dict[str, np.
             "sum+last": np.concatenate([flat(total), flat(last)], 1)}
     if decoded:
         reps["decoded_mean"] = dec_sum / np.maximum(n_slices, 1)[:, None]
-    return reps, bag
+    return reps
 
 
 def embeddings(folder: Path, n_rows: int) -> tuple[np.ndarray, dict]:
@@ -164,7 +160,7 @@ def supervised_mlp(X: np.ndarray, task, split: np.ndarray, seed: int = 0, hidden
 
 def main() -> None:
     from data_modules.datamodule import UserDataModule
-    from foundv2.bench.run import load_bench_data
+    from foundv2.bench.run import load_bench_data, token_representations
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", choices=sorted(TASK_METRICS), default="synthetic")
@@ -185,7 +181,7 @@ def main() -> None:
     dm.prepare_data()
     data = load_bench_data(dm)
     n = len(data.split)
-    reps, bag = token_readouts(run, n, args.decoded)
+    reps = token_readouts(run, n, args.decoded)
     if args.no_widened:
         reps = {k: v for k, v in reps.items() if k in ("tokens_sum", "decoded_mean")}
     stage1, stage1_meta = embeddings(run / "stage1" / "features", n)
@@ -206,7 +202,8 @@ def main() -> None:
     if not args.supervised:
         return
     test = P.split_indices(data.split)[2]
-    inputs = {"mlp_tokens": np.concatenate([np.log1p(bag), reps["tokens_sum"]], 1), "mlp_stage1": stage1}
+    bag = token_representations(run / "tokenizer" / "tokens", None, n)["tokens_bag"][0]  # the bench's bag of ids
+    inputs = {"mlp_tokens": np.concatenate([np.log1p(bag.toarray()), reps["tokens_sum"]], 1), "mlp_stage1": stage1}
     for task in data.tasks:
         if task.kind == "ranking" or (args.tasks and task.name not in args.tasks):
             continue
