@@ -29,6 +29,7 @@ from data_modules.prepare import (
     summary_lines,
     window_calendar,
 )
+from data_modules.ranks import Ranks
 from data_modules.representations import REPRESENTATION_COLUMNS, RepresentationCollate
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, read_stage_output
@@ -256,6 +257,10 @@ class UserDataModule(L.LightningDataModule):
         future_frac: share of each user's (primary-source) events held out as the future.
         text_encoder: ``hashing``, ``minilm`` or ``hf:<local model folder>``.
         cache_dir: where prepared data and the text-embedding cache live (gitignored).
+        buckets: users are partitioned by a hash of their id into this many buckets while the
+            data are prepared, one shard each; peak memory is one bucket. None: the loader's
+            default, about one bucket per 500,000 events (one for MovieLens). It decides the
+            shards; the number of processes that prepare them never does.
         batch_size: users per batch, per process.
         num_workers: DataLoader worker processes.
         max_windows: most recent windows kept per user in a batch.
@@ -299,6 +304,7 @@ class UserDataModule(L.LightningDataModule):
         future_frac: float = 0.2,
         text_encoder: str = "minilm",
         cache_dir: str = ".cache/foundv2",
+        buckets: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         max_windows: int = 32,
@@ -332,14 +338,20 @@ class UserDataModule(L.LightningDataModule):
         if hp.dataset == "files":
             args["_fingerprint"] = files_fingerprint(args)
         return PrepareConfig(dataset=hp.dataset, loader_args=args, window=self.window, split_seed=hp.split_seed,
-                             future_frac=hp.future_frac, primary_source=None, text_encoder=hp.text_encoder)
+                             future_frac=hp.future_frac, primary_source=None, text_encoder=hp.text_encoder,
+                             buckets=hp.buckets)
 
     @property
     def prepared_dir(self) -> Path:
         return Path(self.hparams.cache_dir) / "prepared" / f"{self.hparams.dataset}-{self.prepare_config().key()}"
 
-    def prepare_data(self) -> dict:
-        """Prepare once (validation, windows, texts, Arrow); reuse a valid cache."""
+    def prepare_data(self, ranks: Ranks | None = None) -> dict:
+        """Prepare once (validation, windows, texts, Arrow); reuse a valid cache.
+
+        ``ranks``: the processes that share the work (``foundv2 data`` under torchrun or srun,
+        :meth:`Ranks.from_env`); every one of them calls this. Lightning's own call (on one process
+        per node) prepares alone.
+        """
         out = self.prepared_dir
         meta = load_meta(out)
         if meta is not None:
@@ -348,12 +360,13 @@ class UserDataModule(L.LightningDataModule):
 
         cfg = self.prepare_config()
         loader_args = {k: v for k, v in cfg.loader_args.items() if not k.startswith("_")}
-        spec, chunks, primary = open_dataset(self.hparams.dataset, loader_args)
-        if primary is not None and primary not in spec.sources:
-            raise DataError(f"primary_source '{primary}' is not one of the declared sources {spec.sources}.")
-        cfg.primary_source = primary
-        return prepare_dataset(cfg, spec, chunks, out, lambda: build_text_encoder(self.hparams.text_encoder),
-                               Path(self.hparams.cache_dir) / "text", progress=self.hparams.progress)
+        source = open_dataset(self.hparams.dataset, loader_args)
+        if source.primary is not None and source.primary not in source.spec.sources:
+            raise DataError(f"primary_source '{source.primary}' is not one of the declared sources "
+                            f"{source.spec.sources}.")
+        cfg.primary_source = source.primary
+        return prepare_dataset(cfg, source, out, lambda: build_text_encoder(self.hparams.text_encoder),
+                               Path(self.hparams.cache_dir) / "text", progress=self.hparams.progress, ranks=ranks)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:

@@ -1,25 +1,32 @@
-"""From canonical events and users to the prepared, memory-mapped per-user dataset.
+"""From a source's raw events and users to the prepared, memory-mapped per-user dataset.
 
-One pass over chunks of complete users (a chunk holds every event of its users):
+Data of any size, on one process or many (:func:`prepare_dataset` has the phases): the rows are
+first partitioned by user into a fixed number of hash buckets, out of core
+(:mod:`data_modules.buckets`; every row validated there, naming its file and row), then each
+bucket, which holds every event of its users, becomes one shard:
 
-1. validate the chunk (schema.py) — any bad input stops the run before anything is published;
+1. check it (users appear once; every user with events has a users-table row);
 2. sort each user's events by time (stable), split them into history and the last ceil(20%)
    *future* events of the primary source (the other views of a moment follow it); the rows of
    one moment (same user and timestamp) always land on the same side, so the cut rounds
    towards the future. ``future_frac: 0`` holds nothing back (labels from a separate period);
 3. cut the history into windows: calendar ``day`` / ``week`` or every ``size`` distinct moments
    (``events``), and number the non-empty windows 0..W-1 per user;
-4. map items, texts and categories to global indices; write a templated summary of the future
-   for *training* users only (the semantic objective's target);
+4. map items, texts and categories to indices; write a templated summary of the future for
+   *training* users only (the semantic objective's target);
 5. record the calendar position of each user's history (first/last day, active days) and of
-   each window (its first day), see :func:`calendar_features` and :func:`window_calendar`;
-6. append one Arrow shard per chunk.
+   each window (its first day), see :func:`calendar_features` and :func:`window_calendar`.
+
+Items and texts are numbered per bucket first, then every bucket's tables are joined in bucket
+order (each key at its first occurrence) and the shards rewritten in the global numbering, so the
+result depends on the bucket count but never on the number of processes. Peak memory is one
+bucket (about 500,000 events by default), never the data set.
 
 Everything is written into a temporary folder that is renamed into place only when the whole
-data set has passed (``store.atomic_dir``); a crash or a DataError leaves nothing half-written,
-and the leftovers of a killed run are removed by the next one. The text table is encoded once
-through the fp16 TextCache and stored beside the shards. ``meta.json`` records a checksum of
-every file, verified whenever the folder is opened (:func:`load_meta`).
+data set has passed; a crash or a DataError leaves nothing half-written, and the leftovers of a
+killed run are removed by the next one. The text table is encoded once through the fp16
+TextCache and stored beside the shards. ``meta.json`` records a checksum of every file, verified
+whenever the folder is opened (:func:`load_meta`).
 
 Layout of a shard (one row per user; ``h_*`` history, ``f_*`` future, lists in time order)::
 
@@ -42,7 +49,6 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,21 +56,31 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_modules.loaders import Chunk
-from data_modules.schema import (
-    MAX_ITEM_ID,
-    DataError,
-    DatasetSpec,
-    check_label_classes,
-    validate_events,
-    validate_users,
+from data_modules.buckets import (
+    SEQ_ROW_BITS,
+    Partitioner,
+    bucket_bytes,
+    event_schema,
+    read_bucket,
+    users_schema,
+    where_row,
 )
-from data_modules.store import TMP_MARK, atomic_dir, atomic_write_json, check_writable, file_digest
+from data_modules.loaders import Source, Unit
+from data_modules.ranks import Ranks
+from data_modules.schema import MAX_ITEM_ID, DataError, DatasetSpec, check_label_classes
+from data_modules.store import (
+    TMP_MARK,
+    atomic_write_json,
+    check_writable,
+    file_digest,
+    replace_dir,
+    tmp_name,
+)
 from data_modules.text import pid_alive
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: calendar columns, checksums, moment-aligned future
+FORMAT_VERSION = 3  # 2: calendar columns, checksums, moment-aligned future; 3: users in hash buckets
 SECONDS_PER_DAY = 86_400
 EPOCH_WEEKDAY_SHIFT = 3  # 1970-01-01 was a Thursday: +3 days makes weeks start on Monday
 ITEM_KEY_STRIDE = MAX_ITEM_ID  # item ids stay below 2**40 (schema checks) to share one int64 key with the source
@@ -74,6 +90,7 @@ OWNER_FILE = ".owner"  # host and pid of the run writing a temporary folder
 CALENDAR_FEATURES = ("first_day", "last_day", "tenure_days", "active_days", "days_since_last", "has_history")
 WINDOW_CALENDAR = ("position", "tenure")  # per window, in the data set's span: see window_calendar
 SPLIT_FRACTIONS = (0.8, 0.1)  # train, val; the rest is test (benchmark protocol §8)
+UNKNOWN_CATEGORY = "unknown_category_as_none"  # the filtered count of events whose category is not declared
 
 
 @dataclass
@@ -208,6 +225,9 @@ class PrepareConfig:
     future_frac: share of each user's (primary-source) events held out as the future, in
     [0, 1). 0 holds nothing back: every event is history (labels from a separate period).
     primary_source: the source whose events are counted for the cut (None: every event).
+    buckets: users are partitioned into this many hash buckets, each prepared as one shard
+    (None: the loader's default, about one per 500,000 events); it decides the shards, never the
+    number of processes that prepare them.
     """
 
     dataset: str
@@ -217,10 +237,13 @@ class PrepareConfig:
     future_frac: float = 0.2
     primary_source: str | None = None
     text_encoder: str = "hashing"
+    buckets: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.future_frac) < 1.0:
             raise DataError(f"future_frac must be in [0, 1) (0: no future held back), not {self.future_frac}.")
+        if self.buckets is not None and int(self.buckets) < 1:
+            raise DataError(f"buckets must be >= 1 (or null: the loader's default), not {self.buckets}.")
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True, default=str)
@@ -228,7 +251,7 @@ class PrepareConfig:
 
 
 class _Stats:
-    """Running figures for the summary and meta.json."""
+    """The figures of the summary and meta.json, per bucket; buckets merge in bucket order."""
 
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
@@ -239,7 +262,7 @@ class _Stats:
         self.events_per_source = np.zeros(len(spec.sources), dtype=np.int64)
         self.hist_events = 0
         self.fut_events = 0
-        self.windows: list[np.ndarray] = []
+        self.windows = np.zeros(1, dtype=np.int64)  # users per number of windows
         self.splits = np.zeros(3, dtype=np.int64)
         self.label_counts: dict[str, np.ndarray] = {
             lab.name: np.zeros(lab.num_classes, dtype=np.int64) for lab in spec.labels if lab.kind != "multilabel"
@@ -249,9 +272,44 @@ class _Stats:
         self.tab_sq = np.zeros(f)
         self.tab_n = 0
         self.filtered: dict[str, int] = {}
-        self.first_day = np.iinfo(np.int64).max  # calendar span of all history
+        self.first_day = int(np.iinfo(np.int64).max)  # calendar span of the training users' history
         self.last_day = -1
-        self.users_where = ""
+
+    _ARRAYS = ("events_per_source", "windows", "splits", "tab_sum", "tab_sq")
+    _COUNTS = ("users", "empty_users", "no_history", "no_future", "hist_events", "fut_events", "tab_n")
+
+    def to_json(self) -> dict:
+        return {**{k: getattr(self, k) for k in self._COUNTS}, **{k: getattr(self, k).tolist() for k in self._ARRAYS},
+                "label_counts": {k: v.tolist() for k, v in self.label_counts.items()}, "filtered": self.filtered,
+                "first_day": self.first_day, "last_day": self.last_day}
+
+    def add(self, d: dict) -> None:
+        """Add the figures of one bucket (:meth:`to_json`)."""
+        for k in self._COUNTS:
+            setattr(self, k, getattr(self, k) + int(d[k]))
+        for k in self._ARRAYS:
+            a, b = getattr(self, k), np.asarray(d[k], dtype=getattr(self, k).dtype)
+            if len(b) > len(a):
+                a = np.concatenate([a, np.zeros(len(b) - len(a), a.dtype)])
+            a[: len(b)] += b
+            setattr(self, k, a)
+        for k, v in d["label_counts"].items():
+            self.label_counts[k] += np.asarray(v, np.int64)
+        for k, v in d["filtered"].items():
+            self.filtered[k] = self.filtered.get(k, 0) + int(v)
+        self.first_day = min(self.first_day, int(d["first_day"]))
+        self.last_day = max(self.last_day, int(d["last_day"]))
+
+    def window_figures(self) -> dict:
+        n = int(self.windows.sum())
+        if n == 0:
+            return {"mean": 0.0, "median": 0.0, "max": 0}
+        counts = np.arange(len(self.windows))
+        cum = np.cumsum(self.windows)
+        lo, hi = counts[np.searchsorted(cum, (n - 1) // 2, side="right")], counts[np.searchsorted(cum, n // 2,
+                                                                                                   side="right")]
+        return {"mean": float((counts * self.windows).sum() / n), "median": float((lo + hi) / 2),
+                "max": int(counts[self.windows > 0].max())}
 
 
 def _future_mask(uid: np.ndarray, ts: np.ndarray, prim: np.ndarray, frac: float) -> np.ndarray:
@@ -274,33 +332,47 @@ def _future_mask(uid: np.ndarray, ts: np.ndarray, prim: np.ndarray, frac: float)
     return is_fut[moment_last][moment]  # a moment is future when its last row is
 
 
-def _process_chunk(chunk: Chunk, spec: DatasetSpec, cfg: PrepareConfig, items: _Vocab, texts: _Vocab,
-                   stats: _Stats) -> pa.Table:
-    where = chunk.where
-    users_where = chunk.users_where or f"{where} (users)"
-    ev = validate_events(chunk.events, spec.sources, where, chunk.timestamp_unit)
+def _check_users(ev: pd.DataFrame, users: pd.DataFrame, units: list[Unit], users_where: str) -> None:
+    """A bucket's users appear once each and every user with events has a row (the rest of the
+    users table was checked while it was partitioned)."""
+    uid = users["user_id"].to_numpy()
+    dup = users["user_id"].duplicated(keep=False).to_numpy()
+    if dup.any():
+        first = ", ".join(f"{where_row(units, s)} (user_id {u})" for u, s in
+                          zip(uid[dup][:3], users["seq"].to_numpy()[dup][:3], strict=True))
+        raise DataError(f"{users_where}: {int(users['user_id'].duplicated().sum())} duplicate user row(s): each user "
+                        f"must appear once. First duplicated rows: {first}.")
+    known = np.isin(ev["user_id"].to_numpy(), uid)
+    if not known.all():
+        seqs = ev["seq"].to_numpy()[~known]
+        first = int(seqs.min())
+        bad = pd.unique(ev["user_id"].to_numpy()[~known])[:5].tolist()
+        raise DataError(
+            f"{units[first >> SEQ_ROW_BITS].where}: at least {int((~known).sum())} event row(s) belong to user_id(s) "
+            f"missing from the users table {users_where}, e.g. {bad} (first at {where_row(units, first)}). Every "
+            f"user with events needs a row in the users table."
+        )
+
+
+def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpec, cfg: PrepareConfig,
+                  items: _Vocab, texts: _Vocab, stats: _Stats) -> pa.Table:
+    """One bucket's users as one shard: ``ev`` holds every canonical event of the bucket (from
+    :mod:`data_modules.buckets`), ``users`` its users table rows (None: the users are those with
+    events), both checked; users keep the order they were given in, events are sorted by (user,
+    time) with the order they were given in breaking ties."""
     src_index = {s: i for i, s in enumerate(spec.sources)}
-    users = chunk.users
     if users is not None:
-        stats.users_where = users_where
-        users = validate_users(users, spec.tabular_inputs, spec.labels, users_where)
-        known = np.isin(ev["user_id"].to_numpy(), users["user_id"].to_numpy())
-        if not known.all():
-            bad = ev.loc[~known, "user_id"].unique()[:5].tolist()
-            raise DataError(
-                f"{where}: {int((~known).sum())} event row(s) belong to user_id(s) missing from the users table "
-                f"{users_where}, e.g. {bad}. Every user with events needs a row in the users table."
-            )
+        users = users.sort_values("seq", kind="stable").reset_index(drop=True)
         user_ids = users["user_id"].to_numpy()
     else:
         user_ids = np.unique(ev["user_id"].to_numpy())
 
     uid = ev["user_id"].to_numpy()
     ts = ev["timestamp"].to_numpy()
-    order = np.lexsort((np.arange(len(ev)), ts, uid))  # by user, then time; file order breaks ties
+    order = np.lexsort((ev["seq"].to_numpy(), ts, uid))  # by user, then time; the given order breaks ties
     ev = ev.iloc[order].reset_index(drop=True)
     uid, ts = uid[order], ts[order]
-    src = ev["source"].map(src_index).to_numpy().astype(np.int64)
+    src = ev["source"].to_numpy().astype(np.int64)
     raw_item = ev["item_id"].to_numpy()
     has_item = raw_item >= 0
     item = np.zeros(len(ev), dtype=np.int64)
@@ -316,9 +388,7 @@ def _process_chunk(chunk: Chunk, spec: DatasetSpec, cfg: PrepareConfig, items: _
     cat = ev["category"].map(cat_index).fillna(-1).to_numpy().astype(np.int64)
     unknown_cat = (cat < 0) & (ev["category"].to_numpy(dtype=object) != "")
     if unknown_cat.any():
-        stats.filtered["unknown_category_as_none"] = stats.filtered.get("unknown_category_as_none", 0) + int(unknown_cat.sum())
-        log.warning("%s: %d event(s) have a category outside the declared vocabulary; kept with no category",
-                    where, int(unknown_cat.sum()))
+        stats.filtered[UNKNOWN_CATEGORY] = stats.filtered.get(UNKNOWN_CATEGORY, 0) + int(unknown_cat.sum())
     value = ev["value"].to_numpy().astype(np.float32)
     day = ts // SECONDS_PER_DAY
 
@@ -437,7 +507,10 @@ def _process_chunk(chunk: Chunk, spec: DatasetSpec, cfg: PrepareConfig, items: _
     stats.events_per_source += np.bincount(src, minlength=len(spec.sources))
     stats.hist_events += int(hist.sum())
     stats.fut_events += int(is_fut.sum())
-    stats.windows.append(wk_counts.astype(np.int32))
+    per_count = np.bincount(wk_counts.astype(np.int64))
+    if len(per_count) > len(stats.windows):
+        stats.windows = np.concatenate([stats.windows, np.zeros(len(per_count) - len(stats.windows), np.int64)])
+    stats.windows[: len(per_count)] += per_count
     stats.splits += np.bincount(split, minlength=3)
     return pa.table(table)
 
@@ -473,94 +546,268 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     return removed
 
 
+def _read_stream(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as src:
+        return pa.ipc.open_stream(src).read_all()
+
+
+def _lut(local: np.ndarray | pd.Index, global_index: pd.Index) -> np.ndarray:
+    return global_index.get_indexer(pd.Index(local)).astype(np.int64)
+
+
+def _remap_shard(path: Path, item_lut: np.ndarray, text_lut: np.ndarray) -> None:
+    """Rewrite a shard's bucket-local item and text indices as global ones. ``item_lut[i]`` is
+    the global index of local item ``i`` (0 stays 0: no item), ``text_lut[j + 1]`` that of local
+    text ``j`` (-1 stays -1: no text). A shard whose tables are the global tables' head is left as
+    it is."""
+    if (item_lut == np.arange(len(item_lut))).all() and (text_lut == np.arange(-1, len(text_lut) - 1)).all():
+        return
+    table = _read_stream(path)
+
+    def remap(name: str, lut: np.ndarray, shift: int, typ: pa.DataType) -> None:
+        nonlocal table
+        col = table.column(name).combine_chunks()
+        idx = table.schema.get_field_index(name)
+        if pa.types.is_list(col.type):
+            values = np.asarray(col.values.to_numpy(zero_copy_only=False), np.int64)
+            new = pa.ListArray.from_arrays(col.offsets, pa.array(lut[values + shift], typ))
+        else:
+            new = pa.array(lut[np.asarray(col.to_numpy(zero_copy_only=False), np.int64) + shift], typ)
+        table = table.set_column(idx, table.schema.field(idx), new)
+
+    for name in ("h_item", "f_item"):
+        remap(name, item_lut, 0, pa.int64())
+    for name, typ in (("h_text", pa.int32()), ("f_text", pa.int32()), ("fut_text", pa.int32())):
+        remap(name, text_lut, 1, typ)
+    tmp = tmp_name(path)
+    _write_stream(table, tmp)
+    del table
+    os.replace(tmp, path)
+
+
+def _prepare_bucket(b: int, parts: Path, tmp: Path, source: Source, spec: DatasetSpec, cfg: PrepareConfig) -> dict | None:
+    """Bucket ``b`` → shard ``users-<b>.arrow`` with bucket-local item and text indices, its local
+    tables under ``parts/vocab/`` and its figures (None: the bucket holds no user)."""
+    ev = read_bucket(parts, "events", b, event_schema())
+    users = read_bucket(parts, "users", b, users_schema(spec)) if source.users_where else None
+    if ev is None:
+        ev = event_schema().empty_table().drop(["bucket"]).to_pandas()
+    if users is not None:
+        _check_users(ev, users, source.units, source.users_where)
+    elif len(ev) == 0:
+        return None
+    items, texts, stats = _Vocab(first_index=1), _Vocab(), _Stats(spec)
+    table = _bucket_table(ev, users, spec, cfg, items, texts, stats)
+    del ev, users
+    if stats.users == 0:
+        return None
+    _write_stream(table, tmp / f"users-{b:05d}.arrow")
+    vocab = parts / "vocab"
+    vocab.mkdir(exist_ok=True)
+    np.save(vocab / f"items-{b:05d}.npy", np.asarray(items.keys, np.int64))
+    _write_stream(pa.table({"text": pa.array([str(t) for t in texts.keys], pa.string())}), vocab / f"texts-{b:05d}.arrow")
+    return stats.to_json()
+
+
+def _global_tables(parts: Path, buckets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The item keys and texts of the whole data set: every bucket's local tables in bucket order,
+    each key at its first occurrence (so one bucket gives the order a single pass would)."""
+    vocab = parts / "vocab"
+    keys = [np.load(vocab / f"items-{b:05d}.npy") for b in buckets]
+    texts = [np.asarray(_read_stream(vocab / f"texts-{b:05d}.arrow").column("text").to_numpy(zero_copy_only=False),
+                        dtype=object) for b in buckets]
+    all_keys = pd.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    all_texts = pd.unique(np.concatenate(texts)) if texts else np.zeros(0, object)
+    return np.asarray(all_keys, np.int64), np.asarray(all_texts, dtype=object)
+
+
 def prepare_dataset(
     cfg: PrepareConfig,
-    spec: DatasetSpec,
-    chunks: Iterable[Chunk],
+    source: Source,
     out_dir: Path,
     encoder_factory,
     text_cache_dir: Path,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict:
-    """Run the pass, encode the texts, publish ``out_dir`` atomically; return the meta dict.
+    """Prepare ``source`` into ``out_dir`` (published atomically); return the meta dict.
 
-    Before the pass: the text encoder is built (an unknown one fails now, not after the pass), the
-    cache folders are checked writable and the leftovers of killed runs removed.
+    Every rank of ``ranks`` (one process by default) calls this with the same arguments; each does
+    its share of every phase, and rank 0 the merges and the publishing:
+
+    1. **partition** (:mod:`data_modules.buckets`): the source's units are shared out; every row
+       is validated and written to its user's bucket;
+    2. **buckets**: the buckets are shared out; each is checked (duplicate users, events of
+       unknown users), windowed and written as one shard with bucket-local item and text tables;
+    3. **tables**: rank 0 joins the local tables into the global item and text tables; every
+       rank rewrites its shards' indices as global ones and records their checksums;
+    4. **texts**: the distinct texts are shared out and encoded into the shared text cache; rank 0
+       then writes ``text_emb.npy``, ``meta.json`` and renames the folder into place.
+
+    Before the pass the text encoder is built (an unknown one fails now, not after the pass), the
+    cache folders are checked writable and the leftovers of killed runs removed. Any error on any
+    rank stops every rank and leaves nothing behind (:meth:`Ranks.step`).
     """
     from tqdm.auto import tqdm
 
     from data_modules.text import TextCache
 
+    ranks = ranks or Ranks()
     out_dir = Path(out_dir)
-    encoder = encoder_factory()
-    fix = "point `cache_dir` at a folder you can write, or fix its permissions"
-    check_writable(out_dir.parent, "prepared-data cache", fix)
-    check_writable(text_cache_dir, "text cache", fix)
-    remove_stale_tmp(out_dir.parent)
+    spec = source.spec
     t0 = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
+    encoder = ranks.step(encoder_factory)
+    bar = progress and ranks.is_zero
+
+    def start() -> str | None:
+        if not ranks.is_zero:
+            return None
+        fix = "point `cache_dir` at a folder you can write, or fix its permissions"
+        check_writable(out_dir.parent, "prepared-data cache", fix)
+        check_writable(text_cache_dir, "text cache", fix)
+        remove_stale_tmp(out_dir.parent)
+        tmp = tmp_name(out_dir)
+        tmp.mkdir(parents=True)
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        items, texts, stats = _Vocab(first_index=1), _Vocab(), _Stats(spec)
-        shards = []
-        for k, chunk in enumerate(tqdm(chunks, desc=f"prepare {cfg.dataset}", unit="chunk", disable=not progress)):
-            table = _process_chunk(chunk, spec, cfg, items, texts, stats)
-            shards.append(f"users-{k:05d}.arrow")
-            _write_stream(table, tmp / shards[-1])
-        if stats.users == 0:
-            raise DataError(f"{cfg.dataset}: no users were found; nothing to prepare.")
-        check_label_classes(spec.labels, stats.label_counts, stats.users_where or cfg.dataset)
+        return str(tmp)
+
+    tmp = Path(ranks.broadcast(ranks.step(start)))
+    try:
+        parts = tmp / "parts"
+        n_buckets = int(cfg.buckets or source.buckets)
+        partitioner = Partitioner(source, parts, n_buckets)
+
+        # 1. partition the units
+        def partition() -> dict:
+            mine = ranks.share([u.size for u in source.units])
+            return {k: partitioner.unit(k) for k in tqdm(mine, desc=f"partition {cfg.dataset}", unit="part",
+                                                         disable=not bar)}
+
+        units = {k: v for part in ranks.gather(ranks.step(partition)) for k, v in part.items()}
+        if source.categories_from_data:
+            spec.categories = sorted({c for u in units.values() for c in u["categories"]})
+
+        # 2. the buckets, each a shard
+        sizes = ranks.broadcast(bucket_bytes(parts, n_buckets) if ranks.is_zero else None)
+        full = [b for b in range(n_buckets) if sizes[b] > 0]
+
+        def prepare_buckets() -> dict:
+            mine = [full[i] for i in ranks.share([sizes[b] for b in full])]
+            out = {}
+            for b in tqdm(mine, desc=f"prepare {cfg.dataset}", unit="bucket", disable=not bar):
+                out[b] = _prepare_bucket(b, parts, tmp, source, spec, cfg)
+            return out
+
+        figures = {b: v for part in ranks.gather(ranks.step(prepare_buckets)) for b, v in part.items()
+                   if v is not None}
+        shards_of = sorted(figures)
+
+        def merge() -> _Stats:
+            stats = _Stats(spec)
+            for b in shards_of:
+                stats.add(figures[b])
+            if stats.users == 0:
+                raise DataError(f"{cfg.dataset}: no users were found; nothing to prepare.")
+            check_label_classes(spec.labels, stats.label_counts, source.users_where or cfg.dataset)
+            return stats
+
+        stats = ranks.step(merge)
+        if stats.filtered.get(UNKNOWN_CATEGORY) and ranks.is_zero:
+            log.warning("%s: %d event(s) have a category outside the declared vocabulary; kept with no category",
+                        cfg.dataset, stats.filtered[UNKNOWN_CATEGORY])
+
+        # 3. the global item and text tables; shards in global indices
+        def tables() -> None:
+            if ranks.is_zero:
+                keys, texts = _global_tables(parts, shards_of)
+                _write_stream(pa.table({"source": keys // ITEM_KEY_STRIDE, "item_id": keys % ITEM_KEY_STRIDE}),
+                              tmp / "items.arrow")
+                _write_stream(pa.table({"text": pa.array(texts.tolist(), pa.string())}), tmp / "texts.arrow")
+
+        ranks.step(tables)
+        items_t = _read_stream(tmp / "items.arrow")
+        item_index = pd.Index(np.asarray(items_t.column("source"), np.int64) * ITEM_KEY_STRIDE
+                              + np.asarray(items_t.column("item_id"), np.int64))
+        all_texts = np.asarray(_read_stream(tmp / "texts.arrow").column("text").to_numpy(zero_copy_only=False),
+                               dtype=object)
+
+        def remap() -> dict:
+            text_index = pd.Index(all_texts)
+            out = {}
+            for i in ranks.share([sizes[b] for b in shards_of]):
+                b = shards_of[i]
+                local_items = np.load(parts / "vocab" / f"items-{b:05d}.npy")
+                local_texts = _read_stream(parts / "vocab" / f"texts-{b:05d}.arrow").column("text").to_numpy(
+                    zero_copy_only=False)
+                item_lut = np.concatenate([[0], _lut(local_items, item_index) + 1])
+                text_lut = np.concatenate([[-1], _lut(local_texts, text_index)])
+                shard = tmp / f"users-{b:05d}.arrow"
+                _remap_shard(shard, item_lut, text_lut)
+                out[shard.name] = file_digest(shard)
+            return out
+
+        digests = {k: v for part in ranks.gather(ranks.step(remap)) for k, v in part.items()}
+
+        # 4. encode the texts, each rank its share, then publish
         cache = TextCache(text_cache_dir, encoder)
-        emb = cache.embed([str(t) for t in texts.keys], progress=progress) if texts.keys else \
-            np.zeros((0, encoder.dim), np.float16)
-        np.save(tmp / "text_emb.npy", emb.astype(np.float16))
-        _write_stream(pa.table({"text": pa.array([str(t) for t in texts.keys], pa.string())}), tmp / "texts.arrow")
-        item_keys = np.asarray(items.keys, dtype=np.int64)
-        item_src, item_raw = item_keys // ITEM_KEY_STRIDE, item_keys % ITEM_KEY_STRIDE
-        _write_stream(pa.table({"source": item_src, "item_id": item_raw}), tmp / "items.arrow")
-        files = [*shards, "text_emb.npy", "texts.arrow", "items.arrow"]
-        windows = np.concatenate(stats.windows) if stats.windows else np.zeros(0)
-        mean = stats.tab_sum / max(stats.tab_n, 1)
-        std = np.sqrt(np.maximum(stats.tab_sq / max(stats.tab_n, 1) - mean**2, 0.0))
-        has_hist = stats.last_day >= 0
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "config": {**asdict(cfg), "key": cfg.key()},
-            "spec": spec.to_dict(),
-            "users": stats.users,
-            "empty_users": stats.empty_users,
-            "users_without_history": stats.no_history,
-            "users_without_future": stats.no_future,
-            "splits": dict(zip(("train", "val", "test"), stats.splits.tolist(), strict=True)),
-            "events_per_source": dict(zip(spec.sources, stats.events_per_source.tolist(), strict=True)),
-            "history_events": stats.hist_events,
-            "future_events": stats.fut_events,
-            "windows_per_user": {
-                "mean": float(windows.mean()) if len(windows) else 0.0,
-                "median": float(np.median(windows)) if len(windows) else 0.0,
-                "max": int(windows.max()) if len(windows) else 0,
-            },
-            "window_period": cfg.window.period,
-            "calendar": {
-                # days since the epoch: the first and last day of the training users' history
-                "reference_day": stats.first_day if has_hist else 0,
-                "end_day": stats.last_day if has_hist else 0,
-                "has_calendar": bool(has_hist and stats.first_day >= CALENDAR_MIN_DAY),
-            },
-            "label_balance": {k: v.tolist() for k, v in stats.label_counts.items()},
-            "num_items": len(items.keys),
-            "num_texts": len(texts.keys),
-            "text_dim": int(encoder.dim),
-            "text_encoder": encoder.name,
-            "tabular_mean": mean.tolist(),
-            "tabular_std": np.where(std > 0, std, 1.0).tolist(),
-            "filtered": stats.filtered,
-            "shards": shards,
-            "checksums": {name: file_digest(tmp / name) for name in files},
-            "prepare_seconds": time.perf_counter() - t0,
-        }
-        atomic_write_json(tmp / "meta.json", meta)
-        (tmp / OWNER_FILE).unlink()
-    return meta
+        ranks.step(lambda: cache.embed([str(t) for t in all_texts[ranks.rank::ranks.world]], progress=bar))
+
+        def publish() -> dict | None:
+            if not ranks.is_zero:
+                return None
+            emb = cache.embed([str(t) for t in all_texts]) if len(all_texts) else np.zeros((0, encoder.dim),
+                                                                                             np.float16)
+            np.save(tmp / "text_emb.npy", emb.astype(np.float16))
+            shards = [f"users-{b:05d}.arrow" for b in shards_of]
+            files = ["text_emb.npy", "texts.arrow", "items.arrow"]
+            mean = stats.tab_sum / max(stats.tab_n, 1)
+            std = np.sqrt(np.maximum(stats.tab_sq / max(stats.tab_n, 1) - mean**2, 0.0))
+            has_hist = stats.last_day >= 0
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "config": {**asdict(cfg), "key": cfg.key()},
+                "spec": spec.to_dict(),
+                "users": stats.users,
+                "empty_users": stats.empty_users,
+                "users_without_history": stats.no_history,
+                "users_without_future": stats.no_future,
+                "splits": dict(zip(("train", "val", "test"), stats.splits.tolist(), strict=True)),
+                "events_per_source": dict(zip(spec.sources, stats.events_per_source.tolist(), strict=True)),
+                "history_events": stats.hist_events,
+                "future_events": stats.fut_events,
+                "windows_per_user": stats.window_figures(),
+                "window_period": cfg.window.period,
+                "calendar": {
+                    # days since the epoch: the first and last day of the training users' history
+                    "reference_day": stats.first_day if has_hist else 0,
+                    "end_day": stats.last_day if has_hist else 0,
+                    "has_calendar": bool(has_hist and stats.first_day >= CALENDAR_MIN_DAY),
+                },
+                "label_balance": {k: v.tolist() for k, v in stats.label_counts.items()},
+                "num_items": len(item_index),
+                "num_texts": len(all_texts),
+                "text_dim": int(encoder.dim),
+                "text_encoder": encoder.name,
+                "tabular_mean": mean.tolist(),
+                "tabular_std": np.where(std > 0, std, 1.0).tolist(),
+                "filtered": stats.filtered,
+                "buckets": n_buckets,
+                "ranks": ranks.world,
+                "shards": shards,
+                "checksums": {**{s: digests[s] for s in shards}, **{f: file_digest(tmp / f) for f in files}},
+                "prepare_seconds": time.perf_counter() - t0,
+            }
+            atomic_write_json(tmp / "meta.json", meta)
+            shutil.rmtree(parts)
+            (tmp / OWNER_FILE).unlink()
+            replace_dir(tmp, out_dir)
+            return meta
+
+        meta = ranks.step(publish)
+    finally:
+        if ranks.is_zero and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta if meta is not None else load_meta(out_dir)
 
 
 def load_meta(prepared_dir: Path, verify: bool = True) -> dict | None:

@@ -108,14 +108,28 @@ def pipeline_command(args: list[str]) -> int:
 def data_command(args: list[str]) -> int:
     """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
     from data_modules.datamodule import UserDataModule
+    from data_modules.ranks import Ranks
+    from data_modules.schema import DataError
 
     parser = launch.data_parser("foundv2 data", OWN_COMMANDS["data"])
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
     dm: UserDataModule = init.data
-    dm.prepare_data()
-    dm.setup()
-    print("\n".join(dm.summary()))
+    ranks = Ranks.from_env()  # torchrun / srun: every rank does its share
+    try:
+        meta = dm.prepare_data(ranks)
+        if ranks.is_zero:
+            from data_modules.prepare import summary_lines
+
+            print("\n".join(summary_lines(meta, dm.prepared_dir)))
+            if meta.get("ranks", 1) > 1:
+                print(f"prepared by     {meta['ranks']} ranks in {meta['prepare_seconds']:.1f} s")
+    except DataError:
+        if not ranks.is_zero:  # every rank raises the same error; rank 0 says it
+            raise SystemExit(2) from None
+        raise
+    finally:
+        ranks.close()
     return 0
 
 

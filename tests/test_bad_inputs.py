@@ -183,11 +183,14 @@ def test_user_id_above_int64(tmp_path, capsys, file):
     assert "missing" not in err
 
 
-def test_a_folder_given_as_a_file(tmp_path, capsys):
+def test_a_folder_without_data_files_or_a_glob_without_matches(tmp_path, capsys):
     case = Case(tmp_path)
     (tmp_path / "events_dir").mkdir()
+    (tmp_path / "events_dir" / "notes.txt").write_text("not data")
     case.data["loader_args"]["events"] = str(tmp_path / "events_dir")
-    case.refused(capsys, "events_dir", "is a folder, not a file")
+    case.refused(capsys, "events_dir", "holds no .parquet, .csv or .tsv file")
+    case.data["loader_args"]["events"] = str(tmp_path / "events-*.parquet")
+    case.refused(capsys, "events-*.parquet", "matches no file")
 
 
 # ------------------------------------------------------------------------------------------- users file
@@ -343,28 +346,29 @@ def test_killed_run_leftovers_are_removed_by_the_next_run(tmp_path, capsys):
     code = f"""
 import sys, time
 from pathlib import Path
-from data_modules.loaders import Chunk, open_dataset
+from data_modules.loaders import open_dataset
 from data_modules.prepare import PrepareConfig, WindowConfig, prepare_dataset
 from data_modules.text import HashingEncoder
 
 args = {case.data['loader_args']!r}
-spec, chunks, _ = open_dataset("files", args)
-first = next(iter(chunks))
+source = open_dataset("files", args)
+read = source.read
 
-def slow():
-    yield first
-    Path({str(marker)!r}).touch()
-    time.sleep(600)  # killed here
-    yield first
+def slow(unit):
+    if unit.kinds == ("users",):  # the events file is partitioned by now
+        Path({str(marker)!r}).touch()
+        time.sleep(600)  # killed here
+    yield from read(unit)
 
+source.read = slow
 cfg = PrepareConfig("files", args, WindowConfig("day"))
-prepare_dataset(cfg, spec, slow(), Path({str(case.cache)!r}) / "prepared" / "files-x", HashingEncoder,
+prepare_dataset(cfg, source, Path({str(case.cache)!r}) / "prepared" / "files-x", HashingEncoder,
                 Path({str(case.cache)!r}) / "text", progress=False)
 """
     kill_when([sys.executable, "-c", code], marker, 120, "run")
     leftovers = [p for p in (case.cache / "prepared").iterdir() if ".tmp-" in p.name]
     assert len(leftovers) == 1 and (leftovers[0] / OWNER_FILE).exists()
-    assert list(leftovers[0].glob("users-*.arrow"))
+    assert list(leftovers[0].rglob("*.arrow"))
     case.prepared(capsys)
     assert [p.name for p in (case.cache / "prepared").iterdir() if ".tmp-" in p.name] == []
     shutil.rmtree(case.cache)

@@ -411,6 +411,44 @@ def _cut(cols: dict[str, np.ndarray], n: int) -> tuple[dict[str, np.ndarray], di
     return {k: v[:n] for k, v in cols.items()}, {k: v[n:] for k, v in cols.items()}
 
 
+def _check_args(n_users: int, days: int, empty_user_frac: float) -> None:
+    if n_users < 0:
+        raise ValueError(f"n_users must be >= 0, got {n_users}")
+    if days < WEEK_DAYS:
+        raise ValueError(f"days must be >= {WEEK_DAYS} (weekly periodicity is planted), got {days}")
+    if not 0.0 <= empty_user_frac <= 1.0:
+        raise ValueError(f"empty_user_frac must be in [0, 1], got {empty_user_frac}")
+
+
+def synthetic_range(
+    lo: int,
+    hi: int,
+    seed: int = 0,
+    days: int = 56,
+    events_per_user: float = 40.0,
+    empty_user_frac: float = 0.0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Users ``lo .. hi - 1`` as ``(events_df, users_df)`` in the canonical schema, events sorted by
+    (user_id, timestamp): the blocks that cover the range, generated whole and cut. Any process can
+    generate any range on its own (preparation shares ranges out over ranks); the users are the
+    same as in every other range or chunking (see the module docstring)."""
+    _check_args(hi, days, empty_user_frac)
+    world = _world(seed)
+    evs, uss = [], []
+    for b in range(lo // BLOCK_USERS, -(-hi // BLOCK_USERS)):
+        ev, us = _block(world, seed, b, days, events_per_user, empty_user_frac)
+        evs.append(ev)
+        uss.append(us)
+    if not evs:
+        ev, us = _block(world, seed, 0, days, 1.0, 0.0)
+        return _frames(_cut(ev, 0)[0], _cut(us, 0)[0])
+    ev = {k: np.concatenate([e[k] for e in evs]) for k in evs[0]}
+    us = {k: np.concatenate([x[k] for x in uss]) for k in uss[0]}
+    e0, e1 = np.searchsorted(ev["user_id"], [lo, hi])
+    u0, u1 = np.searchsorted(us["user_id"], [lo, hi])
+    return _frames({k: v[e0:e1] for k, v in ev.items()}, {k: v[u0:u1] for k, v in us.items()})
+
+
 def generate_synthetic(
     n_users: int,
     seed: int = 0,
@@ -422,9 +460,10 @@ def generate_synthetic(
     """Yield ``(events_df, users_df)`` chunks of complete users, in the canonical schema.
 
     Chunk ``k`` holds users ``k * chunk_users .. min((k + 1) * chunk_users, n_users) - 1``; events
-    are sorted by (user_id, timestamp). Memory stays bounded by one chunk plus one block, so
-    millions of users stream through. A user's data depends only on (seed, user_id) and the
-    generation parameters, never on ``n_users`` or ``chunk_users`` (see the module docstring).
+    are sorted by (user_id, timestamp). Memory stays bounded by one chunk plus the blocks that
+    cover it, so millions of users stream through. A user's data depends only on (seed, user_id)
+    and the generation parameters, never on ``n_users`` or ``chunk_users`` (see the module
+    docstring).
 
     Args:
         n_users: number of users.
@@ -435,35 +474,11 @@ def generate_synthetic(
             least ``MIN_EVENTS``).
         empty_user_frac: fraction of users with no events at all (they are in the users table).
     """
-    if n_users < 0 or chunk_users < 1:
+    _check_args(n_users, days, empty_user_frac)
+    if chunk_users < 1:
         raise ValueError(f"n_users must be >= 0 and chunk_users >= 1, got {n_users}, {chunk_users}")
-    if days < WEEK_DAYS:
-        raise ValueError(f"days must be >= {WEEK_DAYS} (weekly periodicity is planted), got {days}")
-    if not 0.0 <= empty_user_frac <= 1.0:
-        raise ValueError(f"empty_user_frac must be in [0, 1], got {empty_user_frac}")
-    world = _world(seed)
-    n_blocks = -(-n_users // BLOCK_USERS)
-    buf_ev: list[dict[str, np.ndarray]] = []
-    buf_us: list[dict[str, np.ndarray]] = []
-    have_until = 0  # users [.., have_until) are generated (in the buffer or already yielded)
-    next_block = 0
     for lo in range(0, n_users, chunk_users):
-        hi = min(lo + chunk_users, n_users)
-        while have_until < hi:
-            ev, us = _block(world, seed, next_block, days, events_per_user, empty_user_frac)
-            buf_ev.append(ev)
-            buf_us.append(us)
-            next_block += 1
-            have_until = min(next_block * BLOCK_USERS, n_users)
-        assert next_block <= n_blocks
-        ev = {k: np.concatenate([e[k] for e in buf_ev]) for k in buf_ev[0]}
-        us = {k: np.concatenate([x[k] for x in buf_us]) for k in buf_us[0]}
-        (ev_out, ev_rest), (us_out, us_rest) = (
-            _cut(ev, int(np.searchsorted(ev["user_id"], hi))),
-            _cut(us, int(np.searchsorted(us["user_id"], hi))),
-        )
-        buf_ev, buf_us = [ev_rest], [us_rest]
-        yield _frames(ev_out, us_out)
+        yield synthetic_range(lo, min(lo + chunk_users, n_users), seed, days, events_per_user, empty_user_frac)
 
 
 def load_synthetic(n_users: int, seed: int = 0, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
