@@ -45,10 +45,17 @@ class DataError(ValueError):
     """Bad input: the message is one paragraph that says what is wrong and where."""
 
 
+def _cell(v) -> str:
+    s = repr(v) if isinstance(v, str) else str(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
 def _rows(df: pd.DataFrame, mask, limit: int = 3) -> str:
+    """The first bad rows as ``row <n> (column=value, ...)``; ``n`` is the row's number in its file
+    (the first data row is row 0) when the frame is a piece of a file."""
     bad = df[np.asarray(mask)].head(limit)
-    lines = bad.to_string(max_colwidth=40).splitlines()
-    return " | ".join(line.strip() for line in lines)
+    return "; ".join(f"row {i} (" + ", ".join(f"{c}={_cell(v)}" for c, v in rec.items()) + ")"
+                     for i, rec in zip(bad.index, bad.to_dict("records"), strict=True))
 
 
 @dataclass

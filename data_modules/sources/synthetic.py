@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -493,3 +494,43 @@ def load_synthetic(n_users: int, seed: int = 0, **kw) -> tuple[pd.DataFrame, pd.
     events = pd.concat([p[0] for p in parts], ignore_index=True)
     users = pd.concat([p[1] for p in parts], ignore_index=True)
     return events, users
+
+
+def write_synthetic_files(folder: str | Path, n_users: int, n_files: int = 12, seed: int = 0,
+                          chunk_users: int = 10_000, **kw) -> tuple[list[Path], Path]:
+    """The synthetic users as a user's own files would hold them: a folder ``events/`` of
+    ``n_files`` Parquet files in which every user's events are spread over every file (event ``i``
+    of the data set goes to file ``i % n_files``) and a ``users.parquet`` beside it; generated and written one range of
+    ``chunk_users`` users at a time (one row group per file and range), so memory stays that of one
+    range. Returns (events files, users file). ``kw``: :func:`synthetic_range`'s generation
+    arguments."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    (folder / "events").mkdir(parents=True, exist_ok=True)
+    paths = [folder / "events" / f"events-{k:03d}.parquet" for k in range(n_files)]
+    users_path = folder / "users.parquet"
+    writers: list = [None] * n_files
+    users_writer = None
+    done = 0
+    try:
+        for lo in range(0, n_users, chunk_users):
+            events, users = synthetic_range(lo, min(lo + chunk_users, n_users), seed, **kw)
+            table = pa.Table.from_pandas(events, preserve_index=False)
+            which = (np.arange(done, done + len(events)) % n_files)
+            done += len(events)
+            for k in range(n_files):
+                part = table.filter(pa.array(which == k))
+                if writers[k] is None:
+                    writers[k] = pq.ParquetWriter(paths[k], part.schema)
+                writers[k].write_table(part)
+            ut = pa.Table.from_pandas(users, preserve_index=False)
+            if users_writer is None:
+                users_writer = pq.ParquetWriter(users_path, ut.schema)
+            users_writer.write_table(ut)
+    finally:
+        for w in [*writers, users_writer]:
+            if w is not None:
+                w.close()
+    return paths, users_path
