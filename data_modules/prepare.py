@@ -692,6 +692,7 @@ def prepare_dataset(
                                                          disable=not bar)}
 
         units = {k: v for part in ranks.gather(ranks.step(partition)) for k, v in part.items()}
+        phases = {"partition": time.perf_counter() - t0}
         if source.categories_from_data:
             spec.categories = sorted({c for u in units.values() for c in u["categories"]})
 
@@ -720,6 +721,7 @@ def prepare_dataset(
             return stats
 
         stats = ranks.step(merge)
+        phases["buckets"] = time.perf_counter() - t0 - sum(phases.values())
         if stats.filtered.get(UNKNOWN_CATEGORY) and ranks.is_zero:
             log.warning("%s: %d event(s) have a category outside the declared vocabulary; kept with no category",
                         cfg.dataset, stats.filtered[UNKNOWN_CATEGORY])
@@ -755,10 +757,12 @@ def prepare_dataset(
             return out
 
         digests = {k: v for part in ranks.gather(ranks.step(remap)) for k, v in part.items()}
+        phases["tables"] = time.perf_counter() - t0 - sum(phases.values())
 
         # 4. encode the texts, each rank its share, then publish
         cache = TextCache(text_cache_dir, encoder)
         ranks.step(lambda: cache.embed([str(t) for t in all_texts[ranks.rank::ranks.world]], progress=bar))
+        phases["texts"] = time.perf_counter() - t0 - sum(phases.values())
 
         def publish() -> dict | None:
             if not ranks.is_zero:
@@ -804,6 +808,7 @@ def prepare_dataset(
                 "shards": shards,
                 "checksums": {**{s: digests[s] for s in shards}, **{f: file_digest(tmp / f) for f in files}},
                 "prepare_seconds": time.perf_counter() - t0,
+                "phase_seconds": {**phases, "publish": time.perf_counter() - t0 - sum(phases.values())},
             }
             atomic_write_json(tmp / "meta.json", meta)
             shutil.rmtree(parts)
