@@ -128,7 +128,9 @@ class PipelineConfig:
 
     Args:
         run_dir: the run folder; each step writes into ``<run_dir>/<step name>/``.
-        data: the data config (a YAML with a ``data:`` section), the first ``--config`` of every step.
+        data: the data config (a YAML with a ``data:`` section), the first ``--config`` of every step;
+            or a list of YAMLs layered in order (a data set's config, then a small file holding what
+            this pipeline changes, such as ``data.fit_users``).
         steps: the steps, in order (see :class:`Step`).
         trainer_args: extra flags for every stage's fit and predict, e.g. ["--trainer.devices", "2"].
         on_change: what to do when a step's folder was made with another fingerprint (its
@@ -139,7 +141,7 @@ class PipelineConfig:
     """
 
     run_dir: str
-    data: str
+    data: str | list[str]
     steps: list[Step]
     trainer_args: list[str] = field(default_factory=list)
     on_change: str = "error"
@@ -198,7 +200,7 @@ def step_args(cfg: PipelineConfig, step: Step, run: Path) -> list[str]:
     """The arguments the step's fit, predict or bench is built from: the data config, the step's
     config, the folders it writes and reads, then its own flags (last, so they win)."""
     folder = run / step.name
-    args = ["--config", cfg.data, *(a for c in step.configs() for a in ("--config", c))]
+    args = [a for c in (*data_configs(cfg), *step.configs()) for a in ("--config", c)]
     if step.kind in STAGE_KINDS:
         args += ["--trainer.default_root_dir", str(folder), "--trainer.logger.init_args.save_dir", str(folder),
                  *cfg.trainer_args]
@@ -275,18 +277,27 @@ def _read_config(path: str, where: str) -> bytes:
         raise DataError(f"{where}: cannot read its config {path} ({err.strerror}).") from None
 
 
+def data_configs(cfg: PipelineConfig) -> list[str]:
+    """The pipeline's data YAMLs, in the order they are layered."""
+    return [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+
+
+def _layered_digest(texts: list[bytes]) -> str:
+    """One digest of layered YAMLs; of one YAML, its own digest."""
+    digests = [hashlib.sha256(text).hexdigest() for text in texts]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
 def step_fingerprint(cfg: PipelineConfig, step: Step, upstream: dict[str, str], root: Path = REPO) -> dict:
     """What a step's results depend on. ``upstream``: step name → digest of its fingerprint."""
     where = f"pipeline step {step.name!r}"
-    data, own = _read_config(cfg.data, where), [_read_config(c, where) for c in step.configs()]
+    data = [_read_config(c, where) for c in data_configs(cfg)]
+    own = [_read_config(c, where) for c in step.configs()]
     entry = list(KIND_CODE[step.kind])
     if step.kind in STAGE_KINDS:
         entry += [m for text in own for m in _class_path_modules(yaml.safe_load(text))]
-    digests = [hashlib.sha256(text).hexdigest() for text in own]
-    # one YAML: its digest (as before layering existed, so older run folders still match)
-    step_digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
     fp = {
-        "config": {"data": hashlib.sha256(data).hexdigest(), "step": step_digest},
+        "config": {"data": _layered_digest(data), "step": _layered_digest(own)},
         "flags": {"kind": step.kind, "args": step.args, "output": step.output, "writes": step.writes,
                   "trainer_args": cfg.trainer_args if step.kind in STAGE_KINDS else []},
         "reads": {key: {"from": ref, "fingerprint": upstream[ref.partition("/")[0]]} for key, ref in step.reads.items()},
@@ -313,7 +324,7 @@ def what_changed(cfg: PipelineConfig, step: Step, before: dict | None, now: dict
         return f"no {FINGERPRINT} says what made it"
     why = []
     old = before.get("config", {})
-    names = {"data": cfg.data, "step": " + ".join(step.configs())}
+    names = {"data": " + ".join(data_configs(cfg)), "step": " + ".join(step.configs())}
     if changed := [names[k] for k in names if old.get(k) != now["config"][k]]:
         why.append(f"config {', '.join(changed)}")
     if before.get("flags") != now["flags"]:
