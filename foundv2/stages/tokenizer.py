@@ -14,12 +14,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow as pa
 
 from data_modules.schema import DataError
-from data_modules.store import atomic_write_json, read_stage_output
-from foundv2.metrics.collisions import CollisionRate, collision_stats, collisions_by_sources, window_tuples
-from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
+from data_modules.store import atomic_write_json, read_output_meta
+from foundv2.metrics.collisions import CollisionRate
+from foundv2.nn.mrqvae import MultiViewRQVAE
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures
 from foundv2.stages.base import OptimConfig, PredictStage, split_by_user, with_window_keys
@@ -254,38 +254,157 @@ class TokenizerStage(PredictStage):
         write_token_report(Path(folder), self.model, self.feature_dim)
 
 
-def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) -> dict:
-    """Collisions of whole (user, window) code tuples, with and without disambiguation, and storage."""
-    ds, meta = read_stage_output(folder)
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    n_users = table.num_rows
+def _record_batches(folder: Path, meta: dict):
+    """Every record batch of a stage output's parts, in part order, memory-mapped."""
+    for part in meta["parts"]:
+        with pa.memory_map(str(folder / part)) as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(slices per user, every user's values in order) of a per-slice list column; a
+    fixed-size-list column (``codes``) gives ``[n, L]``."""
+    arr = batch.column(name)
+    values = arr.flatten()
+    if hasattr(values.type, "list_size"):
+        values = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
+    else:
+        values = values.to_numpy(zero_copy_only=False)
+    return np.diff(arr.offsets.to_numpy()), values
+
+
+def window_code_tuples(batch: pa.RecordBatch, sources: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``[n_windows, sources·L]`` int32: one row per (user, window) of the batch's users, the codes
+    of every source side by side, -1 where a source is absent, as
+    :func:`~foundv2.metrics.collisions.window_tuples`; ``[n_windows]`` how many sources each holds)."""
+    counts, window = _flat(batch, "slice_window")
+    source, codes = _flat(batch, "slice_source")[1].astype(np.int64), _flat(batch, "codes")[1]
+    user = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    key = user * (int(window.max(initial=0)) + 1) + window
+    inv = np.unique(key, return_inverse=True)[1].reshape(-1)
+    n = int(inv.max()) + 1 if len(inv) else 0
+    out = np.full((n, sources, codes.shape[1]), -1, np.int32)
+    out[inv, source] = codes
+    return out.reshape(n, -1), (out[:, :, 0] >= 0).sum(1).astype(np.int32)
+
+
+def _bucket_of(rows: np.ndarray, buckets: int) -> np.ndarray:
+    """A bucket per row from a hash of its values: equal rows land in the same bucket."""
+    h = np.zeros(len(rows), np.uint64)
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        for j in range(rows.shape[1]):
+            h = (h ^ rows[:, j].astype(np.int64).view(np.uint64)) * mult
+            h ^= h >> np.uint64(29)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+def token_collisions(folder: Path, meta: dict, users_per_bucket: int = 10_000, chunk_users: int = 8192) -> dict:
+    """The collision figures of report.json over a tokens dataset, streamed: each chunk of users'
+    (user, window) code tuples (:func:`window_code_tuples`), counted per distinct tuple, goes to one
+    of ``1 + users // users_per_bucket`` files by a hash of the tuple, so equal tuples meet in one
+    bucket; the buckets are then counted one at a time. Exact, and memory is one chunk's or one
+    bucket's distinct tuples, whatever the number of users.
+
+    Returns ``users``, ``slices``, ``windows``, ``collisions`` (as
+    :func:`~foundv2.metrics.collisions.collision_stats`), ``collisions_by_sources_in_window`` (as
+    :func:`~foundv2.metrics.collisions.collisions_by_sources`), ``collisions_disambiguated`` and
+    ``disambiguation_max_index`` (what :func:`~foundv2.nn.mrqvae.disambiguate`'s extra index gives:
+    every tuple unique, with indices up to the largest group of equal tuples, minus one)."""
+    import tempfile
+
     sources = len(meta["sources"])
+    n_users = n_slices = n_windows = 0
+    width = None
+    buckets = 1 + sum(_part_rows(folder / p) for p in meta["parts"]) // max(int(users_per_bucket), 1)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f"{folder.name}.tmp-report-") as tmp:
+        files: dict[int, object] = {}
+        pending: list[pa.RecordBatch] = []
 
-    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:  # (slices per user, every user's values in order)
-        arr = table.column(name).combine_chunks()
-        values = arr.flatten()
-        if hasattr(values.type, "list_size"):  # codes: [n, L] per user
-            values = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
-        else:
-            values = values.to_numpy(zero_copy_only=False)
-        return np.diff(arr.offsets.to_numpy()), values.astype(np.int64)
+        def flush() -> None:
+            nonlocal n_users, n_slices, n_windows, width
+            if not pending:
+                return
+            batch = pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+            pending.clear()
+            tuples, _ = window_code_tuples(batch, sources)
+            n_users += batch.num_rows
+            n_slices += len(_flat(batch, "slice_window")[1])
+            n_windows += len(tuples)
+            width = tuples.shape[1]
+            if not len(tuples):
+                return
+            uniq, count = np.unique(tuples, axis=0, return_counts=True)
+            rows = np.concatenate([uniq, count.astype(np.int32)[:, None]], axis=1)
+            which = _bucket_of(uniq, buckets)
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(buckets + 1))
+            for b in np.flatnonzero(np.diff(bounds)).tolist():
+                if b not in files:
+                    files[b] = open(Path(tmp) / f"bucket-{b:05d}.bin", "wb")  # noqa: SIM115 - closed below
+                files[b].write(rows[order[bounds[b]:bounds[b + 1]]].tobytes())
 
-    counts, window = flat("slice_window")
-    source, codes = flat("slice_source")[1], flat("codes")[1]
-    user = torch.as_tensor(np.repeat(np.arange(n_users), counts))
-    allt = window_tuples(user, torch.as_tensor(window), torch.as_tensor(source), torch.as_tensor(codes), sources) \
-        if len(window) else torch.zeros(0, 1, dtype=torch.long)
-    n_slices, n_windows = len(window), allt.shape[0]
-    stats = collision_stats(allt)
-    extra = disambiguate(allt)
-    after = collision_stats(torch.cat([allt, extra[:, None]], dim=1))
+        for batch in _record_batches(folder, meta):
+            pending.append(batch)
+            if sum(b.num_rows for b in pending) >= chunk_users:
+                flush()
+        flush()
+        for f in files.values():
+            f.close()
+        repeated = max_dup = n_unique = 0
+        by_present: dict[int, list[int]] = {}  # sources in the window → [windows, repeated windows]
+        for b in sorted(files):
+            rows = np.fromfile(Path(tmp) / f"bucket-{b:05d}.bin", np.int32).reshape(-1, width + 1)
+            uniq, inverse = np.unique(rows[:, :width], axis=0, return_inverse=True)
+            total = np.zeros(len(uniq), np.int64)
+            np.add.at(total, inverse.reshape(-1), rows[:, width].astype(np.int64))
+            rep = total > 1
+            repeated += int(total[rep].sum())
+            max_dup = max(max_dup, int(total.max()))
+            n_unique += len(uniq)
+            present = (uniq.reshape(len(uniq), sources, -1)[:, :, 0] >= 0).sum(1)
+            for k in np.unique(present).tolist():
+                m = present == k
+                got = by_present.setdefault(int(k), [0, 0])
+                got[0] += int(total[m].sum())
+                got[1] += int(total[m & rep].sum())
+    if n_windows == 0:
+        stats = after = {"collision_rate": 0.0, "max_dup": 0.0, "unique_frac": 1.0}
+    else:
+        stats = {"collision_rate": repeated / n_windows, "max_dup": float(max_dup), "unique_frac": n_unique / n_windows}
+        after = {"collision_rate": 0.0, "max_dup": 1.0, "unique_frac": 1.0}
+    return {
+        "users": n_users, "slices": n_slices, "windows": n_windows,
+        "collisions": stats,
+        "collisions_by_sources_in_window": {str(k): {"windows": w / n_windows, "collision_rate": r / w}
+                                            for k, (w, r) in sorted(by_present.items())},
+        "collisions_disambiguated": after,
+        "disambiguation_max_index": max(max_dup - 1, 0),
+    }
+
+
+def _part_rows(path: Path) -> int:
+    """Rows of one Arrow stream part (its record batches' lengths; no column is read)."""
+    with pa.memory_map(str(path)) as source:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
+def write_token_report(folder: Path, model: MultiViewRQVAE, feature_dim: int) -> dict:
+    """Collisions of whole (user, window) code tuples, with and without disambiguation, and storage
+    (:func:`token_collisions`, streamed over the parts: never every user's codes at once)."""
+    folder = Path(folder)
+    meta = read_output_meta(folder)
+    if meta is None:
+        raise DataError(f"{folder}: no complete stage output here (meta.json missing).")
+    got = token_collisions(folder, meta)
+    n_users = got["users"]
     report = {
         "users": n_users,
-        "collisions": {k: float(v) for k, v in stats.items()},
-        "collisions_by_sources_in_window": collisions_by_sources(allt, sources),
-        "collisions_disambiguated": {k: float(v) for k, v in after.items()},
-        "disambiguation_max_index": int(extra.max()) if len(extra) else 0,
-        "storage": storage_report(model, n_slices / max(n_users, 1), n_windows / max(n_users, 1), feature_dim),
+        "collisions": got["collisions"],
+        "collisions_by_sources_in_window": got["collisions_by_sources_in_window"],
+        "collisions_disambiguated": got["collisions_disambiguated"],
+        "disambiguation_max_index": got["disambiguation_max_index"],
+        "storage": storage_report(model, got["slices"] / max(n_users, 1), got["windows"] / max(n_users, 1), feature_dim),
     }
     atomic_write_json(folder / "report.json", report)
     return report
