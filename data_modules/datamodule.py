@@ -33,7 +33,7 @@ from data_modules.ranks import Ranks
 from data_modules.representations import REPRESENTATION_COLUMNS, RepresentationCollate
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, read_stage_output
-from data_modules.tokens import TokenCollate
+from data_modules.tokens import TeacherVectors, TokenCollate, read_vectors
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,10 @@ class UserDataModule(L.LightningDataModule):
             representation batches (the vector, the labels, history and future items) for probes.
         teacher_dir: with ``tokens_dir``: a dataset with one ``user_emb`` per user (stage 1's
             features, say) that token batches carry as ``teacher_emb``, standardised per feature
-            with the training users' mean and spread, for stage 3's distill term; ``has_teacher``
-            is False for test users (their vectors never reach a loss; validation users' score
-            only the validation loss).
+            with the (sampled, ``fit_users``) training users' mean and spread, for stage 3's
+            distill term; only the users a fit reads have one (the ``fit_users`` and ``val_users``
+            samples): ``has_teacher`` is False for everyone else, and for test users (their
+            vectors never reach a loss; validation users' score only the validation loss).
         questions: Query-as-Anchor pairs (data_modules/questions.py): a list of questions
             ``{name, query, answer, source?, top?}``, or ``true`` for the default set; when set,
             *training* batches are query/answer batches of the training users' pairs (validation
@@ -288,6 +289,15 @@ class UserDataModule(L.LightningDataModule):
             position in the data set's calendar and the user's tenure at it (event batches'
             ``win_calendar``; stage 1's event encoder and the pooled slice features read it).
             false: the models are built without it (an ablation, or a checkpoint from before).
+        fit_users: train on a seeded sample of this many training users (None: every training
+            user). The sample is drawn once from ``sample_seed`` among the training users the input
+            dataset holds, ordered by prepared row, so it is the same on every DDP rank (each rank
+            then takes its share of it, as of the whole split) and the same users at every stage
+            whose input holds the same users. Whatever is fitted on "the training users" reads
+            this sample only: the training batches, question pairs, collaborative item factors,
+            the teacher's vectors and their standardisation. ``predict`` still covers every user.
+        val_users: validate on a seeded sample of this many validation users (None: all of them).
+        sample_seed: seed of the ``fit_users`` and ``val_users`` samples.
 
     The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
     given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
@@ -317,6 +327,9 @@ class UserDataModule(L.LightningDataModule):
         teacher_dir: str | None = None,
         questions: list[dict] | bool | None = None,
         calendar: bool = True,
+        fit_users: int | None = None,
+        val_users: int | None = None,
+        sample_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -328,7 +341,10 @@ class UserDataModule(L.LightningDataModule):
         self.input_meta: dict | None = None
         self.input_table = None  # the dataset batches are read from (the prepared table for events)
         self.input_split: np.ndarray | None = None
-        self.teacher: tuple[np.ndarray, np.ndarray] | None = None  # (standardised [rows, D], present [rows])
+        self.input_row: np.ndarray | None = None  # each input row's prepared row
+        self._fit_rows: np.ndarray | None = None
+        self._val_rows: np.ndarray | None = None
+        self.teacher: TeacherVectors | None = None  # the teacher's vectors of the sampled users
         self._pairs = None  # the query/answer pairs (questions set), built on first use
 
     # ---------------------------------------------------------------- preparation
@@ -386,9 +402,11 @@ class UserDataModule(L.LightningDataModule):
         if self.hparams.teacher_dir:
             self.teacher = self._open_teacher(self.hparams.teacher_dir)
 
-    def _open_teacher(self, folder: str) -> tuple[np.ndarray, np.ndarray]:
-        """``teacher_dir`` → (every prepared row's ``user_emb`` standardised with the training
-        users' mean and spread, zeros where absent; which rows have one)."""
+    def _open_teacher(self, folder: str) -> TeacherVectors:
+        """``teacher_dir`` → the ``user_emb`` of the users a fit reads (the ``fit_users`` and
+        ``val_users`` samples: no other user's vector reaches a loss), standardised with the mean and
+        spread of the training users among them (:class:`~data_modules.tokens.TeacherVectors`).
+        Only those users' vectors are read, a few thousand at a time."""
         if self.batch_kind != "tokens":
             raise DataError(f"data.teacher_dir {folder}: a teacher is read by token batches only (stage 3's "
                             f"distill term); give data.tokens_dir too, or drop data.teacher_dir.")
@@ -397,27 +415,29 @@ class UserDataModule(L.LightningDataModule):
         if missing:
             raise DataError(f"data.teacher_dir {folder}: the dataset lacks the column(s) {missing}; point it at a "
                             f"stage output with one user_emb per user (stage 1's features, say).")
-        ds = ds.select_columns(["row", "user_emb"]).with_format("numpy")
-        rows = np.asarray(ds["row"], np.int64)
-        emb = np.stack(ds["user_emb"]).astype(np.float32) if len(ds) else np.zeros((0, 0), np.float32)
+        rows = np.asarray(ds.data.column("row").to_numpy(), np.int64)
         n = len(self.split)
-        if emb.ndim != 2 or emb.shape[1] == 0 or rows.min(initial=0) < 0 or rows.max(initial=-1) >= n:
-            raise DataError(f"data.teacher_dir {folder}: its rows do not fit this data set ({n} users) or its "
-                            f"user_emb is not one vector per user; was it made from other data?")
+        if rows.min(initial=0) < 0 or rows.max(initial=-1) >= n:
+            raise DataError(f"data.teacher_dir {folder}: its rows do not fit this data set ({n} users); was it "
+                            f"made from other data?")
+        where = np.full(n, -1, np.int64)  # prepared row → the teacher dataset's row
+        where[rows] = np.arange(len(rows))
+        wanted = np.union1d(self.prepared_rows(self.fit_rows()), self.prepared_rows(self.val_rows()))
+        wanted = wanted[where[wanted] >= 0]
+        emb = read_vectors(ds, "user_emb", where[wanted])
+        if emb.ndim != 2 or (len(wanted) and emb.shape[1] == 0):
+            raise DataError(f"data.teacher_dir {folder}: user_emb is not one vector per user; was it made from "
+                            f"other data?")
         bad = ~np.isfinite(emb).all(1)
         if bad.any():
             raise DataError(f"data.teacher_dir {folder}: user_emb holds NaN or infinite values for {int(bad.sum())} "
-                            f"user(s) (first row {int(rows[bad][0])}); refit or re-predict the stage that wrote it.")
-        table = np.zeros((n, emb.shape[1]), np.float32)
-        present = np.zeros(n, bool)
-        table[rows], present[rows] = emb, True
-        train = present & (self.split == Split.TRAIN)
+                            f"user(s) (first row {int(wanted[bad][0])}); refit or re-predict the stage that wrote it.")
+        train = self.split[wanted] == Split.TRAIN
         if not train.any():
             raise DataError(f"data.teacher_dir {folder}: no training user has a vector, so there is nothing to "
                             f"learn from; predict that stage for the training split too.")
-        mean, std = table[train].mean(0), table[train].std(0) + 1e-6
-        table[present] = (table[present] - mean) / std
-        return table, present
+        mean, std = emb[train].mean(0), emb[train].std(0) + 1e-6
+        return TeacherVectors(wanted, (emb - mean) / std, n)
 
     def _choose_batch_kind(self) -> BatchKind:
         given = [k for k in BATCH_KINDS.values() if k.input_arg and self.hparams[k.input_arg]]
@@ -443,6 +463,8 @@ class UserDataModule(L.LightningDataModule):
         if kind.only_columns:
             self.input_table = self.input_table.select_columns(list(kind.columns))
         self.input_split = np.asarray(self.input_table["split"], dtype=np.int64)
+        self.input_row = (np.arange(len(self.input_table)) if kind.input_arg is None
+                          else np.asarray(self.input_table.data.column("row").to_numpy(), np.int64))
 
     def summary(self) -> list[str]:
         return summary_lines(self.meta or load_meta(self.prepared_dir), self.prepared_dir)
@@ -462,7 +484,7 @@ class UserDataModule(L.LightningDataModule):
             # width of win_calendar the models read: 0 without calendar time or with calendar off
             "calendar_dim": len(WINDOW_CALENDAR) if self.hparams.calendar and m["calendar"]["has_calendar"] else 0,
             # width of the teacher vectors token batches carry (0: no data.teacher_dir)
-            "teacher_dim": int(self.teacher[0].shape[1]) if self.teacher is not None else 0,
+            "teacher_dim": self.teacher.dim if self.teacher is not None else 0,
         }
 
     # ---------------------------------------------------------------- loaders
@@ -470,6 +492,37 @@ class UserDataModule(L.LightningDataModule):
         """Rows of the input dataset whose users are in ``splits``."""
         splits = [splits] if isinstance(splits, str) else splits
         return np.flatnonzero(np.isin(self.input_split, [Split.code(s) for s in splits]))
+
+    def _sample(self, split: Split, n: int | None, stream: int) -> np.ndarray:
+        """Rows of the input dataset: a seeded sample of ``n`` of its users of ``split`` (all of them
+        when ``n`` is None or not smaller), in input order. Drawn over those users ordered by
+        prepared row, so inputs that hold the same users give the same users."""
+        rows = np.flatnonzero(self.input_split == split)
+        if n is None or n >= len(rows):
+            return rows
+        if n < 1:
+            raise DataError(f"data: a sample of {n} users; give a positive number, or null for every user.")
+        by_user = rows[np.argsort(self.input_row[rows], kind="stable")]
+        pick = np.random.default_rng([int(self.hparams.sample_seed), stream]).choice(len(rows), int(n), replace=False)
+        return np.sort(by_user[pick])
+
+    def fit_rows(self) -> np.ndarray:
+        """Rows of the input dataset that training reads: the ``fit_users`` sample of the training
+        users (every training user without one); the same on every rank."""
+        if self._fit_rows is None:
+            self._fit_rows = self._sample(Split.TRAIN, self.hparams.fit_users, 0)
+        return self._fit_rows
+
+    def val_rows(self) -> np.ndarray:
+        """Rows of the input dataset that validation reads: the ``val_users`` sample (or every
+        validation user); the same on every rank."""
+        if self._val_rows is None:
+            self._val_rows = self._sample(Split.VAL, self.hparams.val_users, 1)
+        return self._val_rows
+
+    def prepared_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The prepared-table rows of these rows of the input dataset."""
+        return self.input_row[np.asarray(rows, np.int64)]
 
     def collate(self):
         """The collate function of this DataModule's batch kind."""
@@ -489,7 +542,8 @@ class UserDataModule(L.LightningDataModule):
             q = self.hparams.questions
             texts = _open_shards(self.prepared_dir, ["texts.arrow"])["text"]
             self._pairs = build_pairs(self.table.data.table, self.meta, list(texts),
-                                      questions_from_config(None if q is True else q))
+                                      questions_from_config(None if q is True else q),
+                                      rows=self.prepared_rows(self.fit_rows()))
             for name, why in self._pairs.skipped.items():
                 log.warning("question '%s' gives no pairs: %s", name, why)
         return self._pairs
@@ -507,10 +561,10 @@ class UserDataModule(L.LightningDataModule):
             return DataLoader(users, batch_size=self.hparams.batch_size, sampler=sampler,
                               collate_fn=QACollate(collate, pairs), num_workers=self.hparams.num_workers,
                               persistent_workers=self.hparams.num_workers > 0)
-        return self._loader(self.rows("train"), shuffle=True)
+        return self._loader(self.fit_rows(), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.rows("val"), shuffle=False)
+        return self._loader(self.val_rows(), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.rows("test"), shuffle=False)

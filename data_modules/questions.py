@@ -269,13 +269,21 @@ class _Answers:
                 zip(mean.index, level, mean.to_numpy(), strict=True)}, None
 
 
-def build_pairs(table: pa.Table, meta: dict, texts: list[str], questions: Sequence[Question]) -> QAPairs:
+def build_pairs(table: pa.Table, meta: dict, texts: list[str], questions: Sequence[Question],
+                rows: np.ndarray | None = None) -> QAPairs:
     """Every (training user, question) pair the data can answer, sorted by (question, row).
 
     ``table`` is the prepared table (a ``pyarrow.Table`` of the shards), ``meta`` its
-    ``meta.json``, ``texts`` the text table (``texts.arrow``)."""
+    ``meta.json``, ``texts`` the text table (``texts.arrow``). ``rows``: the prepared rows of the
+    users to make pairs for (``UserDataModule.fit_rows``: a sample), whose training users alone
+    are read and fit the bins; None: every training user."""
     split = np.asarray(table["split"].to_numpy(zero_copy_only=False), dtype=np.int64)
-    rows = np.flatnonzero(split == int(Split.TRAIN))
+    train = split == int(Split.TRAIN)
+    if rows is None:
+        rows = np.flatnonzero(train)
+    else:
+        rows = np.unique(np.asarray(rows, np.int64))
+        rows = rows[train[rows]]
     answers = _Answers(table, meta, texts, rows)
     out_rows, out_q, out_a, skipped = [], [], [], {}
     for qi, q in enumerate(questions):

@@ -22,16 +22,70 @@ a user in the batch, W = the most windows::
     has_fut_text [B]        bool    True only for training users
     teacher_emb  [B, Dt]    float32 the user's teacher vector, standardised (zeros if none;
                                     only with a teacher, ``data.teacher_dir``)
-    has_teacher  [B]        bool    True for training and validation users with one
+    has_teacher  [B]        bool    True for the training and validation users a fit reads
+                                    (``fit_users`` / ``val_users`` samples) with one
     label/<name> [B]        int64
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from data_modules.schema import DataError
 from data_modules.store import Split
+
+
+def read_vectors(ds, column: str, positions: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """``[len(positions), D]`` float32: a fixed-size-list column of a ``datasets.Dataset`` at these
+    rows, read a chunk at a time (never the whole column)."""
+    positions = np.asarray(positions, np.int64)
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    if hasattr(ds, "_indices") and ds._indices is not None:  # a selected view: its rows in the underlying table
+        positions = np.asarray(ds._indices.column(0).to_numpy(), np.int64)[positions]
+    col = table.column(column)
+    dim = col.type.list_size if hasattr(col.type, "list_size") else None
+    parts = []
+    for start in range(0, len(positions), chunk):
+        taken = col.take(pa.array(positions[start:start + chunk]))
+        flat = pa.concat_arrays([c.flatten() for c in taken.chunks]) if taken.num_chunks else pa.array([], pa.float32())
+        if dim is None:  # a variable-size list column: every row must have the same length
+            lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in taken.chunks]) if taken.num_chunks else []
+            dim = int(lengths[0]) if len(lengths) else 0
+            if len(lengths) and (lengths != dim).any():
+                raise DataError(f"{column}: rows of different lengths; expected one vector per row.")
+        parts.append(flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim or 0))
+    if not parts:
+        return np.zeros((0, dim or 0), np.float32)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+class TeacherVectors:
+    """A teacher's (standardised) vectors of some users, looked up by prepared row.
+
+    Args:
+        rows: ``[K]`` the prepared rows that have a vector (sorted).
+        vectors: ``[K, D]`` their vectors.
+        n_rows: the prepared table's size.
+    """
+
+    def __init__(self, rows: np.ndarray, vectors: np.ndarray, n_rows: int):
+        self.vectors = np.ascontiguousarray(vectors, np.float32)
+        self.index = np.full(n_rows, -1, np.int64)  # prepared row → row of ``vectors``; -1: none
+        self.index[np.asarray(rows, np.int64)] = np.arange(len(rows))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(``[B, D]`` the vectors of these prepared rows, zeros where none; ``[B]`` which have one)."""
+        at = self.index[np.asarray(rows, np.int64)]
+        present = at >= 0
+        out = np.zeros((len(at), self.dim), np.float32)
+        out[present] = self.vectors[at[present]]
+        return out, present
 
 
 def _window_positions(keys: np.ndarray, max_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,7 +113,7 @@ class TokenCollate:
     """
 
     def __init__(self, prepared, text_emb: np.ndarray, label_names: list[str], max_windows: int,
-                 teacher: tuple[np.ndarray, np.ndarray] | None = None):
+                 teacher: TeacherVectors | None = None):
         self.label_cols = [f"label/{n}" for n in label_names if f"label/{n}" in prepared.column_names]
         self.prepared = prepared.select_columns(["fut_text", *self.label_cols])
         self.text_emb = text_emb
@@ -117,11 +171,11 @@ class TokenCollate:
             "has_fut_text": torch.as_tensor(has & (split == Split.TRAIN)),
         }
         if self.teacher is not None:
-            table, present = self.teacher
-            batch["teacher_emb"] = torch.as_tensor(table[rows])
+            emb, present = self.teacher(rows)
+            batch["teacher_emb"] = torch.as_tensor(emb)
             # training users' vectors train; validation users' only score the validation loss
             # (the stage masks by split); a test user's never reaches a loss
-            batch["has_teacher"] = torch.as_tensor(present[rows] & (split != Split.TEST))
+            batch["has_teacher"] = torch.as_tensor(present & (split != Split.TEST))
         for c in self.label_cols:
             batch[c] = torch.as_tensor(np.asarray(prep[c], np.int64))
         return batch

@@ -85,9 +85,10 @@ def item_lists(table, rows: np.ndarray, column: str) -> list[np.ndarray]:
 
 
 def train_item_lists(datamodule) -> list[np.ndarray]:
-    """The train users' history item ids (:func:`item_lists` of ``h_item``): what collaborative
-    item factors are fitted on (never a validation or test user)."""
-    return item_lists(datamodule.table, datamodule.rows("train"), "h_item")
+    """The history item ids (:func:`item_lists` of ``h_item``) of the users training reads
+    (``UserDataModule.fit_rows``: the ``fit_users`` sample of the training users, all of them
+    without one): what collaborative item factors are fitted on (never a validation or test user)."""
+    return item_lists(datamodule.table, datamodule.prepared_rows(datamodule.fit_rows()), "h_item")
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
