@@ -241,21 +241,3 @@ def test_paired_bootstrap_ranking_means() -> None:
     assert noisy["lo"] < 0 < noisy["hi"]  # the same distribution: the interval includes 0
     better = paired_bootstrap("ranking", a + 0.05, a, n_boot=100)
     assert better["lo"] == pytest.approx(0.05) and better["delta"] == pytest.approx(0.05)
-
-
-def test_bootstrap_resample_metrics_equal_the_reported_ones() -> None:
-    from foundv2.bench.probes import _resample_metric, score_predictions
-
-    rng = np.random.default_rng(0)
-    s, y = rng.normal(size=300).round(1), rng.integers(0, 2, 300)  # rounded: ties count half in both
-    assert _resample_metric("binary", "auc")(s, y) == pytest.approx(score_predictions("binary", s, y)["auc"])
-    P, c = rng.dirichlet(np.ones(4), 300), rng.integers(0, 4, 300)
-    assert _resample_metric("multiclass", "accuracy")(P, c) == pytest.approx(
-        score_predictions("multiclass", P, c)["accuracy"])
-    c[c == 3] = 2  # a class that never occurs is skipped by both
-    assert _resample_metric("multiclass", "macro_auc")(P, c) == pytest.approx(
-        score_predictions("multiclass", P, c)["macro_auc"])
-    S, Y = rng.normal(size=(300, 5)), rng.integers(0, 2, (300, 5))
-    Y[:, 0] = 0  # a label with one class is skipped by both
-    assert _resample_metric("multilabel", "macro_auc")(S, Y) == pytest.approx(
-        score_predictions("multilabel", S, Y)["macro_auc"])
