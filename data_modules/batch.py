@@ -53,4 +53,102 @@ width::
 
 Every stage output (features, tokens) keeps ``user_id, row, split`` per user and
 ``slice_window, slice_source, slice_key`` per slice, so the next stage's batches carry them on.
+
+The collates read the users' rows as one Arrow table (:func:`as_table`) and build every padded
+array from a column's flat values and offsets at once (:func:`ragged`, :func:`pad_rows`): no
+Python loop over users, no Python object per event.
 """
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+# ------------------------------------------------------------------------------ reading rows
+def as_table(cols) -> pa.Table:
+    """The rows a collate is given, as one ``pyarrow.Table``: a table (``UserRows``), a dict of
+    per-user columns (lists, arrays), or a list of either (a DataLoader that fetches one item at a
+    time)."""
+    if isinstance(cols, pa.Table):
+        return cols
+    if isinstance(cols, list):
+        if cols and isinstance(cols[0], pa.Table):
+            return pa.concat_tables(cols)
+        cols = {k: [v for c in cols for v in c[k]] for k in cols[0]} if cols else {}
+    return pa.table({k: to_arrow(v) for k, v in cols.items()})
+
+
+def to_arrow(values) -> pa.Array:
+    """One column of per-user values as Arrow: Arrow as it is; a ``[B, D]`` array → fixed-size
+    lists; a list of ``[n_i, D]`` arrays → lists of fixed-size lists; a list of 1-d arrays →
+    lists; anything else as ``pyarrow.array`` reads it."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    if isinstance(values, list) and values and all(isinstance(v, np.ndarray) for v in values):
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32))
+        flat = np.concatenate([v.reshape(len(v), -1) if v.ndim == 2 else v for v in values])
+        inner = pa.array(flat.reshape(-1)) if flat.ndim == 1 else \
+            pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        return pa.ListArray.from_arrays(offsets, inner)
+    return pa.array(values)
+
+
+def scalars(table: pa.Table, name: str, dtype) -> np.ndarray:
+    """One value per row of a column, as ``dtype``."""
+    return table.column(name).to_numpy().astype(dtype)
+
+
+def ragged(table: pa.Table, name: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as ``(offsets [B + 1] int64, values [n, ...] dtype)``: row i's entries are
+    ``values[offsets[i]:offsets[i + 1]]``; a list of fixed-size lists (``feat``, ``codes``) gives
+    ``values [n, D]``; a list of variable lists of equal length (a dict's nested Python lists) too."""
+    arr = _array(table, name)
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten()
+    offsets = offsets - offsets[0]
+    if pa.types.is_fixed_size_list(values.type):
+        width = values.type.list_size
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        return offsets, flat.astype(dtype).reshape(-1, width)
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        inner = np.diff(values.offsets.to_numpy())
+        width = int(inner[0]) if len(inner) else 0
+        if len(inner) and (inner != width).any():
+            raise ValueError(f"column {name}: inner lists of different lengths")
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        return offsets, flat.astype(dtype).reshape(-1, width)
+    return offsets, values.to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def fixed(table: pa.Table, name: str, dtype) -> np.ndarray:
+    """A column of one equal-length list per row (``tabular``, ``user_emb``) as ``[B, D]``."""
+    arr = _array(table, name)
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(arr), arr.type.list_size)
+    offsets, values = ragged(table, name, dtype)
+    return values.reshape(len(offsets) - 1, -1)
+
+
+def _array(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    if col.num_chunks == 1:
+        return col.chunk(0)
+    return col.combine_chunks() if col.num_chunks else pa.array([], col.type)
+
+
+def pad_rows(offsets: np.ndarray, values: np.ndarray, start: np.ndarray | None = None,
+             length: np.ndarray | None = None, pad=0, dtype=None, width: int | None = None) -> np.ndarray:
+    """Row i's entries ``values[offsets[i] + start[i] : ... + length[i]]`` (all of them by default),
+    left-aligned in ``[B, width]`` (``width``: the longest, at least 1), ``pad`` after."""
+    n = len(offsets) - 1
+    start = np.zeros(n, np.int64) if start is None else start
+    length = np.diff(offsets) if length is None else length
+    width = max(int(length.max(initial=0)), 1) if width is None else width
+    out = np.full((n, width) + values.shape[1:], pad, dtype=dtype or values.dtype)
+    pos = np.arange(width)[None, :]
+    mask = pos < length[:, None]
+    out[mask] = values[((offsets[:-1] + start)[:, None] + pos)[mask]]
+    return out

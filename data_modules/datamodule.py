@@ -16,9 +16,11 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.batch import as_table, fixed, pad_rows, ragged, scalars
 from data_modules.loaders import files_fingerprint, open_dataset
 from data_modules.prepare import (
     WINDOW_CALENDAR,
@@ -51,21 +53,12 @@ def _open_shards(folder: Path, names: list[str]):
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def _pad(seqs: list, pad: float | int, dtype, width: int | None = None) -> np.ndarray:
-    width = max((len(s) for s in seqs), default=0) if width is None else width
-    out = np.full((len(seqs), max(width, 1)), pad, dtype=dtype)
-    for i, s in enumerate(seqs):
-        n = min(len(s), width)
-        if n:
-            out[i, :n] = np.asarray(s[len(s) - n:] if len(s) > width else s, dtype=dtype)
-    return out
-
-
 class UserRows(Dataset):
-    """A map-style view of some users' rows; fetching a batch of indices reads Arrow columns at once."""
+    """A map-style view of some users' rows; fetching a batch of indices reads them as one Arrow
+    table (``pyarrow.Table``, what the collates take), never as Python objects."""
 
     def __init__(self, table, rows: np.ndarray):
-        self.table = table
+        self.table = table.with_format("arrow")
         self.rows = np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -74,10 +67,11 @@ class UserRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])
 
-    def __getitems__(self, idx: list[int]) -> dict:
+    def __getitems__(self, idx: list[int]) -> pa.Table:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
         batch = self.table[rows.tolist()]
-        batch.setdefault("row", rows.tolist())  # a stage output carries the prepared row itself
+        if "row" not in batch.column_names:  # a stage output carries the prepared row itself
+            batch = batch.append_column("row", pa.array(rows, pa.int64()))
         return batch
 
 
@@ -117,38 +111,41 @@ class EventCollate:
             emb[has] = self.text_emb[ids[has]]
         return emb
 
-    def __call__(self, cols: dict) -> dict:
-        if isinstance(cols, list):  # a DataLoader without __getitems__ support hands a list of dicts
-            cols = {k: sum((c[k] for c in cols), []) for k in cols[0]}
-        B = len(cols["user_id"])
-        keep = []  # per user: slice of its history kept under the window/event caps
-        win_off = []
-        for i in range(B):
-            win = np.asarray(cols["h_window"][i], dtype=np.int64)
-            n_win = int(cols["n_windows"][i])
-            first_win = max(0, n_win - self.max_windows)
-            start = int(np.searchsorted(win, first_win, side="left"))
-            start = max(start, len(win) - self.max_events)
-            keep.append(slice(start, len(win)))
-            win_off.append(int(win[start]) if start < len(win) else 0)
+    def __call__(self, cols) -> dict:
+        t = as_table(cols)
+        B = t.num_rows
+        # per user: the latest max_windows windows, and of their events the latest max_events
+        off, win = ragged(t, "h_window", np.int64)
+        n_ev = np.diff(off)
+        user = np.repeat(np.arange(B), n_ev)
+        first_win = np.maximum(scalars(t, "n_windows", np.int64) - self.max_windows, 0)
+        start = np.bincount(user, weights=win < first_win[user], minlength=B).astype(np.int64)  # sorted by window
+        start = np.maximum(start, n_ev - self.max_events)
+        kept = n_ev - start
+        win_off = np.where(kept > 0, win[np.minimum(off[:-1] + start, max(len(win) - 1, 0))] if len(win) else 0, 0)
 
         def hist(name, pad, dtype):
-            return _pad([cols[name][i][keep[i]] for i in range(B)], pad, dtype)
+            o, v = ragged(t, name, dtype)
+            return pad_rows(o, v, start, kept, pad, dtype)
 
-        ev_mask = hist("h_source", -1, np.int64) >= 0
-        ev_window = hist("h_window", 0, np.int64) - np.asarray(win_off)[:, None]
-        ev_window = np.where(ev_mask, ev_window, 0)
-        w_keys = [cols["w_key"][i][win_off[i]:][: self.max_windows] for i in range(B)]
-        w_days = [cols["w_day"][i][win_off[i]:][: self.max_windows] for i in range(B)]
-        win_mask = _pad([[1] * len(k) for k in w_keys], 0, np.int64).astype(bool)
+        source = hist("h_source", -1, np.int64)
+        ev_mask = source >= 0
+        ev_window = np.where(ev_mask, hist("h_window", 0, np.int64) - win_off[:, None], 0)
+        # the windows from the first kept event's on, at most max_windows of them
+        w_off, _ = ragged(t, "w_key", np.int64)
+        n_w = np.clip(np.diff(w_off) - win_off, 0, self.max_windows)
+        w_keys = pad_rows(w_off, ragged(t, "w_key", np.int64)[1], win_off, n_w, 0, np.int64)
+        w_days = pad_rows(*ragged(t, "w_day", np.int64), win_off, n_w, 0, np.int64)
+        win_mask = np.arange(w_keys.shape[1])[None, :] < n_w[:, None]
         ref_day = int(self.meta["calendar"]["reference_day"])
-        win_day = np.where(win_mask, _pad(w_days, 0, np.int64) - ref_day, 0)
+        win_day = np.where(win_mask, w_days - ref_day, 0)
         ev_text = hist("h_text", -1, np.int64)
+        split = scalars(t, "split", np.int64)
         out = {
-            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
-            "row": torch.as_tensor(np.asarray(cols["row"], np.int64)),
-            "split": torch.as_tensor(np.asarray(cols["split"], np.int64)),
-            "ev_source": torch.as_tensor(np.maximum(hist("h_source", -1, np.int64), 0)),
+            "user_id": torch.as_tensor(scalars(t, "user_id", np.int64)),
+            "row": torch.as_tensor(scalars(t, "row", np.int64)),
+            "split": torch.as_tensor(split),
+            "ev_source": torch.as_tensor(np.maximum(source, 0)),
             "ev_item": torch.as_tensor(hist("h_item", 0, np.int64)),
             "ev_text": torch.as_tensor(ev_text),
             "ev_text_emb": torch.as_tensor(self._text(ev_text)),
@@ -157,53 +154,45 @@ class EventCollate:
             "ev_category": torch.as_tensor(hist("h_category", -1, np.int64)),
             "ev_window": torch.as_tensor(ev_window),
             "ev_mask": torch.as_tensor(ev_mask),
-            "win_key": torch.as_tensor(_pad(w_keys, 0, np.int64)),
+            "win_key": torch.as_tensor(w_keys),
             "win_mask": torch.as_tensor(win_mask),
             "ref_day": torch.full((B,), ref_day, dtype=torch.int64),
             "win_day": torch.as_tensor(win_day),
-            "win_calendar": torch.as_tensor(window_calendar(win_day, win_mask, cols["first_day"], self.meta)),
-            "fut_item": torch.as_tensor(_pad(cols["f_item"], 0, np.int64)),
+            "win_calendar": torch.as_tensor(window_calendar(win_day, win_mask, scalars(t, "first_day", np.int64),
+                                                            self.meta)),
+            "fut_item": torch.as_tensor(pad_rows(*ragged(t, "f_item", np.int64), pad=0, dtype=np.int64)),
         }
-        fut_text = np.asarray(cols["fut_text"], np.int64)
+        fut_text = scalars(t, "fut_text", np.int64)
         out["fut_text_emb"] = torch.as_tensor(self._text(fut_text))
-        out["has_fut_text"] = torch.as_tensor((fut_text >= 0) & (out["split"].numpy() == Split.TRAIN))
-        if "tabular" in cols:
-            tab = (np.asarray(cols["tabular"], np.float32) - self.tab_mean) / self.tab_std
-            out["tabular"] = torch.as_tensor(tab)
+        out["has_fut_text"] = torch.as_tensor((fut_text >= 0) & (split == Split.TRAIN))
+        if "tabular" in t.column_names:
+            out["tabular"] = torch.as_tensor((fixed(t, "tabular", np.float32) - self.tab_mean) / self.tab_std)
         else:
             out["tabular"] = torch.zeros(B, 0)
         for lab in self.spec.labels:
             key = f"label/{lab.name}"
-            if key in cols:
-                out[key] = torch.as_tensor(np.asarray(cols[key], np.int64))
+            if key in t.column_names:
+                out[key] = torch.as_tensor(scalars(t, key, np.int64))
         return out
 
 
 class SliceCollate:
     """Rows of a features dataset → the flat slice batch of data_modules/batch.py."""
 
-    def __call__(self, cols: dict) -> dict:
-        if isinstance(cols, list):
-            cols = {k: [c[k] for c in cols] for k in cols[0]}
-        counts = [len(w) for w in cols["slice_window"]]
-        B = len(counts)
-        feats = [np.asarray(f, np.float32).reshape(len(w), -1) for f, w in zip(cols["feat"], cols["slice_window"],
-                                                                                strict=True)]
-        dim = max((f.shape[1] for f in feats if f.size), default=0)
-
-        def flat(name: str) -> torch.Tensor:
-            return torch.as_tensor(np.concatenate([np.asarray(v, np.int64) for v in cols[name]]) if B
-                                   else np.zeros(0, np.int64))
-
+    def __call__(self, cols) -> dict:
+        t = as_table(cols)
+        B = t.num_rows
+        off, window = ragged(t, "slice_window", np.int64)
+        _, feat = ragged(t, "feat", np.float32)
         return {
-            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
-            "row": torch.as_tensor(np.asarray(cols["row"], np.int64)),
-            "split": torch.as_tensor(np.asarray(cols["split"], np.int64)),
-            "slice_user": torch.repeat_interleave(torch.arange(B), torch.as_tensor(counts, dtype=torch.long)),
-            "slice_window": flat("slice_window"),
-            "slice_source": flat("slice_source"),
-            "slice_key": flat("slice_key"),
-            "feat": torch.as_tensor(np.concatenate([f.reshape(-1, dim) for f in feats]) if B else np.zeros((0, dim))),
+            "user_id": torch.as_tensor(scalars(t, "user_id", np.int64)),
+            "row": torch.as_tensor(scalars(t, "row", np.int64)),
+            "split": torch.as_tensor(scalars(t, "split", np.int64)),
+            "slice_user": torch.as_tensor(np.repeat(np.arange(B), np.diff(off))),
+            "slice_window": torch.as_tensor(window),
+            "slice_source": torch.as_tensor(ragged(t, "slice_source", np.int64)[1]),
+            "slice_key": torch.as_tensor(ragged(t, "slice_key", np.int64)[1]),
+            "feat": torch.as_tensor(feat.reshape(len(window), -1)),
         }
 
 

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from data_modules.batch import as_table
 from data_modules.prepare import EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY, load_meta
 from data_modules.schema import DataError
 from data_modules.store import Split
@@ -323,6 +324,7 @@ class PairRows:
 
     def __init__(self, table, pairs: QAPairs, table_rows: str | None = None):
         self.table, self.pairs = table, pairs
+        self.arrow = table.with_format("arrow")  # rows are read as one Arrow table (what the collates take)
         self.index = None
         if table_rows is not None:
             prepared = np.asarray(table[table_rows], dtype=np.int64)
@@ -341,13 +343,13 @@ class PairRows:
     def __getitem__(self, p: int) -> dict:
         return self.__getitems__([p])
 
-    def __getitems__(self, idx: list[int]) -> dict:
+    def __getitems__(self, idx: list[int]) -> pa.Table:
         idx = np.asarray(idx, dtype=np.int64)
         rows = self.pairs.row[idx]
-        cols = self.table[(rows if self.index is None else self.index[rows]).tolist()]
-        cols["row"] = rows.tolist()
-        cols["pair"] = idx.tolist()
-        return cols
+        cols = self.arrow[(rows if self.index is None else self.index[rows]).tolist()]
+        if "row" in cols.column_names:
+            cols = cols.drop_columns(["row"])
+        return cols.append_column("row", pa.array(rows, pa.int64())).append_column("pair", pa.array(idx, pa.int64()))
 
 
 class QACollate:
@@ -361,9 +363,10 @@ class QACollate:
     def __init__(self, events_collate, pairs: QAPairs):
         self.events, self.pairs = events_collate, pairs
 
-    def __call__(self, cols: dict) -> dict:
-        pair = np.asarray(cols.pop("pair"), dtype=np.int64)
-        out = self.events(cols)
+    def __call__(self, cols) -> dict:
+        cols = as_table(cols)
+        pair = cols.column("pair").to_numpy().astype(np.int64)
+        out = self.events(cols.drop_columns(["pair"]))
         out["pair"] = torch.as_tensor(pair)
         out["question"] = torch.as_tensor(self.pairs.question[pair])
         out["query"] = [self.pairs.query(p) for p in pair]

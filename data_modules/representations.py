@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_modules.batch import as_table, fixed, ragged, scalars
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import META_FILE, atomic_dir, atomic_write_json
 
@@ -51,13 +52,14 @@ def probe_task(spec: DatasetSpec, num_items: int, task: str) -> tuple[str, int]:
     return tasks[task]
 
 
-def _padded(col: pa.ChunkedArray, keep, pad: int = 0) -> np.ndarray:
-    """A list<int> Arrow column → [B, max len] int64, entries failing ``keep`` dropped, ``pad`` after."""
-    lists = [np.asarray(v, np.int64) for v in col.to_numpy(zero_copy_only=False)]
-    lists = [v[keep(v)] for v in lists]
-    out = np.full((len(lists), max((len(v) for v in lists), default=0) or 1), pad, np.int64)
-    for i, v in enumerate(lists):
-        out[i, : len(v)] = v
+def _padded(table: pa.Table, name: str, keep, pad: int = 0) -> np.ndarray:
+    """A list<int> column → [B, max len] int64, entries failing ``keep`` dropped, ``pad`` after."""
+    off, values = ragged(table, name, np.int64)
+    ok = keep(values)
+    user = np.repeat(np.arange(len(off) - 1), np.diff(off))[ok]
+    n = np.bincount(user, minlength=len(off) - 1)
+    out = np.full((len(off) - 1, max(int(n.max(initial=0)), 1)), pad, np.int64)
+    out[user, np.arange(len(user)) - np.concatenate([[0], np.cumsum(n)])[user]] = values[ok]
     return out
 
 
@@ -71,25 +73,23 @@ class RepresentationCollate:
         wanted = [*self.labels, "h_item", "f_item", *(["f_category"] if spec.categories else [])]
         self.table = table.select_columns([c for c in wanted if c in table.column_names]).with_format("arrow")
 
-    def __call__(self, cols: dict) -> dict:
-        if isinstance(cols, list):  # a DataLoader without __getitems__ support hands a list of dicts
-            cols = {k: [c[k] for c in cols] for k in cols[0]}
-        rows = np.asarray(cols["row"], np.int64)
+    def __call__(self, cols) -> dict:
+        t = as_table(cols)
+        rows = scalars(t, "row", np.int64)
         prep = self.table[rows.tolist()]
-        emb = np.asarray(cols["user_emb"], np.float32)
         out = {
-            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
+            "user_id": torch.as_tensor(scalars(t, "user_id", np.int64)),
             "row": torch.as_tensor(rows),
-            "split": torch.as_tensor(np.asarray(cols["split"], np.int64)),
-            "user_emb": torch.as_tensor(emb.reshape(len(rows), -1)),
-            "hist_item": torch.as_tensor(_padded(prep.column("h_item"), lambda v: v > 0)),
-            "fut_item": torch.as_tensor(_padded(prep.column("f_item"), lambda v: v > 0)),
+            "split": torch.as_tensor(scalars(t, "split", np.int64)),
+            "user_emb": torch.as_tensor(fixed(t, "user_emb", np.float32).reshape(len(rows), -1)),
+            "hist_item": torch.as_tensor(_padded(prep, "h_item", lambda v: v > 0)),
+            "fut_item": torch.as_tensor(_padded(prep, "f_item", lambda v: v > 0)),
         }
         for key in self.labels:
             if key in prep.column_names:
-                out[key] = torch.as_tensor(prep.column(key).to_numpy().astype(np.int64))
+                out[key] = torch.as_tensor(scalars(prep, key, np.int64))
         if self.spec.categories:
-            fut_cat = torch.as_tensor(_padded(prep.column("f_category"), lambda v: v >= 0, pad=-1))
+            fut_cat = torch.as_tensor(_padded(prep, "f_category", lambda v: v >= 0, pad=-1))
             multi = torch.zeros(len(rows), len(self.spec.categories) + 1)  # column 0 takes the padding
             out[f"label/{FUTURE_CATEGORIES}"] = multi.scatter_(1, fut_cat + 1, 1.0)[:, 1:]
         return out

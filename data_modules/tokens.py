@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_modules.batch import as_table, ragged, scalars
 from data_modules.schema import DataError
 from data_modules.store import Split
 
@@ -88,16 +89,32 @@ class TeacherVectors:
         return out, present
 
 
-def _window_positions(keys: np.ndarray, max_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per slice window keys → (kept-slice mask, window position per kept slice, the kept
-    windows' keys in order). A slice with key -1 (the profile, which belongs to no window) is
-    kept at position 0, so every window sees it, and makes no window of its own."""
+def window_positions(user: np.ndarray, keys: np.ndarray, n_users: int, max_windows: int):
+    """Per slice of several users (``user [N]``, window ``keys [N]``) → (kept-slice mask [N],
+    window position of each kept slice, ``[n_users, W]`` the kept windows' keys in order (0 after),
+    ``[n_users]`` how many). A user keeps its latest ``max_windows`` windows; a slice with key -1 (the
+    profile, which belongs to no window) is kept at position 0, so every window sees it, and makes
+    no window of its own."""
     timed = keys >= 0
-    uniq = np.unique(keys[timed])
-    first = max(0, len(uniq) - max_windows)
-    pos = np.searchsorted(uniq, keys) - first
+    pairs = np.unique(np.stack([user[timed], keys[timed]], axis=1), axis=0) if timed.any() \
+        else np.zeros((0, 2), np.int64)
+    counts = np.bincount(pairs[:, 0], minlength=n_users)  # windows per user
+    first = np.maximum(counts - max_windows, 0)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rank = np.arange(len(pairs)) - starts[pairs[:, 0]]  # a window's number within its user
+    # each timed slice's window number: its (user, key) pair's rank
+    code = pairs[:, 0] * (int(keys.max(initial=0)) + 1) + pairs[:, 1]
+    at = np.searchsorted(code, user[timed] * (int(keys.max(initial=0)) + 1) + keys[timed])
+    pos = np.zeros(len(keys), np.int64)
+    pos[timed] = rank[at] - first[user[timed]]
     keep = ~timed | (pos >= 0)
-    return keep, np.where(timed, pos, 0)[keep], uniq[first:]
+    n_kept = counts - first
+    W = max(int(n_kept.max(initial=0)), 1)
+    win_key = np.zeros((n_users, W), np.int64)
+    win_mask = np.arange(W)[None, :] < n_kept[:, None]
+    sel = rank >= first[pairs[:, 0]]
+    win_key[pairs[sel, 0], rank[sel] - first[pairs[sel, 0]]] = pairs[sel, 1]
+    return keep, pos[keep], win_key, win_mask
 
 
 class TokenCollate:
@@ -115,51 +132,45 @@ class TokenCollate:
     def __init__(self, prepared, text_emb: np.ndarray, label_names: list[str], max_windows: int,
                  teacher: TeacherVectors | None = None):
         self.label_cols = [f"label/{n}" for n in label_names if f"label/{n}" in prepared.column_names]
-        self.prepared = prepared.select_columns(["fut_text", *self.label_cols])
+        self.prepared = prepared.select_columns(["fut_text", *self.label_cols]).with_format("arrow")
         self.text_emb = text_emb
         self.max_windows = max_windows
         self.teacher = teacher
 
-    def __call__(self, cols: dict) -> dict:
-        if isinstance(cols, list):
-            cols = {k: [c[k] for c in cols] for k in cols[0]}
-        B = len(cols["user_id"])
-        key_col = "slice_key" if "slice_key" in cols else "slice_window"
-        seqs, keys = [], []
-        for i in range(B):
-            ids = np.asarray(cols["token_ids"][i], np.int64).reshape(len(cols[key_col][i]), -1)
-            keep, pos, wkeys = _window_positions(np.asarray(cols[key_col][i], np.int64), self.max_windows)
-            src = np.asarray(cols["slice_source"][i], np.int64)[keep]
-            ids = ids[keep]
-            level = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-            real = ids >= 0
-            seqs.append((ids[real], level[real], np.repeat(src, ids.shape[1]).reshape(ids.shape)[real],
-                         np.repeat(pos, ids.shape[1]).reshape(ids.shape)[real]))
-            keys.append(wkeys)
-        T = max((len(s[0]) for s in seqs), default=0) or 1
-        W = max((len(k) for k in keys), default=0) or 1
+    def __call__(self, cols) -> dict:
+        t = as_table(cols)
+        B = t.num_rows
+        key_col = "slice_key" if "slice_key" in t.column_names else "slice_window"
+        off, keys = ragged(t, key_col, np.int64)
+        ids = ragged(t, "token_ids", np.int64)[1]
+        ids = ids.reshape(len(keys), -1)
+        src = ragged(t, "slice_source", np.int64)[1]
+        user = np.repeat(np.arange(B), np.diff(off))
+        keep, pos, win_key, win_mask = window_positions(user, keys, B, self.max_windows)
+        ids, src, user = ids[keep], src[keep], user[keep]
+        levels = ids.shape[1]
+        real = ids >= 0  # a token per (kept slice, level), in slice then level order; -1 ids dropped
+        tok_user = np.repeat(user, levels)[real.reshape(-1)]
+        n_tok = np.bincount(tok_user, minlength=B)
+        T = max(int(n_tok.max(initial=0)), 1)
+        at = np.arange(len(tok_user)) - np.concatenate([[0], np.cumsum(n_tok)])[tok_user]
         out = {name: np.full((B, T), fill, np.int64) for name, fill in
                (("token_id", -1), ("tok_level", 0), ("tok_source", 0), ("tok_window", 0))}
-        tok_mask = np.zeros((B, T), bool)
-        win_key = np.zeros((B, W), np.int64)
-        win_mask = np.zeros((B, W), bool)
-        for i, (s, k) in enumerate(zip(seqs, keys, strict=True)):
-            n = len(s[0])
-            for name, col in zip(("token_id", "tok_level", "tok_source", "tok_window"), s, strict=True):
-                out[name][i, :n] = col
-            tok_mask[i, :n] = True
-            win_key[i, : len(k)] = k
-            win_mask[i, : len(k)] = True
-        rows = np.asarray(cols["row"], np.int64)
-        split = np.asarray(cols["split"], np.int64)
+        out["token_id"][tok_user, at] = ids[real]
+        out["tok_level"][tok_user, at] = np.broadcast_to(np.arange(levels), ids.shape)[real]
+        out["tok_source"][tok_user, at] = np.repeat(src, levels).reshape(ids.shape)[real]
+        out["tok_window"][tok_user, at] = np.repeat(pos, levels).reshape(ids.shape)[real]
+        tok_mask = np.arange(T)[None, :] < n_tok[:, None]
+        rows = scalars(t, "row", np.int64)
+        split = scalars(t, "split", np.int64)
         prep = self.prepared[rows.tolist()]
-        fut = np.asarray(prep["fut_text"], np.int64)
+        fut = scalars(prep, "fut_text", np.int64)
         fut_emb = np.zeros((B, self.text_emb.shape[1]), np.float32)
         has = fut >= 0
         if has.any():
             fut_emb[has] = self.text_emb[fut[has]]
         batch = {
-            "user_id": torch.as_tensor(np.asarray(cols["user_id"], np.int64)),
+            "user_id": torch.as_tensor(scalars(t, "user_id", np.int64)),
             "row": torch.as_tensor(rows),
             "split": torch.as_tensor(split),
             **{k: torch.as_tensor(v) for k, v in out.items()},
@@ -177,5 +188,5 @@ class TokenCollate:
             # (the stage masks by split); a test user's never reaches a loss
             batch["has_teacher"] = torch.as_tensor(present & (split != Split.TEST))
         for c in self.label_cols:
-            batch[c] = torch.as_tensor(np.asarray(prep[c], np.int64))
+            batch[c] = torch.as_tensor(scalars(prep, c, np.int64))
         return batch
