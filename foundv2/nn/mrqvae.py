@@ -243,13 +243,24 @@ class MultiViewRQVAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, feat: Tensor, source: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Codes ``[N, L]`` of the inputs (no reconstruction, no training side effects)."""
+        """Codes ``[N, L]`` of the inputs (no reconstruction, no losses, no training side effects;
+        the quantisers' :meth:`~foundv2.nn.quantizer.ResidualGroupQuantizer.encode`): the codes of
+        ``forward`` in eval mode."""
         valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
         was_training = self.training
         self.eval()
         try:
-            z = self.encode_latent(feat, source.long(), valid)
-            return self._quantize(z, source.long(), valid)[1]
+            source = source.long()
+            z = self.encode_latent(feat, source, valid)
+            group_src = self.to_group[source.clamp(0, len(self.sources) - 1)]
+            is_tab = group_src < 0
+            codes = torch.full((z.shape[0], self.n_levels), -1, dtype=torch.long, device=z.device)
+            codes[:, : self.quantizer.n_levels] = self.quantizer.encode(z, group_src.clamp_min(0), valid & ~is_tab)
+            if self.tabular_quantizer is not None:
+                tab = self.tabular_quantizer.encode(z, torch.zeros_like(group_src), valid & is_tab)
+                m = self.tabular_quantizer.n_levels
+                codes[:, :m] = torch.where(is_tab[:, None], tab, codes[:, :m])
+            return codes
         finally:
             self.train(was_training)
 

@@ -446,6 +446,31 @@ class ResidualGroupQuantizer(nn.Module):
             counts=counts,
         )
 
+    @torch.no_grad()
+    def encode(self, z: Tensor, source: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The codes ``[N, L]`` of ``z [N, dim]`` (-1 for rows with ``mask`` False), exactly those of
+        ``forward`` in eval mode, without its losses, straight-through output, usage counts or
+        training side effects: what inference (the tokenizer's predict) needs."""
+        valid = torch.ones_like(source, dtype=torch.bool) if mask is None else mask.bool()
+        src = torch.where(valid, source.long(), 0).clamp(0, len(self.sources) - 1)
+        everyone = bool(valid.all())
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codebook = self.codebook.detach().float()
+            residual = z.float() if everyone else z.float()[valid]
+            rows_src = src if everyone else src[valid]
+            codes = torch.full((z.shape[0], self.n_levels), -1, dtype=torch.long, device=z.device)
+            for li, lv in enumerate(self.levels):
+                table = codebook[lv.offset : lv.offset + lv.size]
+                idx = self._assign(residual, li, rows_src, table)
+                local = idx - self.local_base[li, rows_src]
+                if everyone:
+                    codes[:, li] = local
+                else:
+                    codes[valid, li] = local
+                if li + 1 < self.n_levels:
+                    residual = residual - F.embedding(idx, table)
+        return codes
+
     # ------------------------------------------------------------------------ ids and decode
     def global_ids(self, codes: Tensor, source: Tensor) -> Tensor:
         """Map stored ``codes [N, L]`` of sources ``source [N]`` to global ids in
