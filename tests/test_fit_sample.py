@@ -155,7 +155,7 @@ def test_the_teacher_is_read_for_the_sampled_users_only_and_equals_the_in_memory
 def test_the_streamed_token_report_equals_the_in_memory_one(tokens):
     from foundv2.metrics.collisions import collision_stats, collisions_by_sources, window_tuples
     from foundv2.nn.mrqvae import disambiguate
-    from foundv2.stages.tokenizer import token_collisions
+    from foundv2.stages.tokenizer import token_collisions, unique_rows
 
     folder, _ = tokens
     ds, meta = read_stage_output(folder)
@@ -177,6 +177,12 @@ def test_the_streamed_token_report_equals_the_in_memory_one(tokens):
         assert got["collisions_disambiguated"] == collision_stats(torch.cat([allt, extra[:, None]], 1))
         assert got["disambiguation_max_index"] == int(extra.max())
     assert got["collisions"]["collision_rate"] > 0  # the toy tokenizer collides: the counts are exercised
+    rows = np.random.default_rng(0).integers(-1, 700, (500, 9))  # 10-bit values: several per packed word
+    rows[::7] = rows[3]
+    uniq, inverse, counts = unique_rows(rows)
+    want, want_counts = np.unique(rows, axis=0, return_counts=True)
+    assert np.array_equal(np.sort(counts), np.sort(want_counts)) and len(uniq) == len(want)
+    assert np.array_equal(uniq[inverse], rows)
 
 
 # ------------------------------------------------------------------ 2 processes (gloo)
@@ -244,9 +250,11 @@ def test_two_ranks_fit_on_one_sample_with_one_kmeans_init_and_predict_everyone(c
     # the k-means init drew one buffer from both ranks' sampled users: one codebook everywhere
     assert info[0]["init_step"] == info[1]["init_step"] > 1  # the buffer took more than one batch
     assert torch.equal(books[0]["init"], books[1]["init"]) and torch.equal(books[0]["end"], books[1]["end"])
-    # predict ignores the sample: every user once, over both ranks
+    # predict ignores the sample: every user once, over both ranks (here in length order, which
+    # each rank takes its share of)
     run_cli("predict", *common, *ddp, "--trainer.logger", "false", "--model.pretrained", str(tmp_path / "export"),
-            "--trainer.default_root_dir", str(tmp_path), "--model.predict_dir", str(tmp_path / "tokens"))
+            "--trainer.default_root_dir", str(tmp_path), "--model.predict_dir", str(tmp_path / "tokens"),
+            "--data.predict_order", "length")
     ds, meta = read_stage_output(tmp_path / "tokens")
     assert meta["world_size"] == 2 and len(meta["parts"]) == 2
     assert sorted(ds["row"]) == list(range(N_USERS))

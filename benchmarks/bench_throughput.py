@@ -1,0 +1,102 @@
+"""Predict throughput and FLOP utilisation of the shipped synthetic pipeline's stages.
+
+Run:  .venv/bin/python benchmarks/bench_throughput.py [--users 10000] [--fit-steps 20] [--only stage1,tokenizer,alignment]
+
+Prepares ``--users`` synthetic users (experiments/synthetic/data.yaml), fits each stage of
+experiments/synthetic/pipeline.yaml for ``--fit-steps`` steps (a short fit: a predict's cost
+does not depend on how long the weights were trained) into ``runs/throughput/<users>/``, then
+measures each stage's predict over every user with :func:`foundv2.throughput.predict_throughput`:
+users/s, matmul FLOPs per user, the machine's measured fp32 matmul peak, the utilisation, and
+where the time goes (reading and collating, the model, the Arrow writer). Each stage's output
+is kept (the next stage reads it) and its digest printed, so a change that must not alter the
+outputs can be checked by comparing digests before and after. Writes
+``bench-results/throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_results  # noqa: E402
+from foundv2.throughput import from_config, matmul_peak_flops, predict_throughput  # noqa: E402
+
+EXP = "experiments/synthetic"
+STAGES = {
+    "stage1": ([f"{EXP}/qformer.yaml"], {}),
+    "tokenizer": ([f"{EXP}/tokenizer.yaml", f"{EXP}/tokenizer-on-stage1.yaml"], {"data.features_dir": "stage1"}),
+    "alignment": ([f"{EXP}/alignment.yaml", f"{EXP}/alignment-distill.yaml"],
+                  {"data.tokens_dir": "tokenizer", "model.tokenizer_dir": "tokenizer-export",
+                   "data.teacher_dir": "stage1"}),
+}
+
+
+def output_digest(folder: Path) -> str:
+    """blake2b of every part's bytes, in part order (meta.json left out: it holds paths)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in json.loads((folder / "meta.json").read_text())["parts"]:
+        h.update((folder / part).read_bytes())
+    return h.hexdigest()
+
+
+def stage_args(name: str, run: Path, users: int, cache: str) -> list[str]:
+    configs, reads = STAGES[name]
+    args = ["--config", f"{EXP}/data.yaml", *sum((["--config", c] for c in configs), [])]
+    args += ["--data.loader_args", json.dumps({"n_users": users, "seed": 0}), "--data.cache_dir", cache,
+             "--data.progress", "false", "--trainer.accelerator", "cpu"]
+    for key, step in reads.items():
+        where = run / "tokenizer" / "export" if step == "tokenizer-export" else run / step / "out"
+        args += [f"--{key}", str(where)]
+    return args
+
+
+def fit(name: str, run: Path, args: list[str], steps: int) -> Path:
+    from foundv2.launch import fit_stage, last_checkpoint
+
+    folder = run / name
+    if last_checkpoint(folder) is None:
+        extra = ["--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+                 "--trainer.default_root_dir", str(folder), "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false"]
+        if name == "tokenizer":
+            extra += ["--model.export_dir", str(folder / "export")]
+        fit_stage(args + extra, folder, quiet=True)
+    return last_checkpoint(folder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--users", type=int, default=10_000)
+    ap.add_argument("--fit-steps", type=int, default=20)
+    ap.add_argument("--only", default=",".join(STAGES))
+    ap.add_argument("--cache", default=".cache/foundv2")
+    ap.add_argument("--run-dir", default="runs/throughput")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = Path(a.run_dir) / str(a.users)
+    peak = matmul_peak_flops()
+    figures = {"peak_flops": peak, "users": a.users, "stages": {}}
+    for name in STAGES:
+        args = stage_args(name, run, a.users, a.cache)
+        ckpt = fit(name, run, args, a.fit_steps)
+        if name not in a.only.split(",") and (run / name / "out" / "meta.json").exists():
+            continue  # a later stage reads this stage's output as it is
+        stage, dm = from_config(args)
+        res = predict_throughput(stage, dm, ckpt_path=str(ckpt), peak_flops=peak, keep_dir=str(run / name / "out"))
+        res["digest"] = output_digest(run / name / "out")
+        figures["stages"][name] = res
+        print(name, json.dumps(res), flush=True)
+    write_results("throughput", figures, {"users": a.users, "fit_steps": a.fit_steps, "threads": torch.get_num_threads(),
+                                          "stages": {k: v[0] for k, v in STAGES.items()}})
+
+
+if __name__ == "__main__":
+    main()
