@@ -219,7 +219,7 @@ class AlignmentStage(ObjectiveStage):
         n = win_mask.sum(1).tolist()
         return {"user_id": batch["user_id"].cpu().numpy(), "row": batch["row"].cpu().numpy(),
                 "split": batch["split"].cpu().numpy().astype(np.int8),
-                "user_emb": user.cpu().numpy(),
+                "user_emb": user.float().cpu().numpy(),  # fp32 whatever the autocast (bf16-mixed)
                 "window_states": [windows[i, : n[i]].cpu().numpy() for i in range(len(n))],
                 "window_key": [batch["win_key"][i, : n[i]].cpu().numpy() for i in range(len(n))]}
 
