@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 RankingResult = tuple[dict[str, float], float]
 DEFAULT_KS: tuple[int, ...] = (10, 20)
+EASE_LAMBDAS: tuple[float, ...] = (10.0, 100.0, 500.0, 2000.0, 10000.0)
+KNN_NEIGHBOURS: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
 
 
 def _select_key(ks: Sequence[int]) -> str:
@@ -82,6 +84,7 @@ def _dense_scorer(X: sp.csr_matrix, W: np.ndarray | sp.spmatrix) -> Callable[[np
         out = X[users] @ W
         return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float32)
 
+    score.weights = W  # what a caller keeps of the chosen one
     return score
 
 
@@ -137,11 +140,19 @@ def popularity(
     return metrics, time.perf_counter() - start
 
 
-def ease_weights(X: sp.spmatrix, lam: float) -> np.ndarray:
+def item_gram(X: sp.spmatrix) -> np.ndarray:
+    """``XᵀX`` of binarised histories as a dense ``[I, I]`` float64: co-occurrence counts, whole
+    numbers, so a sum of per-batch grams equals the gram of the stacked rows exactly."""
+    X = _binary(X)
+    return np.asarray((X.T @ X).toarray(), dtype=np.float64)
+
+
+def ease_weights(X: sp.spmatrix, lam: float, gram: np.ndarray | None = None) -> np.ndarray:
     """EASE item-item weights (Steck 2019): ``B = I − P · diagMat(1 / diag(P))``,
     ``P = (XᵀX + λI)⁻¹``, i.e. ``B_ij = −P_ij / P_jj`` off the diagonal and ``B_jj = 0``.
+    ``gram``: ``XᵀX`` when already summed (:func:`item_gram`; ``X`` is then unused).
     """
-    gram = np.asarray((X.T @ X).toarray(), dtype=np.float64)
+    gram = (item_gram(X) if gram is None else gram).copy()
     gram[np.diag_indices_from(gram)] += lam
     P = np.linalg.inv(gram)
     B = -P / np.diag(P)[None, :]
@@ -153,7 +164,7 @@ def ease(
     history: sp.spmatrix,
     future: sp.spmatrix,
     split: np.ndarray,
-    lambdas: Sequence[float] = (10.0, 100.0, 500.0, 2000.0, 10000.0),
+    lambdas: Sequence[float] = EASE_LAMBDAS,
     ks: Sequence[int] = DEFAULT_KS,
     scores_out: dict | None = None,
 ) -> RankingResult:
@@ -166,20 +177,29 @@ def ease(
     """
     start = time.perf_counter()
     history, future, X, val, test = _item_item_inputs(history, future, split)
-    _, scorer = _choose_on_val(
-        lambdas, lambda lam: _dense_scorer(X, ease_weights(X, lam)), history, future, val, ks, "EASE lambda"
-    )
-    metrics = evaluate_ranking(scorer, test, history, future, ks, per_user_out=_per_user(scores_out))
+    W = fit_ease(item_gram(X), history, future, val, lambdas, ks)
+    metrics = evaluate_ranking(_dense_scorer(X, W), test, history, future, ks, per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start
 
 
-def cosine_item_similarity(X: sp.spmatrix) -> np.ndarray:
-    """Dense ``[I, I]`` cosine similarity of the item columns of ``X``, zero diagonal."""
-    X = sp.csc_matrix(X, dtype=np.float32)
-    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=0)).ravel())
-    inv = np.where(norms > 0, 1.0 / np.maximum(norms, np.finfo(np.float32).tiny), 0.0)
-    Xn = X @ sp.diags(inv.astype(np.float32))
-    sim = np.asarray((Xn.T @ Xn).toarray(), dtype=np.float32)
+def fit_ease(gram: np.ndarray, history: sp.csr_matrix, future: sp.csr_matrix, val: np.ndarray,
+             lambdas: Sequence[float] = EASE_LAMBDAS, ks: Sequence[int] = DEFAULT_KS) -> np.ndarray:
+    """EASE's ``[I, I]`` weights from a history gram (:func:`item_gram`), λ chosen on the ``val``
+    rows of ``history``/``future``; a user's scores are ``binarised history @ weights``."""
+    X = _binary(history)
+    _, scorer = _choose_on_val(lambdas, lambda lam: _dense_scorer(X, ease_weights(X, lam, gram)), history, future,
+                               val, ks, "EASE lambda")
+    return scorer.weights
+
+
+def cosine_item_similarity(X: sp.spmatrix, gram: np.ndarray | None = None) -> np.ndarray:
+    """Dense ``[I, I]`` cosine similarity of the item columns of binarised ``X``, zero diagonal:
+    ``G_ij / sqrt(G_ii G_jj)`` of the gram ``G = XᵀX`` (:func:`item_gram`; given when already
+    summed, ``X`` is then unused)."""
+    gram = item_gram(X) if gram is None else gram
+    norms = np.sqrt(np.diag(gram))
+    inv = np.where(norms > 0, 1.0 / np.maximum(norms, np.finfo(np.float64).tiny), 0.0)
+    sim = (gram * inv[:, None] * inv[None, :]).astype(np.float32)
     np.fill_diagonal(sim, 0.0)
     return sim
 
@@ -198,7 +218,7 @@ def itemknn(
     history: sp.spmatrix,
     future: sp.spmatrix,
     split: np.ndarray,
-    neighbours: Sequence[int] = (5, 10, 20, 50, 100, 200),
+    neighbours: Sequence[int] = KNN_NEIGHBOURS,
     ks: Sequence[int] = DEFAULT_KS,
     scores_out: dict | None = None,
 ) -> RankingResult:
@@ -211,18 +231,20 @@ def itemknn(
     """
     start = time.perf_counter()
     history, future, X, val, test = _item_item_inputs(history, future, split)
-    sim = cosine_item_similarity(X)
-    _, scorer = _choose_on_val(
-        neighbours,
-        lambda k: _dense_scorer(X, top_k_neighbours(sim, int(k))),
-        history,
-        future,
-        val,
-        ks,
-        "item-kNN k",
-    )
-    metrics = evaluate_ranking(scorer, test, history, future, ks, per_user_out=_per_user(scores_out))
+    W = fit_itemknn(item_gram(X), history, future, val, neighbours, ks)
+    metrics = evaluate_ranking(_dense_scorer(X, W), test, history, future, ks, per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start
+
+
+def fit_itemknn(gram: np.ndarray, history: sp.csr_matrix, future: sp.csr_matrix, val: np.ndarray,
+                neighbours: Sequence[int] = KNN_NEIGHBOURS, ks: Sequence[int] = DEFAULT_KS) -> sp.csr_matrix:
+    """Item-kNN's sparse ``[I, I]`` weights from a history gram (:func:`item_gram`), ``k`` chosen
+    on the ``val`` rows of ``history``/``future``; a user's scores are ``binarised history @ weights``."""
+    X = _binary(history)
+    sim = cosine_item_similarity(X, gram)
+    _, scorer = _choose_on_val(neighbours, lambda k: _dense_scorer(X, top_k_neighbours(sim, int(k))), history,
+                               future, val, ks, "item-kNN k")
+    return scorer.weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,12 +336,20 @@ def top_items(history: sp.spmatrix, n_bytes: int) -> sp.csr_matrix:
 DAY = float(SECONDS_PER_DAY)
 
 
+def activity_reference(times: Sequence[np.ndarray]) -> float:
+    """The reference date of :func:`activity_features`: the latest history event of these users
+    (the train users'), 0 when none has any."""
+    ends = [t.max() for t in times if len(t)]
+    return float(max(ends)) if ends else 0.0
+
+
 def activity_features(
     sources: Sequence[np.ndarray],
     times: Sequence[np.ndarray],
     values: Sequence[np.ndarray],
     n_sources: int,
     split: np.ndarray,
+    reference: float | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Item-free per-user features from the history events alone.
 
@@ -328,14 +358,14 @@ def activity_features(
     days, events per active day (frequency), tenure (last − first event, days), recency and the
     first active day as days before the reference date, and the last event's day of week (sin,
     cos). The reference date is the latest history event of the train users, so val/test users
-    never set it. A user without history gets zeros and a "no history" flag.
+    never set it (``reference``: that date given, e.g. from :func:`activity_reference` of the train
+    users when these are other users; ``split`` is then unused). A user without history gets zeros
+    and a "no history" flag.
 
     Returns:
         ``([U, d] float32, d feature names)``: ``4 d`` bytes per user.
     """
-    train = split_indices(split)[0]
-    ends = [t.max() for u in train for t in [times[u]] if len(t)]
-    ref = float(max(ends)) if ends else 0.0
+    ref = activity_reference([times[u] for u in split_indices(split)[0]]) if reference is None else float(reference)
     names = [f"{kind}/{s}" for s in range(n_sources) for kind in ("log_count", "share", "value_mean",
                                                                     "value_std", "value_log_abs_sum")]
     names += ["log_count", "active_days", "events_per_day", "tenure_days", "recency_days", "first_day_before_ref",
@@ -565,11 +595,36 @@ def sasrec(
     """
     start = time.perf_counter()
     cfg = config or SASRecConfig()
+    model = fit_sasrec(sequences, future, split, cfg, history, ks)
+    future = sp.csr_matrix(future)
+    history = _history_from_sequences(sequences, future.shape[1]) if history is None else sp.csr_matrix(history)
+    metrics = evaluate_ranking(sasrec_scorer(model, sequences, cfg.max_len), split_indices(split)[2], history, future,
+                               ks, per_user_out=_per_user(scores_out))
+    return metrics, time.perf_counter() - start
+
+
+def sasrec_scorer(model: SASRecModel, sequences: Sequence[Sequence[int]],
+                  max_len: int) -> Callable[[np.ndarray], torch.Tensor]:
+    """Scorer ``positions → [B, I]`` item scores of the users at these positions of ``sequences``,
+    from the hidden state after each one's last history item (its last ``max_len`` items read)."""
+    return _sasrec_scorer(model, [np.asarray(s[-max_len:], dtype=np.int64) + 1 for s in sequences])
+
+
+def fit_sasrec(
+    sequences: Sequence[Sequence[int]],
+    future: sp.spmatrix,
+    split: np.ndarray,
+    config: SASRecConfig | None = None,
+    history: sp.spmatrix | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> SASRecModel:
+    """Train :func:`sasrec`'s model on the train users of ``split`` (early-stopped on its
+    validation users) and return it at its best validation epoch, in eval mode."""
+    cfg = config or SASRecConfig()
     future = sp.csr_matrix(future)
     n_items = future.shape[1]
     history = _history_from_sequences(sequences, n_items) if history is None else sp.csr_matrix(history)
-    train, val, test = split_indices(split)
-    seqs = [np.asarray(s[-cfg.max_len :], dtype=np.int64) + 1 for s in sequences]
+    train, val, _ = split_indices(split)
     # a train sequence of n items gives n - 1 (input, next item) pairs; max_len inputs at most
     train_seqs = [
         np.asarray(sequences[u][-(cfg.max_len + 1) :], dtype=np.int64) + 1
@@ -582,10 +637,11 @@ def sasrec(
     model = SASRecModel(n_items, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     key = _select_key(ks)
+    val_scorer = sasrec_scorer(model, sequences, cfg.max_len)
     best_val, best_state, bad_epochs = -np.inf, copy.deepcopy(model.state_dict()), 0
     for epoch in range(cfg.epochs):
         loss = _sasrec_epoch(model, opt, train_seqs, cfg, rng)
-        val_score = evaluate_ranking(_sasrec_scorer(model, seqs), val, history, future, ks)[key]
+        val_score = evaluate_ranking(val_scorer, val, history, future, ks)[key]
         logger.info("SASRec epoch %d: loss %.4f, val %s=%.4f", epoch, loss, key, val_score)
         if val_score > best_val:
             best_val, best_state, bad_epochs = val_score, copy.deepcopy(model.state_dict()), 0
@@ -594,6 +650,4 @@ def sasrec(
             if bad_epochs >= cfg.patience:
                 break
     model.load_state_dict(best_state)
-    metrics = evaluate_ranking(_sasrec_scorer(model, seqs), test, history, future, ks,
-                               per_user_out=_per_user(scores_out))
-    return metrics, time.perf_counter() - start
+    return model.eval()

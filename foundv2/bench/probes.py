@@ -50,18 +50,26 @@ def split_indices(split: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return tuple(np.flatnonzero(split == part) for part in (TRAIN, VAL, TEST))  # type: ignore[return-value]
 
 
-def standardise(X: Features, train: np.ndarray) -> Features:
-    """Centre and scale dense ``X`` with the mean and std of the ``train`` rows.
+class Standardiser:
+    """Centre and scale dense features with the mean and std of some (train) rows; sparse
+    features pass unchanged (centring would densify them; TF-IDF rows are already L2-normalised)."""
 
-    Sparse ``X`` is returned unchanged (centring would densify it; TF-IDF rows are already
-    L2-normalised).
-    """
-    if sp.issparse(X):
-        return X
-    X = np.asarray(X, dtype=np.float64)
-    mean = X[train].mean(axis=0)
-    std = X[train].std(axis=0)
-    return ((X - mean) / np.where(std > STD_EPS, std, 1.0)).astype(np.float32)
+    def __init__(self, X: Features, rows: np.ndarray):
+        self.mean = self.scale = None
+        if not sp.issparse(X):
+            Xr = np.asarray(X, dtype=np.float64)[rows]
+            std = Xr.std(axis=0)
+            self.mean, self.scale = Xr.mean(axis=0), np.where(std > STD_EPS, std, 1.0)
+
+    def __call__(self, X: Features) -> Features:
+        if self.mean is None or sp.issparse(X):
+            return X
+        return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale).astype(np.float32)
+
+
+def standardise(X: Features, train: np.ndarray) -> Features:
+    """``X`` centred and scaled with the mean and std of its ``train`` rows (:class:`Standardiser`)."""
+    return Standardiser(X, train)(X)
 
 
 def _check_kind(kind: str) -> None:
@@ -223,6 +231,55 @@ def _fit_probe(
     return _Probe(models, kind)
 
 
+class LogisticProbe:
+    """A fitted logistic probe: the train users' standardisation, the model of the C chosen on
+    validation, that C and its validation metric (:func:`fit_logistic`)."""
+
+    def __init__(self, standardiser: Standardiser, probe: _Probe, C: float, val_metric: float, key: str):
+        self.standardiser, self.probe, self.C, self.val_metric, self.key = standardiser, probe, C, val_metric, key
+
+    def predict(self, X: Features) -> np.ndarray:
+        """Scores of any users' features (:func:`score_predictions` layout)."""
+        return self.probe.predict(self.standardiser(X))
+
+    def info(self) -> dict[str, float]:
+        """``{'C', 'val_<metric>'}``."""
+        return {"C": self.C, f"val_{self.key}": float(self.val_metric)}
+
+
+def fit_logistic(
+    X: Features,
+    y: np.ndarray,
+    split: np.ndarray,
+    kind: TaskKind,
+    Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
+    max_iter: int = 1000,
+    seed: int = 0,
+    warm_start: bool = True,
+) -> LogisticProbe:
+    """The logistic probe of :func:`fit_logistic_probe`, fitted on the train rows of ``split`` and
+    chosen on its validation rows; its test users are scored later, any number at a time
+    (:meth:`LogisticProbe.predict`)."""
+    _check_kind(kind)
+    y = np.asarray(y)
+    if kind == "multilabel" and y.ndim != 2:
+        raise ValueError(f"multi-label y must be [U, C], got shape {y.shape}")
+    train, val, _ = split_indices(split)
+    standardiser = Standardiser(X, train)
+    X = standardiser(X)
+    n_classes = n_classes_of(y, kind)
+    key = SELECTION_METRIC[kind]
+
+    best_C, best_val, best_probe, probe = float(Cs[0]), -np.inf, None, None
+    for C in sorted(Cs):  # ascending: each fit starts from the previous C's solution
+        probe = _fit_probe(X[train], y[train], kind, C, n_classes, max_iter, seed, start=probe if warm_start else None)
+        val_metric = score_predictions(kind, probe.predict(X[val]), y[val])[key]
+        logger.info("logistic probe C=%g: val %s=%.4f", C, key, val_metric)
+        if best_probe is None or val_metric > best_val:
+            best_C, best_val, best_probe = float(C), val_metric, probe
+    return LogisticProbe(standardiser, best_probe, best_C, best_val, key)
+
+
 def fit_logistic_probe(
     X: Features,
     y: np.ndarray,
@@ -262,30 +319,13 @@ def fit_logistic_probe(
         multi-label ``{'macro_auc'}`` — plus ``'C'`` (the chosen C) and ``'val_<metric>'`` (its
         validation value, e.g. ``'val_auc'``).
     """
-    _check_kind(kind)
-    y = np.asarray(y)
-    if kind == "multilabel" and y.ndim != 2:
-        raise ValueError(f"multi-label y must be [U, C], got shape {y.shape}")
-    train, val, test = split_indices(split)
-    X = standardise(X, train)
-    n_classes = n_classes_of(y, kind)
-    key = SELECTION_METRIC[kind]
-
-    best_C, best_val, best_probe, probe = float(Cs[0]), -np.inf, None, None
-    for C in sorted(Cs):  # ascending: each fit starts from the previous C's solution
-        probe = _fit_probe(X[train], y[train], kind, C, n_classes, max_iter, seed, start=probe if warm_start else None)
-        val_metric = score_predictions(kind, probe.predict(X[val]), y[val])[key]
-        logger.info("logistic probe C=%g: val %s=%.4f", C, key, val_metric)
-        if best_probe is None or val_metric > best_val:
-            best_C, best_val, best_probe = float(C), val_metric, probe
-
-    test_scores = best_probe.predict(X[test])
+    probe = fit_logistic(X, y, split, kind, Cs, max_iter, seed, warm_start)
+    test = split_indices(split)[2]
+    test_scores = probe.predict(X[test])
     if scores_out is not None:
         scores_out["test"] = test_scores
-    metrics = score_predictions(kind, test_scores, y[test])
-    metrics["C"] = best_C
-    metrics[f"val_{key}"] = float(best_val)
-    return metrics
+    metrics = score_predictions(kind, test_scores, np.asarray(y)[test])
+    return {**metrics, **probe.info()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,17 +386,61 @@ def fit_next_item_probe(
     """
     history, future = sp.csr_matrix(history), sp.csr_matrix(future)
     split = np.asarray(split, np.int64)
+    stage = fit_next_item(X, history, future, split, weight_decays, lr, epochs, batch_size, patience, ks, seed)
+    with torch.no_grad():
+        metrics = evaluate_ranking(lambda rows: next_item_scores(stage, X[rows]), split_indices(split)[2],
+                                   history, future, ks, per_user_out=None if scores_out is None
+                                   else scores_out.setdefault("test", {}))
+    return {**metrics, **next_item_info(stage)}
+
+
+def fit_next_item(
+    X: Features,
+    history: sp.csr_matrix,
+    future: sp.csr_matrix,
+    split: np.ndarray,
+    weight_decays: Sequence[float] = (0.0, 1e-4),
+    lr: float = 1e-2,
+    epochs: int = 100,
+    batch_size: int = 64,
+    patience: int = 3,
+    ks: Sequence[int] = (10, 20),
+    seed: int = 0,
+) -> ProbeStage:
+    """The next-item probe of :func:`fit_next_item_probe`, fitted on the train rows of ``split``
+    and chosen on its validation rows; its test users are scored later, any number at a time
+    (:func:`next_item_scores`)."""
+    history, future = sp.csr_matrix(history), sp.csr_matrix(future)
+    split = np.asarray(split, np.int64)
     train = split_indices(split)[0]
     fit_split = split.copy()
     fit_split[np.setdiff1d(train, _users_with_targets(train, history, future))] = -1  # nothing to learn from
+    fit_split[fit_split == TEST] = -1  # a fit never reads a test user
     data = ArrayRepresentations(X, fit_split, history, future, batch_size=batch_size, seed=seed)
     stage = ProbeStage(task=NEXT_ITEMS, weight_decays=tuple(weight_decays), lr=lr, patience=patience, ks=tuple(ks))
     dims = {"input_dim": X.shape[1], "task": NEXT_ITEMS, "kind": NEXT_ITEMS, "outputs": history.shape[1]}
     fit_probe(stage, data, max_epochs=epochs, dims=dims)
     logger.info("next-item probe: chose weight decay %g (epoch %d, val %s=%.4f)", stage.best_weight_decay,
                 int(stage.best_epoch), stage.select_key, float(stage.best_score))
+    return stage
+
+
+def features_tensor(X: Features) -> torch.Tensor:
+    """Some users' features as the probe's ``user_emb``: float32, or a coalesced sparse COO tensor
+    (as :class:`~data_modules.arrays.ArrayRepresentations` hands them)."""
+    if not sp.issparse(X):
+        return torch.from_numpy(np.asarray(X, np.float32))
+    coo = sp.coo_matrix(X, dtype=np.float32)
+    index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), coo.shape, check_invariants=False).coalesce()
+
+
+def next_item_scores(stage: ProbeStage, X: Features) -> torch.Tensor:
+    """``[B, I]`` item scores of the head kept on validation for some users' features."""
     with torch.no_grad():
-        metrics = evaluate_ranking(lambda rows: stage.best_logits(data.collate(rows)), split_indices(split)[2],
-                                   history, future, ks, per_user_out=None if scores_out is None
-                                   else scores_out.setdefault("test", {}))
-    return {**metrics, "weight_decay": float(stage.best_weight_decay), f"val_{stage.select_key}": float(stage.best_score)}
+        return stage.best_logits({"user_emb": features_tensor(X)})
+
+
+def next_item_info(stage: ProbeStage) -> dict[str, float]:
+    """``{'weight_decay', 'val_ndcg@K'}`` of a fitted next-item probe."""
+    return {"weight_decay": float(stage.best_weight_decay), f"val_{stage.select_key}": float(stage.best_score)}
