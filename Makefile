@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor clean
+.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -41,7 +41,7 @@ test-full: $(STAMP)  ## every test, the slow ones included
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check foundv2 data_modules tests benchmarks
 
-bench: bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor  ## every benchmark
+bench: bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale  ## every benchmark
 
 bench-data: $(STAMP)  ## data preparation speed and memory -> bench-results/data.json
 	$(BIN)/python benchmarks/bench_data.py
@@ -60,6 +60,9 @@ bench-alignment: $(STAMP)  ## stage 3 vs the tokens it reads, stage 1, baselines
 
 bench-qanchor: $(STAMP)  ## Query-as-Anchor KV-cache serving on SmolLM2-135M -> bench-results/qanchor.json
 	$(BIN)/python benchmarks/bench_qanchor.py
+
+bench-scale: $(STAMP)  ## every pipeline step at 10k/100k/1M users, own files at 1M, 1 vs 2 ranks -> bench-results/scale.json
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:  ## remove caches and run outputs (not the venv)
 	rm -rf .cache runs bench-results lightning_logs

@@ -5,7 +5,8 @@ histories (and, for the future-aligned block, their futures) from the prepared d
 item factors, the future regression and the residual codebooks
 (:class:`~foundv2.nn.user_codes.UserCodeTokenizer`) in closed form; the one training step of
 ``max_epochs: 1`` (a zero loss, so the trainer counts a step and checkpoints) does nothing else.
-Validation and test users are never read by ``fit``. The fitted tokenizer lives in the
+Validation and test users are never read by ``fit``, and only the ``data.fit_users`` sample of the
+training users when one is declared. The fitted tokenizer lives in the
 checkpoint (its buffers, the data's sizes under the base's dims key), so ``predict`` from the
 checkpoint, or ``UserTokenizerStage.load_from_checkpoint(path)``, encodes the same codes; ``fit``
 also exports it (``save_pretrained``) when ``export_dir`` is set.
@@ -79,7 +80,7 @@ class UserTokenizerStage(PredictStage):
         if self.hparams.pretrained:
             return
         dm = self.trainer.datamodule
-        train = dm.rows("train")
+        train = dm.prepared_rows(dm.fit_rows())  # the fit sample (data.fit_users) of the training users
         futures = item_lists(dm.table, train, "f_item") if self.hparams.future_dim else None
         self.model.fit(item_lists(dm.table, train, "h_item"), futures)
 
