@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from data_modules.loaders import Piece, Source, Unit
-from data_modules.schema import DataError, DatasetSpec, validate_events, validate_users
+from data_modules.schema import DataError, DatasetSpec, codes_of, validate_events, validate_users
 
 SEQ_ROW_BITS = 40  # a row number below 2**40 in its file; the unit's index above it
 _BUCKET_SALT = 0xB0C4E7  # keeps the bucket hash apart from the split hash (prepare.user_split)
@@ -67,7 +67,6 @@ class Partitioner:
         self.spec = source.spec
         self.folder = Path(folder)
         self.buckets = int(buckets)
-        self.src_index = {s: i for i, s in enumerate(self.spec.sources)}
 
     # ------------------------------------------------------------------ one piece
     def _seq(self, k: int, frame: pd.DataFrame) -> np.ndarray:
@@ -78,15 +77,15 @@ class Partitioner:
         ev = validate_events(frame, self.spec.sources, unit.where, self.source.timestamp_unit)
         uid = ev["user_id"].to_numpy()
         cat = ev["category"]
-        categories.update(c for c in pd.unique(cat.to_numpy(dtype=object)) if c)
+        categories.update(str(c) for c in pd.unique(cat) if c)
         return pa.record_batch([
             pa.array(uid, pa.int64()),
-            pa.array(ev["source"].map(self.src_index).to_numpy().astype(np.int8)),
+            pa.array(codes_of(ev["source"], self.spec.sources).astype(np.int8)),
             pa.array(ev["timestamp"].to_numpy(), pa.int64()),
             pa.array(ev["item_id"].to_numpy(), pa.int64()),
-            pa.array(ev["text"].to_numpy(dtype=object), pa.string()),
+            pa.array(ev["text"], pa.string()),
             pa.array(ev["value"].to_numpy(), pa.float32()),
-            pa.array(cat.to_numpy(dtype=object), pa.string()),
+            pa.array(cat, pa.string()),
             pa.array(self._seq(k, frame), pa.int64()),
             pa.array(user_bucket(uid, self.buckets)),
         ], schema=event_schema())

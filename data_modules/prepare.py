@@ -67,7 +67,7 @@ from data_modules.buckets import (
 )
 from data_modules.loaders import Source, Unit
 from data_modules.ranks import Ranks
-from data_modules.schema import MAX_ITEM_ID, DataError, DatasetSpec, check_label_classes
+from data_modules.schema import MAX_ITEM_ID, DataError, DatasetSpec, check_label_classes, codes_of
 from data_modules.store import (
     TMP_MARK,
     atomic_write_json,
@@ -387,14 +387,13 @@ def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpe
     if has_item.any():
         # one integer key per (source, item id): the same id in two sources is two items
         item[has_item] = items.map(src[has_item] * ITEM_KEY_STRIDE + raw_item[has_item])
-    text_str = ev["text"].to_numpy(dtype=object)
-    has_text = text_str != ""
+    text_str = ev["text"].array  # strings as read (Arrow-backed): never a Python object per event
+    has_text = (ev["text"] != "").to_numpy()
     text = np.full(len(ev), -1, dtype=np.int64)
     if has_text.any():
         text[has_text] = texts.map(text_str[has_text])
-    cat_index = {c: i for i, c in enumerate(spec.categories)}
-    cat = ev["category"].map(cat_index).fillna(-1).to_numpy().astype(np.int64)
-    unknown_cat = (cat < 0) & (ev["category"].to_numpy(dtype=object) != "")
+    cat = codes_of(ev["category"], spec.categories)
+    unknown_cat = (cat < 0) & (ev["category"] != "").to_numpy()
     if unknown_cat.any():
         stats.filtered[UNKNOWN_CATEGORY] = stats.filtered.get(UNKNOWN_CATEGORY, 0) + int(unknown_cat.sum())
     value = ev["value"].to_numpy().astype(np.float32)

@@ -118,6 +118,14 @@ class DatasetSpec:
         return cls(**d)
 
 
+def codes_of(values: pd.Series, vocabulary: Sequence[str]) -> np.ndarray:
+    """The index of each string of ``values`` in ``vocabulary`` (-1: not in it), int64: one
+    factorisation of the column and a lookup of its few distinct values."""
+    codes, uniques = pd.factorize(values)
+    lut = np.append(pd.Index(list(vocabulary), dtype=object).get_indexer(pd.Index(uniques, dtype=object)), -1)
+    return lut[codes].astype(np.int64)  # factorize gives -1 to missing values: the appended -1
+
+
 def _int64(df: pd.DataFrame, col: str, where: str, nullable: bool = False, hint: str = "") -> np.ndarray:
     """Column ``col`` as int64 (nulls as -1 when ``nullable``); NaN, fractions and values beyond int64
     raise DataError."""

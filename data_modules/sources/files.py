@@ -129,20 +129,21 @@ def estimated_rows(p: Path) -> int:
     return max(1, p.stat().st_size // 48)
 
 
-def read_pieces(p: Path, unit: tuple[int, int, int] = (0, 0, 0), rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
-    """The rows of one unit of ``p`` as DataFrames of at most ``rows`` rows whose index is the row
-    number in the file (0 = the first data row). A file with no rows yields one empty frame."""
+def read_pieces(p: Path, unit: tuple[int, int, int] | None = None, rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
+    """The rows of one unit of ``p`` (:func:`file_units`; None: the whole file) as DataFrames of at
+    most ``rows`` rows whose index is the row number in the file (0 = the first data row). A file
+    with no rows yields one empty frame."""
     kind = _check_file(p)
-    first_group, stop_group, first_row = unit
+    first_group, stop_group, first_row = unit or (0, -1, 0)
     try:
         if kind == "parquet":
             import pyarrow.parquet as pq
 
             f = pq.ParquetFile(p)
-            groups = list(range(first_group, stop_group)) if stop_group > first_group else []
+            groups = list(range(first_group, stop_group)) if stop_group >= 0 else None
             start = first_row
             any_rows = False
-            for batch in f.iter_batches(batch_size=rows, row_groups=groups, use_threads=False):
+            for batch in f.iter_batches(batch_size=rows, row_groups=groups, use_threads=True):
                 if batch.num_rows == 0:
                     continue
                 df = batch.to_pandas()
