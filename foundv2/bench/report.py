@@ -157,6 +157,24 @@ def budget_line(budget: str, v: dict) -> str:
             f"{row['wins']} wins, {row['losses']} losses" + (f" ({'; '.join(short)})" if short else ""))
 
 
+def users_line(users: dict) -> str:
+    """Which users the probes and baselines learned from, chose on and were scored on."""
+    tr, va, te = users["train"], users["val"], users["test"]
+    of = lambda part: "all" if part["read"] == part["users"] else f"a seeded sample of {part['read']:,} of the"  # noqa: E731
+    return (f"Probes and baselines fitted on {of(tr)} {tr['users']:,} train users, chosen on {of(va)} "
+            f"{va['users']:,} validation users; every metric on all {te['users']:,} test users.")
+
+
+def not_run_lines(bench: dict, markdown: bool = False) -> list[str]:
+    """The rows not run at this size, each with why (none: no lines)."""
+    rows = bench.get("not_run") or {}
+    if not rows:
+        return []
+    if markdown:
+        return ["## Not run at this size", "", *[f"- **{n}**: {why}." for n, why in rows.items()], ""]
+    return ["", "not run at this size:", *[f"{n}: {why}" for n, why in rows.items()]]
+
+
 def _size(b) -> str:
     return "unbounded" if b is None else f"{b:,.0f}"
 
@@ -182,8 +200,10 @@ def markdown(bench: dict, verdict: dict, pngs: list[Path]) -> str:
         f"Users train/val/test: {bench['split_sizes']}; items: {bench['num_items']}; seed {bench['seed']}; "
         f"{bench['seconds']:.0f} s on {bench['machine']['cores']} cores.",
         "",
+        *([users_line(bench["users"]), ""] if bench.get("users") else []),
         *[f"- {n}" for n in bench.get("notes", [])],
         "",
+        *not_run_lines(bench, markdown=True),
         "Verdicts: the best token row (or learned representation, without tokens) against every row of equal or "
         f"larger size, by the paired bootstrap over the test users ({N_BOOT} resamples): *beats* when the 95 % "
         "interval of the difference is above 0, *loses* below, *tie* when it includes 0. A task is too small to "
@@ -384,6 +404,7 @@ def table(bench: dict) -> str:
     if bench.get("budgets"):
         out += ["", "storage budgets (token rows against the storage-matched baselines of the budget's size):"]
         out += [budget_line(b, v) for b, v in bench["budgets"].items()]
+    out += not_run_lines(bench)
     return "\n".join(out)
 
 

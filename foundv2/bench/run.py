@@ -5,6 +5,14 @@ fits the same probes on each, trains the baselines on the same split in the same
 writes ``bench.json``, ``report.md``, PNG plots and TensorBoard scalars into one folder.
 Nothing is tuned on the test users: C, λ, k and early stopping use the validation users.
 
+It scales with the data (:mod:`foundv2.bench.users`): every probe and fitted baseline learns from
+a seeded sample of the train users (``probe_users``) and chooses on a seeded sample of the
+validation users (``val_users``), and every metric is computed on every test user, read,
+featurised and scored ``batch_users`` at a time. Memory depends on the samples and the batch,
+never on the number of users; below the sample sizes the bench reads every user. A baseline that
+cannot run at a size (a catalogue too large for a dense item-item model, more users than an LLM
+can embed) is listed in ``bench.json``, ``report.md`` and on the console as not run, with why.
+
 Nothing finished is lost: every (row, task) result is written to ``progress.json`` (and its test
 scores under ``scores/``) as soon as it exists, and a rerun with the same inputs picks up where a
 killed or failed run stopped. ``bench.json`` is the completeness marker and is written last, after
@@ -38,8 +46,17 @@ from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError, DatasetSpec
 from data_modules.store import Split, atomic_write_bytes, atomic_write_json, read_output_meta
 from foundv2.bench import baselines as B
-from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe
+from foundv2.bench import representations as R
+from foundv2.bench.probes import (
+    fit_logistic,
+    fit_next_item,
+    next_item_info,
+    next_item_scores,
+    score_predictions,
+)
+from foundv2.bench.users import BenchUsers, Task, UserBatch, read_users, sample_rows
 from foundv2.console import log_to_file
+from foundv2.metrics.ranking import TopKRanking
 
 log = logging.getLogger(__name__)
 PROTOCOL = "foundv2-bench-v1"
@@ -51,18 +68,19 @@ RANKING_ONLY = ("popularity", "ease", "itemknn", "sasrec")
 PROGRESS_FILE = "progress.json"
 SCORES_DIR = "scores"
 LOG_FILE = "bench.log"
+#: users ranked at a time (bounds the [users, items] score matrix)
+RANK_CHUNK = 1024
+#: the largest catalogue ``top_items`` can store (its ids are uint16)
+TOP_ITEMS_MAX = 2**16
+
+__all__ = ["BenchData", "Task", "load_bench_data", "load_scores", "run_bench", "pooled_representation",
+           "token_representations", "embedding_representation", "token_bytes"]
 
 
-@dataclass
-class Task:
-    name: str
-    kind: str  # binary | multiclass | multilabel | ranking
-    y: np.ndarray | None = None
-
-
+# ---------------------------------------------------------------------------------- every user in memory
 @dataclass
 class BenchData:
-    """Per-user arrays indexed by the prepared table's row."""
+    """Per-user arrays of every user, indexed by the prepared table's row (:func:`load_bench_data`)."""
 
     spec: DatasetSpec
     split: np.ndarray
@@ -80,14 +98,17 @@ class BenchData:
         return self.history.shape[1] > 0 and (self.history.nnz > 0 or self.future.nnz > 0)
 
 
-def _check_label(name: str, kind: str, y: np.ndarray, split: np.ndarray, dataset: str) -> None:
-    """A DataError for a label no probe can learn: an unknown kind, or a single class."""
+def _check_label(name: str, kind: str, y: np.ndarray, split: np.ndarray, dataset: str,
+                 train: np.ndarray | None = None) -> None:
+    """A DataError for a label no probe can learn: an unknown kind, or a single class (among all
+    users, or among the train users: those of ``split``, else the ``train`` rows)."""
     if kind not in TASK_KINDS:
         raise DataError(
             f"{dataset}: label '{name}' has kind '{kind}', which the bench does not know; use one of "
             f"{', '.join(TASK_KINDS)} in the data config's labels."
         )
-    for where, rows in (("all users", slice(None)), ("the train users", split == Split.TRAIN)):
+    train = split == Split.TRAIN if train is None else train
+    for where, rows in (("all users", slice(None)), ("the train users", train)):
         classes = np.unique(y[rows], axis=0) if y.ndim == 2 else np.unique(y[rows])
         if (y.ndim == 1 and classes.size < 2) or (y.ndim == 2 and len(classes) < 2):
             raise DataError(
@@ -97,168 +118,92 @@ def _check_label(name: str, kind: str, y: np.ndarray, split: np.ndarray, dataset
             )
 
 
-def load_bench_data(dm: UserDataModule) -> BenchData:
-    """History/future item matrices, item sequences, history events and every task's labels."""
-    dm.setup()
+def bench_tasks(dm: UserDataModule) -> list[Task]:
+    """The data set's tasks in report order: each binary / multiclass label, the future categories
+    (multi-label) when the data has categories, next items."""
     spec = dm.spec
-    n_items = int(dm.meta["num_items"])
-    cols = ["h_item", "f_item", "f_category", "h_source", "h_time", "h_value"]
-    table = dm.table.with_format("numpy", columns=cols)
-    U = len(dm.table)
-    rows_h, cols_h, rows_f, cols_f, seqs, srcs, times, values = [], [], [], [], [], [], [], []
-    fut_cat = np.zeros((U, len(spec.categories)), np.int64)
-    for start in range(0, U, 4096):
-        part = table[start : start + 4096]
-        for i in range(len(part["h_item"])):
-            u = start + i
-            h = np.asarray(part["h_item"][i], np.int64)
-            h = h[h > 0] - 1
-            f = np.asarray(part["f_item"][i], np.int64)
-            f = f[f > 0] - 1
-            seqs.append(h)
-            rows_h.append(np.full(len(h), u))
-            cols_h.append(h)
-            rows_f.append(np.full(len(f), u))
-            cols_f.append(f)
-            fc = np.asarray(part["f_category"][i], np.int64)
-            fut_cat[u, fc[fc >= 0]] = 1
-            srcs.append(np.asarray(part["h_source"][i], np.int64))
-            times.append(np.asarray(part["h_time"][i], np.int64))
-            values.append(np.asarray(part["h_value"][i], np.float64))
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
-    history = sp.csr_matrix((np.ones(len(cat(rows_h))), (cat(rows_h), cat(cols_h))), shape=(U, n_items))
-    future = sp.csr_matrix((np.ones(len(cat(rows_f))), (cat(rows_f), cat(cols_f))), shape=(U, n_items))
-    future.data[:] = 1.0
-    split = dm.split.copy()
     tasks = []
     for lab in spec.labels:
         if lab.kind == "multilabel":
             continue
-        y = np.asarray(dm.table[f"label/{lab.name}"], np.int64)
-        _check_label(lab.name, lab.kind, y, split, spec.name)
-        tasks.append(Task(lab.name, lab.kind, y))
-    if spec.categories and fut_cat.any():
-        name = "future_genres" if spec.name.startswith("movielens") else "future_categories"
-        tasks.append(Task(name, "multilabel", fut_cat))
+        if lab.kind not in TASK_KINDS:
+            _check_label(lab.name, lab.kind, np.zeros(2, np.int64), np.zeros(2, np.int64), spec.name)
+        tasks.append(Task(lab.name, lab.kind, column=f"label/{lab.name}"))
+    if spec.categories:
+        tasks.append(Task("future_genres" if spec.name.startswith("movielens") else "future_categories", "multilabel"))
     tasks.append(Task("next_items", "ranking"))
-    if not (split == Split.TEST).any():
-        raise DataError(f"{spec.name}: the split has no test users, so there is nothing to score; "
+    return tasks
+
+
+def load_bench_data(dm: UserDataModule) -> BenchData:
+    """Every user's history/future item matrices, item sequences, history events and task labels,
+    in memory: for small data sets and exploration scripts (the bench itself reads a batch at a
+    time, :mod:`foundv2.bench.users`)."""
+    dm.setup()
+    tasks = bench_tasks(dm)
+    users = BenchUsers(dm, tasks)
+    data = read_users(users.reader, np.arange(len(users.split)), users.split, users.n_items, users.n_categories, tasks)
+    for t in tasks:
+        if t.kind in TASK_KINDS and t.column:
+            _check_label(t.name, t.kind, data.labels[t.name], data.split, dm.spec.name)
+    kept = [Task(t.name, t.kind, t.column, data.labels.get(t.name)) for t in tasks
+            if t.kind != "multilabel" or data.labels[t.name].any()]
+    if not (data.split == Split.TEST).any():
+        raise DataError(f"{dm.spec.name}: the split has no test users, so there is nothing to score; "
                         f"use more users or check the split fractions.")
-    return BenchData(spec, split, history, future, seqs, tasks, srcs, times, values)
+    return BenchData(dm.spec, data.split, data.history, data.future, data.sequences, kept, data.sources, data.times,
+                     data.values)
 
 
-# ---------------------------------------------------------------------------------- representations
+def _all_rows(n: int) -> UserBatch:
+    return UserBatch(np.arange(n), np.zeros(n, np.int64), sp.csr_matrix((n, 0)), sp.csr_matrix((n, 0)), [])
+
+
 def pooled_representation(dm: UserDataModule) -> tuple[np.ndarray, float]:
-    """Mean over every history slice of the parameter-free slice features.
-
-    The sources fill mostly different columns of a slice feature (text, item codes, category
-    histogram, values), so one mean keeps them apart at a quarter of a per-source concatenation's
-    width, which keeps the probes fast.
-    """
-    from foundv2.nn.slices import PooledSliceFeatures, mean_by_user
-
-    d = dm.dims()
-    net = PooledSliceFeatures(d["num_sources"], d["num_items"], d["num_categories"], d["text_dim"], d["tabular_dim"],
-                              calendar_dim=d["calendar_dim"])
-    out = np.zeros((len(dm.table), net.dim), np.float32)
-    for batch in dm.predict_dataloader():
-        s = net(batch)
-        out[batch["row"].numpy()] = mean_by_user(s["feat"], s["slice_user"], batch["user_id"].shape[0]).numpy()
+    """Every user's :class:`~foundv2.bench.representations.Pooled` features, and their bytes per user."""
+    dm.setup()
+    out = R.Pooled(dm)(_all_rows(len(dm.split)))
     return out, float(out.shape[1] * 4)
-
-
-@contextlib.contextmanager
-def _readable(folder: Path, what: str) -> Iterator[None]:
-    """Turn any failure to read a stage output / export folder into one DataError naming it."""
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a corrupt folder fails in many libraries' ways
-        raise DataError(
-            f"{folder}: the {what} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            f"it is truncated, corrupt or from another version: rerun the step that writes it."
-        ) from None
 
 
 def token_bytes(tokens_dir: Path) -> float:
     """Bytes per user of a tokens output, from its ``report.json`` (``storage.bytes_per_user``)."""
-    with _readable(tokens_dir, "tokens' report.json"):
-        return float(json.loads((tokens_dir / "report.json").read_text())["storage"]["bytes_per_user"])
+    return R.token_bytes(Path(tokens_dir))
 
 
 def token_representations(tokens_dir: Path, tokenizer_dir: Path | None, n_rows: int) -> dict:
-    """``tokens_bag`` (counts of global token ids) and ``tokens_sum`` (summed code vectors per source)."""
-    from data_modules.store import read_stage_output
-
-    bytes_per_user = token_bytes(tokens_dir)
-    with _readable(tokens_dir, "tokens output"):
-        ds, meta = read_stage_output(tokens_dir)
-        ds = ds.with_format("numpy")
-        vocab = int(meta["vocab_size"])
-        S = len(meta["sources"])
-    model = None
-    if tokenizer_dir is not None and (tokenizer_dir / "config.json").exists():
-        from foundv2.nn.mrqvae import MultiViewRQVAE
-
-        with _readable(tokenizer_dir, "tokenizer export"):
-            model = MultiViewRQVAE.from_pretrained(tokenizer_dir).eval()
-    rows, cols = [], []
-    summed = None
-    with _readable(tokens_dir, "tokens output"):
-        for start in range(0, len(ds), 2048):
-            part = ds[start : start + 2048]
-            for r, ids, codes, src in zip(
-                part["row"], part["token_ids"], part["codes"], part["slice_source"], strict=True
-            ):
-                if len(src) == 0:
-                    continue
-                ids = np.stack(ids) if ids.dtype == object else ids
-                flat = ids.reshape(-1)
-                flat = flat[flat >= 0]
-                rows.append(np.full(len(flat), r))
-                cols.append(flat)
-                if model is not None:
-                    codes = np.stack(codes) if codes.dtype == object else codes
-                    with torch.no_grad():
-                        q = model.quantizer.decode_codes(
-                            torch.as_tensor(codes, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)
-                        )
-                    if summed is None:
-                        summed = np.zeros((n_rows, S, q.shape[1]), np.float32)
-                    np.add.at(summed[r], src.astype(np.int64), q.numpy())
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    bag = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(n_rows, vocab))
-    reps = {"tokens_bag": (bag, bytes_per_user)}
-    if summed is not None:
-        reps["tokens_sum"] = (summed.reshape(n_rows, -1), bytes_per_user)
-    reps["_usage"] = np.asarray(bag.sum(0)).ravel()
-    reps["_levels"] = meta["levels"]
+    """Every user's ``tokens_bag`` (counts of global token ids) and ``tokens_sum`` (summed code
+    vectors per source), with their bytes per user; ``_usage``, ``_levels`` for the usage plot."""
+    tokens = R.TokenFeatures(Path(tokens_dir), Path(tokenizer_dir) if tokenizer_dir else None, n_rows)
+    users = _all_rows(n_rows)
+    reps = {name: (f(users), tokens.bytes_per_user) for name, f in R.token_rows(tokens).items()}
+    reps["_usage"] = tokens.usage
+    reps["_levels"] = tokens.levels
     return reps
 
 
 def embedding_representation(folder: Path, n_rows: int, column: str = "user_emb") -> tuple[np.ndarray, float]:
-    """A per-user embedding column of a stage output (stage 1, stage 3, Q-Anchor)."""
-    from data_modules.store import read_stage_output
-
-    with _readable(folder, "embedding output"):
-        ds, _ = read_stage_output(folder)
-        if column not in ds.column_names:
-            raise DataError(
-                f"{folder}: no '{column}' column in this stage output; columns are {ds.column_names}."
-            )
-        ds = ds.with_format("numpy", columns=["row", column])
-        emb = np.asarray(ds[column], np.float32)
-        out = np.zeros((n_rows, emb.shape[1]), np.float32)
-        out[np.asarray(ds["row"])] = emb
-    return out, float(emb.shape[1] * 4)
+    """Every user's embedding column of a stage output (stage 1, stage 3, Q-Anchor), its bytes per user."""
+    out = R.Embedding(Path(folder), n_rows, column)(_all_rows(n_rows))
+    return out, float(out.shape[1] * 4)
 
 
 # ---------------------------------------------------------------------------------- rows
+#: ``(users, X, positions) → scores`` of those positions of a batch of users
+Scorer = Callable[[UserBatch, object, np.ndarray], object]
+
+
+@dataclass
+class Fitted:
+    """One (row, task)'s fitted model: how it scores any users, and what its fit chose."""
+
+    score: Scorer
+    info: dict = field(default_factory=dict)
+
+
 @dataclass
 class Row:
-    """One line of the bench: how to build its features (or run it), its size and its tasks."""
+    """One line of the bench: how to build its features (or fit its model), its size and its tasks."""
 
     name: str
     kind: str  # tokens | representation | baseline
@@ -266,90 +211,164 @@ class Row:
     # built features' width for kind "representation" (set once built)
     storage: str
     tasks: list[str]
-    build: Callable[[], object] | None = None  # → features X, probed on every task
-    run: Callable[[Task, dict], dict] | None = None  # (task, scores_out) → metrics, for model baselines
-    build_task: Callable[[Task], object] | None = None  # → features X of one task (e.g. Q-Anchor: its own query)
+    features: R.Features | None = None  # probed on every task
+    task_features: Callable[[UserBatch, Task], object] | None = None  # features of one task (Q-Anchor: its query)
+    fit: Callable[[Task], Fitted] | None = None  # a model baseline fitted on the samples
+    sparse_bytes: bool = False  # bytes_per_user: the mean nonzeros of the features read × 8 (set once built)
 
 
 def _fmt_storage(b: float | None) -> str:
     return "unbounded" if b is None else f"{b:,.0f} B"
 
 
-def _rows(data: BenchData, dm: UserDataModule, tokens_dir: str | None, tokenizer_dir: str | None,
+@dataclass
+class Settings:
+    """The bench's size settings (run_bench's arguments of the same names)."""
+
+    probe_users: int | None
+    val_users: int | None
+    sample_seed: int
+    batch_users: int
+    sasrec_users: int | None
+    ease_max_items: int
+    itemknn_max_items: int
+    qanchor_max_users: int
+
+
+class _History:
+    """The item-item gram of the bench's users' histories (train and validation samples and every
+    test user), summed over batches once and shared by EASE and item-kNN."""
+
+    def __init__(self, users: BenchUsers):
+        self.users, self.gram = users, None
+
+    def __call__(self) -> np.ndarray:
+        if self.gram is None:
+            self.gram = B.item_gram(self.users.fit.history)
+            for batch in self.users.test_batches(items_only=True):
+                self.gram += B.item_gram(batch.history)
+        return self.gram
+
+
+def _ranking_baseline(name: str, users: BenchUsers, settings: Settings, sasrec_epochs: int, seed: int,
+                      history: _History) -> Callable[[Task], Fitted]:
+    """Fit one of popularity, EASE, item-kNN, SASRec on the samples; score any users."""
+
+    def binary_scores(W):
+        def score(batch: UserBatch, X, pos: np.ndarray):
+            out = B._binary(batch.history[pos]) @ W
+            return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float32)
+        return score
+
+    def fit(task: Task) -> Fitted:
+        data = users.fit
+        if name == "popularity":
+            counts = np.asarray(data.history[data.part(Split.TRAIN)].sum(axis=0), dtype=np.float32).ravel()
+            return Fitted(lambda batch, X, pos: np.tile(counts, (len(pos), 1)))
+        if name in ("ease", "itemknn"):
+            make = B.fit_ease if name == "ease" else B.fit_itemknn
+            return Fitted(binary_scores(make(history(), data.history, data.future, data.part(Split.VAL))))
+        cfg = B.SASRecConfig(epochs=sasrec_epochs, seed=seed)
+        split = data.split.copy()
+        train = data.part(Split.TRAIN)
+        keep = sample_rows(np.where(split == Split.TRAIN, 0, -1), 0, settings.sasrec_users, settings.sample_seed, 2)
+        split[np.setdiff1d(train, keep)] = -1  # outside SASRec's own sample of the train users
+        model = B.fit_sasrec(data.sequences, data.future, split, cfg, history=data.history)
+
+        def score(batch: UserBatch, X, pos: np.ndarray):
+            return B.sasrec_scorer(model, [batch.sequences[i] for i in pos], cfg.max_len)(np.arange(len(pos)))
+        return Fitted(score)
+
+    return fit
+
+
+def _majority(users: BenchUsers) -> Callable[[Task], Fitted]:
+    def fit(task: Task) -> Fitted:
+        data = users.fit
+        y = data.labels[task.name]
+        from foundv2.bench.probes import SELECTION_METRIC, n_classes_of
+
+        train, val = data.part(Split.TRAIN), data.part(Split.VAL)
+        prior = (np.bincount(y[train], minlength=n_classes_of(y, task.kind)) / train.size if task.kind == "multiclass"
+                 else np.asarray(y[train].mean(axis=0), dtype=np.float64))
+
+        def constant(n: int) -> np.ndarray:
+            return np.broadcast_to(prior, (n,) + prior.shape).copy()
+
+        key = SELECTION_METRIC[task.kind]
+        info = {f"val_{key}": score_predictions(task.kind, constant(len(val)), y[val])[key]}
+        return Fitted(lambda batch, X, pos: constant(len(pos)), info)
+
+    return fit
+
+
+def _rows(users: BenchUsers, dm: UserDataModule, tokens_dir: str | None, tokenizer_dir: str | None,
           embeddings: dict[str, str], baselines: list[str], representations: list[str],
-          storage_bytes: list[int], sasrec_epochs: int, seed: int, tasks: list[Task],
-          qanchor: list | None = None) -> tuple[list[Row], dict]:
-    """Every row of this run, in report order, with lazily built features."""
-    n_rows = len(data.split)
+          storage_bytes: list[int], sasrec_epochs: int, seed: int, tasks: list[Task], has_items: bool,
+          settings: Settings, qanchor: list | None = None) -> tuple[list[Row], dict, dict[str, str]]:
+    """Every row of this run, in report order, with lazily built features; and the rows not run at
+    this size, with why."""
+    n_rows = len(users.split)
+    n_items = users.n_items
     cls_tasks = [t.name for t in tasks if t.kind != "ranking"]
     all_tasks = [t.name for t in tasks]
     rank_tasks = [t.name for t in tasks if t.kind == "ranking"]
     rows: list[Row] = []
     extra: dict = {}
+    not_run: dict[str, str] = {}
     if "pooled" in representations:
-        rows.append(Row("pooled", "representation", None, "float32 × dim", all_tasks,
-                        build=lambda: pooled_representation(dm)[0]))
+        rows.append(Row("pooled", "representation", None, "float32 × dim", all_tasks, features=R.Pooled(dm)))
     tok_bytes = None
     if tokens_dir:
-        tok_bytes = token_bytes(Path(tokens_dir))
-        cache: dict = {}
-
-        def tokens(name: str):
-            if not cache:
-                cache.update(token_representations(Path(tokens_dir), Path(tokenizer_dir) if tokenizer_dir else None,
-                                                   n_rows))
-                extra["usage"] = (cache["_usage"].tolist(), cache["_levels"])
-            if name not in cache:
-                raise DataError(f"{tokenizer_dir}: no tokenizer export (config.json) to sum code vectors for "
-                                f"'{name}'; pass tokenizer_dir or leave '{name}' out of representations.")
-            return cache[name][0]
-
+        tok = R.TokenFeatures(Path(tokens_dir), Path(tokenizer_dir) if tokenizer_dir else None, n_rows)
+        tok_bytes = tok.bytes_per_user
+        extra["tokens"] = tok
+        built = R.token_rows(tok)
         for name in ("tokens_bag", "tokens_sum"):
             if name in representations and (name != "tokens_sum" or tokenizer_dir):
+                if name not in built:
+                    tok.summed(users.fit)  # the DataError that names the missing export
                 rows.append(Row(name, "tokens", tok_bytes, "codes as stored (tokens' report.json)", all_tasks,
-                                build=lambda name=name: tokens(name)))
+                                features=built[name]))
     for name, folder in (embeddings or {}).items():
-        def emb(folder=folder):
-            return embedding_representation(Path(folder), n_rows)[0]
-
+        emb = R.Embedding(Path(folder), n_rows)
         meta = read_output_meta(folder) or {}
         if meta.get("row_kind") == "tokens":  # e.g. stage 3: built from the tokens alone, its weights shared
             rows.append(Row(name, "tokens", float(meta["bytes_per_user"]),
-                            "the tokens as stored (the model's weights are shared by all users)", all_tasks, build=emb))
+                            "the tokens as stored (the model's weights are shared by all users)", all_tasks,
+                            features=emb))
         else:
-            rows.append(Row(name, "representation", None, "float32 × dim", all_tasks, build=emb))
+            rows.append(Row(name, "representation", None, "float32 × dim", all_tasks, features=emb))
     for qa in qanchor or []:  # base, prompt-tuned and no-query rows of each Q-Anchor model
         size, kind, what = qa.bytes_per_user(tok_bytes if qa.prefix == "tokens" else None)
+        if n_rows > settings.qanchor_max_users:
+            for name in qa.row_names:
+                not_run[name] = (f"the LLM embeds every one of the {n_rows:,} users for each task's query, more than "
+                                 f"bench.qanchor_max_users ({settings.qanchor_max_users:,})")
+            continue
         for name in qa.row_names:
             rows.append(Row(name, kind, size, what, all_tasks,
-                            build_task=lambda task, qa=qa, name=name: qa.build()[name][task.name]))
+                            task_features=lambda batch, task, qa=qa, name=name: qa.build()[name][task.name][batch.rows]))
+    n_train = len(users.train)
     sizes = sorted({int(b) for b in storage_bytes} | ({int(round(tok_bytes))} if tok_bytes else set()))
-    tfidf_cache: dict = {}
-
-    def tfidf():
-        if "X" not in tfidf_cache:
-            tfidf_cache["X"] = B.tfidf_features(data.history, data.split)
-        return tfidf_cache["X"]
-
     for name in baselines:
         if name not in ALL_BASELINES:
             raise DataError(f"unknown baseline '{name}'; known: {', '.join(ALL_BASELINES)}.")
-        if name in ITEM_BASELINES and not data.has_items:
+        if name in ITEM_BASELINES and not has_items:
             continue
         if name == "tfidf":
-            rows.append(Row("tfidf", "baseline", float(data.history.nnz / max(n_rows, 1) * 8),
-                            "sparse (uint32 id, float32 weight) pairs, mean over users", all_tasks, build=tfidf))
+            rows.append(Row("tfidf", "baseline", None, "sparse (uint32 id, float32 weight) pairs, mean over users",
+                            all_tasks, features=R.TfIdf(), sparse_bytes=True))
         elif name == "tfidf_svd":
             seen = set()
             for k in sizes:
-                k_eff = int(min(k, data.history.shape[1] - 1, int((data.split == Split.TRAIN).sum()) - 1))
+                k_eff = int(min(k, n_items - 1, n_train - 1))
                 if k_eff < 1 or k_eff in seen:
                     continue
                 seen.add(k_eff)
                 rows.append(Row(f"tfidf_svd{k_eff}_int8", "baseline", float(k_eff),
                                 "int8 × k (k float32 scales shared by all users)", all_tasks,
-                                build=lambda k=k_eff: B.dequantise_int8(*B.tfidf_svd_int8(data.history, data.split, k,
-                                                                                          seed))))
+                                features=R.TfIdfSVD(k_eff, seed)))
         elif name == "top_items":
             seen = set()
             for b in sizes:
@@ -357,43 +376,79 @@ def _rows(data: BenchData, dm: UserDataModule, tokens_dir: str | None, tokenizer
                 if n_bytes < B.UINT16_BYTES or n_bytes in seen:
                     continue
                 seen.add(n_bytes)
+                if n_items > TOP_ITEMS_MAX:
+                    not_run[f"top_items{n_bytes}"] = (f"its item ids are uint16, and this catalogue has {n_items:,} "
+                                                      f"items (> {TOP_ITEMS_MAX:,})")
+                    continue
                 rows.append(Row(f"top_items{n_bytes}", "baseline", float(n_bytes),
-                                f"{n_bytes // 2} uint16 item ids (padded)", all_tasks,
-                                build=lambda n=n_bytes: B.tfidf_features(B.top_items(data.history, n), data.split)))
+                                f"{n_bytes // 2} uint16 item ids (padded)", all_tasks, features=R.TopItems(n_bytes)))
         elif name == "activity":
-            def act():
-                return B.activity_features(data.sources, data.times, data.values, len(data.spec.sources),
-                                           data.split)[0]
-
-            dim = len(B.activity_features([], [], [], len(data.spec.sources), data.split[:0])[1])
-            rows.append(Row("activity", "baseline", float(dim * 4), "float32 × dim", all_tasks, build=act))
+            act = R.Activity(len(dm.spec.sources))
+            rows.append(Row("activity", "baseline", float(act.dim * 4), "float32 × dim", all_tasks, features=act))
         elif name == "majority":
-            def maj(task: Task, out: dict) -> dict:
-                return B.majority(task.y, data.split, task.kind, scores_out=out)[0]
-
-            rows.append(Row("majority", "baseline", 0.0, "none (a constant)", cls_tasks, run=maj))
+            rows.append(Row("majority", "baseline", 0.0, "none (a constant)", cls_tasks, fit=_majority(users)))
         elif name in RANKING_ONLY:
-            def ranker(task: Task, out: dict, name=name) -> dict:
-                if name == "sasrec":
-                    cfg = B.SASRecConfig(epochs=sasrec_epochs, seed=seed)
-                    return B.sasrec(data.sequences, data.future, data.split, cfg, history=data.history,
-                                    scores_out=out)[0]
-                return getattr(B, name)(data.history, data.future, data.split, scores_out=out)[0]
-
+            limit = {"ease": ("bench.ease_max_items", settings.ease_max_items,
+                              "a dense item × item inverse per λ (O(items³) time, 3 × items² float64)"),
+                     "itemknn": ("bench.itemknn_max_items", settings.itemknn_max_items,
+                                 "a dense item × item similarity (items² float32, twice)")}.get(name)
+            if limit and n_items > limit[1]:
+                not_run[name] = f"{limit[2]}: this catalogue has {n_items:,} items, more than {limit[0]} ({limit[1]:,})"
+                continue
+            if "history" not in extra:
+                extra["history"] = _History(users)
             size, what = (0.0, "none (one ranking for all)") if name == "popularity" else (None, "the full history")
-            rows.append(Row(name, "baseline", size, what, rank_tasks, run=ranker))
-    return rows, extra
+            rows.append(Row(name, "baseline", size, what, rank_tasks,
+                            fit=_ranking_baseline(name, users, settings, sasrec_epochs, seed, extra["history"])))
+    return rows, extra, not_run
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def probe_task(X, task: Task, data: BenchData, probe_epochs: int, probe_batch_size: int, seed: int,
-               scores_out: dict) -> dict:
-    """The protocol's probe of one representation on one task (test metrics, test scores in scores_out)."""
+class _TestScores:
+    """One (row, task)'s test users, a batch at a time: scores and labels (classification), or the
+    running ranking metrics with each user's values (next items)."""
+
+    def __init__(self, task: Task, fitted: Fitted, ks=(10, 20)):
+        self.task, self.fitted = task, fitted
+        self.ranking = TopKRanking(ks, keep_per_user=True) if task.kind == "ranking" else None
+        self.scores: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def add(self, batch: UserBatch, X) -> None:
+        if self.ranking is None:
+            self.scores.append(np.asarray(self.fitted.score(batch, X, np.arange(len(batch)))))
+            self.labels.append(batch.labels[self.task.name])
+            return
+        for start in range(0, len(batch), RANK_CHUNK):
+            pos = np.arange(start, min(start + RANK_CHUNK, len(batch)))
+            with torch.no_grad():
+                scores = torch.as_tensor(self.fitted.score(batch, X, pos))
+            self.ranking.update(scores, batch.future[pos], exclude=batch.history[pos])
+
+    def result(self) -> tuple[dict, np.ndarray]:
+        """``(metrics, the test scores saved for the paired bootstrap)``."""
+        if self.ranking is None:
+            scores = np.concatenate(self.scores)
+            return score_predictions(self.task.kind, scores, np.concatenate(self.labels)), scores
+        from foundv2.bench.report import MAIN
+
+        metrics = {k: float(v) for k, v in self.ranking.compute().items()}
+        per_user = self.ranking.per_user or []
+        key = MAIN["ranking"]
+        values = torch.cat([p[key] for p in per_user]).cpu().numpy() if per_user else np.zeros(0)
+        return metrics, values
+
+
+def _fit_probe(row: Row, X, task: Task, users: BenchUsers, probe_epochs: int, seed: int) -> Fitted:
+    """The protocol's probe of one representation on one task, fitted on the samples."""
+    data = users.fit
     if task.kind == "ranking":
         # 256 users a step: a quarter of the optimiser steps of 64 for the same epochs
-        return fit_next_item_probe(X, data.history, data.future, data.split, epochs=probe_epochs,
-                                   batch_size=probe_batch_size, seed=seed, scores_out=scores_out)
-    return fit_logistic_probe(X, task.y, data.split, task.kind, seed=seed, scores_out=scores_out)
+        stage = fit_next_item(X, data.history, data.future, data.split, epochs=probe_epochs, batch_size=256,
+                              seed=seed)
+        return Fitted(lambda batch, Xb, pos: next_item_scores(stage, Xb[pos]), next_item_info(stage))
+    probe = fit_logistic(X, data.labels[task.name], data.split, task.kind, seed=seed)
+    return Fitted(lambda batch, Xb, pos: probe.predict(Xb[pos]), probe.info())
 
 
 def _versions() -> dict:
@@ -480,6 +535,14 @@ def run_bench(
     qanchor_queries: dict[str, str] | None = None,
     qanchor_tune_steps: int = 300,
     qanchor_prompt_tokens: int = 6,
+    probe_users: int | None = 20_000,
+    val_users: int | None = 10_000,
+    sample_seed: int = 0,
+    batch_users: int = 4096,
+    sasrec_users: int | None = None,
+    ease_max_items: int = 5_000,
+    itemknn_max_items: int = 10_000,
+    qanchor_max_users: int = 50_000,
     progress: bool = True,
     resume: bool = True,
 ) -> dict:
@@ -512,6 +575,30 @@ def run_bench(
             ``foundv2.bench.qanchor.TASK_QUERIES``).
         qanchor_tune_steps: scenario-tuning steps per task.
         qanchor_prompt_tokens: learned prompt tokens per scenario.
+        probe_users: the train users every probe and every fitted baseline (TF-IDF's IDF, the SVD
+            and its int8 scales, popularity, SASRec, the activity reference date, majority) learns
+            from: a seeded sample of this many (every train user when there are fewer; null: every
+            one; the draw of ``data.fit_users`` for the same number and seed). On 50,000 synthetic
+            users 20,000 gave the attribute probes' figures of all 40,000 to within 0.003 and the
+            next-item probe's to within 0.007 NDCG@10, in three quarters of the time and memory
+            (``docs/bench-size.md``); every user's features held at once would not fit at 1M.
+            EASE and item-kNN read the histories of every user the bench reads (these, the
+            validation sample and the test users).
+        val_users: the validation users that choose C, weight decay, λ, k and early stopping: a
+            seeded sample of this many (null: every one). Test metrics always cover every test user.
+        sample_seed: seed of the ``probe_users``, ``val_users`` and ``sasrec_users`` samples.
+        batch_users: test users read, featurised and scored at a time: bounds the memory of a
+            row's test pass (and of the EASE / item-kNN history gram's pass).
+        sasrec_users: SASRec trains on a seeded sample of this many of the ``probe_users`` (null:
+            all of them): the slowest baseline by far (about 6 s per thousand users per epoch on
+            2 cores), and one that keeps gaining from more users, so it takes them all by default.
+        ease_max_items: EASE runs up to this many items; past it the report lists it as not run
+            (its cost is a dense item × item inverse per λ: O(items³) time and three items²
+            float64 matrices, 600 MB at 5,000 items).
+        itemknn_max_items: item-kNN runs up to this many items; past it the report lists it as
+            not run (a dense item × item float32 similarity, held twice: 800 MB at 10,000 items).
+        qanchor_max_users: Q-Anchor rows run on data sets of up to this many users; past it the
+            report lists them as not run (the LLM embeds every user for every task's query).
         progress: show one progress bar over rows × tasks.
         resume: reuse the finished (row, task) results of an unfinished run with the same inputs.
     """
@@ -521,6 +608,9 @@ def run_bench(
               "compare": [list(p) for p in compare or []], "qanchor": qanchor or {},
               "qanchor_queries": qanchor_queries, "qanchor_tune_steps": qanchor_tune_steps,
               "qanchor_prompt_tokens": qanchor_prompt_tokens}
+    settings = Settings(probe_users, val_users, sample_seed, batch_users, sasrec_users, ease_max_items,
+                        itemknn_max_items, qanchor_max_users)
+    inputs["settings"] = {k: v for k, v in vars(settings).items() if k != "batch_users"}  # batches change no figure
     out_dir = Path(output_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -529,10 +619,36 @@ def run_bench(
         raise DataError(f"{out_dir}: the bench's output folder cannot be written ({err.strerror}); "
                         f"pick another output_dir or fix its permissions.") from None
     with _quiet(out_dir / LOG_FILE):
-        return _run(dm, out_dir, inputs, progress, resume)
+        return _run(dm, out_dir, inputs, settings, progress, resume)
 
 
-def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume: bool) -> dict:
+def _checked_tasks(dm: UserDataModule, users: BenchUsers, skip: tuple[str, ...]) -> tuple[list[Task], list[str], bool]:
+    """The tasks this run scores, the notes about those it leaves out, and whether it has items.
+    Every label is checked on all users and on the train sample (one column read at a time)."""
+    spec = dm.spec
+    notes = []
+    for t in users.tasks:
+        if t.column:
+            y = users.column(t.column)
+            train = np.zeros(len(y), bool)
+            train[users.train] = True
+            _check_label(t.name, t.kind, y, users.split, spec.name, train)
+    fit = users.fit
+    tasks = [t for t in users.tasks if t.name not in skip
+             and not (t.kind == "multilabel" and not fit.labels[t.name].any())]
+    has_items = fit.history.shape[1] > 0 and (fit.history.nnz > 0 or fit.future.nnz > 0)
+    if not has_items:
+        tasks = [t for t in tasks if t.kind != "ranking"]
+        notes.append(f"{spec.name} has no item ids: next_items and the item baselines "
+                     f"({', '.join(ITEM_BASELINES)}) are skipped.")
+    elif fit.future.nnz == 0:
+        tasks = [t for t in tasks if t.kind != "ranking"]
+        notes.append(f"{spec.name} holds no future events back (future_frac 0: labels from a separate "
+                     f"period): next_items and the future-behaviour tasks are skipped.")
+    return tasks, notes, has_items
+
+
+def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, progress: bool, resume: bool) -> dict:
     from tqdm.auto import tqdm
 
     skip = tuple(inputs["skip_tasks"] or ())
@@ -541,28 +657,29 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
     np.random.seed(seed)
     t_start = time.perf_counter()
     dm.prepare_data()
-    data = load_bench_data(dm)
-    tasks = [t for t in data.tasks if t.name not in skip]
-    notes = []
-    if not data.has_items:
-        tasks = [t for t in tasks if t.kind != "ranking"]
-        notes.append(f"{data.spec.name} has no item ids: next_items and the item baselines "
-                     f"({', '.join(ITEM_BASELINES)}) are skipped.")
-    elif data.future.nnz == 0:
-        tasks = [t for t in tasks if t.kind != "ranking"]
-        notes.append(f"{data.spec.name} holds no future events back (future_frac 0: labels from a separate "
-                     f"period): next_items and the future-behaviour tasks are skipped.")
-    for note in notes:
-        print(f"bench: {note}", flush=True)
+    dm.setup()
+    users = BenchUsers(dm, bench_tasks(dm), settings.probe_users, settings.val_users, settings.sample_seed,
+                       settings.batch_users)
+    if not len(users.test):
+        raise DataError(f"{dm.spec.name}: the split has no test users, so there is nothing to score; "
+                        f"use more users or check the split fractions.")
+    tasks, notes, has_items = _checked_tasks(dm, users, skip)
     names = list(ALL_BASELINES if inputs["baselines"] is None else inputs["baselines"])
     wanted = inputs["representations"] or ["pooled", "tokens_bag", "tokens_sum"]
     from foundv2.bench.qanchor import QAnchorRows
 
-    qanchor = [QAnchorRows(name, ckpt, dm, tasks, out_dir, inputs["tokens_dir"], inputs["qanchor_queries"],
-                           inputs["qanchor_tune_steps"], inputs["qanchor_prompt_tokens"], seed)
-               for name, ckpt in inputs["qanchor"].items()]
-    rows, extra = _rows(data, dm, inputs["tokens_dir"], inputs["tokenizer_dir"], inputs["embeddings"], names, wanted,
-                        inputs["storage_bytes"] or [16, 64], inputs["sasrec_epochs"], seed, tasks, qanchor)
+    qanchor = []
+    for name, ckpt in inputs["qanchor"].items():
+        labelled = [Task(t.name, t.kind, t.column, users.column(t.column) if t.column else None) for t in tasks]
+        qanchor.append(QAnchorRows(name, ckpt, dm, labelled, out_dir, inputs["tokens_dir"], inputs["qanchor_queries"],
+                                   inputs["qanchor_tune_steps"], inputs["qanchor_prompt_tokens"], seed))
+    rows, extra, not_run = _rows(users, dm, inputs["tokens_dir"], inputs["tokenizer_dir"], inputs["embeddings"], names,
+                                 wanted, inputs["storage_bytes"] or [16, 64], inputs["sasrec_epochs"], seed, tasks,
+                                 has_items, settings, qanchor)
+    for note in notes:
+        print(f"bench: {note}", flush=True)
+    for name, why in not_run.items():
+        print(f"bench: {name} not run at this size: {why}.", flush=True)
     fp = _fingerprint(dm, inputs)
     prog_path = out_dir / PROGRESS_FILE
     done: dict = {}
@@ -586,44 +703,25 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
     bar.update(sum(1 for r in rows for t in r.tasks if t in results[r.name]))
     try:
         for row in rows:
-            todo = [t for t in row.tasks if t not in results[row.name]]
+            todo = [by_name[t] for t in row.tasks if t not in results[row.name]]
             if not todo:
                 continue
-            bar.set_postfix_str(row.name)
-            X = row.build() if row.build is not None else None
-            for name in todo:
-                task = by_name[name]
-                if row.build_task is not None:  # features of this task alone (Q-Anchor: its own query)
-                    X = row.build_task(task)
-                if row.kind == "representation" and X is not None:
-                    results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
-                bar.set_postfix_str(f"{row.name} / {name}")
-                t0 = time.perf_counter()
-                scores: dict = {}
-                res = row.run(task, scores) if row.run else probe_task(X, task, data, inputs["probe_epochs"],
-                                                                       256, seed, scores)
-                test = scores["test"]
-                if task.kind == "ranking":
-                    from foundv2.bench.report import MAIN
-
-                    test = test[MAIN["ranking"]]
-                _save_scores(out_dir, row.name, name, test)
-                results[row.name][name] = {**{k: float(v) for k, v in res.items()}, "seconds": time.perf_counter() - t0}
-                log.info("%s / %s: %s", row.name, name, results[row.name][name])
-                atomic_write_json(prog_path, {"fingerprint": fp, "results": results})
-                bar.update(1)
-            del X
+            _run_row(row, todo, users, inputs, results, out_dir, bar)
+            atomic_write_json(prog_path, {"fingerprint": fp, "results": results})
     finally:
         bar.close()
     bench = {
         "protocol": PROTOCOL,
         "dataset": dm.hparams.dataset,
-        "split_sizes": {s.name.lower(): int((data.split == s).sum()) for s in Split},
+        "split_sizes": {s.name.lower(): int((users.split == s).sum()) for s in Split},
+        "users": users.counts(),
+        "settings": {k: v for k, v in vars(settings).items()},
         "seed": seed,
         "split_seed": dm.hparams.split_seed,
-        "num_items": int(data.history.shape[1]),
-        "has_items": data.has_items,
+        "num_items": int(users.n_items),
+        "has_items": has_items,
         "notes": notes + [n for qa in qanchor for n in qa.notes],
+        "not_run": not_run,
         "tasks": {t.name: t.kind for t in tasks},
         "storage_bytes": sorted({int(b) for b in inputs["storage_bytes"] or [16, 64]}),
         "versions": _versions(),
@@ -634,9 +732,65 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, progress: bool, resume
     }
     from foundv2.bench.report import write_report
 
-    labels = {t.name: t.y[data.split == Split.TEST] for t in tasks if t.y is not None}
+    labels = users.test_labels([t for t in tasks if t.kind != "ranking"])
     bench["pairs"] = _paired(out_dir, inputs["compare"], tasks, labels)
-    write_report(bench, out_dir, extra.get("usage"), labels)
+    tok = extra.get("tokens")
+    usage = (tok.usage.tolist(), tok.levels) if tok is not None and tok.usage.any() else None
+    write_report(bench, out_dir, usage, labels)
     prog_path.unlink(missing_ok=True)
     shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
     return bench
+
+
+def _run_row(row: Row, todo: list[Task], users: BenchUsers, inputs: dict, results: dict, out_dir: Path, bar) -> None:
+    """Fit the row's probes (or its model) for ``todo`` on the samples, score every test user a
+    batch at a time, record each task's metrics and test scores."""
+    seed = inputs["seed"]
+    seconds = {t.name: 0.0 for t in todo}
+    t0 = time.perf_counter()
+    X = None
+    nonzeros = [0, 0]  # of the features read, and their users (sparse_bytes)
+    if row.features is not None:
+        row.features.fit(users.fit)
+        X = row.features(users.fit)
+        if row.kind == "representation":
+            results[row.name]["bytes_per_user"] = float(X.shape[1] * 4)
+        if row.sparse_bytes:
+            nonzeros = [X.nnz, X.shape[0]]
+    shared = (time.perf_counter() - t0) / len(todo)
+    if X is not None:
+        log.info("%s: features of the %d sampled users in %.1f s", row.name, X.shape[0], shared * len(todo))
+    fitted = {}
+    for task in todo:
+        bar.set_postfix_str(f"{row.name} / {task.name}")
+        t1 = time.perf_counter()
+        if row.fit is not None:
+            fitted[task.name] = row.fit(task)
+        else:
+            Xt = X if row.task_features is None else row.task_features(users.fit, task)
+            if row.kind == "representation" and Xt is not None:
+                results[row.name]["bytes_per_user"] = float(Xt.shape[1] * 4)
+            fitted[task.name] = _fit_probe(row, Xt, task, users, inputs["probe_epochs"], seed)
+        seconds[task.name] += shared + time.perf_counter() - t1
+    del X
+    bar.set_postfix_str(f"{row.name} / test users")
+    t2 = time.perf_counter()
+    test = {t.name: _TestScores(t, fitted[t.name]) for t in todo}
+    for batch in users.test_batches():
+        Xb = row.features(batch) if row.features is not None else None
+        if row.sparse_bytes:
+            nonzeros = [nonzeros[0] + Xb.nnz, nonzeros[1] + Xb.shape[0]]
+        for task in todo:
+            test[task.name].add(batch, Xb if row.task_features is None else row.task_features(batch, task))
+    per_task = (time.perf_counter() - t2) / len(todo)
+    log.info("%s: %d test users scored in %.1f s", row.name, len(users.test), per_task * len(todo))
+    if row.sparse_bytes:  # the mean over the users read: every user when the samples hold them all
+        results[row.name]["bytes_per_user"] = float(nonzeros[0] / max(nonzeros[1], 1) * 8)
+    for task in todo:
+        metrics, scores = test[task.name].result()
+        _save_scores(out_dir, row.name, task.name, scores)
+        res = {**metrics, **fitted[task.name].info}
+        results[row.name][task.name] = {**{k: float(v) for k, v in res.items()},
+                                        "seconds": seconds[task.name] + per_task}
+        log.info("%s / %s: %s", row.name, task.name, results[row.name][task.name])
+        bar.update(1)
