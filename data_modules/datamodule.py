@@ -5,6 +5,12 @@ a cache folder named by the config's hash); ``setup`` only memory-maps what is t
 process. Batches are user-level (a user's windows stay together). Under DDP, Lightning's
 distributed sampler gives each rank a disjoint shard of users (predict uses the unrepeated
 sampler, so every user is predicted exactly once).
+
+At scale: training and validation read a seeded sample of users (``fit_users``, ``val_users``:
+:meth:`UserDataModule.fit_rows`), the same on every rank; ``predict`` streams every user, a batch
+at a time, optionally ordered by length (``predict_order``). No step holds every user's columns:
+rows are read per batch as Arrow (:class:`UserRows`), and the pages of the memory-mapped files a
+pass has read are handed back as it goes (:func:`release_pages`).
 """
 
 from __future__ import annotations
@@ -448,10 +454,11 @@ class UserDataModule(L.LightningDataModule):
             self.text_emb = np.load(self.prepared_dir / "text_emb.npy", mmap_mode="r")
         except (ValueError, OSError) as err:
             raise DataError(f"{self.prepared_dir / 'text_emb.npy'}: corrupt ({err}); delete the folder to rebuild.") from err
-        self.split = np.asarray(self.table["split"], dtype=np.int64)
+        self.split = self.table.data.column("split").to_numpy().astype(np.int64)
         self._open_input(self._choose_batch_kind())
         if self.hparams.teacher_dir:
             self.teacher = self._open_teacher(self.hparams.teacher_dir)
+        release_pages(self.data_files())  # what reading the per-user scalars (split, row) mapped in
 
     def _open_teacher(self, folder: str) -> TeacherVectors:
         """``teacher_dir`` → the ``user_emb`` of the users a fit reads (the ``fit_users`` and
@@ -514,7 +521,7 @@ class UserDataModule(L.LightningDataModule):
                             f"(written by an older foundv2?); run the step that writes it again.")
         if kind.only_columns:
             self.input_table = self.input_table.select_columns(list(kind.columns))
-        self.input_split = np.asarray(self.input_table["split"], dtype=np.int64)
+        self.input_split = self.input_table.data.column("split").to_numpy().astype(np.int64)
         self.input_row = (np.arange(len(self.input_table)) if kind.input_arg is None
                           else np.asarray(self.input_table.data.column("row").to_numpy(), np.int64))
 

@@ -39,12 +39,11 @@ from data_modules.store import Split
 
 
 def read_vectors(ds, column: str, positions: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """``[len(positions), D]`` float32: a fixed-size-list column of a ``datasets.Dataset`` at these
-    rows, read a chunk at a time (never the whole column)."""
+    """``[len(positions), D]`` float32: a list column of a ``datasets.Dataset`` as a stage output is
+    read (:func:`~data_modules.store.read_stage_output`: its table's rows are its rows) at these rows,
+    read a chunk at a time (never the whole column)."""
     positions = np.asarray(positions, np.int64)
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    if hasattr(ds, "_indices") and ds._indices is not None:  # a selected view: its rows in the underlying table
-        positions = np.asarray(ds._indices.column(0).to_numpy(), np.int64)[positions]
     col = table.column(column)
     dim = col.type.list_size if hasattr(col.type, "list_size") else None
     parts = []
