@@ -297,16 +297,16 @@ def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, width = rows.shape
     if n == 0:
         return rows[:0], np.zeros(0, np.int64), np.zeros(0, np.int64)
-    values = rows.astype(np.int64) + 1
-    if values.min() < 0:
+    if int(rows.min()) < -1:
         raise ValueError("unique_rows takes values >= -1")
-    bits = max(int(values.max()).bit_length(), 1)
+    bits = max((int(rows.max()) + 1).bit_length(), 1)
     per_word = max(64 // bits, 1)
     words = []
     for start in range(0, width, per_word):
         word = np.zeros(n, np.uint64)
         for j in range(start, min(start + per_word, width)):
-            word = (word << np.uint64(bits)) | values[:, j].astype(np.uint64)
+            word <<= np.uint64(bits)
+            word |= (rows[:, j].astype(np.int64) + 1).astype(np.uint64)
         words.append(word)
     order = np.lexsort(words[::-1])  # the first word is the primary key
     new = np.zeros(n, bool)
@@ -331,7 +331,7 @@ def _bucket_of(rows: np.ndarray, buckets: int) -> np.ndarray:
     return (h % np.uint64(buckets)).astype(np.int64)
 
 
-def token_collisions(folder: Path, meta: dict, users_per_bucket: int = 10_000, chunk_users: int = 8192) -> dict:
+def token_collisions(folder: Path, meta: dict, users_per_bucket: int = 10_000, chunk_users: int = 2048) -> dict:
     """The collision figures of report.json over a tokens dataset, streamed: each chunk of users'
     (user, window) code tuples (:func:`window_code_tuples`), counted per distinct tuple, goes to one
     of ``1 + users // users_per_bucket`` files by a hash of the tuple, so equal tuples meet in one
