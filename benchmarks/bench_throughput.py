@@ -1,6 +1,7 @@
 """Predict throughput and FLOP utilisation of the shipped synthetic pipeline's stages.
 
-Run:  .venv/bin/python benchmarks/bench_throughput.py [--users 10000] [--fit-steps 20] [--only stage1,tokenizer,alignment]
+Run:  .venv/bin/python benchmarks/bench_throughput.py [--users 10000] [--fit-steps 20] [--threads N]
+          [--predict-order rows|length] [--fit-users N] [--only stage1,tokenizer,alignment]
 
 Prepares ``--users`` synthetic users (experiments/synthetic/data.yaml), fits each stage of
 experiments/synthetic/pipeline.yaml for ``--fit-steps`` steps (a short fit: a predict's cost
@@ -41,15 +42,22 @@ def output_digest(folder: Path) -> str:
     """blake2b of every part's bytes, in part order (meta.json left out: it holds paths)."""
     h = hashlib.blake2b(digest_size=16)
     for part in json.loads((folder / "meta.json").read_text())["parts"]:
-        h.update((folder / part).read_bytes())
+        with open(folder / part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def stage_args(name: str, run: Path, users: int, cache: str) -> list[str]:
+def stage_args(name: str, run: Path, users: int, cache: str, order: str | None = None,
+               fit_users: int | None = None) -> list[str]:
     configs, reads = STAGES[name]
     args = ["--config", f"{EXP}/data.yaml", *sum((["--config", c] for c in configs), [])]
     args += ["--data.loader_args", json.dumps({"n_users": users, "seed": 0}), "--data.cache_dir", cache,
              "--data.progress", "false", "--trainer.accelerator", "cpu"]
+    if order:
+        args += ["--data.predict_order", order]
+    if fit_users:  # fit on a sample, as a run at scale does (validation on a tenth of it)
+        args += ["--data.fit_users", str(fit_users), "--data.val_users", str(max(fit_users // 10, 1))]
     for key, step in reads.items():
         where = run / "tokenizer" / "export" if step == "tokenizer-export" else run / step / "out"
         args += [f"--{key}", str(where)]
@@ -78,16 +86,20 @@ def main() -> None:
     ap.add_argument("--cache", default=".cache/foundv2")
     ap.add_argument("--run-dir", default="runs/throughput")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--predict-order", default=None, help="data.predict_order of the predicts (rows or length)")
+    ap.add_argument("--fit-users", type=int, default=None, help="data.fit_users of the fits (val_users: a tenth)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Path(a.run_dir) / str(a.users)
     peak = matmul_peak_flops()
     figures = {"peak_flops": peak, "users": a.users, "stages": {}}
-    for name in STAGES:
-        args = stage_args(name, run, a.users, a.cache)
+    only = a.only.split(",")
+    last = max(list(STAGES).index(s) for s in only)
+    for name in list(STAGES)[: last + 1]:
+        args = stage_args(name, run, a.users, a.cache, a.predict_order, a.fit_users)
         ckpt = fit(name, run, args, a.fit_steps)
-        if name not in a.only.split(",") and (run / name / "out" / "meta.json").exists():
+        if name not in only and (run / name / "out" / "meta.json").exists():
             continue  # a later stage reads this stage's output as it is
         stage, dm = from_config(args)
         res = predict_throughput(stage, dm, ckpt_path=str(ckpt), peak_flops=peak, keep_dir=str(run / name / "out"))
@@ -95,6 +107,7 @@ def main() -> None:
         figures["stages"][name] = res
         print(name, json.dumps(res), flush=True)
     write_results("throughput", figures, {"users": a.users, "fit_steps": a.fit_steps, "threads": torch.get_num_threads(),
+                                          "predict_order": a.predict_order or "rows", "fit_users": a.fit_users,
                                           "stages": {k: v[0] for k, v in STAGES.items()}})
 
 
