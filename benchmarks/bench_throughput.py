@@ -1,17 +1,18 @@
 """Predict throughput and FLOP utilisation of the shipped synthetic pipeline's stages.
 
 Run:  .venv/bin/python benchmarks/bench_throughput.py [--users 10000] [--fit-steps 20] [--threads N]
-          [--predict-order rows|length] [--fit-users N] [--only stage1,tokenizer,alignment]
+          [--orders rows,length] [--fit-users N] [--only stage1,tokenizer,alignment] [--markdown docs/throughput.md]
 
 Prepares ``--users`` synthetic users (experiments/synthetic/data.yaml), fits each stage of
 experiments/synthetic/pipeline.yaml for ``--fit-steps`` steps (a short fit: a predict's cost
 does not depend on how long the weights were trained) into ``runs/throughput/<users>/``, then
-measures each stage's predict over every user with :func:`foundv2.throughput.predict_throughput`:
-users/s, matmul FLOPs per user, the machine's measured fp32 matmul peak, the utilisation, and
-where the time goes (reading and collating, the model, the Arrow writer). Each stage's output
-is kept (the next stage reads it) and its digest printed, so a change that must not alter the
-outputs can be checked by comparing digests before and after. Writes
-``bench-results/throughput.json``.
+measures each stage's predict over every user with :func:`foundv2.throughput.predict_throughput`,
+once per ``data.predict_order`` in ``--orders`` (side by side in one process): users/s, matmul
+FLOPs per user, the machine's measured fp32 matmul peak, the utilisation, and where the time goes
+(reading and collating, the model, the Arrow writer). The first order's output is kept (the next
+stage reads it) and its digest printed, so a change that must not alter the outputs can be checked
+by comparing digests before and after. Writes ``bench-results/throughput.json`` (and, with
+``--markdown``, the table).
 """
 
 from __future__ import annotations
@@ -78,6 +79,26 @@ def fit(name: str, run: Path, args: list[str], steps: int) -> Path:
     return last_checkpoint(folder)
 
 
+def markdown(figures: dict, command: str) -> str:
+    """The docs table: one row per (stage, predict order)."""
+    lines = ["# Predict throughput of the synthetic pipeline's stages", "",
+             f"Written by `{command}` ({figures['users']:,} synthetic users, one process, "
+             f"{figures['threads']} torch threads, 2 cores shared with other work: seconds are noisy, compare rows "
+             f"of one table). Peak: the best fp32 1024x1024 matmul of the run (measured before and after each "
+             f"predict), {figures['peak_flops'] / 1e9:.0f} GFLOP/s. "
+             "FLOPs are matmul-class FLOPs (FlopCounterMode) of predict_step, padding included; the time is the "
+             "whole predict (reading and collating rows, the model, the Arrow writer).", "",
+             "| stage | predict_order | users/s | MFLOP/user | utilisation | data s | model s | write s | other s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, by_order in figures["stages"].items():
+        for order, r in by_order.items():
+            b = r["breakdown"]
+            lines.append(f"| {name} | {order} | {r['users_per_s']:,.0f} | {r['flops_per_user'] / 1e6:.1f} | "
+                         f"{r['utilisation']:.1%} | {b['data']:.1f} | {b['model']:.1f} | {b['write']:.1f} | "
+                         f"{b['other']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=10_000)
@@ -86,29 +107,43 @@ def main() -> None:
     ap.add_argument("--cache", default=".cache/foundv2")
     ap.add_argument("--run-dir", default="runs/throughput")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--predict-order", default=None, help="data.predict_order of the predicts (rows or length)")
+    ap.add_argument("--orders", default="rows,length",
+                    help="data.predict_order values measured side by side; the first one's output feeds the next stage")
     ap.add_argument("--fit-users", type=int, default=None, help="data.fit_users of the fits (val_users: a tenth)")
+    ap.add_argument("--markdown", default=None, help="also write the table to this file (docs/throughput.md)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Path(a.run_dir) / str(a.users)
     peak = matmul_peak_flops()
-    figures = {"peak_flops": peak, "users": a.users, "stages": {}}
+    orders = a.orders.split(",")
+    figures = {"peak_flops": peak, "users": a.users, "threads": torch.get_num_threads(), "stages": {}}
     only = a.only.split(",")
     last = max(list(STAGES).index(s) for s in only)
     for name in list(STAGES)[: last + 1]:
-        args = stage_args(name, run, a.users, a.cache, a.predict_order, a.fit_users)
-        ckpt = fit(name, run, args, a.fit_steps)
+        ckpt = fit(name, run, stage_args(name, run, a.users, a.cache, orders[0], a.fit_users), a.fit_steps)
         if name not in only and (run / name / "out" / "meta.json").exists():
             continue  # a later stage reads this stage's output as it is
-        stage, dm = from_config(args)
-        res = predict_throughput(stage, dm, ckpt_path=str(ckpt), peak_flops=peak, keep_dir=str(run / name / "out"))
-        res["digest"] = output_digest(run / name / "out")
-        figures["stages"][name] = res
-        print(name, json.dumps(res), flush=True)
+        for i, order in enumerate(orders if name in only else orders[:1]):
+            stage, dm = from_config(stage_args(name, run, a.users, a.cache, order, a.fit_users))
+            keep = run / name / "out" if i == 0 else None  # the first order's output feeds the next stage
+            res = predict_throughput(stage, dm, ckpt_path=str(ckpt), keep_dir=str(keep) if keep else None)
+            peak = max(peak, res["peak_flops"])
+            if keep:
+                res["digest"] = output_digest(keep)
+            if name in only:
+                figures["stages"].setdefault(name, {})[order] = res
+            print(name, order, json.dumps(res), flush=True)
+    figures["peak_flops"] = peak  # the best of every measure in the run: utilisation against it
+    for by_order in figures["stages"].values():
+        for r in by_order.values():
+            r["peak_flops"], r["utilisation"] = peak, r["users_per_s"] * r["flops_per_user"] / peak
     write_results("throughput", figures, {"users": a.users, "fit_steps": a.fit_steps, "threads": torch.get_num_threads(),
-                                          "predict_order": a.predict_order or "rows", "fit_users": a.fit_users,
+                                          "orders": orders, "fit_users": a.fit_users,
                                           "stages": {k: v[0] for k, v in STAGES.items()}})
+    if a.markdown:
+        Path(a.markdown).write_text(markdown(figures, "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:])))
+        print(f"wrote {a.markdown}")
 
 
 if __name__ == "__main__":

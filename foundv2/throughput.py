@@ -11,7 +11,8 @@ process and returns::
                      ``flop_batches`` of the run's batches, spread over it: matmuls, linear
                      layers, attention, padding included; elementwise work is not counted)
     peak_flops       the measured fp32 matmul peak of this machine (:func:`matmul_peak_flops`)
-                     with this process's thread count, FLOP/s
+                     with this process's thread count, FLOP/s (the better of two measures, before
+                     and after the run, unless given)
     utilisation      users_per_s * flops_per_user / peak_flops
     breakdown        seconds in ``data`` (reading rows and collating them into a batch),
                      ``model`` (``predict_step``), ``write`` (the Arrow writer) and ``other``
@@ -39,9 +40,11 @@ import numpy as np
 import torch
 
 
-def matmul_peak_flops(n: int = 1024, reps: int = 10) -> float:
+def matmul_peak_flops(n: int = 1024, reps: int = 30) -> float:
     """The best fp32 FLOP/s of an ``n × n`` matmul over ``reps`` tries (this process's threads):
-    the ceiling the stages' matmuls are measured against."""
+    the ceiling the stages' matmuls are measured against. On a machine shared with other work a
+    measure taken while another process holds a core comes out low: take the best of several,
+    spread over a run (:func:`predict_throughput` measures before and after)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     out = torch.empty(n, n)
@@ -119,7 +122,8 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
             ``predict_splits`` covers.
         flop_batches: predict batches whose FLOPs are counted (after the timed run), spread
             evenly over the run's batches.
-        peak_flops: the machine's peak (FLOP/s); None measures it (:func:`matmul_peak_flops`).
+        peak_flops: the machine's peak (FLOP/s); None measures it (:func:`matmul_peak_flops`, the
+            better of a measure before and one after the run).
         keep_dir: write the predict output here and keep it (None: a scratch folder, removed).
     """
     import lightning as L
@@ -128,6 +132,7 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
 
     datamodule.prepare_data()
     datamodule.setup("predict")
+    peak_before = None if peak_flops else matmul_peak_flops()
     limit = None
     if max_users is not None:
         limit = max(1, -(-int(max_users) // int(datamodule.hparams.batch_size)))
@@ -170,7 +175,7 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
         stage.predict_dir = saved_dir
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = timing.seconds
-    peak = float(peak_flops) if peak_flops else matmul_peak_flops()
+    peak = float(peak_flops) if peak_flops else max(peak_before, matmul_peak_flops())
     per_user = flops / max(counted, 1)
     users_per_s = users / seconds
     return {"users": users, "seconds": seconds, "users_per_s": users_per_s, "flops_per_user": per_user,
