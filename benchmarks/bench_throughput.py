@@ -10,8 +10,8 @@ measures each stage's predict over every user with :func:`foundv2.throughput.pre
 once per ``data.predict_order`` in ``--orders`` (side by side in one process): users/s, matmul
 FLOPs per user, the machine's measured fp32 matmul peak, the utilisation, and where the time goes
 (reading and collating, the model, the Arrow writer). The first order's output is kept (the next
-stage reads it) and its digest printed, so a change that must not alter the outputs can be checked
-by comparing digests before and after. Writes ``bench-results/throughput.json`` (and, with
+stage reads it) and a digest of its content printed, so a change that must not alter the outputs
+can be checked by comparing digests before and after. Writes ``bench-results/throughput.json`` (and, with
 ``--markdown``, the table).
 """
 
@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,14 +41,31 @@ STAGES = {
 }
 
 
+def _column_arrays(arr: pa.Array) -> list[np.ndarray]:
+    """A column chunk as the arrays its content is made of, whatever its record-batch layout: list
+    lengths at every nesting level, then the leaf values."""
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        return [np.diff(arr.offsets.to_numpy()).astype(np.int64), *_column_arrays(arr.flatten())]
+    if pa.types.is_fixed_size_list(arr.type):
+        return _column_arrays(arr.flatten())
+    return [np.ascontiguousarray(arr.to_numpy(zero_copy_only=False))]
+
+
 def output_digest(folder: Path) -> str:
-    """blake2b of every part's bytes, in part order (meta.json left out: it holds paths)."""
-    h = hashlib.blake2b(digest_size=16)
+    """blake2b of a stage output's content (every column's values, lists' lengths, in part and row
+    order), read a record batch at a time; equal for equal data however it was cut into record
+    batches (meta.json left out: it holds paths)."""
+    hashes: dict[tuple[str, int], hashlib.blake2b] = {}  # (column, nesting level): its stream of arrays
     for part in json.loads((folder / "meta.json").read_text())["parts"]:
-        with open(folder / part, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+        with pa.OSFile(str(folder / part)) as source:
+            for batch in pa.ipc.open_stream(source):
+                for name, col in zip(batch.schema.names, batch.columns, strict=True):
+                    for level, a in enumerate(_column_arrays(col)):
+                        hashes.setdefault((name, level), hashlib.blake2b(digest_size=16)).update(a.tobytes())
+    total = hashlib.blake2b(digest_size=16)
+    for key in sorted(hashes):
+        total.update(f"{key[0]}/{key[1]}".encode() + hashes[key].digest())
+    return total.hexdigest()
 
 
 def stage_args(name: str, run: Path, users: int, cache: str, order: str | None = None,
