@@ -76,7 +76,9 @@ def test_config_parses(path, tmp_path, monkeypatch):
         from foundv2.pipeline import parse_config
 
         cfg = parse_config(["--config", str(path)])  # validated: every read names an earlier step's folder
-        for conf in (cfg.data, *(c for s in cfg.steps for c in s.configs())):
+        from foundv2.pipeline import data_configs
+
+        for conf in (*data_configs(cfg), *(c for s in cfg.steps for c in s.configs())):
             assert (ROOT / conf).exists(), conf
     else:
         from foundv2.bench.run import run_bench
@@ -98,7 +100,7 @@ def test_every_step_of_a_pipeline_sees_the_same_data_config(path, tmp_path, monk
 
     from foundv2.bench.run import run_bench
     from foundv2.launch import function_parser, lightning_cli
-    from foundv2.pipeline import parse_config, step_args
+    from foundv2.pipeline import data_configs, parse_config, step_args
 
     monkeypatch.chdir(ROOT)
     cfg = parse_config(["--config", str(path)])
@@ -115,7 +117,7 @@ def test_every_step_of_a_pipeline_sees_the_same_data_config(path, tmp_path, monk
         # inputs from earlier steps differ by design; LightningCLI adds its own `_instantiator`
         seen[step.name] = {k: v for k, v in data.items() if k not in read and not k.startswith("_")}
     first = next(iter(seen.values()))
-    assert len(seen) == len(cfg.steps) and first["dataset"] == yaml.safe_load(Path(cfg.data).read_text())["data"]["dataset"]
+    assert len(seen) == len(cfg.steps) and first["dataset"] == yaml.safe_load(Path(data_configs(cfg)[0]).read_text())["data"]["dataset"]
     for name, data in seen.items():
         assert data == first, (name, {k: (first.get(k), data.get(k)) for k in first.keys() | data.keys()
                                       if first.get(k) != data.get(k)})
