@@ -24,8 +24,10 @@ an exact size in bytes per user):
   statistics per source, recency, frequency, tenure and calendar position (float32).
 
 Histories are inputs (EASE and item-kNN fit on every user's history rows, like any
-unsupervised representation); futures are targets, and only the validation users' futures
-choose hyper-parameters. Splits: ``0`` train, ``1`` validation, ``2`` test.
+unsupervised representation; in the bench, every user it reads); futures are targets, and only
+the validation users' futures choose hyper-parameters. Splits: ``0`` train, ``1`` validation,
+``2`` test. Each model has a ``fit_*`` that returns what it learned (:func:`fit_ease`,
+:func:`fit_itemknn`, :func:`fit_sasrec`), for scoring other users later, a batch at a time.
 """
 
 from __future__ import annotations
