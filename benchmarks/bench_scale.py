@@ -2,7 +2,7 @@
 own files at 1M users, and preparation on 1 and 2 ranks.
 
 Run:  make bench-scale                     (writes bench-results/scale.json, bench-results/scale.png
-                                            and docs/scale-measured.md)
+                                            and docs/scale.md)
       python benchmarks/bench_scale.py --only files,ranks       (the data parts only)
       python benchmarks/bench_scale.py --sizes 10000 --only synthetic
 
@@ -245,21 +245,33 @@ def throughput(args: list[str], ckpt: Path | None, log: Path) -> dict:
     return json.loads(line[len("THROUGHPUT "):])
 
 
-def run_synthetic(n: int, root: Path) -> dict:
-    """Every step at ``n`` users (see the module docstring), in ``root / str(n)``."""
+def run_synthetic(n: int, root: Path, resume: bool = True) -> dict:
+    """Every step at ``n`` users (see the module docstring), in ``root / str(n)``; with ``resume``, the
+    steps already measured there (``figures.json``) are kept and the run goes on from the next one."""
     from foundv2.launch import best_or_last_checkpoint
 
     work = root / str(n)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    done = work / "figures.json"  # the steps measured so far: a killed run goes on from the next one
+    out: dict = json.loads(done.read_text()) if resume and done.exists() else {}
+    if not out:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+
+    def keep(name: str, fig: dict) -> None:
+        out[name] = fig
+        done.write_text(json.dumps(out, indent=1))
+
     cfg = yaml.safe_load(PIPELINE.read_text())["pipeline"]
     data = [*cfg["data"], str(size_config(n, work, work / "cache"))]
     data_args = [a for d in data for a in ("--config", d)]
     logs = work / "logs"
-    out: dict = {"prepare": per_user(measure(foundv2("data", *data_args), logs / "prepare.log"), n)}
+    if "prepare" not in out:
+        keep("prepare", per_user(measure(foundv2("data", *data_args), logs / "prepare.log"), n))
     print(f"{n} users: prepare {out['prepare']['seconds']:.0f} s", flush=True)
     run = work / "run"
     for k, step in enumerate(cfg["steps"], 1):
+        if step["name"] in out:
+            continue
         prefix = pipeline_prefix(cfg, k, data, run, work / f"pipeline-{k}.yaml")
         fig = per_user(measure(foundv2("pipeline", "--config", str(prefix)), logs / f"{step['name']}.log"), n)
         if step["name"] in PREDICT_STEPS:
@@ -269,18 +281,21 @@ def run_synthetic(n: int, root: Path) -> dict:
             args = step_args(pc, pc.steps[-1], run)
             fig["predict"] = throughput(args, best_or_last_checkpoint(run / step["name"]),
                                         logs / f"{step['name']}-throughput.log")
-        out[step["name"]] = fig
+        keep(step["name"], fig)
         print(f"{n} users: {step['name']} {fig['seconds']:.0f} s, peak {fig['peak_rss_mb']:.0f} MB", flush=True)
     # append one day window to every user: the cache first (once), then the measured append
     prepared = prepared_folder(work / "cache")
     events = work / "next-day.parquet"
-    next_day_events(prepared, events)
+    if "append" not in out:
+        next_day_events(prepared, events)
     app = ["tokenize", "--append", *data_args, "--tokenizer", str(run / "tokenizer" / "export"),
            "--qformer", str(best_or_last_checkpoint(run / "stage1"))]
-    out["append_cache"] = per_user(measure(foundv2(*app, "--tokens", str(run / "tokenizer" / "tokens"), "--output",
-                                                   str(work / "tokens-v0")), logs / "append_cache.log"), n)
-    out["append"] = per_user(measure(foundv2(*app, "--tokens", str(work / "tokens-v0"), "--events", str(events),
-                                             "--output", str(work / "tokens-v1")), logs / "append.log"), n)
+    if "append_cache" not in out:
+        keep("append_cache", per_user(measure(foundv2(*app, "--tokens", str(run / "tokenizer" / "tokens"), "--output",
+                                                      str(work / "tokens-v0")), logs / "append_cache.log"), n))
+    if "append" not in out:
+        keep("append", per_user(measure(foundv2(*app, "--tokens", str(work / "tokens-v0"), "--events", str(events),
+                                                "--output", str(work / "tokens-v1")), logs / "append.log"), n))
     print(f"{n} users: append {out['append']['seconds']:.0f} s", flush=True)
     out["disk_mb"] = {s["name"]: sum(f.stat().st_size for f in (run / s["name"] / s["output"]).rglob("*")
                                      if f.is_file()) / 2**20 for s in cfg["steps"] if s.get("output")}
@@ -477,6 +492,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="run folder (gitignored)")
     ap.add_argument("--gpu-utilisation", type=float, default=0.1,
                     help="share of an H100's dense bf16 peak assumed for the 100M-user GPU-hours (not measured)")
+    ap.add_argument("--fresh", action="store_true", help="measure every step again (default: a size's run goes on "
+                    "from the last step it measured, so a killed run loses one step)")
     a = ap.parse_args()
     if a.measure:
         measure_child(a.measure)
@@ -489,7 +506,7 @@ def main() -> None:
     if "synthetic" in only:
         figures.setdefault("synthetic", {})
         for n in [int(x) for x in a.sizes.split(",")]:
-            figures["synthetic"][str(n)] = run_synthetic(n, work / "synthetic")
+            figures["synthetic"][str(n)] = run_synthetic(n, work / "synthetic", resume=not a.fresh)
             write_results("scale", figures, {"sizes": a.sizes})  # keep what is done
         figures["targets"] = targets(figures["synthetic"])
     if "files" in only:
