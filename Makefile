@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale clean
+.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -39,7 +39,7 @@ test-full: $(STAMP)  ## every test, the slow ones included
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check foundv2 data_modules tests benchmarks
+	$(BIN)/ruff check foundv2 data_modules tests benchmarks research
 
 bench: bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale  ## every benchmark
 
@@ -63,6 +63,9 @@ bench-qanchor: $(STAMP)  ## Query-as-Anchor KV-cache serving on SmolLM2-135M -> 
 
 bench-scale: $(STAMP)  ## every pipeline step at 10k/100k/1M users, own files at 1M, 1 vs 2 ranks -> bench-results/scale.json
 	$(BIN)/python benchmarks/bench_scale.py
+
+gpu-check:  ## on a GPU machine: every stage once in bf16, fp32 for speed, DDP (PARTS="q tok ..." for some)
+	bash benchmarks/gpu_check.sh $(PARTS)
 
 clean:  ## remove caches and run outputs (not the venv)
 	rm -rf .cache runs bench-results lightning_logs

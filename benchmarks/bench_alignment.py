@@ -98,8 +98,7 @@ def run_append(n_users: int, days: int, work: Path, reuse: bool = False) -> dict
     size are kept and only the timed commands run again."""
     import pandas as pd
 
-    sys.path.insert(0, str(ROOT))
-    from tests.test_append import QFORMER, data_config, stage_config, tokenizer_model, write_split_events
+    from foundv2.append_world import QFORMER, data_config, stage_config, tokenizer_model, write_split_events
 
     reuse = reuse and (work / "v0" / "meta.json").exists() and \
         json.loads((work / "v0" / "meta.json").read_text())["append"]["history"][-1]["users"] == n_users

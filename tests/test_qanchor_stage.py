@@ -24,7 +24,7 @@ QUESTIONS = [{"name": "future", "query": "What will this user do next?", "answer
              {"name": "fav", "query": "Which categories does this user like most?", "answer": "top_categories"},
              {"name": "tod", "query": "When in the day is this user active?", "answer": "time_of_day"}]
 EPOCHS = 12
-LR = 3e-4  # at 2e-3 and above the tiny LM's InfoNCE collapses to uniform for 100+ steps (benchmarks/qanchor_train.py)
+LR = 3e-4  # at 2e-3 and above the tiny LM's InfoNCE collapses to uniform for 100+ steps (research/qanchor_train.py)
 
 
 def _dm(cache, **kw) -> UserDataModule:

@@ -309,7 +309,7 @@ def fit_logistic_probe(
         max_iter: LBFGS iterations per fit.
         seed: random state of the solver.
         warm_start: start each C's LBFGS from the previous C's solution (False: from zero;
-            ``benchmarks/bench_probe_solver.py`` times both).
+            ``research/probe_solver.py`` times both).
         scores_out: if given, ``scores_out['test']`` receives the chosen probe's test scores (in
             :func:`score_predictions` layout, test users in row order), e.g. for
             :func:`paired_bootstrap`.

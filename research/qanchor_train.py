@@ -3,7 +3,7 @@ accuracy (and the next-token loss) averaged over every ``--every`` steps, beside
 
 Run (MovieLens-100k questions, SmolLM2-135M, one thread):
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/qanchor_train.py --data movielens-100k \\
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python research/qanchor_train.py --data movielens-100k \\
         --lm smollm2 --steps 200 --batch 16 --max-events 32
 
 ``--data synthetic`` (with ``--lm tiny``) is the quick check. The stage options under test are

@@ -1,7 +1,7 @@
 """Calendar labels on real data: the pooled features against the bench's ``activity`` baseline.
 
-Run:  python benchmarks/bench_calendar.py        (writes bench-results/calendar.json)
-      python benchmarks/bench_calendar.py --no-calendar --name calendar-off   (the pooled features
+Run:  python research/calendar_labels.py        (writes bench-results/calendar.json)
+      python research/calendar_labels.py --no-calendar --name calendar-off   (the pooled features
       without absolute time: ``UserDataModule(calendar=False)``, as before it existed)
       add --qformer-epochs 8 for a small stage-1 Q-Former's user embedding as well
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import write_results  # noqa: E402
 
 LABELS = ("cohort", "lapsed")

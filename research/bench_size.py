@@ -2,8 +2,8 @@
 real command on synthetic users (10k and 100k by default), and what fitting the probes on a
 sample of the train users (``bench.probe_users``) changes against fitting them on every one.
 
-    python benchmarks/bench_bench_size.py [--sizes 10000 100000] [--flags "--bench.baselines [majority]"]
-    python benchmarks/bench_bench_size.py --sample-sweep 100000 [--probe-users 5000 20000 all]
+    python research/bench_size.py [--sizes 10000 100000] [--flags "--bench.baselines [majority]"]
+    python research/bench_size.py --sample-sweep 100000 [--probe-users 5000 20000 all]
 
 Each bench runs in its own process (``foundv2 bench --config experiments/synthetic/data.yaml
 --config experiments/synthetic/bench.yaml --data.loader_args.n_users <n>`` plus ``--flags``,
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import RESULTS, ROOT, write_results  # noqa: E402
 
 DATA = ROOT / "experiments" / "synthetic" / "data.yaml"
@@ -83,7 +83,7 @@ def bench(n: int, out: Path, flags: list[str]) -> dict:
 
 def markdown(figures: dict) -> str:
     lines = ["# `foundv2 bench` at growing sizes", "",
-             "Written by `python benchmarks/bench_bench_size.py` (synthetic users, no tokens; one process per run, "
+             "Written by `python research/bench_size.py` (synthetic users, no tokens; one process per run, "
              f"{os.cpu_count()} cores shared with other work, so seconds are noisy: compare within one table).", ""]
     sizes = figures.get("sizes") or {}
     if sizes:

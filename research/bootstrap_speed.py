@@ -2,7 +2,7 @@
 one resample at a time through the reported metric functions, side by side in one run, on every
 task kind of the bench.
 
-    python benchmarks/bench_bootstrap.py [--users 100000] [--resamples 1000] [--reference-resamples 20]
+    python research/bootstrap_speed.py [--users 100000] [--resamples 1000] [--reference-resamples 20]
 
 The one-at-a-time reference runs ``--reference-resamples`` resamples and is extrapolated to
 ``--resamples`` (at 100,000 users it takes seconds per resample). Up to 20,000 users both give the

@@ -1,6 +1,6 @@
-"""Research for issue 11 (stage 3): what limits a readout of the per-window tokens?
+"""Stage 3: what limits a readout of the per-window tokens?
 
-Run:  python benchmarks/explore_alignment.py [--data synthetic|movielens-1m] [--decoded] [--stage1-mean]
+Run:  python research/explore_alignment.py [--data synthetic|movielens-1m] [--decoded] [--stage1-mean]
           [--supervised] [--no-widened] [--tasks T ...] [--run-dir DIR] [NAME=STEP/FOLDER ...]
       (after ``python benchmarks/bench_alignment.py --only <data>``, whose run folder
       ``runs/<data>/alignment-bench`` holds stage 1's features, the tokens and the tokenizer;
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import explore_tokens as E  # noqa: E402
 from common import ROOT  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""Research for issue 12 (tokens worth their bytes): which ≤ 64-byte user representation wins.
+"""Tokens worth their bytes: which user representation of at most 64 bytes wins.
 
-Run:  python benchmarks/explore_tokens.py [--only NAME ...] [--fresh]
+Run:  python research/explore_tokens.py [--only NAME ...] [--fresh]
       (PYTHONPATH at the worktree; ~ a few minutes per representation on 2 busy cores)
 
 On the protocol split of MovieLens-1M (``experiments/movielens-1m/data.yaml``, users 80/10/10,
@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import RESULTS, ROOT, machine  # noqa: E402
 
 from data_modules.store import atomic_write_json  # noqa: E402

@@ -1,6 +1,6 @@
 """The bench's logistic probes with and without warm starts across C, side by side in one run.
 
-Run:  python benchmarks/bench_probe_solver.py      (writes bench-results/probe_solver.json)
+Run:  python research/probe_solver.py      (writes bench-results/probe_solver.json)
 
 The bench picks C from (0.01, 0.1, 1, 10) on the validation users; a dense multi-label task
 (MovieLens-1M future genres: 18 one-vs-rest LBFGS fits per C) dominated `make bench-probe`.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import ROOT, write_results  # noqa: E402
 
 TASKS = ("gender", "age", "future_genres")

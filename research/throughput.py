@@ -1,6 +1,6 @@
 """Predict throughput and FLOP utilisation of the shipped synthetic pipeline's stages.
 
-Run:  .venv/bin/python benchmarks/bench_throughput.py [--users 10000] [--fit-steps 20] [--threads N]
+Run:  .venv/bin/python research/throughput.py [--users 10000] [--fit-steps 20] [--threads N]
           [--orders rows,length] [--fit-users N] [--only stage1,tokenizer,alignment] [--markdown docs/throughput.md]
 
 Prepares ``--users`` synthetic users (experiments/synthetic/data.yaml), fits each stage of
@@ -161,7 +161,7 @@ def main() -> None:
                                           "orders": orders, "fit_users": a.fit_users,
                                           "stages": {k: v[0] for k, v in STAGES.items()}})
     if a.markdown:
-        Path(a.markdown).write_text(markdown(figures, "python benchmarks/bench_throughput.py " + " ".join(sys.argv[1:])))
+        Path(a.markdown).write_text(markdown(figures, "python research/throughput.py " + " ".join(sys.argv[1:])))
         print(f"wrote {a.markdown}")
 
 
