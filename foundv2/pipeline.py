@@ -271,10 +271,15 @@ def _class_path_modules(node) -> list[str]:
 
 
 def _read_config(path: str, where: str) -> bytes:
+    """A config as its parsed content in canonical JSON (sorted keys): what a step's fingerprint
+    hashes, so comments, key order and formatting never make a finished step run again."""
     try:
-        return Path(path).read_bytes()
+        parsed = yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise DataError(f"{where}: cannot read its config {path} ({err.strerror}).") from None
+    except yaml.YAMLError as err:
+        raise DataError(f"{where}: its config {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
+    return json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()
 
 
 def data_configs(cfg: PipelineConfig) -> list[str]:
@@ -295,7 +300,7 @@ def step_fingerprint(cfg: PipelineConfig, step: Step, upstream: dict[str, str], 
     own = [_read_config(c, where) for c in step.configs()]
     entry = list(KIND_CODE[step.kind])
     if step.kind in STAGE_KINDS:
-        entry += [m for text in own for m in _class_path_modules(yaml.safe_load(text))]
+        entry += [m for text in own for m in _class_path_modules(json.loads(text))]
     fp = {
         "config": {"data": _layered_digest(data), "step": _layered_digest(own)},
         "flags": {"kind": step.kind, "args": step.args, "output": step.output, "writes": step.writes,

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from data_modules.schema import DataError
 from foundv2.pipeline import (
@@ -77,12 +78,32 @@ def test_flags_and_configs_change_the_step_and_the_steps_that_read_it(shipped, t
     after = _digests(replace(shipped, steps=steps))
     assert {n for n in before if before[n] != after[n]} == {"tokenizer", "bench"}
     data = tmp_path / "data.yaml"
-    data.write_text((ROOT / shipped.data).read_text() + "\n# the data config is every step's config\n")
+    parsed = yaml.safe_load((ROOT / shipped.data).read_text())
+    parsed["data"]["batch_size"] = parsed["data"].get("batch_size", 32) + 1
+    data.write_text(yaml.safe_dump(parsed))
     after = _digests(replace(shipped, data=str(data)))
-    assert all(before[n] != after[n] for n in before)
+    assert all(before[n] != after[n] for n in before)  # the data config is every step's config
     flags = {n: fp["flags"] for n, fp in fingerprints(shipped).items()}
     trainer = {n: fp["flags"] for n, fp in fingerprints(replace(shipped, trainer_args=["--trainer.devices", "2"])).items()}
     assert flags["stage1"] != trainer["stage1"] and flags["bench"] == trainer["bench"]  # the bench has no trainer
+
+
+def test_comments_key_order_and_formatting_of_a_config_never_rerun_a_step(shipped, tmp_path):
+    """A step's fingerprint hashes its configs as parsed, not their bytes: a comment, another key
+    order or another YAML style of the same values changes nothing; a value does."""
+    before = _digests(shipped)
+    tok = next(s for s in shipped.steps if s.name == "tokenizer")
+    parsed = yaml.safe_load((ROOT / tok.config).read_text())
+    restyled = tmp_path / "restyled.yaml"
+    restyled.write_text("# a comment that says nothing new\n"
+                        + yaml.safe_dump(dict(reversed(list(parsed.items()))), default_flow_style=True, width=60))
+    steps = [replace(s, config=str(restyled)) if s is tok else s for s in shipped.steps]
+    assert _digests(replace(shipped, steps=steps)) == before
+    parsed.setdefault("seed_everything", 0)
+    parsed["seed_everything"] += 1
+    restyled.write_text(yaml.safe_dump(parsed))
+    after = _digests(replace(shipped, steps=steps))
+    assert {n for n in before if before[n] != after[n]} == {"tokenizer", "bench"}
 
 
 def test_a_step_of_layered_configs_passes_them_in_order_and_hashes_each(shipped, tmp_path):
