@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/tokenizer_speed.py      (prints one JSON object)
 
-Fixed configuration (from the issue): 4 sources of 384-d inputs, code dim 64, 2 shared + 1
+Fixed configuration: 4 sources of 384-d inputs, code dim 64, 2 shared + 1
 source-specific level of 256 codes (``sequential`` layout), batches of 1024 slices (balanced over
 the sources). Both contenders are the *same* `MultiViewRQVAE` - the same per-source encoders
 (one Linear 384→64 each, ``hidden=()``), decoders (64→384) and reconstruction loss - and differ

@@ -1,4 +1,4 @@
-"""Tokens appended one window at a time (issue 11): ``foundv2 tokenize --append``.
+"""Tokens appended one window at a time: ``foundv2 tokenize --append``.
 
 A deployment tokenizes today's events of its users without re-encoding their past. Stage 1's
 Q-Former is causal (a window's view depends on windows ≤ it only), so the views of a user's new

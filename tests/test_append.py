@@ -1,4 +1,4 @@
-"""Tokens appended one window at a time (``foundv2 tokenize --append``, issue 11).
+"""Tokens appended one window at a time (``foundv2 tokenize --append``).
 
 - the Q-Former's cached window pass (:meth:`CausalQFormer.forward_window`) equals the full pass;
 - on a toy synthetic world built through the real CLI (stage 1 fit + predict, tokenizer fit +
