@@ -2,7 +2,7 @@
 
 Run:  make bench-alignment        (writes bench-results/alignment.json)
       python benchmarks/bench_alignment.py --only synthetic|movielens-1m|append
-      python benchmarks/bench_alignment.py --markdown      (the README's tables from that file)
+      python benchmarks/bench_alignment.py --markdown      (the tables of docs/benchmarks.md from that file)
 
 For each data set it runs `foundv2 pipeline --config experiments/<data>/alignment-bench.yaml`
 (stage 1 → tokenizer → stage 3, and stage 3 with each objective switched off in turn → the bench)
@@ -194,7 +194,7 @@ def _cell(c: dict, with_word: bool = True) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The README tables of each data set part of ``alignment.json``: the metrics, aligned_tokens
+    """The docs/benchmarks.md tables of each data set part of ``alignment.json``: the metrics, aligned_tokens
     minus each row it is compared with, and the ablation."""
     out = []
     for name in DATASETS:
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--append-days", type=int, default=28, help="days of history of those users")
     ap.add_argument("--reuse", action="store_true",
                     help="append: keep the models and first encoding of an earlier run of the same size")
-    ap.add_argument("--markdown", action="store_true", help="print the README tables of the last results and stop")
+    ap.add_argument("--markdown", action="store_true", help="print the docs/benchmarks.md tables of the last results and stop")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(previous_figures("alignment", (*DATASETS, "append"))))
