@@ -32,10 +32,9 @@ user reaches training. Answers are deterministic: ties are broken by index.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -144,11 +143,6 @@ class QAPairs:
         """Pairs per question name."""
         n = np.bincount(self.question, minlength=len(self.questions))
         return {q.name: int(c) for q, c in zip(self.questions, n, strict=True)}
-
-    def to_json(self) -> str:
-        return json.dumps({"questions": [asdict(q) for q in self.questions], "row": self.row.tolist(),
-                           "question": self.question.tolist(), "answer": self.answer, "skipped": self.skipped})
-
 
 # ------------------------------------------------------------------------------------ history
 def _history(table: pa.Table, rows: np.ndarray) -> pd.DataFrame:

@@ -17,10 +17,9 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.prepare import WINDOW_CALENDAR, calendar_span
-from data_modules.store import read_stage_output
 from foundv2.bench.run import run_bench
 from foundv2.objectives import ObjectivesConfig
-from foundv2.stages.base import DIMS_KEY, OptimConfig
+from foundv2.stages.base import OptimConfig
 from foundv2.stages.qformer import QFormerStage
 from tests.helpers import ROOT
 
@@ -153,30 +152,3 @@ def test_two_fits_are_bit_identical_and_the_calendar_layer_trains(small):
     fresh = QFormerStage(**TINY, optim=OptimConfig(lr=3e-3))
     fresh.build(small.dims())
     assert not torch.equal(fresh.encoder.calendar.weight, sa["encoder.calendar.weight"])
-
-
-def test_a_checkpoint_from_before_the_calendar_predicts_the_same(small, tmp_path):
-    """An older stage-1 checkpoint (no calendar layer, no calendar_dim in its dims) predicts through
-    the trainer on today's data (calendar on) exactly as it did: the layer loads at zero."""
-    off = UserDataModule(**{**small.hparams, "calendar": False})
-    stage = _fit(off, steps=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
-    trainer.strategy.connect(stage)
-    path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=False)
-    assert not any(k.startswith("encoder.calendar") for k in ckpt["state_dict"])
-    del ckpt[DIMS_KEY]["calendar_dim"]  # what an older foundv2 wrote
-    torch.save(ckpt, path)
-
-    outs = {}
-    for name, dm, ckpt_path in (("before", off, None), ("today", UserDataModule(**small.hparams), str(path))):
-        model = stage if ckpt_path is None else QFormerStage(**TINY)
-        model.predict_dir = str(tmp_path / name)
-        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  default_root_dir=str(tmp_path)).predict(model, dm, ckpt_path=ckpt_path, return_predictions=False)
-        outs[name] = read_stage_output(tmp_path / name)[0].with_format("numpy")[:]
-    assert model.encoder.calendar is not None and not model.encoder.calendar.weight.any()
-    assert np.array_equal(outs["before"]["user_id"], outs["today"]["user_id"])
-    assert np.array_equal(np.stack(outs["before"]["user_emb"]), np.stack(outs["today"]["user_emb"]))

@@ -11,7 +11,6 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
-from foundv2.bench.user_tokens import user_token_representations
 from foundv2.launch import best_or_last_checkpoint
 from foundv2.nn.user_codes import UserCodeTokenizer
 from foundv2.stages.base import DIMS_KEY
@@ -63,9 +62,9 @@ def test_predict_from_the_checkpoint_and_load_from_checkpoint_agree(fitted):
     loaded = UserTokenizerStage.load_from_checkpoint(ckpt)  # no DataModule: the dims come from the checkpoint
     assert np.array_equal(loaded.model.encode(hist).numpy(), codes)
     assert np.array_equal(UserCodeTokenizer.from_pretrained(tmp / "export").encode(hist).numpy(), codes)
-    reps = user_token_representations(tmp / "tokens", len(dm.table))
-    assert reps["user_codes_bag"][0].shape == (len(dm.table), 48) and reps["user_codes_bag"][0].sum() == 3 * len(ds)
-    assert reps["user_codes_dec"][0].shape == (len(dm.table), 8)
+    emb = np.asarray(ds.with_format("numpy")["user_emb"], np.float32)  # what the bench reads: the decoded codes
+    assert emb.shape == (len(ds), 8)
+    assert np.allclose(emb, stage.model.decode(torch.as_tensor(codes)).numpy(), atol=1e-6)
 
 
 def test_product_codes_one_code_per_block():

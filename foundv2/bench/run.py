@@ -217,10 +217,6 @@ class Row:
     sparse_bytes: bool = False  # bytes_per_user: the mean nonzeros of the features read × 8 (set once built)
 
 
-def _fmt_storage(b: float | None) -> str:
-    return "unbounded" if b is None else f"{b:,.0f} B"
-
-
 @dataclass
 class Settings:
     """The bench's size settings (run_bench's arguments of the same names)."""

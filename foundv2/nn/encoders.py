@@ -136,17 +136,6 @@ class EventEncoder(nn.Module):
         return h * mask.unsqueeze(-1)
 
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """A checkpoint from before the calendar input has no ``calendar.*``: load it with that layer
-        at zero (its contribution is then exactly 0, so the encoder predicts as it did)."""
-        if self.calendar is not None:
-            for name, p in self.calendar.named_parameters():
-                state_dict.setdefault(f"{prefix}calendar.{name}", torch.zeros_like(p))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-
 class TabularEncoder(nn.Module):
     """MLP over the standardised profile inputs ``tabular`` [B, F] → [B, dim].
 

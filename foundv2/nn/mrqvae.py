@@ -289,8 +289,7 @@ class MultiViewRQVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> MultiViewRQVAE:
-        """An untrained model from a `config` dict (config.json, a checkpoint), old layouts included."""
-        config = upgrade_config(config)
+        """An untrained model from a `config` dict (config.json, a checkpoint)."""
         return cls(**{**config, "quantizer": QuantizerConfig.from_dict(config["quantizer"])})
 
     @classmethod
@@ -301,24 +300,6 @@ class MultiViewRQVAE(nn.Module):
         model = cls.from_config(config)
         model.load_state_dict(state)
         return model.to(map_location).eval()
-
-
-#: the quantiser options that config.json files written before `QuantizerConfig` kept at the top
-#: level (the others were in ``quantizer_options``)
-_LEGACY_QUANTIZER_KEYS = ("layout", "n_shared_levels", "n_specific_levels", "shared_codes", "specific_codes", "beta")
-
-
-def upgrade_config(config: dict) -> dict:
-    """A config.json as `MultiViewRQVAE` takes it: one written before `QuantizerConfig` (the
-    layout at the top level, the rest in ``quantizer_options``, no latent norm) is rewritten to
-    the ``quantizer`` section; a current one is returned as it is."""
-    if "quantizer" in config:
-        return config
-    config = dict(config)
-    quantizer = {k: config.pop(k) for k in _LEGACY_QUANTIZER_KEYS if k in config}
-    quantizer.update(config.pop("quantizer_options", None) or {})
-    quantizer.setdefault("data_init", False)  # trained without either: rebuild the same model
-    return {**config, "quantizer": quantizer, "latent_norm": False}
 
 
 # ------------------------------------------------------------------------------ collisions

@@ -203,10 +203,6 @@ class PooledSliceFeatures(nn.Module):
         if tabular_dim > self.dim:
             raise ValueError(f"tabular width {tabular_dim} exceeds the slice feature width {self.dim}")
 
-    @property
-    def total_sources(self) -> int:
-        return self.num_sources + (1 if self.tabular_dim else 0)
-
     def feature_groups(self) -> dict[str, tuple[int, int]]:
         """(start, stop) columns of each named part of a behaviour slice's feature vector, in
         order: ``text``, ``item``, ``category``, ``count`` (log1p), ``value`` (signed-log mean

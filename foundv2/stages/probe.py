@@ -81,7 +81,6 @@ class LinearHeads(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(in_dim, num_heads, out_dim))
         self.bias = nn.Parameter(torch.zeros(num_heads, out_dim))
-        self._register_load_state_dict_pre_hook(self._from_output_major)
 
     def head_weight(self, g: int) -> torch.Tensor:
         """Head ``g``'s weight as ``[O, D]`` (a view)."""
@@ -92,13 +91,6 @@ class LinearHeads(nn.Module):
         w = self.weight.reshape(dim, heads * outputs)
         z = sparse_linear(x, w) if x.is_sparse else x @ w
         return (z + self.bias.reshape(-1)).view(x.shape[0], heads, outputs)
-
-    def _from_output_major(self, state_dict, prefix, *args) -> None:
-        """Load a checkpoint of the earlier ``[G, O, D]`` layout (written before session 4)."""
-        w = state_dict.get(prefix + "weight")
-        heads, outputs = self.bias.shape
-        if w is not None and w.ndim == 3 and w.shape != self.weight.shape and w.shape[:2] == (heads, outputs):
-            state_dict[prefix + "weight"] = w.permute(2, 0, 1).contiguous()
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

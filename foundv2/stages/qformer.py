@@ -183,7 +183,7 @@ class QFormerStage(ObjectiveStage):
         """Create the modules for a data set's ``UserDataModule.dims()``."""
         hp = self.hparams
         S = dims["num_sources"]
-        calendar = dims.get("calendar_dim", 0)  # absolute time; 0 in a checkpoint from before it
+        calendar = dims["calendar_dim"]  # the calendar inputs' width (0 with --data.calendar false)
         self.sources = list(dims["sources"]) + (["profile"] if dims["tabular_dim"] else [])
         if hp.backbone == "pooled":
             self.frozen = PooledSliceFeatures(S, dims["num_items"], dims["num_categories"], dims["text_dim"],
