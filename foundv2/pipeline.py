@@ -288,9 +288,8 @@ def data_configs(cfg: PipelineConfig) -> list[str]:
 
 
 def _layered_digest(texts: list[bytes]) -> str:
-    """One digest of layered YAMLs; of one YAML, its own digest."""
-    digests = [hashlib.sha256(text).hexdigest() for text in texts]
-    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
+    """One digest of layered configs (each canonical JSON, in order)."""
+    return hashlib.sha256(b"\n".join(texts)).hexdigest()
 
 
 def step_fingerprint(cfg: PipelineConfig, step: Step, upstream: dict[str, str], root: Path = REPO) -> dict:
@@ -366,13 +365,26 @@ def check_run_folder(cfg: PipelineConfig, run: Path, root: Path = REPO) -> dict[
             changed[step.name] = what_changed(cfg, step, before, now[step.name])
         elif rerun := sorted({ref.partition("/")[0] for ref in step.reads.values()} & set(changed)):
             changed[step.name] = f"an input that is rerun ({', '.join(rerun)})"  # it read their old outputs
+    # restart removes only folders the pipeline made (its fingerprint.json in them): never a user's
+    foreign = [name for name in changed if not (run / name).is_dir() or not isinstance(
+        _read_json(run / name / FINGERPRINT), dict)]
     if changed and cfg.on_change == "error":
         listing = "; ".join(f"{name}: {why}" for name, why in changed.items())
         kept = [s.name for s in cfg.steps if s.name not in changed and (run / s.name).exists()]
+        theirs = (f" ({', '.join(str(run / n) for n in foreign)} not made by the pipeline: restart leaves "
+                  f"{'it' if len(foreign) == 1 else 'them'}, move {'it' if len(foreign) == 1 else 'them'} away "
+                  f"yourself)") if foreign else ""
         raise DataError(
             f"{run}: the step folders {', '.join(changed)} do not match this run ({listing}); skipping them could report stale results. Pass --pipeline.on_change restart to "
-            f"remove and rerun only these steps{' (' + ', '.join(kept) + ' kept)' if kept else ''}, "
+            f"remove and rerun only these steps{' (' + ', '.join(kept) + ' kept)' if kept else ''}{theirs}, "
             f"use a new pipeline.run_dir, or delete those folders."
+        )
+    if foreign:
+        where = ", ".join(str(run / n) for n in foreign)
+        raise DataError(
+            f"{where}: in the way of pipeline step{'s' if len(foreign) > 1 else ''} {', '.join(foreign)}, and not "
+            f"made by the pipeline (no {FINGERPRINT} in it), so --pipeline.on_change restart does not delete it; "
+            f"nothing was removed. Move it away (or delete it yourself), or use a new pipeline.run_dir."
         )
     if _is_rank_zero():
         for name, why in changed.items():
