@@ -301,3 +301,22 @@ def test_per_user_ranking_metrics_average_to_the_metric(cooc) -> None:
     for k, v in res.items():
         assert out["test"][k].mean() == pytest.approx(v)
     assert out["test"]["ndcg@10"].size == int(((future[split == 2] != 0).sum(1) > 0).sum())
+
+
+def test_the_one_tfidf_svd_equals_scikit_learns_up_to_sign(cooc) -> None:
+    """ItemFactors (stage 1's item table, the user tokenizer, the tfidf_svd baselines) gives
+    scikit-learn's TfidfTransformer → TruncatedSVD on the same rows, each component up to its sign."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    from foundv2.nn.item_factors import ItemFactors, fit_idf, tfidf_rows
+
+    history, _, split = cooc
+    history = history.astype(np.float64)  # as the bench reads it
+    train = history[split == 0]
+    ref = TfidfTransformer().fit(train)
+    np.testing.assert_allclose(tfidf_rows(history, fit_idf(train)).toarray(), ref.transform(history).toarray(), atol=1e-12)
+    Z = ItemFactors(history.shape[1], 8).fit_matrix(train, seed=3).project(history)
+    R = TruncatedSVD(8, algorithm="randomized", n_iter=7, random_state=3).fit(ref.transform(train)).transform(
+        ref.transform(history))
+    np.testing.assert_allclose(np.abs(Z), np.abs(R), atol=1e-8)

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.feature_extraction.text import TfidfTransformer
 from torch import nn
 
 from data_modules.prepare import SECONDS_PER_DAY
@@ -54,6 +53,7 @@ from foundv2.bench.probes import (
     split_indices,
 )
 from foundv2.metrics.ranking import evaluate_ranking
+from foundv2.nn.item_factors import ItemFactors, fit_idf, tfidf_rows
 from foundv2.nn.slices import clock_features
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def tfidf_features(history: sp.spmatrix, split: np.ndarray | None = None) -> sp.
     """
     history = sp.csr_matrix(history, dtype=np.float64)
     fit_rows = history if split is None else history[split_indices(split)[0]]
-    return sp.csr_matrix(TfidfTransformer().fit(fit_rows).transform(history))
+    return tfidf_rows(history, fit_idf(fit_rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,15 +300,18 @@ def tfidf_svd_int8(history: sp.spmatrix, split: np.ndarray, k: int, seed: int = 
     Returns:
         ``(codes [U, k] int8, scales [k] float32)``: ``k`` bytes per user.
     """
-    from sklearn.decomposition import TruncatedSVD
-
     train = split_indices(split)[0]
-    X = tfidf_features(history, split)
-    k = int(min(k, X.shape[1] - 1, train.size - 1))
-    if k < 1:
-        raise ValueError(f"tfidf_svd needs at least 2 items and 2 train users, got {X.shape[1]} and {train.size}")
-    svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=7, random_state=seed).fit(X[train])
-    return quantise_int8(svd.transform(X), train)
+    history = sp.csr_matrix(history, dtype=np.float64)
+    factors = ItemFactors(history.shape[1], svd_width(k, history.shape[1], train.size))
+    return quantise_int8(factors.fit_matrix(history[train], seed).project(history), train)
+
+
+def svd_width(k: int, n_items: int, n_train: int) -> int:
+    """``k`` capped at ``min(items, train users) - 1`` (a truncated SVD's limit)."""
+    width = int(min(k, n_items - 1, n_train - 1))
+    if width < 1:
+        raise ValueError(f"tfidf_svd needs at least 2 items and 2 train users, got {n_items} and {n_train}")
+    return width
 
 
 def top_items(history: sp.spmatrix, n_bytes: int) -> sp.csr_matrix:

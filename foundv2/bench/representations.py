@@ -33,6 +33,7 @@ from data_modules.schema import DataError
 from data_modules.store import Split
 from foundv2.bench import baselines as B
 from foundv2.bench.users import ArrowRows, UserBatch, prepared_rows_reader, ragged
+from foundv2.nn.item_factors import ItemFactors, fit_idf, tfidf_rows
 
 Matrix = np.ndarray | sp.csr_matrix
 
@@ -61,9 +62,58 @@ class Features:
         raise NotImplementedError
 
 
+def check_stage_output(folder: str | Path, key: str) -> dict:
+    """A stage output the bench reads (``key``: the setting that names it), checked before any
+    data is read: a folder with a readable ``meta.json`` listing parts that all exist and open as
+    Arrow streams (their schema; :class:`StageOutput` reads them whole before the first probe).
+    Returns its meta."""
+    from data_modules.store import META_FILE
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{key} {folder}: no such folder; run the stage's predict first, or fix the path.")
+    if not (folder / META_FILE).exists():
+        raise DataError(f"{key} {folder}: no complete stage output here (meta.json missing): run the stage's "
+                        f"predict first.")
+    with readable(folder, "stage output"):
+        meta = json.loads((folder / META_FILE).read_text())
+        for part in meta.get("parts") or []:
+            if not (folder / part).is_file():
+                raise DataError(f"{key} {folder}: the part {part} that meta.json lists is missing; the stage output "
+                                f"is incomplete: rerun the step that writes it.")
+            with pa.memory_map(str(folder / part)) as src:
+                pa.ipc.open_stream(src).schema  # noqa: B018 - the header must read
+    if not meta.get("parts"):
+        raise DataError(f"{key} {folder}: the stage output holds no rows.")
+    return meta
+
+
+def check_inputs(tokens_dir: str | None, tokenizer_dir: str | None, embeddings: dict[str, str],
+                 qanchor: dict[str, str]) -> None:
+    """What the bench reads besides the data, checked before anything is read or written: the
+    tokens and embedding outputs (:func:`check_stage_output`), the tokenizer export against its
+    checksums, each Q-Anchor checkpoint (its record, or the weights-only checks of one without)."""
+    from data_modules.store import CONFIG_FILE, verify_export
+
+    if tokens_dir:
+        check_stage_output(tokens_dir, "bench.tokens_dir")
+    for name, folder in embeddings.items():
+        check_stage_output(folder, f"bench.embeddings.{name}")
+    if tokenizer_dir and (Path(tokenizer_dir) / CONFIG_FILE).exists():
+        verify_export(tokenizer_dir, "tokenizer export")
+    if qanchor:
+        from foundv2.bench.qanchor import checkpoint_path
+        from foundv2.io import verify_checkpoint
+
+        for name, ckpt in qanchor.items():
+            verify_checkpoint(checkpoint_path(ckpt), f"give bench.qanchor.{name} a whole QAnchorStage checkpoint, "
+                                                     f"or fit it again")
+
+
 class StageOutput:
-    """A complete stage output's ``meta.json`` (read now) and its parts, indexed by their ``row``
-    column on first read (:class:`ArrowRows`); any failure to read it is one DataError naming it."""
+    """A complete stage output's ``meta.json`` and its parts, read now and indexed by their
+    ``row`` column (:class:`ArrowRows`): a damaged part is refused before the first probe. Any
+    failure to read it is one DataError naming it."""
 
     def __init__(self, folder: Path, n_rows: int, what: str):
         from data_modules.store import META_FILE
@@ -77,6 +127,7 @@ class StageOutput:
         if not self.meta.get("parts"):
             raise DataError(f"{folder}: the stage output holds no rows.")
         self._rows: ArrowRows | None = None
+        self.rows  # noqa: B018 - every part read (and indexed) now, not at its row's first probe
 
     @property
     def rows(self) -> ArrowRows:
@@ -262,12 +313,10 @@ class TfIdf(Features):
     """TF-IDF of the history item counts, IDF from the train users (:func:`~foundv2.bench.baselines.tfidf_features`)."""
 
     def fit(self, users: UserBatch) -> None:
-        from sklearn.feature_extraction.text import TfidfTransformer
-
-        self.tfidf = TfidfTransformer().fit(sp.csr_matrix(users.history, dtype=np.float64)[_train(users)])
+        self.idf = fit_idf(users.history[_train(users)])
 
     def __call__(self, users: UserBatch) -> sp.csr_matrix:
-        return sp.csr_matrix(self.tfidf.transform(sp.csr_matrix(users.history, dtype=np.float64)))
+        return tfidf_rows(users.history, self.idf)
 
 
 class TfIdfSVD(Features):
@@ -279,17 +328,13 @@ class TfIdfSVD(Features):
         self.k, self.seed = k, seed
 
     def fit(self, users: UserBatch) -> None:
-        from sklearn.decomposition import TruncatedSVD
-
-        self.tfidf = TfIdf()
-        self.tfidf.fit(users)
-        train = _train(users)
-        X = self.tfidf(users)[train]
-        self.svd = TruncatedSVD(n_components=self.k, algorithm="randomized", n_iter=7, random_state=self.seed).fit(X)
-        _, self.scales = B.quantise_int8(self.svd.transform(X), np.arange(len(train)))
+        counts = sp.csr_matrix(users.history[_train(users)], dtype=np.float64)
+        self.factors = ItemFactors(counts.shape[1], B.svd_width(self.k, *counts.shape[::-1]))
+        _, self.scales = B.quantise_int8(self.factors.fit_matrix(counts, self.seed).project(counts),
+                                         np.arange(counts.shape[0]))
 
     def __call__(self, users: UserBatch) -> np.ndarray:
-        Z = np.asarray(self.svd.transform(self.tfidf(users)), np.float64)
+        Z = self.factors.project(users.history)
         codes = np.clip(np.rint(Z / self.scales), -B.INT8_MAX, B.INT8_MAX).astype(np.int8)
         return B.dequantise_int8(codes, self.scales)
 
@@ -302,14 +347,10 @@ class TopItems(Features):
         self.n_bytes = n_bytes
 
     def fit(self, users: UserBatch) -> None:
-        from sklearn.feature_extraction.text import TfidfTransformer
-
-        bag = sp.csr_matrix(B.top_items(users.history[_train(users)], self.n_bytes), dtype=np.float64)
-        self.tfidf = TfidfTransformer().fit(bag)
+        self.idf = fit_idf(B.top_items(users.history[_train(users)], self.n_bytes))
 
     def __call__(self, users: UserBatch) -> sp.csr_matrix:
-        bag = sp.csr_matrix(B.top_items(users.history, self.n_bytes), dtype=np.float64)
-        return sp.csr_matrix(self.tfidf.transform(bag))
+        return tfidf_rows(B.top_items(users.history, self.n_bytes), self.idf)
 
 
 class Activity(Features):

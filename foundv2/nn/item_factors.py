@@ -32,8 +32,25 @@ def history_bag(histories: Sequence[np.ndarray], num_items: int) -> sp.csr_matri
     return bag
 
 
+def fit_idf(counts: sp.spmatrix) -> np.ndarray:
+    """Smooth IDF of the items over these users' rows (scikit-learn's ``TfidfTransformer``):
+    ``log((1 + n) / (1 + df)) + 1``, ``df`` the users holding the item."""
+    counts = sp.csr_matrix(counts)
+    df = np.bincount(counts.indices[counts.data != 0], minlength=counts.shape[1])
+    return np.log((1 + counts.shape[0]) / (1 + df)) + 1.0
+
+
+def tfidf_rows(counts: sp.spmatrix, idf: np.ndarray) -> sp.csr_matrix:
+    """``[U, I]`` TF-IDF: each user's item counts (or 0/1 bag) times ``idf``, rows L2-normalised
+    (an empty row stays zero)."""
+    return _l2_rows(sp.csr_matrix(counts, dtype=np.float64) @ sp.diags(np.asarray(idf, np.float64)))
+
+
 class ItemFactors(nn.Module):
     """TF-IDF → truncated SVD item factors; ``user_vectors`` projects history bags on them.
+
+    The one TF-IDF → SVD of the project: stage 1's collaborative item table, the user-level
+    tokenizer's factors and the bench's ``tfidf_svd`` baselines.
 
     Args:
         num_items: size of the item catalogue (ids ``0 .. num_items-1``).
@@ -47,16 +64,17 @@ class ItemFactors(nn.Module):
         self.register_buffer("components", torch.zeros(num_items, dim, dtype=torch.float64))  # V_k
         self.register_buffer("singular_values", torch.zeros(dim, dtype=torch.float64))
 
-    @torch.no_grad()
     def fit(self, histories: Sequence[np.ndarray], seed: int = 0, n_iter: int = 7) -> ItemFactors:
         """Fit the IDF and the SVD on these users' histories (pass the train users only)."""
+        return self.fit_matrix(history_bag(histories, self.num_items), seed, n_iter)
+
+    @torch.no_grad()
+    def fit_matrix(self, counts: sp.spmatrix, seed: int = 0, n_iter: int = 7) -> ItemFactors:
+        """Fit on a ``[U, num_items]`` matrix of item counts or a 0/1 bag (the train users only)."""
         from sklearn.utils.extmath import randomized_svd
 
-        bag = history_bag(histories, self.num_items)
-        n = bag.shape[0]
-        df = np.bincount(bag.indices, minlength=self.num_items)
-        idf = np.log((1 + n) / (1 + df)) + 1.0  # sklearn's smooth IDF
-        X = _l2_rows(bag @ sp.diags(idf))
+        idf = fit_idf(counts)
+        X = tfidf_rows(counts, idf)
         _, s, vt = randomized_svd(X, self.dim, n_iter=n_iter, random_state=np.random.RandomState(seed))
         # sign convention: each component's largest entry is positive
         vt = vt * np.sign(vt[np.arange(self.dim), np.abs(vt).argmax(1)])[:, None]
@@ -65,13 +83,15 @@ class ItemFactors(nn.Module):
         self.singular_values.copy_(torch.from_numpy(s))
         return self
 
+    def project(self, counts: sp.spmatrix) -> np.ndarray:
+        """``[U, dim]`` float64: each row's L2-normalised TF-IDF times the components."""
+        return np.asarray(tfidf_rows(counts, self.idf.numpy()) @ self.components.numpy(), dtype=np.float64)
+
     @torch.no_grad()
     def user_vectors(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """``[U, dim]`` float32: each user's L2-normalised TF-IDF row times the components
         (zeros for an empty history)."""
-        bag = history_bag(histories, self.num_items)
-        X = _l2_rows(bag @ sp.diags(self.idf.numpy()))
-        return torch.from_numpy(np.asarray(X @ self.components.numpy(), dtype=np.float32))
+        return torch.from_numpy(self.project(history_bag(histories, self.num_items)).astype(np.float32))
 
     def item_codes(self, scale: float = 1.0) -> torch.Tensor:
         """``[num_items + 1, dim]`` float32 item codes for the slice features: row 0 (no item) is
