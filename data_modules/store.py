@@ -11,8 +11,12 @@
   (:func:`write_sidecar` / :func:`verify_sidecar`: checkpoints) or a folder's ``checksums.json``
   (:func:`write_checksums` / :func:`verify_checksums`: exports); a mismatch is a DataError naming
   the file and the fix. :func:`save_export` / :func:`load_export`: a ``save_pretrained`` folder
-  (``config.json``, ``model.safetensors``, ``checksums.json``), verified and NaN-free on load.
-- :func:`check_writable`: an output folder's writability, checked before any long work.
+  (``config.json``, ``model.safetensors``, ``checksums.json``), verified and NaN-free on load
+  (:func:`check_finite`, which checkpoints share). A checkpoint or an export without its record is
+  refused unless the user allows it (:data:`ALLOW_NO_CHECKSUM_FLAG`, :func:`no_checksum_allowed`).
+- :func:`check_writable` / :func:`check_output_folder`: an output folder's writability (and, for a
+  folder replaced whole, that it holds nothing else), checked before any long work.
+- :func:`remove_dead_tmp`: temporaries (``<name>.tmp-<pid>-<id>``) whose writer is dead, removed.
 - :class:`Split`: the user splits and their codes in every dataset.
 """
 
@@ -39,6 +43,19 @@ CHECKSUMS_FILE = "checksums.json"
 #: the files of an export folder (``save_pretrained``)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: how a user says to use a checkpoint or an export that carries no checksum record (written by
+#: another tool or an older foundv2, or copied without it): a flag of every ``foundv2`` command
+#: (``foundv2.cli`` turns it into the environment variable, which DDP ranks and subprocesses inherit)
+ALLOW_NO_CHECKSUM_FLAG = "--allow_no_checksum"
+ALLOW_NO_CHECKSUM_ENV = "FOUNDV2_ALLOW_NO_CHECKSUM"
+#: how a message tells the user so
+ALLOW_NO_CHECKSUM_HOW = f"pass {ALLOW_NO_CHECKSUM_FLAG} (or set {ALLOW_NO_CHECKSUM_ENV}=1)"
+
+
+def no_checksum_allowed() -> bool:
+    """Whether the user allowed checkpoints and exports without a checksum record (they are still
+    checked for NaN/inf, and checkpoints are read with torch's weights-only loader)."""
+    return os.environ.get(ALLOW_NO_CHECKSUM_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class Split(enum.IntEnum):
@@ -123,9 +140,10 @@ def check_writable(folder: str | Path, what: str, fix: str) -> None:
     Nothing is left behind."""
     folder = Path(folder).absolute()
     probe_in = next(p for p in (folder, *folder.parents) if p.exists())
+    if not probe_in.is_dir():
+        where = "" if probe_in == folder else f" (the {what} folder {folder} would be made in it)"
+        raise DataError(f"{probe_in} is a file, not a folder{where}; {fix}.")
     try:
-        if not probe_in.is_dir():
-            raise NotADirectoryError(20, "not a folder", str(probe_in))
         probe = probe_in / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -133,6 +151,50 @@ def check_writable(folder: str | Path, what: str, fix: str) -> None:
         where = "" if probe_in == folder else f" (it would be made in {probe_in})"
         raise DataError(f"{folder}: the {what} folder is not writable{where} ({type(err).__name__}: "
                         f"{err.strerror or err}); {fix}.") from None
+
+
+def check_output_folder(folder: str | Path, what: str, fix: str) -> None:
+    """A folder written aside in its parent and swapped in whole (a stage output, a tokens
+    dataset, embeddings): its parent (where it is written aside) and the folder itself, when it
+    exists, must be writable, and it must hold nothing the swap would delete
+    (:func:`check_replaceable`). A DataError naming it, before any work."""
+    folder = Path(folder).absolute()
+    check_writable(folder.parent, what, fix)
+    if folder.exists():
+        check_writable(folder, what, fix)
+    check_replaceable(folder)
+
+
+def tmp_owner(path: str | Path) -> int | None:
+    """The pid a temporary name records (``<name>.tmp-<pid>-<id>``); None when it records none."""
+    name = Path(path).name
+    if TMP_MARK not in name:
+        return None
+    pid = name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_dead_tmp(folder: str | Path, prefix: str = "", recursive: bool = False) -> list[Path]:
+    """Remove the temporary files and folders in ``folder`` (``<prefix>...tmp-<pid>-<id>``, at any
+    depth with ``recursive``) whose writer, a process of this host, is dead: what a killed run
+    left. Returns them."""
+    from data_modules.text import pid_alive
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f"{prefix}*{TMP_MARK}*"
+    removed = []
+    for p in sorted(folder.rglob(pattern) if recursive else folder.glob(pattern)):
+        pid = tmp_owner(p)
+        if pid is None or pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except FileNotFoundError:  # inside one removed already
+            continue
+        removed.append(p)
+    return removed
 
 
 # ------------------------------------------------------------------------------ checksums
@@ -147,18 +209,47 @@ def file_record(path: str | Path) -> dict:
     return {"blake2b_128": file_digest(path), "bytes": Path(path).stat().st_size}
 
 
+def _whole_text(path: Path) -> bool:
+    """Whether ``path`` is a JSON or YAML file that still parses: changed by hand or by a tool, not
+    cut short or bit-flipped."""
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        return False
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            json.loads(text)
+        else:
+            import yaml
+
+            yaml.safe_load(text)
+    except Exception:  # noqa: BLE001 - unreadable or unparsable: not whole
+        return False
+    return True
+
+
 def check_file(path: str | Path, record: dict, what: str, fix: str) -> None:
-    """Raise DataError when ``path`` is missing, or its size or digest differ from ``record``."""
+    """Raise DataError when ``path`` is missing, or its size or digest differ from ``record``. The
+    message says what the difference shows: a file that still parses (a config) was changed since
+    it was written; a shorter one is cut short (or changed); other bytes are corruption."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: the {what} is missing; {fix}.")
     size = path.stat().st_size
-    if size != record.get("bytes", size):
-        raise DataError(f"{path}: the {what} is truncated or damaged ({size} bytes, {record['bytes']} were "
+    written = record.get("bytes", size)
+    if size == written and file_digest(path) == record.get("blake2b_128"):
+        return
+    if _whole_text(path):
+        differ = "size and checksum differ" if size != written else "checksum differs"
+        raise DataError(f"{path}: the {what} was changed since it was written (its {differ}: {size} bytes now, "
+                        f"{written} written); {fix}.")
+    if size < written:
+        raise DataError(f"{path}: the {what} is truncated ({size} bytes, {written} were written), or was changed "
+                        f"since; {fix}.")
+    if size > written:
+        raise DataError(f"{path}: the {what} was changed since it was written ({size} bytes now, {written} "
                         f"written); {fix}.")
-    if file_digest(path) != record.get("blake2b_128"):
-        raise DataError(f"{path}: checksum mismatch, the {what} is corrupt (its bytes changed since it was "
-                        f"written); {fix}.")
+    raise DataError(f"{path}: checksum mismatch, the {what} is corrupt (its bytes changed since it was "
+                    f"written); {fix}.")
 
 
 def sidecar(path: str | Path) -> Path:
@@ -221,19 +312,59 @@ def save_export(folder: str | Path, config: dict, state: dict) -> None:
         write_checksums(tmp)
 
 
-def load_export(folder: str | Path, what: str = "export", device: str = "cpu") -> tuple[dict, dict]:
-    """(config, state) of a :func:`save_export` folder, its checksums verified and its weights
-    finite; any damage is a DataError naming the file and the fix."""
-    import torch
-    from safetensors.torch import load_file
+def reexport_command(folder: str | Path) -> str:
+    """The command that writes an export folder again: its fit resumed from its last checkpoint
+    (a finished fit trains no further; its end writes the export). The fit's saved config and
+    checkpoint are named when the folder beside the export holds exactly one ``last.ckpt``
+    (a pipeline step folder, a fit's default_root_dir); else placeholders."""
+    folder = Path(folder).absolute()
+    lasts = sorted(folder.parent.glob("*/version_*/checkpoints/last.ckpt")) + sorted(
+        folder.parent.glob("checkpoints/last.ckpt"))
+    config, ckpt = "<the fit's config.yaml>", "<the fit's last.ckpt>"
+    if len(lasts) == 1:
+        ckpt = str(lasts[0])
+        if (lasts[0].parent.parent / "config.yaml").is_file():
+            config = str(lasts[0].parent.parent / "config.yaml")
+    return f"foundv2 fit --config {config} --ckpt_path {ckpt} --model.export_dir {folder}"
 
+
+def check_finite(state: dict, where: str | Path, what: str) -> None:
+    """Raise DataError naming the tensors of ``state`` (name → tensor; other values are skipped)
+    that hold NaN or inf: weights of a fit that diverged."""
+    import torch
+
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"{where}: the {what}'s weights hold NaN or inf ({', '.join(bad[:3])}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); the fit that wrote them diverged: "
+                        f"train it again (a lower lr, check the inputs).")
+
+
+def verify_export(folder: str | Path, what: str = "export") -> None:
+    """Check a :func:`save_export` folder's files against its ``checksums.json`` (DataError naming
+    the file and the command that exports it again); a folder without one is refused unless the
+    user allows it (:func:`no_checksum_allowed`)."""
     folder = Path(folder)
-    fix = (f"export it again (rerun the fit that wrote {folder}; in a pipeline, delete that step's folder "
-           f"and rerun) or restore the folder from a copy")
+    fix = f"export it again: {reexport_command(folder)}"
     if not (folder / CONFIG_FILE).is_file():
         raise DataError(f"{folder}: not a {what} folder (no {CONFIG_FILE}); pass the folder save_pretrained wrote "
                         f"(the fit's export_dir).")
-    verify_checksums(folder, what, fix)
+    if not verify_checksums(folder, what, fix) and not no_checksum_allowed():
+        raise DataError(f"{folder}: the {what} has no {CHECKSUMS_FILE}, so its files cannot be checked against what "
+                        f"was written (written by an older foundv2, or copied without it); {fix}. To use it as it "
+                        f"is, {ALLOW_NO_CHECKSUM_HOW}.")
+
+
+def load_export(folder: str | Path, what: str = "export", device: str = "cpu") -> tuple[dict, dict]:
+    """(config, state) of a :func:`save_export` folder, its checksums verified
+    (:func:`verify_export`) and its weights finite (:func:`check_finite`); any damage is a
+    DataError naming the file and the fix."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    fix = f"export it again: {reexport_command(folder)}"
+    verify_export(folder, what)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -243,10 +374,7 @@ def load_export(folder: str | Path, what: str = "export", device: str = "cpu") -
     except Exception as err:  # noqa: BLE001 - safetensors raises its own, OSError, ValueError ...
         raise DataError(f"{folder / WEIGHTS_FILE}: the {what}'s weights cannot be read ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); {fix}.") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise DataError(f"{folder / WEIGHTS_FILE}: the {what}'s weights hold NaN or inf ({', '.join(bad[:3])}); "
-                        f"the fit that wrote them diverged: train it again (a lower lr, check the inputs).")
+    check_finite(state, folder / WEIGHTS_FILE, what)
     return config, state
 
 
@@ -274,12 +402,12 @@ def check_replaceable(folder: str | Path) -> None:
     if not folder.exists() or (folder / META_FILE).exists():
         return
     if not folder.is_dir():
-        raise DataError(f"{folder}: the output folder is a file; pass a folder for the stage's output.")
+        raise DataError(f"{folder} is a file, not a folder; pass a folder for the stage's output.")
     others = sorted(p.name for p in folder.iterdir()
                     if not (p.name.startswith("part-rank") or p.name in (META_FILE, "report.json")))
     if others:
         raise DataError(f"{folder}: the output folder exists and is not a stage output (it holds "
-                        f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); a predict replaces its "
+                        f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); the output replaces this "
                         f"folder whole, so pass a new folder or empty this one.")
 
 

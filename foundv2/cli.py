@@ -8,11 +8,16 @@ commands read the same YAML files:
 
 Expected mistakes (bad input files, a missing wheel, a corrupt cache) print one paragraph and
 exit with status 2, without a traceback.
+
+``--allow_no_checksum``, given to any command, lets it use checkpoints and export folders that
+carry no checksum record (written by another tool or an older foundv2, or copied without it);
+they are still read with torch's weights-only loader and refused when a weight is NaN or inf.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,13 +44,18 @@ Commands (LightningCLI: --help after a command lists every option; --print_confi
 Framework commands:
 {own}
 
+Options of every command:
+  {allow}  use checkpoints and exports that carry no checksum record (still checked for NaN/inf)
+
 Example: foundv2 data --config experiments/movielens-1m/data.yaml
 """
 
 
 def _usage() -> str:
     fmt = lambda d: "\n".join(f"  {k:<10} {v}" for k, v in d.items())  # noqa: E731
-    return USAGE.format(lightning=fmt(LIGHTNING_COMMANDS), own=fmt(OWN_COMMANDS))
+    from data_modules.store import ALLOW_NO_CHECKSUM_FLAG
+
+    return USAGE.format(lightning=fmt(LIGHTNING_COMMANDS), own=fmt(OWN_COMMANDS), allow=ALLOW_NO_CHECKSUM_FLAG)
 
 
 def _fail(err: BaseException) -> int:
@@ -73,7 +83,11 @@ def tokenize_command(args: list[str]) -> int:
     parser.add_argument("--devices", default="auto")
     cfg = parser.parse_args(args)
     from data_modules.schema import DataError
+    from data_modules.store import check_output_folder
 
+    # before anything is loaded: the output (written aside in its parent, then swapped in) and the tokenizer
+    check_output_folder(cfg.output, "tokenize output (--output)", "point --output at a folder you can write, or "
+                        "fix its permissions")
     if not (Path(cfg.tokenizer) / "config.json").exists():
         raise DataError(f"{cfg.tokenizer}: not a tokenizer folder (no config.json); pass the fit's export_dir.")
     dm = parser.instantiate_classes(cfg).data
@@ -154,6 +168,24 @@ def embed_command(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from data_modules.store import ALLOW_NO_CHECKSUM_ENV, ALLOW_NO_CHECKSUM_FLAG
+
+    if ALLOW_NO_CHECKSUM_FLAG not in argv:
+        return _main(argv)
+    # any command's flag, as an environment variable for the span of the command: what the checks
+    # read, and what DDP ranks and subprocesses inherit
+    before = os.environ.get(ALLOW_NO_CHECKSUM_ENV)
+    os.environ[ALLOW_NO_CHECKSUM_ENV] = "1"
+    try:
+        return _main([a for a in argv if a != ALLOW_NO_CHECKSUM_FLAG])
+    finally:
+        if before is None:
+            os.environ.pop(ALLOW_NO_CHECKSUM_ENV, None)
+        else:
+            os.environ[ALLOW_NO_CHECKSUM_ENV] = before
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_modules.schema import DataError
     from foundv2.console import filter_warnings

@@ -12,12 +12,17 @@ themselves (complete marker, reader, checksum records) are :mod:`data_modules.st
 - Checkpoints: :class:`ChecksumCheckpointIO` writes each checkpoint aside, records its checksum
   beside it (``<ckpt>.checksum``) and renames it into place; every load verifies it first
   (:func:`verify_checkpoint`), so a truncated or bit-flipped checkpoint is a one-paragraph error
-  naming the file and the fix, never a traceback or silently wrong weights.
+  naming the file and the fix, never a traceback or silently wrong weights. A checkpoint without
+  its record (written elsewhere) is read with torch's weights-only loader, never unpickled, and
+  checked for NaN/inf before anything loads it; it is used only when the user allows it
+  (``--allow_no_checksum``, :data:`data_modules.store.ALLOW_NO_CHECKSUM_FLAG`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -29,10 +34,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from data_modules.schema import DataError
 from data_modules.store import (
+    ALLOW_NO_CHECKSUM_HOW,
     META_FILE,
     TMP_MARK,
     atomic_write_json,
+    check_finite,
     check_replaceable,
+    no_checksum_allowed,
+    remove_dead_tmp,
     replace_dir,
     sidecar,
     tmp_name,
@@ -100,6 +109,9 @@ class ArrowPredictionWriter(BasePredictionWriter):
         check_replaceable(self.output_dir)  # never swap away a folder that is not a stage output
         if trainer.is_global_zero:  # a staging folder left by a killed predict is stale
             shutil.rmtree(self.staging, ignore_errors=True)
+            # and so is what else it left beside the output (a report being written, an old output
+            # moved aside before its removal): ``<output>...tmp-<pid>-<id>`` of a dead pid
+            remove_dead_tmp(self.output_dir.parent, prefix=self.output_dir.name)
             self.staging.mkdir(parents=True)
         trainer.strategy.barrier("arrow-writer-staging")
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -160,13 +172,53 @@ def _identity(path: Path) -> tuple:
     return stat(path), stat(sidecar(path)), stat(sidecar(path.resolve()))
 
 
+def read_checkpoint_safely(path: str | Path, fix: str) -> dict:
+    """A checkpoint's contents through torch's weights-only loader (tensors memory-mapped, not
+    read): it never runs code a pickle names. A file that loader refuses (a pickle asking for
+    ``posix.system``, any class not a tensor or plain value) or cannot read is a DataError."""
+    import torch
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        asks = f" (it asks for {names[0]})" if names else ""
+        raise DataError(f"{path}: the checkpoint holds more than tensors and plain values{asks}, which only "
+                        f"unpickling it, that is running the code it names, could read; foundv2 reads checkpoints "
+                        f"with torch's weights-only loader and will not run it (a foundv2 fit never writes such a "
+                        f"checkpoint); {fix}.") from None
+    except Exception as err:  # noqa: BLE001 - torch fails in many ways on a damaged file
+        raise DataError(f"{path}: the checkpoint cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); {fix}.") from None
+    if not isinstance(ckpt, dict):
+        raise DataError(f"{path}: not a Lightning checkpoint (it holds a {type(ckpt).__name__}, not a dict with a "
+                        f"state_dict); {fix}.")
+    return ckpt
+
+
+def _check_bare(path: Path, fix: str) -> None:
+    """A checkpoint without a checksum record: readable by the weights-only loader, a Lightning
+    checkpoint (a ``state_dict``), finite weights; then used only when the user allows it."""
+    state = read_checkpoint_safely(path, fix).get("state_dict")
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a Lightning checkpoint (no state_dict); {fix}.")
+    check_finite(state, path, "checkpoint")
+    if not no_checksum_allowed():
+        raise DataError(f"{path}: the checkpoint has no checksum record beside it ({path.name}.checksum), so it "
+                        f"cannot be checked against what a fit wrote (written by another tool or an older foundv2, "
+                        f"or copied without it). To use it as it is, {ALLOW_NO_CHECKSUM_HOW}; else {fix}.")
+
+
 def verify_checkpoint(path: str | Path, fix: str) -> None:
-    """Raise DataError unless ``path`` is a whole checkpoint: a torch zip whose bytes match the
-    checksum recorded beside it when it was written (checkpoints written elsewhere have none and
-    get the zip check only). ``fix``: what the reader should do, for the message.
+    """Raise DataError unless ``path`` is a whole checkpoint, checked before Lightning or torch
+    unpickles it: a torch zip whose bytes match the checksum recorded beside it when it was
+    written. One without a record (written elsewhere) must read with torch's weights-only loader,
+    hold finite weights, and be allowed by the user (``--allow_no_checksum``). ``fix``: what the
+    reader should do, for the message.
 
     A file that passed in this process and has not changed since (same inode, size and mtime) is
-    not hashed again (nor its record changed): the pipeline checks a checkpoint before the
+    not checked again (nor its record changed): the pipeline checks a checkpoint before the
     trainer's load checks it."""
     path = Path(path)
     if not path.is_file():
@@ -174,9 +226,11 @@ def verify_checkpoint(path: str | Path, fix: str) -> None:
     key = str(path.resolve())
     if _VERIFIED.get(key) == _identity(path):
         return
-    verify_sidecar(path, "checkpoint", fix)
+    recorded = verify_sidecar(path, "checkpoint", fix)
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt: not a torch zip file); {fix}.")
+    if not recorded:
+        _check_bare(path, fix)
     _VERIFIED[key] = _identity(path)
 
 

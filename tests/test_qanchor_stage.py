@@ -13,7 +13,7 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
-from data_modules.store import Split, read_stage_output
+from data_modules.store import ALLOW_NO_CHECKSUM_ENV, Split, read_stage_output
 from foundv2.nn.anchor import U2QT_TOKEN, ScenarioPrompt
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.base import OptimConfig
@@ -119,7 +119,7 @@ def test_predict_embeds_every_user_per_query_as_a_full_pass_would(fitted, tmp_pa
     assert not torch.allclose(cached[:, 0], cached[:, 1])
 
 
-def test_checkpoint_alone_predicts_the_same_with_the_added_tokens_at_their_ids(fitted, tmp_path):
+def test_checkpoint_alone_predicts_the_same_with_the_added_tokens_at_their_ids(fitted, tmp_path, monkeypatch):
     kind, dm, stage, trainer, _, _ = fitted
     path = tmp_path / "s.ckpt"
     trainer.save_checkpoint(path)
@@ -138,7 +138,8 @@ def test_checkpoint_alone_predicts_the_same_with_the_added_tokens_at_their_ids(f
     # a checkpoint whose tokens sit at other ids than this LM gives them is refused
     ckpt = torch.load(path, weights_only=False)
     ckpt[LM_TOKENS_KEY] = {name: i + 1 for name, i in saved.items()}
-    torch.save(ckpt, tmp_path / "other.ckpt")
+    torch.save(ckpt, tmp_path / "other.ckpt")  # written without a checksum record: the user vouches for it
+    monkeypatch.setenv(ALLOW_NO_CHECKSUM_ENV, "1")
     with pytest.raises(DataError, match="other ids"):
         QAnchorStage.load_from_checkpoint(tmp_path / "other.ckpt")
 

@@ -9,6 +9,9 @@ What each stage would otherwise repeat lives here once:
 - **nets built late**: Lightning's ``configure_model`` hook builds the nets from the data's sizes
   (:meth:`PredictStage.data_dims`, by default ``UserDataModule.dims()``); the sizes are saved in
   the checkpoint, so ``Stage.load_from_checkpoint(path)`` rebuilds the nets with no DataModule.
+- **checkpoints**: every trainer of a stage writes them with their checksum record and verifies
+  each one it loads (:class:`~foundv2.io.ChecksumCheckpointIO`), as does
+  :meth:`PredictStage.load_from_checkpoint`.
 - **the output**: ``predict_dir`` set → an :class:`~foundv2.io.ArrowPredictionWriter` streams the
   per-user columns of ``predict_step`` (:func:`split_by_user` makes them from flat slices) and
   rank 0 writes ``meta.json`` from :meth:`PredictStage.output_meta`: always ``kind``, ``stage``,
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from data_modules.schema import DataError
-from foundv2.io import ArrowPredictionWriter, verify_checkpoint
+from foundv2.io import ArrowPredictionWriter, install_checksums, verify_checkpoint
 from foundv2.options import Options
 
 DIMS_KEY = "foundv2_dims"  # where a checkpoint keeps the sizes the nets were built for
@@ -252,6 +255,10 @@ class PredictStage(L.LightningModule):
 
     # ------------------------------------------------------------------ output
     def configure_callbacks(self):
+        # any trainer of a stage (the CLI's, or one made in Python) writes checkpoints with their
+        # checksum record and verifies every one it loads; Lightning calls this hook at the start
+        # of every run, before it restores or saves a checkpoint
+        install_checksums(self.trainer)
         return [ArrowPredictionWriter(self.predict_dir)] if self.predict_dir else []
 
     def output_info(self) -> dict:
