@@ -248,6 +248,8 @@ class Models:
                             f"tokenizer fit's export_dir.")
         try:
             tokenizer = MultiViewRQVAE.from_pretrained(tokenizer_dir)
+        except DataError:  # a damaged export: its message names the file and the fix
+            raise
         except Exception as err:
             raise DataError(f"--tokenizer {tokenizer_dir}: cannot be loaded ({type(err).__name__}: {err}).") from err
         theirs = {"sources": list(tokenizer.sources), "vocab_size": int(tokenizer.vocab_size),
@@ -681,6 +683,11 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
     if out.resolve() == Path(tokens).resolve():
         raise DataError(f"--output {output}: the same folder as --tokens; an append writes a new version beside "
                         f"the old one (e.g. {Path(tokens).name}-v2), never over it.")
+    from data_modules.store import check_output_folder, remove_dead_tmp
+
+    check_output_folder(out, "append output (--output)", "point --output at a folder you can write, or fix its "
+                        "permissions")
+    remove_dead_tmp(out.parent, prefix=out.name)  # what a killed append left beside it
     dm.setup()
     rows = TokenRows(tokens)
     models = Models(qformer, tokenizer, rows.meta, dm.dims())

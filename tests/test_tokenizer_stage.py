@@ -104,7 +104,7 @@ def test_features_input_from_a_stage_output(tmp_path):
     assert stage.sources[-1] == "profile"
 
 
-def test_corrupt_checkpoint_and_tokenizer_folder_are_clear_errors(tmp_path):
+def test_corrupt_checkpoint_and_tokenizer_folder_are_clear_errors(tmp_path, monkeypatch):
     import subprocess
     import sys
 
@@ -122,6 +122,10 @@ def test_corrupt_checkpoint_and_tokenizer_folder_are_clear_errors(tmp_path):
     (folder / "config.json").write_text("{not json")
     stage = TokenizerStage(pretrained=str(folder))
     from data_modules.schema import DataError
+    from data_modules.store import ALLOW_NO_CHECKSUM_ENV
 
-    with pytest.raises(DataError, match="cannot be loaded"):
+    with pytest.raises(DataError, match="no checksums.json"):  # written without checksums: refused unless allowed
         _trainer().predict(stage, datamodule=_dm(tmp_path), return_predictions=False)
+    monkeypatch.setenv(ALLOW_NO_CHECKSUM_ENV, "1")
+    with pytest.raises(DataError, match="config cannot be read"):
+        _trainer().predict(TokenizerStage(pretrained=str(folder)), datamodule=_dm(tmp_path), return_predictions=False)

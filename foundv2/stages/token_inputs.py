@@ -21,6 +21,8 @@ def load_code_vectors(tokenizer_dir) -> torch.Tensor:
 
     try:
         return code_vectors(MultiViewRQVAE.from_pretrained(tokenizer_dir))
+    except DataError:  # a damaged export: its message names the file and the fix
+        raise
     except Exception as err:  # safetensors / json raise several kinds on a damaged folder
         raise DataError(f"{tokenizer_dir}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
                         f"{err}); pass the tokenizer's export_dir.") from err

@@ -164,6 +164,8 @@ class TokenizerStage(PredictStage):
     def _load_pretrained(self, folder: str) -> MultiViewRQVAE:
         try:
             model = MultiViewRQVAE.from_pretrained(folder)
+        except DataError:  # a damaged export: its message names the file and the fix
+            raise
         except Exception as err:  # safetensors / json raise several kinds on a damaged folder
             raise DataError(f"{folder}: the tokenizer folder cannot be loaded ({type(err).__name__}: "
                             f"{err}); export it again with fit's --model.export_dir.") from err
@@ -343,13 +345,17 @@ def token_collisions(folder: Path, meta: dict, users_per_bucket: int = 10_000, c
     :func:`~foundv2.metrics.collisions.collisions_by_sources`), ``collisions_disambiguated`` and
     ``disambiguation_max_index`` (what :func:`~foundv2.nn.mrqvae.disambiguate`'s extra index gives:
     every tuple unique, with indices up to the largest group of equal tuples, minus one)."""
+    import os
     import tempfile
+
+    from data_modules.store import TMP_MARK
 
     sources = len(meta["sources"])
     n_users = n_slices = n_windows = 0
     width = None
     buckets = 1 + sum(_part_rows(folder / p) for p in meta["parts"]) // max(int(users_per_bucket), 1)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f"{folder.name}.tmp-report-") as tmp:
+    # named with this process's pid (``<name>.tmp-<pid>-report-...``): a killed run's is removed by the next
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f"{folder.name}{TMP_MARK}{os.getpid()}-report-") as tmp:
         files: dict[int, object] = {}
         pending: list[pa.RecordBatch] = []
 
