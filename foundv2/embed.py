@@ -107,8 +107,11 @@ def embed(dm, checkpoint: str, output_dir: str, queries: list[str] | None = None
         strategy: the trainer's strategy (auto, ddp).
         progress: show a progress bar.
     """
-    from foundv2.launch import check_outputs
+    from data_modules.store import check_output_folder
 
+    # before anything is loaded: the output (written aside in its parent, then swapped in)
+    check_output_folder(output_dir, "embed output (embed.output_dir)",
+                        "point embed.output_dir at a folder you can write, or fix its permissions")
     wanted = read_queries(queries, queries_file)
     stage = load_stage(checkpoint)
     if wanted is not None:
@@ -117,7 +120,6 @@ def embed(dm, checkpoint: str, output_dir: str, queries: list[str] | None = None
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                         enable_progress_bar=progress, enable_model_summary=False,
                         callbacks=[SameData(Path(checkpoint))])
-    check_outputs(trainer, stage, "predict")
     trainer.predict(stage, datamodule=dm, return_predictions=False)
     return Path(output_dir)
 

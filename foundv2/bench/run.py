@@ -44,7 +44,14 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError, DatasetSpec
-from data_modules.store import Split, atomic_write_bytes, atomic_write_json, read_output_meta
+from data_modules.store import (
+    Split,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    read_output_meta,
+    remove_dead_tmp,
+)
 from foundv2.bench import baselines as B
 from foundv2.bench import representations as R
 from foundv2.bench.probes import (
@@ -607,7 +614,11 @@ def run_bench(
     settings = Settings(probe_users, val_users, sample_seed, batch_users, sasrec_users, ease_max_items,
                         itemknn_max_items, qanchor_max_users)
     inputs["settings"] = {k: v for k, v in vars(settings).items() if k != "batch_users"}  # batches change no figure
+    R.check_inputs(tokens_dir, tokenizer_dir, embeddings or {}, qanchor or {})  # before any data is read or probe run
     out_dir = Path(output_dir)
+    check_writable(out_dir, "bench output (bench.output_dir)", "point bench.output_dir at a folder you can write, or "
+                   "fix its permissions")
+    remove_dead_tmp(out_dir, recursive=True)  # what a killed bench left (files being written)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench.json").unlink(missing_ok=True)  # this folder is being rewritten: no stale marker
