@@ -29,6 +29,8 @@ LIGHTNING_COMMANDS = {
     "test": "run a stage's test loop",
     "predict": "write a stage's output dataset (features, tokens, embeddings)",
 }
+#: the framework's own commands: name → what it does (its --help description); each is run by
+#: ``<name>_command`` below
 OWN_COMMANDS = {
     "data": "prepare a configured data set and print its summary",
     "tokenize": "tokenize a data set with a trained tokenizer folder (save_pretrained)",
@@ -198,8 +200,7 @@ def _main(argv: list[str]) -> int:
     command = argv[0]
     try:
         if command in OWN_COMMANDS:
-            return {"data": data_command, "tokenize": tokenize_command, "bench": bench_command,
-                    "embed": embed_command, "pipeline": pipeline_command}[command](argv[1:])
+            return globals()[f"{command}_command"](argv[1:])
         if command in LIGHTNING_COMMANDS:
             check_checkpoint(argv)
             if command == "predict" and not any(a.startswith("--return_predictions") for a in argv):
