@@ -372,3 +372,10 @@ prepare_dataset(cfg, source, Path({str(case.cache)!r}) / "prepared" / "files-x",
     case.prepared(capsys)
     assert [p.name for p in (case.cache / "prepared").iterdir() if ".tmp-" in p.name] == []
     shutil.rmtree(case.cache)
+
+
+def test_every_framework_command_has_its_runner():
+    """``foundv2 <name>`` runs ``cli.<name>_command``: one table of commands, no second one to keep in step."""
+    from foundv2 import cli
+
+    assert all(callable(getattr(cli, f"{name}_command", None)) for name in cli.OWN_COMMANDS)
