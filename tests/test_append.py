@@ -313,8 +313,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(world, tmp_path):
     ckpt2 = world["tmp"] / "other.ckpt"
     state = torch.load(world["ckpt"], map_location="cpu", weights_only=False)
     state["state_dict"] = {k: v_ + 0.01 if v_.is_floating_point() else v_ for k, v_ in state["state_dict"].items()}
-    torch.save(state, ckpt2)
-    _fails(append_args(world, out, world["events"]["new"], tokens=v, **{"--qformer": ckpt2}),
+    torch.save(state, ckpt2)  # written without a checksum record: used only when allowed
+    _fails(append_args(world, out, world["events"]["new"], tokens=v, **{"--qformer": ckpt2}), str(ckpt2),
+           "no checksum record")
+    _fails([*append_args(world, out, world["events"]["new"], tokens=v, **{"--qformer": ckpt2}), "--allow_no_checksum"],
            "--qformer", "not the one that made")
     # too many windows for the Q-Former's window table
     many = pd.concat([new.head(1).assign(timestamp=EPOCH + (100 + k) * DAY) for k in range(40)])

@@ -9,6 +9,7 @@ import shutil
 import lightning as L
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from data_modules.datamodule import UserDataModule
@@ -138,10 +139,16 @@ def test_failure_keeps_finished_tasks_and_rerun_finishes(tokens, capsys):
     shutil.copytree(tmp / "tokens", broken)
     part = sorted(broken.glob("*.arrow"))[0]
     good = part.read_bytes()
-    part.write_bytes(good[: len(good) // 3])  # truncated
     out = tmp / "out-resume"
     kw = dict(tokens_dir=str(broken), representations=["pooled", "tokens_bag"], baselines=["majority"],
               skip_tasks=["next_items"], progress=False)
+    part.write_bytes(good[: len(good) // 3])  # truncated: refused before the first probe
+    with pytest.raises(DataError, match="tokens-broken"):
+        run_bench(dm, str(out), **kw)
+    assert not (out / PROGRESS_FILE).exists() and not (out / SCORES_DIR).exists()
+    table = pa.ipc.open_stream(pa.py_buffer(good)).read_all().drop_columns(["token_ids"])
+    with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)  # whole, but without the column the token rows read: found at their first probe
     with pytest.raises(DataError, match="tokens-broken"):
         run_bench(dm, str(out), **kw)
     progress = json.loads((out / PROGRESS_FILE).read_text())
