@@ -135,7 +135,7 @@ def test_adamw_decays_exactly_the_decay_group_of_a_real_stage():
     shrinks by (1 - lr * wd), every other parameter (norms, biases, embedding tables with their
     padding rows) stays bit for bit."""
     dims = {"num_sources": 4, "sources": ["a", "b", "c", "d"], "num_items": 30, "num_categories": 5,
-            "text_dim": 8, "tabular_dim": 2, "window_period": 4, "max_windows": 6}
+            "text_dim": 8, "tabular_dim": 2, "window_period": 4, "max_windows": 6, "calendar_dim": 0}
     stage = QFormerStage(dim=16, num_layers=1, num_heads=2, optim=OptimConfig(weight_decay=0.5))
     stage.build(dims)
     opt = adamw(stage, total_steps=10, lr=0.1, weight_decay=0.5)

@@ -70,8 +70,6 @@ PROTOCOL = "foundv2-bench-v1"
 TASK_KINDS = ("binary", "multiclass", "multilabel")
 #: baselines that read item ids (skipped, with next_items, on a data set without items)
 ITEM_BASELINES = ("tfidf", "tfidf_svd", "top_items", "popularity", "ease", "itemknn", "sasrec")
-ALL_BASELINES = ("tfidf", "tfidf_svd", "top_items", "activity", "majority", "popularity", "ease", "itemknn", "sasrec")
-RANKING_ONLY = ("popularity", "ease", "itemknn", "sasrec")
 PROGRESS_FILE = "progress.json"
 SCORES_DIR = "scores"
 LOG_FILE = "bench.log"
@@ -312,7 +310,6 @@ def _rows(users: BenchUsers, dm: UserDataModule, tokens_dir: str | None, tokeniz
     """Every row of this run, in report order, with lazily built features; and the rows not run at
     this size, with why."""
     n_rows = len(users.split)
-    n_items = users.n_items
     cls_tasks = [t.name for t in tasks if t.kind != "ranking"]
     all_tasks = [t.name for t in tasks]
     rank_tasks = [t.name for t in tasks if t.kind == "ranking"]
@@ -352,58 +349,110 @@ def _rows(users: BenchUsers, dm: UserDataModule, tokens_dir: str | None, tokeniz
         for name in qa.row_names:
             rows.append(Row(name, kind, size, what, all_tasks,
                             task_features=lambda batch, task, qa=qa, name=name: qa.build()[name][task.name][batch.rows]))
-    n_train = len(users.train)
     sizes = sorted({int(b) for b in storage_bytes} | ({int(round(tok_bytes))} if tok_bytes else set()))
+    ctx = _Baselines(users, dm, sizes, seed, sasrec_epochs, settings, all_tasks, cls_tasks, rank_tasks, rows, extra,
+                     not_run)
     for name in baselines:
-        if name not in ALL_BASELINES:
-            raise DataError(f"unknown baseline '{name}'; known: {', '.join(ALL_BASELINES)}.")
+        if name not in BASELINES:
+            raise DataError(f"unknown baseline '{name}'; known: {', '.join(BASELINES)}.")
         if name in ITEM_BASELINES and not has_items:
             continue
-        if name == "tfidf":
-            rows.append(Row("tfidf", "baseline", None, "sparse (uint32 id, float32 weight) pairs, mean over users",
-                            all_tasks, features=R.TfIdf(), sparse_bytes=True))
-        elif name == "tfidf_svd":
-            seen = set()
-            for k in sizes:
-                k_eff = int(min(k, n_items - 1, n_train - 1))
-                if k_eff < 1 or k_eff in seen:
-                    continue
-                seen.add(k_eff)
-                rows.append(Row(f"tfidf_svd{k_eff}_int8", "baseline", float(k_eff),
-                                "int8 × k (k float32 scales shared by all users)", all_tasks,
-                                features=R.TfIdfSVD(k_eff, seed)))
-        elif name == "top_items":
-            seen = set()
-            for b in sizes:
-                n_bytes = B.UINT16_BYTES * (b // B.UINT16_BYTES)
-                if n_bytes < B.UINT16_BYTES or n_bytes in seen:
-                    continue
-                seen.add(n_bytes)
-                if n_items > TOP_ITEMS_MAX:
-                    not_run[f"top_items{n_bytes}"] = (f"its item ids are uint16, and this catalogue has {n_items:,} "
-                                                      f"items (> {TOP_ITEMS_MAX:,})")
-                    continue
-                rows.append(Row(f"top_items{n_bytes}", "baseline", float(n_bytes),
-                                f"{n_bytes // 2} uint16 item ids (padded)", all_tasks, features=R.TopItems(n_bytes)))
-        elif name == "activity":
-            act = R.Activity(len(dm.spec.sources))
-            rows.append(Row("activity", "baseline", float(act.dim * 4), "float32 × dim", all_tasks, features=act))
-        elif name == "majority":
-            rows.append(Row("majority", "baseline", 0.0, "none (a constant)", cls_tasks, fit=_majority(users)))
-        elif name in RANKING_ONLY:
-            limit = {"ease": ("bench.ease_max_items", settings.ease_max_items,
-                              "a dense item × item inverse per λ (O(items³) time, 3 × items² float64)"),
-                     "itemknn": ("bench.itemknn_max_items", settings.itemknn_max_items,
-                                 "a dense item × item similarity (items² float32, twice)")}.get(name)
-            if limit and n_items > limit[1]:
-                not_run[name] = f"{limit[2]}: this catalogue has {n_items:,} items, more than {limit[0]} ({limit[1]:,})"
-                continue
-            if "history" not in extra:
-                extra["history"] = _History(users)
-            size, what = (0.0, "none (one ranking for all)") if name == "popularity" else (None, "the full history")
-            rows.append(Row(name, "baseline", size, what, rank_tasks,
-                            fit=_ranking_baseline(name, users, settings, sasrec_epochs, seed, extra["history"])))
+        BASELINES[name](ctx, name)
     return rows, extra, not_run
+
+
+# ---------------------------------------------------------------------------------- baselines
+@dataclass
+class _Baselines:
+    """What a baseline's rows are built from, and where they go (:data:`BASELINES`)."""
+
+    users: BenchUsers
+    dm: UserDataModule
+    sizes: list[int]  # the storage budgets in bytes (the tokens' own among them)
+    seed: int
+    sasrec_epochs: int
+    settings: Settings
+    all_tasks: list[str]
+    cls_tasks: list[str]
+    rank_tasks: list[str]
+    rows: list[Row]
+    extra: dict
+    not_run: dict[str, str]
+
+
+def _tfidf(ctx: _Baselines, name: str) -> None:
+    ctx.rows.append(Row("tfidf", "baseline", None, "sparse (uint32 id, float32 weight) pairs, mean over users",
+                        ctx.all_tasks, features=R.TfIdf(), sparse_bytes=True))
+
+
+def _tfidf_svd(ctx: _Baselines, name: str) -> None:
+    """One row per storage budget: ``k`` int8 dimensions, ``k`` capped by the SVD's limit."""
+    seen = set()
+    for k in ctx.sizes:
+        k_eff = int(min(k, ctx.users.n_items - 1, len(ctx.users.train) - 1))
+        if k_eff < 1 or k_eff in seen:
+            continue
+        seen.add(k_eff)
+        ctx.rows.append(Row(f"tfidf_svd{k_eff}_int8", "baseline", float(k_eff),
+                            "int8 × k (k float32 scales shared by all users)", ctx.all_tasks,
+                            features=R.TfIdfSVD(k_eff, ctx.seed)))
+
+
+def _top_items(ctx: _Baselines, name: str) -> None:
+    """One row per storage budget: as many uint16 item ids as fit."""
+    seen = set()
+    n_items = ctx.users.n_items
+    for b in ctx.sizes:
+        n_bytes = B.UINT16_BYTES * (b // B.UINT16_BYTES)
+        if n_bytes < B.UINT16_BYTES or n_bytes in seen:
+            continue
+        seen.add(n_bytes)
+        if n_items > TOP_ITEMS_MAX:
+            ctx.not_run[f"top_items{n_bytes}"] = (f"its item ids are uint16, and this catalogue has {n_items:,} "
+                                                  f"items (> {TOP_ITEMS_MAX:,})")
+            continue
+        ctx.rows.append(Row(f"top_items{n_bytes}", "baseline", float(n_bytes), f"{n_bytes // 2} uint16 item ids (padded)",
+                            ctx.all_tasks, features=R.TopItems(n_bytes)))
+
+
+def _activity(ctx: _Baselines, name: str) -> None:
+    act = R.Activity(len(ctx.dm.spec.sources))
+    ctx.rows.append(Row("activity", "baseline", float(act.dim * 4), "float32 × dim", ctx.all_tasks, features=act))
+
+
+def _majority_row(ctx: _Baselines, name: str) -> None:
+    ctx.rows.append(Row("majority", "baseline", 0.0, "none (a constant)", ctx.cls_tasks, fit=_majority(ctx.users)))
+
+
+#: the catalogue limit of a ranking baseline: (setting, its value's attribute, what grows with items)
+_ITEM_LIMITS = {"ease": ("bench.ease_max_items", "ease_max_items",
+                         "a dense item × item inverse per λ (O(items³) time, 3 × items² float64)"),
+                "itemknn": ("bench.itemknn_max_items", "itemknn_max_items",
+                            "a dense item × item similarity (items² float32, twice)")}
+
+
+def _ranking(ctx: _Baselines, name: str) -> None:
+    """popularity, EASE, item-kNN, SASRec: next-item rankers (EASE and item-kNN up to a catalogue size)."""
+    n_items = ctx.users.n_items
+    if name in _ITEM_LIMITS:
+        setting, attr, grows = _ITEM_LIMITS[name]
+        if n_items > getattr(ctx.settings, attr):
+            ctx.not_run[name] = (f"{grows}: this catalogue has {n_items:,} items, more than {setting} "
+                                 f"({getattr(ctx.settings, attr):,})")
+            return
+    if "history" not in ctx.extra:
+        ctx.extra["history"] = _History(ctx.users)
+    size, what = (0.0, "none (one ranking for all)") if name == "popularity" else (None, "the full history")
+    ctx.rows.append(Row(name, "baseline", size, what, ctx.rank_tasks,
+                        fit=_ranking_baseline(name, ctx.users, ctx.settings, ctx.sasrec_epochs, ctx.seed,
+                                              ctx.extra["history"])))
+
+
+#: every baseline of ``bench.baselines``: name → the function that adds its rows (or why they are not run)
+BASELINES: dict[str, Callable[[_Baselines, str], None]] = {
+    "tfidf": _tfidf, "tfidf_svd": _tfidf_svd, "top_items": _top_items, "activity": _activity,
+    "majority": _majority_row, "popularity": _ranking, "ease": _ranking, "itemknn": _ranking, "sasrec": _ranking,
+}
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -671,7 +720,7 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
         raise DataError(f"{dm.spec.name}: the split has no test users, so there is nothing to score; "
                         f"use more users or check the split fractions.")
     tasks, notes, has_items = _checked_tasks(dm, users, skip)
-    names = list(ALL_BASELINES if inputs["baselines"] is None else inputs["baselines"])
+    names = list(BASELINES if inputs["baselines"] is None else inputs["baselines"])
     wanted = inputs["representations"] or ["pooled", "tokens_bag", "tokens_sum"]
     from foundv2.bench.qanchor import QAnchorRows
 
