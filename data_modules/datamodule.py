@@ -352,6 +352,9 @@ class UserDataModule(L.LightningDataModule):
             bits on which users share its batch, as with another batch size); the output holds them
             in that order (readers look users up by ``row``). Under DDP each rank reads every
             world-size-th user of that order.
+        warn_no_history: ``foundv2 data`` and the bench report warn, with the likely fix, when more
+            than this share of the users with events have no history window (1: never).
+        warn_future_share: ... and when the future holds more than this share of all events (1: never).
 
     The batch kind (:data:`BATCH_KINDS`) is chosen once in ``setup`` from which input folder is
     given: ``batch_kind``, ``input_meta`` (the stage output's ``meta.json``, None for events).
@@ -385,6 +388,8 @@ class UserDataModule(L.LightningDataModule):
         val_users: int | None = None,
         sample_seed: int = 0,
         predict_order: str = "rows",
+        warn_no_history: float = 0.25,
+        warn_future_share: float = 0.5,
     ):
         super().__init__()
         if predict_order not in PREDICT_ORDERS:
@@ -413,6 +418,12 @@ class UserDataModule(L.LightningDataModule):
         return PrepareConfig(dataset=hp.dataset, loader_args=args, window=self.window, split_seed=hp.split_seed,
                              future_frac=hp.future_frac, primary_source=None, text_encoder=hp.text_encoder,
                              buckets=hp.buckets)
+
+    def data_warnings(self, meta: dict) -> list[str]:
+        """What the preparation did that its user would not expect (:func:`~data_modules.prepare.lopsided`)."""
+        from data_modules.prepare import lopsided
+
+        return lopsided(meta, self.hparams.warn_no_history, self.hparams.warn_future_share)
 
     @property
     def prepared_dir(self) -> Path:

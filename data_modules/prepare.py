@@ -928,6 +928,40 @@ def window_calendar(win_day: np.ndarray, win_mask: np.ndarray, first_day: np.nda
     return out * np.asarray(win_mask, bool)[..., None]
 
 
+def lopsided(meta: dict, no_history: float = 0.25, future_share: float = 0.5) -> list[str]:
+    """What a preparation did that a user would not expect, one paragraph each with the likely
+    fix: a large share of the users with events left without any history window (above
+    ``no_history``), a future that takes most of the events (above ``future_share``), a declared
+    source without a single event. A threshold of 1 silences its paragraph."""
+    cfg = meta["config"]
+    frac = float(cfg["future_frac"])
+    out = []
+    active = meta["users"] - meta["empty_users"]
+    if active and meta["users_without_history"] / active > no_history:
+        share = meta["users_without_history"] / active
+        held = (f"future_frac {frac:g} holds back the last {math.ceil(frac * 100)}% of each user's events "
+                "(whole moments, rounded up), so a user with few events keeps none as history"
+                if frac > 0 else "every event is history, yet these users' events fall in no window")
+        fix = ("If your labels describe a later period than the events, set `future_frac: 0` (nothing held back); "
+               "else lower future_frac" if frac > 0 else "Check window_mode and primary_source")
+        out.append(f"{share:.0%} of the users with events ({meta['users_without_history']:,} of {active:,}) have no "
+                   f"history window: no model sees anything of them. {held}. {fix}. "
+                   f"(data.warn_no_history {no_history:g}: 1 silences this.)")
+    events = meta["history_events"] + meta["future_events"]
+    if events and frac > 0 and meta["future_events"] / events > future_share:
+        out.append(f"the future takes {meta['future_events'] / events:.0%} of all events "
+                   f"({meta['future_events']:,} of {events:,}), more than the future_frac {frac:g} of each user's "
+                   "events: a moment (one user and timestamp) is never cut in two, so users whose events share few "
+                   "timestamps lose most of them to the future. If your labels describe a later period, set "
+                   "`future_frac: 0`; else lower future_frac or declare a primary_source. "
+                   f"(data.warn_future_share {future_share:g}: 1 silences this.)")
+    for source, n in meta["events_per_source"].items():
+        if n == 0:
+            out.append(f"source '{source}' is declared but has no events: check the `source` column of the events "
+                       "files, or leave it out of loader_args.sources.")
+    return out
+
+
 def summary_lines(meta: dict, where: Path) -> list[str]:
     """The human summary printed by ``foundv2 data``."""
     spec = meta["spec"]

@@ -138,6 +138,8 @@ def data_command(args: list[str]) -> int:
             from data_modules.prepare import summary_lines
 
             print("\n".join(summary_lines(meta, dm.prepared_dir)))
+            for warning in dm.data_warnings(meta):
+                print(f"warning: {warning}")
             if meta.get("ranks", 1) > 1:
                 print(f"prepared by     {meta['ranks']} ranks in {meta['prepare_seconds']:.1f} s")
     except DataError:

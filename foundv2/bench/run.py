@@ -720,6 +720,7 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
         raise DataError(f"{dm.spec.name}: the split has no test users, so there is nothing to score; "
                         f"use more users or check the split fractions.")
     tasks, notes, has_items = _checked_tasks(dm, users, skip)
+    notes = [f"data: {w}" for w in dm.data_warnings(dm.meta)] + notes
     names = list(BASELINES if inputs["baselines"] is None else inputs["baselines"])
     wanted = inputs["representations"] or ["pooled", "tokens_bag", "tokens_sum"]
     from foundv2.bench.qanchor import QAnchorRows
