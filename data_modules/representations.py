@@ -30,7 +30,7 @@ import torch
 
 from data_modules.batch import as_table, fixed, ragged, scalars
 from data_modules.schema import DataError, DatasetSpec
-from data_modules.store import META_FILE, atomic_dir, atomic_write_json
+from data_modules.store import atomic_dir, write_output_meta
 
 FUTURE_CATEGORIES = "future_categories"
 NEXT_ITEMS = "next_items"
@@ -119,7 +119,7 @@ def write_representation(folder: str | Path, user_emb: np.ndarray, row: np.ndarr
     with atomic_dir(folder) as tmp:
         with pa.OSFile(str(tmp / part), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-        atomic_write_json(tmp / META_FILE, {"kind": "representations", **(info or {}), "parts": [part],
-                                            "world_size": 1, "user_dim": int(user_emb.shape[1])})
+        write_output_meta(tmp, {"kind": "representations", **(info or {}), "parts": [part], "world_size": 1,
+                                "user_dim": int(user_emb.shape[1])})
     return Path(folder)
 

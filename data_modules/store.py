@@ -411,6 +411,32 @@ def check_replaceable(folder: str | Path) -> None:
                         f"folder whole, so pass a new folder or empty this one.")
 
 
+#: the files that make a stage output a Hugging Face ``datasets`` folder (``datasets.load_from_disk``)
+HF_STATE, HF_INFO = "state.json", "dataset_info.json"
+
+
+def write_output_meta(folder: str | Path, meta: dict) -> None:
+    """Finish a stage output folder whose parts (Arrow streams, ``meta["parts"]``) are written:
+    ``state.json`` and ``dataset_info.json``, so that ``datasets.load_from_disk(folder)`` opens
+    the parts as one dataset, then ``meta.json`` last (its presence marks the output complete)."""
+    import datasets
+    import pyarrow as pa
+
+    folder = Path(folder)
+    schema = None
+    for part in meta["parts"]:
+        with pa.memory_map(str(folder / part)) as source:
+            schema = pa.ipc.open_stream(source).schema
+        break
+    info = {"features": datasets.Features.from_arrow_schema(schema).to_dict()} if schema is not None else {}
+    atomic_write_json(folder / HF_INFO, info)
+    fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    atomic_write_json(folder / HF_STATE, {"_data_files": [{"filename": p} for p in meta["parts"]],
+                                          "_fingerprint": fingerprint, "_format_columns": None, "_format_kwargs": {},
+                                          "_format_type": None, "_output_all_columns": False, "_split": None})
+    atomic_write_json(folder / META_FILE, meta, default=str)
+
+
 def read_stage_output(folder: str | Path):
     """(datasets.Dataset over every part, meta) of a complete stage output folder."""
     import datasets

@@ -35,9 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from data_modules.schema import DataError
 from data_modules.store import (
     ALLOW_NO_CHECKSUM_HOW,
-    META_FILE,
     TMP_MARK,
-    atomic_write_json,
     check_finite,
     check_replaceable,
     no_checksum_allowed,
@@ -46,6 +44,7 @@ from data_modules.store import (
     sidecar,
     tmp_name,
     verify_sidecar,
+    write_output_meta,
     write_sidecar,
 )
 
@@ -147,7 +146,7 @@ class ArrowPredictionWriter(BasePredictionWriter):
             parts = [self.part(r) for r in range(trainer.world_size) if (self.staging / self.part(r)).exists()]
             meta = {**self.meta, **getattr(pl_module, "output_meta", lambda: {})(), "parts": parts,
                     "world_size": trainer.world_size}
-            atomic_write_json(self.staging / META_FILE, meta, default=str)
+            write_output_meta(self.staging, meta)
             if hasattr(pl_module, "finish_output"):  # PredictStage: files beside the parts (a report), before the swap
                 pl_module.finish_output(self.staging)
             replace_dir(self.staging, self.output_dir)
