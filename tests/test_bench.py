@@ -269,3 +269,15 @@ def test_report_command_on_a_missing_or_broken_bench_json(tmp_path, capsys):
     assert main([str(broken)]) == 2
     err = capsys.readouterr().err
     assert err.count("foundv2: error:") == 2 and str(broken) in err and "Traceback" not in err
+
+
+def test_the_table_leaves_out_rows_with_no_task_to_show_and_states_the_budget_rule():
+    bench = {"tasks": {"churn": "binary", "next_items": "ranking"},
+             "results": {"pooled": {"churn": {"auc": 0.7}, "bytes_per_user": 256},
+                         "ease": {"bytes_per_user": None},  # its only task was skipped at this data set
+                         "majority": {"churn": {"auc": 0.5}, "bytes_per_user": 0}},
+             "budgets": {"16": {"best": "pooled", "meets": False, "baselines": ["tfidf_svd16_int8"],
+                                "rows": {"pooled": {"bytes_per_user": 16, "wins": 1, "losses": 0, "comparisons": []}}}}}
+    out = table(bench)
+    assert "pooled" in out and "majority" in out and "ease" not in out
+    assert "loses on no task and beats each on at least two" in out

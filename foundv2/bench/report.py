@@ -392,6 +392,8 @@ def table(bench: dict) -> str:
     for n, r in bench["results"].items():
         cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if isinstance(r.get(t), dict) and MAIN[k] in r[t] else "-"
                        for t, k in tasks]
+        if all(c == "-" for c in cells[1:]):
+            continue  # a row with no task to show (its tasks were skipped at this data set)
         cells.append(_size(r.get("bytes_per_user")))
         rows.append(cells)
     widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
@@ -402,7 +404,8 @@ def table(bench: dict) -> str:
         out += ["", "verdicts (Δ [95 % paired interval]; beats/loses only when the interval excludes 0):"]
         out += [verdict_line(t, v) for t, v in verdict.items()]
     if bench.get("budgets"):
-        out += ["", "storage budgets (token rows against the storage-matched baselines of the budget's size):"]
+        out += ["", "storage budgets (a token row of at most B bytes per user meets B when, against the storage-"
+                    "matched baselines of exactly B bytes, it loses on no task and beats each on at least two):"]
         out += [budget_line(b, v) for b, v in bench["budgets"].items()]
     out += not_run_lines(bench)
     return "\n".join(out)
