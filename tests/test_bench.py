@@ -281,3 +281,27 @@ def test_the_table_leaves_out_rows_with_no_task_to_show_and_states_the_budget_ru
     out = table(bench)
     assert "pooled" in out and "majority" in out and "ease" not in out
     assert "loses on no task and beats each on at least two" in out
+
+
+def test_every_learned_row_gets_a_verdict_against_the_best_baseline_of_its_size_and_of_any():
+    from foundv2.bench.report import row_verdict_lines, row_verdicts
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    noise = lambda s: y + rng.normal(0, s, 400)  # noqa: E731 - scores whose AUC falls with s
+    sd = {"tok16": 0.5, "stage1": 0.6, "svd16": 1.0, "svd64": 0.45, "tfidf": 0.3, "majority": None}
+    bench = {"tasks": {"a": "binary"}, "results": {
+        "tok16": {"kind": "tokens", "bytes_per_user": 16.0}, "stage1": {"kind": "representation", "bytes_per_user": None},
+        "svd16": {"kind": "baseline", "bytes_per_user": 16.0}, "svd64": {"kind": "baseline", "bytes_per_user": 64.0},
+        "tfidf": {"kind": "baseline", "bytes_per_user": None}}}
+    scores = {n: noise(s) for n, s in sd.items() if s is not None}
+    for n in scores:
+        bench["results"][n]["a"] = {"auc": float(np.mean([(scores[n][y == 1] > x).mean() for x in scores[n][y == 0]]))}
+    out = row_verdicts(bench, lambda n, t: scores.get(n), {"a": y})
+    assert set(out) == {"tok16", "stage1"}  # the learned rows, each one
+    tok = out["tok16"]["a"]
+    assert tok["by_size"]["baseline"] == "svd16" and tok["by_size"]["verdict"] == "beats"
+    assert tok["best"]["baseline"] == "tfidf" and tok["best"]["verdict"] == "loses"
+    assert out["stage1"]["a"]["by_size"]["baseline"] == "tfidf"  # unbounded: any baseline is of its size
+    lines = row_verdict_lines(out)
+    assert any(x.startswith("tok16 a (auc") and "beats svd16" in x and "loses tfidf" in x for x in lines)

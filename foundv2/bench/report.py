@@ -101,6 +101,61 @@ def verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
     return out
 
 
+def row_verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
+    """Every learned row (a representation or token row) per task against two baselines: the best
+    baseline of at most its size (``by_size``; for an unbounded row, any) and the best baseline of
+    any size (``best``), each with its paired interval on the task's main metric (the metric the
+    tables show). ``row → task → {"by_size": c, "best": c}``, ``c`` as in :func:`verdicts`."""
+    from foundv2.bench.probes import paired_bootstrap
+
+    res = bench["results"]
+    out: dict[str, dict] = {}
+    for task, kind in bench["tasks"].items():
+        key = MAIN[kind]
+        have = {n: r for n, r in res.items() if isinstance(r.get(task), dict) and key in r[task]}
+        base = sorted((n for n in have if _kind(n, have[n]) == "baseline"), key=lambda n: -have[n][task][key])
+        for n, r in have.items():
+            if _kind(n, r) == "baseline":
+                continue
+            size = r.get("bytes_per_user")
+            fits = [b for b in base if size is None or (have[b].get("bytes_per_user") is not None
+                                                         and have[b]["bytes_per_user"] <= size)]
+            a = scores(n, task)
+            pair = {}
+            for which, b in (("by_size", fits[0] if fits else None), ("best", base[0] if base else None)):
+                sb = scores(b, task) if b is not None else None
+                if a is None or sb is None or len(a) != len(sb):
+                    continue
+                ci = paired_bootstrap(kind, a, sb, labels.get(task), metric=key, n_boot=N_BOOT)
+                pair[which] = {"baseline": b, "bytes_per_user": have[b].get("bytes_per_user"),
+                               "value": have[b][task][key], "delta": ci["delta"], "lo": ci["lo"], "hi": ci["hi"],
+                               "verdict": _word(ci["lo"], ci["hi"])}
+            if pair:
+                out.setdefault(n, {})[task] = {"metric": key, "value": r[task][key], **pair}
+    return out
+
+
+def pair_lines(pairs: dict) -> list[str]:
+    """One line per ``--bench.compare`` pair and task: a − b with its paired interval."""
+    return [f"{p['a']} vs {p['b']} {task} ({p.get('metric', '')}): {_word(p['lo'], p['hi'])} {_fmt_interval(p)}"
+            for task, rows in pairs.items() for p in rows]
+
+
+def row_verdict_lines(rows: dict) -> list[str]:
+    """One line per learned row and task: against the best baseline of at most its size, and the best of any size."""
+    lines = []
+    for n, tasks in rows.items():
+        for task, v in tasks.items():
+            parts = []
+            for which, what in (("by_size", "best of its size"), ("best", "best of any size")):
+                c = v.get(which)
+                if c and not (which == "best" and v.get("by_size", {}).get("baseline") == c["baseline"]):
+                    parts.append(f"{c['verdict']} {c['baseline']} ({what}, {_size(c['bytes_per_user'])} B) "
+                                 f"{_fmt_interval(c)}")
+            lines.append(f"{n} {task} ({v['metric']} {v['value']:.4f}): " + "; ".join(parts))
+    return lines
+
+
 #: the storage-matched baselines (foundv2.bench.baselines): what a token row must match at its budget
 STORAGE_MATCHED = ("tfidf_svd", "top_items")
 
@@ -227,6 +282,13 @@ def markdown(bench: dict, verdict: dict, pngs: list[Path]) -> str:
                 lines += [f"| {n} | {c['task']} ({c['metric']}) | {c['baseline']} | {c['delta']:+.4f} | "
                           f"[{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['verdict']} |" for c in r["comparisons"]]
             lines.append("")
+    if bench.get("row_verdicts"):
+        lines += ["## Every learned row against the baselines", "",
+                  "Each learned row against the best baseline of at most its size and the best baseline of any size, "
+                  "on the metric the tables show (paired 95 % intervals over the test users).", "",
+                  *[f"- {line}" for line in row_verdict_lines(bench["row_verdicts"])], ""]
+    if bench.get("pairs"):
+        lines += ["## Pairs asked for (`--bench.compare`)", "", *[f"- {line}" for line in pair_lines(bench["pairs"])], ""]
     combined = [p for p in pngs if p.name == "metric_vs_bytes.png"]
     if combined:
         lines += [f"![metric against bytes per user]({combined[0].name})", ""]
@@ -375,6 +437,7 @@ def write_report(bench: dict, out_dir: Path, usage=None, labels: dict | None = N
     from foundv2.bench.run import load_scores
 
     bench["verdicts"] = verdicts(bench, lambda row, task: load_scores(out_dir, row, task), labels or {})
+    bench["row_verdicts"] = row_verdicts(bench, lambda row, task: load_scores(out_dir, row, task), labels or {})
     bench["budgets"] = budget_verdicts(bench, lambda row, task: load_scores(out_dir, row, task), labels or {},
                                        bench.get("storage_bytes") or ())
     pngs = plots(bench, out_dir, usage)
@@ -403,6 +466,11 @@ def table(bench: dict) -> str:
     if verdict:
         out += ["", "verdicts (Δ [95 % paired interval]; beats/loses only when the interval excludes 0):"]
         out += [verdict_line(t, v) for t, v in verdict.items()]
+    if bench.get("row_verdicts"):
+        out += ["", "every learned row against the baselines (beats/loses only when the 95 % paired interval excludes 0):"]
+        out += row_verdict_lines(bench["row_verdicts"])
+    if bench.get("pairs"):
+        out += ["", "pairs asked for (--bench.compare; a − b, paired 95 % interval):", *pair_lines(bench["pairs"])]
     if bench.get("budgets"):
         out += ["", "storage budgets (a token row of at most B bytes per user meets B when, against the storage-"
                     "matched baselines of exactly B bytes, it loses on no task and beats each on at least two):"]

@@ -529,9 +529,11 @@ def _save_scores(folder: Path, row: str, task: str, scores: np.ndarray) -> None:
 
 
 def _paired(out_dir: Path, pairs: list[list[str]], tasks: list[Task], labels: dict) -> dict:
-    """``task → [{a, b, delta, lo, hi, p_le_0, n}]`` for each requested pair of rows that both have
-    that task's test scores (see :func:`~foundv2.bench.probes.paired_bootstrap`)."""
+    """``task → [{a, b, metric, delta, lo, hi, p_le_0, n}]`` for each requested pair of rows that both
+    have that task's test scores, on the metric the tables show (see
+    :func:`~foundv2.bench.probes.paired_bootstrap`)."""
     from foundv2.bench.probes import paired_bootstrap
+    from foundv2.bench.report import MAIN
 
     out: dict[str, list] = {}
     for t in tasks:
@@ -539,8 +541,10 @@ def _paired(out_dir: Path, pairs: list[list[str]], tasks: list[Task], labels: di
             sa, sb = load_scores(out_dir, a, t.name), load_scores(out_dir, b, t.name)
             if sa is None or sb is None:
                 continue
-            d = paired_bootstrap(t.kind, sa, sb, labels.get(t.name))
-            out.setdefault(t.name, []).append({"a": a, "b": b, **{k: float(v) for k, v in d.items()}})
+            metric = MAIN[t.kind] if t.kind != "ranking" else None
+            d = paired_bootstrap(t.kind, sa, sb, labels.get(t.name), metric=metric)
+            out.setdefault(t.name, []).append({"a": a, "b": b, "metric": metric or MAIN[t.kind],
+                                               **{k: float(v) for k, v in d.items()}})
     return out
 
 
