@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple, get_args
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,8 @@ from torch import nn
 from foundv2.options import Options
 
 TERMS = ("fine", "window", "semantic", "recon", "distill")
-FINE_MODES = ("infonce", "cosine")
+FineMode = Literal["infonce", "cosine"]  # the fine term: InfoNCE, or the paper's weighted cosine
+FINE_MODES = get_args(FineMode)
 # paper: 0.2/0.4/0.4; distill is ours and off unless given a weight (it needs a teacher)
 DEFAULT_WEIGHTS = {"fine": 0.2, "window": 0.4, "semantic": 0.4, "recon": 1.0, "distill": 0.0}
 # Offset that keeps default row keys of different ranks apart when they are gathered.
@@ -259,7 +260,7 @@ class FineGrainedObjective(nn.Module):
         self,
         dim: int,
         target_dim: int | None = None,
-        mode: str = "infonce",
+        mode: FineMode = "infonce",
         tau: float = 0.07,
         step_tau: float = 10.0,
         hidden: int | None = None,
@@ -479,7 +480,7 @@ class ObjectivesConfig(Options):
     """Per-term switches, e.g. ``{semantic: false}``; missing → on."""
     tau: float = 0.07
     """InfoNCE temperature of every contrastive term."""
-    fine_mode: str = "infonce"
+    fine_mode: FineMode = "infonce"
     """The fine term: ``infonce`` against the batch's other next steps, or the paper's weighted
     ``cosine`` ``(1 + k/step_tau)(1 - cos)``."""
     step_tau: float = 10.0
@@ -508,8 +509,7 @@ class ObjectivesConfig(Options):
         return bool((self.enabled or {}).get(term, True)) and weight > 0
 
     def __post_init__(self) -> None:
-        if self.fine_mode not in FINE_MODES:
-            raise ValueError(f"fine_mode must be one of {FINE_MODES}, got {self.fine_mode!r}")
+        super().__post_init__()
         for name, table in (("weights", self.weights or {}), ("enabled", self.enabled or {})):
             unknown = set(table) - set(TERMS)
             if unknown:
@@ -550,7 +550,7 @@ class MultiScaleObjectives(nn.Module):
         enabled: Mapping[str, bool] | None = None,
         period: int = 7,
         tau: float = 0.07,
-        fine_mode: str = "infonce",
+        fine_mode: FineMode = "infonce",
         fine_target_dim: int | None = None,
         step_tau: float = 10.0,
         window_fn_margin: float | None = None,

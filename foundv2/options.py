@@ -12,9 +12,19 @@ A stage keeps the group in its hyperparameters as a plain dict (:meth:`Options.k
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, TypeVar
+import typing
+from typing import ClassVar, Literal, TypeVar
 
 T = TypeVar("T", bound="Options")
+
+
+def check_choices(owner: str, hints: dict, values: typing.Mapping) -> None:
+    """A ``ValueError`` naming the setting and its choices when one of ``values`` is not among the
+    choices of its ``Literal`` type in ``hints`` (``typing.get_type_hints`` of a signature or a
+    dataclass): the check jsonargparse makes on the command line, for settings given in Python."""
+    for name, hint in hints.items():
+        if typing.get_origin(hint) is Literal and name in values and values[name] not in typing.get_args(hint):
+            raise ValueError(f"{owner}: {name} must be one of {list(typing.get_args(hint))}, got {values[name]!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +34,10 @@ class Options:
     dataclasses (nested options) rather than classes picked by ``class_path``."""
 
     GROUP: ClassVar[str] = "option"  # the group's name in error messages
+
+    def __post_init__(self) -> None:
+        check_choices(f"{self.GROUP} options", typing.get_type_hints(type(self)),
+                      {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
     def from_dict(cls: type[T], values: dict) -> T:

@@ -239,8 +239,7 @@ class QuantizerConfig(Options):
     """Seed of the generator used by k-means and respawn (rank 0)."""
 
     def __post_init__(self) -> None:
-        if self.layout not in ("sequential", "union"):
-            raise ValueError(f"layout must be 'sequential' or 'union', got {self.layout!r}")
+        super().__post_init__()
         for name in ("shared_codes", "specific_codes"):  # lists, not tuples: config.json round-trips
             value = getattr(self, name)
             if not isinstance(value, int):
