@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, previous_figures, write_results  # noqa: E402
 
 DATASETS = ("synthetic", "movielens-1m")
-APPEND_MODEL = {"dim": 32, "num_queries": 2, "num_layers": 2, "num_heads": 4}
+APPEND_MODEL = {"dim": 32, "num_queries": 2, "num_layers": 2, "num_heads": 4}  # QFormerConfig
 MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc", "ranking": "ndcg@10"}
 ROWS = ("aligned_tokens", "tokens_bag", "tokens_sum", "qformer")
 BASELINES = ("tfidf", "ease", "itemknn", "sasrec", "tfidf_svd64_int8")
@@ -115,7 +115,7 @@ def run_append(n_users: int, days: int, work: Path, reuse: bool = False) -> dict
     kw = {"batch_size": 64, "max_windows": 64}
     base = data_config(work / "base.yaml", ev["base"], ev["users"], work / "cache", **kw)
     full = data_config(work / "full.yaml", ev["full"], ev["users"], work / "cache", **kw)
-    qcfg = stage_config(work / "qformer.yaml", work / "s1", {**QFORMER, "init_args": APPEND_MODEL},
+    qcfg = stage_config(work / "qformer.yaml", work / "s1", {**QFORMER, "init_args": {"qformer": APPEND_MODEL}},
                         limit_train_batches=20)
     tcfg = stage_config(work / "tokenizer.yaml", work / "s2", tokenizer_model(work / "tokenizer"), max_epochs=1,
                         limit_train_batches=20)

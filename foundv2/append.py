@@ -754,7 +754,7 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         write_output_meta(tmp, meta)
         from foundv2.stages.tokenizer import write_token_report
 
-        write_token_report(tmp, models.tokenizer, int(rows.meta.get("feature_dim") or models.stage.hparams.dim))
+        write_token_report(tmp, models.tokenizer, int(rows.meta.get("feature_dim") or models.stage.qformer_config.dim))
         report["write_s"] = time.perf_counter() - t0
     report["total_s"] = time.perf_counter() - t_start
     return report

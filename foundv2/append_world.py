@@ -70,7 +70,7 @@ def stage_config(path: Path, root: Path, model: dict, max_epochs: int = 1, seed:
 
 
 QFORMER = {"class_path": "foundv2.stages.qformer.QFormerStage",
-           "init_args": {"dim": 16, "num_queries": 2, "num_layers": 2, "num_heads": 2}}
+           "init_args": {"qformer": {"dim": 16, "num_queries": 2, "num_layers": 2, "num_heads": 2}}}
 
 
 def tokenizer_model(export: Path) -> dict:

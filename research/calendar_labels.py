@@ -54,12 +54,13 @@ def fit_qformer(dm, folder: Path, epochs: int) -> str:
     """A small stage-1 Q-Former (seed 0) fitted on ``dm``; returns its predict output folder."""
     import lightning as L
 
+    from foundv2.nn.qformer import QFormerConfig
     from foundv2.objectives import ObjectivesConfig
     from foundv2.stages.base import OptimConfig
     from foundv2.stages.qformer import QFormerStage
 
     L.seed_everything(0)
-    stage = QFormerStage(dim=32, num_queries=1, num_layers=1, num_heads=2,
+    stage = QFormerStage(qformer=QFormerConfig(dim=32, num_queries=1, num_layers=1, num_heads=2),
                          objectives=ObjectivesConfig(enabled={"semantic": False}),
                          optim=OptimConfig(lr=2e-3, warmup_steps=5, cosine=True))
     opts = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,

@@ -29,7 +29,7 @@ def test_alignment_ddp_fit_and_predict(tmp_path):
             "--trainer.default_root_dir", str(tmp_path / "tok"), "--model.predict_dir", str(tmp_path / "tokens"))
     align = [*DATA_CONFIG, "--config", str(ROOT / "experiments/synthetic/alignment.yaml"), *data, *CPU,
              "--data.tokens_dir", str(tmp_path / "tokens"), "--model.tokenizer_dir", str(tmp_path / "export"),
-             "--model.dim", "16", "--model.num_layers", "1"]
+             "--model.sequence.dim", "16", "--model.sequence.num_layers", "1"]
     run_cli("fit", *align, *DDP2, "--trainer.max_steps", "6", "--trainer.limit_val_batches", "2",
             "--trainer.default_root_dir", str(tmp_path / "al"), "--trainer.logger.init_args.save_dir",
             str(tmp_path / "al"))

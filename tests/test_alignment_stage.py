@@ -12,6 +12,7 @@ from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
 from foundv2.nn.quantizer import QuantizerConfig
+from foundv2.nn.sequence import SequenceConfig
 from foundv2.objectives import ObjectivesConfig
 from foundv2.stages.alignment import AlignmentStage
 from foundv2.stages.base import OptimConfig
@@ -44,8 +45,9 @@ def tokens(tmp_path_factory):
     return root
 
 
-def _stage(tokens, **kw) -> AlignmentStage:
-    return AlignmentStage(tokenizer_dir=str(tokens / "export"), dim=16, num_layers=1, num_heads=2, **kw)
+def _stage(tokens, freeze_codes: bool = False, **kw) -> AlignmentStage:
+    return AlignmentStage(tokenizer_dir=str(tokens / "export"),
+                          sequence=SequenceConfig(dim=16, num_layers=1, num_heads=2, freeze_codes=freeze_codes), **kw)
 
 
 def test_every_objective_is_logged_and_falls(tokens):

@@ -250,7 +250,8 @@ def test_stage3_states_of_earlier_windows_do_not_change(world):
     out = tmp / "v_all"
     run_cli(*append_args(world, out, world["events"]["new"]))
     model = {"class_path": "foundv2.stages.alignment.AlignmentStage",
-             "init_args": {"dim": 16, "num_layers": 2, "num_heads": 2, "tokenizer_dir": str(world["tokenizer"])}}
+             "init_args": {"sequence": {"dim": 16, "num_layers": 2, "num_heads": 2},
+                           "tokenizer_dir": str(world["tokenizer"])}}
     acfg = stage_config(tmp / "alignment.yaml", tmp / "s3", model)
     run_cli("fit", "--config", str(world["base"]), "--config", str(acfg), "--data.tokens_dir", str(world["tokens"]))
     ckpt = next((tmp / "s3").rglob("*.ckpt"))

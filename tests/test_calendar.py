@@ -18,12 +18,13 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.prepare import WINDOW_CALENDAR, calendar_span
 from foundv2.bench.run import run_bench
+from foundv2.nn.qformer import QFormerConfig
 from foundv2.objectives import ObjectivesConfig
 from foundv2.stages.base import OptimConfig
 from foundv2.stages.qformer import QFormerStage
 from tests.helpers import ROOT
 
-TINY = {"dim": 16, "num_layers": 1, "num_heads": 2, "num_queries": 1,
+TINY = {"qformer": QFormerConfig(dim=16, num_layers=1, num_heads=2, num_queries=1),
         "objectives": ObjectivesConfig(enabled={"semantic": False})}
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
-from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
+from foundv2.nn.qformer import CausalQFormer, QFormerConfig, ReconstructionHead
 from foundv2.nn.slices import pooled_slice_targets, slice_target_dim
 from foundv2.objectives import (
     FineGrainedObjective,
@@ -277,7 +277,7 @@ def test_each_loss_falls_on_weekly_batch(fine_mode, content_targets):
     models = (
         EventEncoder(S, ITEMS, TEXT_D, DIM),
         TabularEncoder(2, DIM),
-        CausalQFormer(S, DIM, num_queries=2, num_layers=2, num_heads=2, max_windows=WEEKS * PERIOD),
+        CausalQFormer(S, WEEKS * PERIOD, QFormerConfig(dim=DIM, num_queries=2, num_layers=2, num_heads=2)),
         ReconstructionHead(S, DIM, slice_target_dim(TEXT_D)),
     )
     objectives = MultiScaleObjectives(

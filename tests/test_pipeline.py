@@ -37,7 +37,8 @@ def configs(tmp_path_factory) -> dict:
         **TRAINER, "callbacks": [{**TRAINER["callbacks"][0], "init_args": {"monitor": "val/loss/total", "mode": "min",
                                                                           "save_last": True}}]},
         "model": {"class_path": "foundv2.stages.qformer.QFormerStage",
-                  "init_args": {"dim": 16, "num_queries": 1, "num_layers": 1, "num_heads": 2, "optim": {"warmup_steps": 1}}}})
+                  "init_args": {"qformer": {"dim": 16, "num_queries": 1, "num_layers": 1, "num_heads": 2},
+                                "optim": {"warmup_steps": 1}}}})
     tokenizer = _write(d / "tokenizer.yaml", {"seed_everything": 0, "trainer": TRAINER, "model": {
         "class_path": "foundv2.stages.tokenizer.TokenizerStage",
         "init_args": {"code_dim": 4, "hidden": [16],

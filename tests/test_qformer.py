@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from foundv2.nn.encoders import EventEncoder, TabularEncoder, gap_since_previous, time_features
-from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
+from foundv2.nn.qformer import CausalQFormer, QFormerConfig, ReconstructionHead
 from foundv2.nn.slices import pooled_slice_targets, slice_target_dim
 from tests.helpers import empty_event_batch
 
@@ -46,9 +46,8 @@ def build(
     torch.manual_seed(0)
     enc = EventEncoder(S, ITEMS, TEXT_D, DIM, num_categories=CATS)
     tab = TabularEncoder(2, DIM)
-    qf = CausalQFormer(
-        S, DIM, num_queries=2, num_layers=2, num_heads=2, max_windows=max_windows, within_window=within_window
-    )
+    qf = CausalQFormer(S, max_windows, QFormerConfig(dim=DIM, num_queries=2, num_layers=2, num_heads=2,
+                                                     within_window=within_window))
     for m in (enc, tab, qf):
         m.eval()
     return enc, tab, qf

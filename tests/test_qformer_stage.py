@@ -14,6 +14,7 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
+from foundv2.nn.qformer import QFormerConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures, slice_target_dim
 from foundv2.objectives import ObjectivesConfig
@@ -23,7 +24,7 @@ from foundv2.stages.tokenizer import TokenizerStage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "experiments" / d / "qformer.yaml" for d in ("synthetic", "movielens-100k", "movielens-1m")]
-TINY = {"dim": 16, "num_layers": 1, "num_heads": 2, "num_queries": 2}
+TINY = {"qformer": QFormerConfig(dim=16, num_layers=1, num_heads=2, num_queries=2)}
 
 
 def make_dm(cache: Path, **kw) -> UserDataModule:
@@ -104,6 +105,9 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
     trainer().predict(stage, dm, return_predictions=False)
     ds, meta = read_stage_output(tmp_path / "features")
     assert meta["kind"] == "features" and meta["dim"] == 16
+    import datasets  # the folder is a Hugging Face dataset folder, as the docs say
+
+    assert datasets.load_from_disk(str(tmp_path / "features"))["user_id"] == ds["user_id"]
     assert meta["sources"] == ["payment", "item", "search", "app", "profile"]
     assert len(ds) == 300 and sorted(ds["user_id"]) == sorted(np.asarray(dm.table["user_id"]).tolist())
     row = ds.with_format("numpy")[0]
@@ -298,7 +302,7 @@ def test_cli_predict_from_checkpoint_writes_to_the_given_folder(cache, tmp_path)
               "--data.cache_dir", str(cache), "--data.progress", "false", "--trainer.logger", "false",
               "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(tmp_path)]  # the CLI saves its config.yaml there
-    cli = lightning_cli(["fit", *common, "--model.dim", "16", "--model.num_layers", "1", "--trainer.max_steps", "1",
+    cli = lightning_cli(["fit", *common, "--model.qformer.dim", "16", "--model.qformer.num_layers", "1", "--trainer.max_steps", "1",
                          "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false"])
     cli.trainer.save_checkpoint(tmp_path / "last.ckpt")
     out = tmp_path / "features"

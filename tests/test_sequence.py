@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from foundv2.nn.sequence import TokenSequenceEncoder
+from foundv2.nn.sequence import SequenceConfig, TokenSequenceEncoder
 
 V, C, LEVELS, SOURCES = 40, 8, 2, 3
 
 
 def make_model(**kw):
     torch.manual_seed(0)
-    return TokenSequenceEncoder(torch.randn(V, C), LEVELS, SOURCES, dim=16, num_layers=2, num_heads=2,
-                                max_windows=8, **kw).eval()
+    return TokenSequenceEncoder(torch.randn(V, C), LEVELS, SOURCES, 8,
+                                SequenceConfig(dim=16, num_layers=2, num_heads=2, **kw)).eval()
 
 
 def user_tokens(n_windows: int, seed: int = 0):
@@ -73,12 +73,12 @@ def test_padding_and_batch_neighbours_do_not_change_a_user():
 
 def test_token_table_starts_at_the_code_vectors_and_learns_unless_frozen():
     codes = torch.randn(V, C)
-    m = TokenSequenceEncoder(codes, LEVELS, SOURCES, dim=16, num_heads=2, max_windows=8)
+    m = TokenSequenceEncoder(codes, LEVELS, SOURCES, 8, SequenceConfig(dim=16, num_heads=2))
     assert torch.equal(m.token_table.weight.detach(), codes)
     out = m(*batch([user_tokens(3)]), num_windows=3)
     out.windows.sum().backward()
     assert m.token_table.weight.grad.abs().sum() > 0
-    frozen = TokenSequenceEncoder(codes, LEVELS, SOURCES, dim=16, num_heads=2, max_windows=8, freeze_codes=True)
+    frozen = TokenSequenceEncoder(codes, LEVELS, SOURCES, 8, SequenceConfig(dim=16, num_heads=2, freeze_codes=True))
     assert not frozen.token_table.weight.requires_grad
 
 

@@ -18,7 +18,7 @@ from foundv2.stages.base import OptimConfig, adamw, lr_factor, param_groups
 from foundv2.stages.qformer import QFormerStage
 from foundv2.stages.tokenizer import TokenizerStage
 from tests.helpers import ROOT, run_cli
-from tests.test_window_keys import assert_window_keys, make_dm, trainer
+from tests.test_window_keys import TINY_QFORMER, assert_window_keys, make_dm, trainer
 
 TINY_TOKENIZER = {"quantizer": {"n_shared_levels": 1, "n_specific_levels": 1, "shared_codes": 8, "specific_codes": 4,
                                 "kmeans_buffer": 64}, "code_dim": 8, "hidden": [16]}
@@ -73,7 +73,7 @@ def test_tokenizer_checkpoint_alone_predicts_the_trainers_tokens(tmp_path, featu
 def test_qformer_checkpoint_alone_predicts_the_trainers_features(tmp_path):
     dm = make_dm(tmp_path / "cache")
     L.seed_everything(0)
-    stage = QFormerStage(dim=16, num_layers=1, num_heads=2, predict_dir=str(tmp_path / "features"))
+    stage = QFormerStage(qformer=TINY_QFORMER, predict_dir=str(tmp_path / "features"))
     ckpt = _fit_and_checkpoint(stage, dm, tmp_path, 3)
     loaded = QFormerStage.load_from_checkpoint(ckpt)
     assert loaded.dims == dm.dims() and loaded.qformer is not None
@@ -87,7 +87,7 @@ def test_load_from_checkpoint_refuses_a_damaged_file(tmp_path):
 
     dm = make_dm(tmp_path / "cache")
     L.seed_everything(0)
-    ckpt = Path(_fit_and_checkpoint(QFormerStage(dim=16, num_layers=1, num_heads=2, predict_dir=str(tmp_path / "f")), dm,
+    ckpt = Path(_fit_and_checkpoint(QFormerStage(qformer=TINY_QFORMER, predict_dir=str(tmp_path / "f")), dm,
                                     tmp_path, 1))
     QFormerStage.load_from_checkpoint(ckpt)  # whole: loads
     data = ckpt.read_bytes()
@@ -102,10 +102,10 @@ def test_checkpoint_for_other_data_is_a_clear_error(tmp_path):
     from data_modules.schema import DataError
 
     L.seed_everything(0)
-    ckpt = _fit_and_checkpoint(QFormerStage(dim=16, num_layers=1, num_heads=2), make_dm(tmp_path / "cache"),
+    ckpt = _fit_and_checkpoint(QFormerStage(qformer=TINY_QFORMER), make_dm(tmp_path / "cache"),
                                tmp_path, 1)
     with pytest.raises(DataError, match="max_windows 6 there, 8 here"):
-        trainer().predict(QFormerStage(dim=16, num_layers=1, num_heads=2), make_dm(tmp_path / "cache", max_windows=8),
+        trainer().predict(QFormerStage(qformer=TINY_QFORMER), make_dm(tmp_path / "cache", max_windows=8),
                           ckpt_path=str(ckpt), return_predictions=False)
 
 
@@ -136,7 +136,7 @@ def test_adamw_decays_exactly_the_decay_group_of_a_real_stage():
     padding rows) stays bit for bit."""
     dims = {"num_sources": 4, "sources": ["a", "b", "c", "d"], "num_items": 30, "num_categories": 5,
             "text_dim": 8, "tabular_dim": 2, "window_period": 4, "max_windows": 6, "calendar_dim": 0}
-    stage = QFormerStage(dim=16, num_layers=1, num_heads=2, optim=OptimConfig(weight_decay=0.5))
+    stage = QFormerStage(qformer=TINY_QFORMER, optim=OptimConfig(weight_decay=0.5))
     stage.build(dims)
     opt = adamw(stage, total_steps=10, lr=0.1, weight_decay=0.5)
     before = {n: p.detach().clone() for n, p in stage.named_parameters()}

@@ -24,6 +24,10 @@ def _same_output(tmp_path, config, extra, column, atol):
     two, meta = _by_user(tmp_path / "p2", column)
     assert meta["world_size"] == 2 and len(meta["parts"]) == 2
     assert one.keys() == two.keys() and len(one) == 240
+    import datasets  # a stage output is a Hugging Face dataset folder: both ranks' parts, one dataset
+
+    hf = datasets.load_from_disk(str(tmp_path / "p2"))
+    assert len(hf) == 240 and sorted(hf["user_id"]) == sorted(two)
     for u in one:
         np.testing.assert_allclose(one[u].astype(float), two[u].astype(float), atol=atol)
 
@@ -58,8 +62,8 @@ def _fit_then_predict_twice(tmp_path, cfg: str, common: list[str], fit_args: lis
 @pytest.mark.ddp
 def test_qformer_ddp_fit_and_predict(tmp_path):
     cfg = str(ROOT / "experiments/synthetic/qformer.yaml")
-    common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"), "--model.dim", "16",
-              "--model.num_layers", "1"]
+    common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"), "--model.qformer.dim", "16",
+              "--model.qformer.num_layers", "1"]
     _fit_then_predict_twice(tmp_path, cfg, common, ["--trainer.max_steps", "6", "--trainer.limit_val_batches", "2"])
 
 

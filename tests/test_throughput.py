@@ -14,6 +14,7 @@ from data_modules.datamodule import UserDataModule, release_pages
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
 from foundv2.nn.mrqvae import MultiViewRQVAE
+from foundv2.nn.qformer import QFormerConfig
 from foundv2.nn.quantizer import QuantizerConfig
 
 
@@ -86,7 +87,7 @@ def test_a_length_ordered_predict_covers_everyone_once_with_the_same_numbers(tmp
     out = {}
     for order in ("rows", "length"):
         L.seed_everything(0)
-        stage = QFormerStage(dim=16, num_layers=1, num_heads=2, predict_dir=str(tmp_path / order))
+        stage = QFormerStage(qformer=QFormerConfig(dim=16, num_layers=1, num_heads=2), predict_dir=str(tmp_path / order))
         trainer.predict(stage, datamodule=_dm(tmp_path, predict_order=order), return_predictions=False)
         out[order] = read_stage_output(tmp_path / order)[0]
     rows, length = out["rows"], out["length"]
@@ -108,7 +109,7 @@ def test_predict_throughput_reports_its_figures(tmp_path):
     from foundv2.stages.qformer import QFormerStage
     from foundv2.throughput import count_flops, predict_throughput
 
-    stage = QFormerStage(dim=16, num_layers=1, num_heads=2, predict_dir=str(tmp_path / "kept"))
+    stage = QFormerStage(qformer=QFormerConfig(dim=16, num_layers=1, num_heads=2), predict_dir=str(tmp_path / "kept"))
     res = predict_throughput(stage, _dm(tmp_path), max_users=40, flop_batches=2)
     assert res["users"] == 48  # whole batches of 16
     assert res["seconds"] > 0 and res["users_per_s"] == pytest.approx(48 / res["seconds"])

@@ -12,10 +12,12 @@ import pytest
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
+from foundv2.nn.qformer import QFormerConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.qformer import QFormerStage
 from foundv2.stages.tokenizer import TokenizerStage
 
+TINY_QFORMER = QFormerConfig(dim=16, num_layers=1, num_heads=2)
 CAPS = {"max_windows": 6, "max_events": 40}  # small caps: the kept windows start past the oldest ones
 
 
@@ -76,7 +78,7 @@ def test_features_carry_the_prepared_window_keys(tmp_path, window_mode):
 def test_tokens_carry_the_keys_of_the_features_they_read(tmp_path):
     cache = tmp_path / "cache"
     L.seed_everything(0)
-    stage1 = QFormerStage(dim=16, num_layers=1, num_heads=2, predict_dir=str(tmp_path / "features"))
+    stage1 = QFormerStage(qformer=TINY_QFORMER, predict_dir=str(tmp_path / "features"))
     trainer(max_steps=2, limit_val_batches=0).fit(stage1, make_dm(cache))
     trainer().predict(stage1, make_dm(cache), return_predictions=False)
     dm = make_dm(cache)

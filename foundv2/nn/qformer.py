@@ -38,13 +38,52 @@ user in the batch, capped by ``max_events`` in the data module).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from foundv2.nn.slices import slice_presence
+from foundv2.options import Options
+
+
+@dataclass(frozen=True)
+class TransformerConfig(Options):
+    """The transformer blocks' settings that the Q-Former (stage 1) and the token-sequence
+    encoder (stage 3) share; each net's own config adds its own."""
+
+    dim: int = 64
+    """Model width: of the tokens the blocks read (stage 1: the event encodings and the queries;
+    stage 3: the token embeddings) and of the states they output."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (must divide ``dim``)."""
+    mlp_ratio: int = 4
+    """Hidden width of the block MLP, as a multiple of ``dim``."""
+    dropout: float = 0.0
+    """Dropout on attention weights and in the MLP."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dim % self.num_heads:
+            raise ValueError(f"{self.GROUP}: dim {self.dim} is not a multiple of num_heads {self.num_heads}")
+
+
+@dataclass(frozen=True)
+class QFormerConfig(TransformerConfig):
+    """The causal Q-Former's settings (stage 1's ``--model.qformer.*``)."""
+
+    GROUP: ClassVar[str] = "qformer"
+
+    num_queries: int = 2
+    """Q, learnable queries per (window, source) view: a user is ``windows x sources x Q`` query
+    tokens."""
+    within_window: Literal["all", "source"] = "all"
+    """Visibility among the queries of one window: ``all`` (every source of the window) or
+    ``source`` (source-causal, in source-index order)."""
 
 
 class QFormerOutput(NamedTuple):
@@ -200,43 +239,27 @@ class CausalQFormer(nn.Module):
 
     Args:
         num_sources: S, the number of event sources (one view per source and window).
-        dim: width of the event encodings, the queries and the output views.
-        num_queries: Q, learnable queries per source view.
-        num_layers: number of transformer blocks.
-        num_heads: attention heads (must divide ``dim``).
         max_windows: the most windows a user may have (size of the window-position table).
-        mlp_ratio: hidden width of the block MLP, as a multiple of ``dim``.
-        dropout: dropout on attention weights and in the MLP.
-        within_window: visibility among the queries of one window: ``"all"`` (every source of
-            the window) or ``"source"`` (source-causal, in source-index order).
+        config: the Q-Former's own settings (:class:`QFormerConfig`: width, queries, blocks,
+            visibility within a window).
     """
 
-    def __init__(
-        self,
-        num_sources: int,
-        dim: int,
-        num_queries: int = 4,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        max_windows: int = 64,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        within_window: Literal["all", "source"] = "all",
-    ) -> None:
+    def __init__(self, num_sources: int, max_windows: int = 64, config: QFormerConfig = QFormerConfig()) -> None:
         super().__init__()
-        if within_window not in ("all", "source"):
-            raise ValueError(f"within_window must be 'all' or 'source', got {within_window!r}")
+        self.config = config
+        dim, num_queries = config.dim, config.num_queries
         self.num_sources = num_sources
         self.dim = dim
         self.num_queries = num_queries
         self.max_windows = max_windows
-        self.within_window = within_window
+        self.within_window = config.within_window
         # Small init as in BERT / BLIP-2 query tokens.
         self.queries = nn.Parameter(torch.randn(num_sources, num_queries, dim) * 0.02)
         self.window_pos = nn.Embedding(max_windows, dim)
         nn.init.normal_(self.window_pos.weight, std=0.02)
         self.null_kv = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(_Block(dim, config.num_heads, config.mlp_ratio, config.dropout)
+                                    for _ in range(config.num_layers))
         self.norm_out = nn.LayerNorm(dim)
 
     def token_index(

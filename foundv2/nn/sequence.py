@@ -7,7 +7,7 @@ token id per level. Every token is embedded as
 
 where ``token_table`` starts from the tokenizer's code vectors (a global id maps to the code
 vector it stands for, :func:`code_vectors`), so the sequence model begins with the geometry the
-RQ-VAE learned; ``freeze_codes`` keeps it fixed.
+RQ-VAE learned; ``freeze_codes`` (:class:`SequenceConfig`) keeps it fixed.
 
 Attention is **block causal over windows**: a token of window *w* attends to every token of
 windows ≤ *w* (its own window included, since a window is one time step) and never to a later
@@ -22,13 +22,24 @@ mask): one implementation of masked attention in the code base.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foundv2.nn.qformer import _Attention, block_mlp
+from foundv2.nn.qformer import TransformerConfig, _Attention, block_mlp
+
+
+@dataclass(frozen=True)
+class SequenceConfig(TransformerConfig):
+    """The token-sequence encoder's settings (stage 3's ``--model.sequence.*``)."""
+
+    GROUP: ClassVar[str] = "sequence"
+
+    freeze_codes: bool = False
+    """Keep the token table at the tokenizer's code vectors (else it is trained, starting from them)."""
 
 
 def code_vectors(model) -> Tensor:
@@ -71,14 +82,8 @@ class TokenSequenceEncoder(nn.Module):
         code_vectors: [V, C] the code vector of every global token id (:func:`code_vectors`).
         num_levels: quantiser levels (size of the level table).
         num_sources: sources, the profile included (size of the source table).
-        dim: model width.
-        num_layers: transformer blocks.
-        num_heads: attention heads (must divide ``dim``).
         max_windows: the most windows a user may have (size of the window-position table).
-        mlp_ratio: block MLP width as a multiple of ``dim``.
-        dropout: attention and MLP dropout.
-        freeze_codes: keep the token table at the tokenizer's code vectors (else it is trained,
-            starting from them).
+        config: the encoder's own settings (:class:`SequenceConfig`: width, blocks, frozen codes).
     """
 
     def __init__(
@@ -86,21 +91,17 @@ class TokenSequenceEncoder(nn.Module):
         code_vectors: Tensor,
         num_levels: int,
         num_sources: int,
-        dim: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 4,
         max_windows: int = 64,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        freeze_codes: bool = False,
+        config: SequenceConfig = SequenceConfig(),
     ) -> None:
         super().__init__()
         vocab, code_dim = code_vectors.shape
-        self.dim, self.max_windows = dim, max_windows
+        dim = config.dim
+        self.config, self.dim, self.max_windows = config, dim, max_windows
         self.token_table = nn.Embedding(vocab, code_dim)
         with torch.no_grad():
             self.token_table.weight.copy_(code_vectors.float())
-        self.token_table.weight.requires_grad_(not freeze_codes)
+        self.token_table.weight.requires_grad_(not config.freeze_codes)
         self.register_buffer("target_table", code_vectors.float().clone(), persistent=True)
         self.code_proj = nn.Linear(code_dim, dim)
         self.level_emb = nn.Embedding(num_levels, dim)
@@ -108,7 +109,8 @@ class TokenSequenceEncoder(nn.Module):
         self.window_pos = nn.Embedding(max_windows, dim)
         for emb in (self.level_emb, self.source_emb, self.window_pos):
             nn.init.normal_(emb.weight, std=0.02)
-        self.blocks = nn.ModuleList(_SelfBlock(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(_SelfBlock(dim, config.num_heads, config.mlp_ratio, config.dropout)
+                                    for _ in range(config.num_layers))
         self.norm_out = nn.LayerNorm(dim)
 
     @staticmethod

@@ -41,22 +41,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data_modules.store import Split
-from foundv2.nn.sequence import TokenSequenceEncoder
+from foundv2.nn.sequence import SequenceConfig, TokenSequenceEncoder
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
-from foundv2.stages.base import ObjectiveStage, OptimConfig, pool_windows
-from foundv2.stages.qformer import USER_POOLS, semantic_mask
+from foundv2.stages.base import WINDOW_POOLS, ObjectiveStage, OptimConfig, pool_window
+from foundv2.stages.qformer import semantic_mask
 from foundv2.stages.token_inputs import load_code_vectors, tokens_code_vectors
 
 TERMS = ("fine", "window", "semantic", "distill")  # stage 3's objective terms: no recon
-# window-state pools (as stage 1's), the same with the token-sum readout beside them, and the
-# distill head's prediction of the teacher
-ALIGN_POOLS = (*USER_POOLS, "sum", "mean_sum", "mean_last_sum", "distill")
+#: ``user_pool`` of stage 3 → the parts of ``user_emb``, side by side: window-state pools (as
+#: stage 1's, each ``sequence.dim`` wide), ``sum`` the token-sum readout (S·C wide) and
+#: ``distill`` the distill head's prediction of the teacher (the teacher's width)
+ALIGN_POOLS: dict[str, tuple[str, ...]] = {**WINDOW_POOLS, "sum": ("sum",), "mean_sum": ("mean", "sum"),
+                                           "mean_last_sum": ("mean", "last", "sum"), "distill": ("distill",)}
+AlignPool = Literal[tuple(ALIGN_POOLS)]
 
 class AlignmentStage(ObjectiveStage):
     """Stage 3: a causal Transformer over token sequences, trained with the alignment objectives.
@@ -64,12 +68,8 @@ class AlignmentStage(ObjectiveStage):
     Args:
         tokenizer_dir: the tokenizer folder (save_pretrained) that made the tokens; its code
             vectors start the token table (needed for a fresh ``fit`` only).
-        dim: model width.
-        num_layers: transformer blocks.
-        num_heads: attention heads (must divide ``dim``).
-        mlp_ratio: block MLP width as a multiple of ``dim``.
-        dropout: attention and MLP dropout.
-        freeze_codes: keep the token table at the code vectors (else trained from them).
+        sequence: the causal Transformer (``--model.sequence.*``: width, blocks, frozen codes;
+            :class:`~foundv2.nn.sequence.SequenceConfig`).
         user_pool: ``mean``, ``last`` or ``mean_last`` over the real windows' states; with a
             ``_sum`` suffix (or ``sum`` alone) the per-source sum of the token table's vectors
             over the user's tokens is put beside them (see the module docstring); ``distill``:
@@ -87,22 +87,16 @@ class AlignmentStage(ObjectiveStage):
     def __init__(
         self,
         tokenizer_dir: str | None = None,
-        dim: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        freeze_codes: bool = False,
-        user_pool: str = "mean_last",
+        sequence: SequenceConfig = SequenceConfig(),
+        user_pool: AlignPool = "mean_last",
         objectives: ObjectivesConfig = ObjectivesConfig(fine_mode="cosine"),
         optim: OptimConfig = OptimConfig(),
         predict_dir: str | None = None,
     ):
         super().__init__(predict_dir)
-        if user_pool not in ALIGN_POOLS:
-            raise ValueError(f"user_pool must be one of {ALIGN_POOLS}, got {user_pool!r}")
         self.tokenizer_dir = tokenizer_dir
         self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
+        self.sequence_config = SequenceConfig.keep(self.hparams, "sequence")
         options = ObjectivesConfig.keep(self.hparams, "objectives").only(TERMS)  # recon is refused here, not at fit
         if user_pool == "distill" and not options.active("distill"):
             raise ValueError("user_pool 'distill' reads the distill term's head: give objectives.weights.distill > 0 "
@@ -125,14 +119,13 @@ class AlignmentStage(ObjectiveStage):
                 "teacher_dim": int(dims.get("teacher_dim", 0))}
 
     def build_nets(self, dims: dict) -> None:
-        hp = self.hparams
-        self.net = TokenSequenceEncoder(
-            torch.zeros(dims["vocab_size"], dims["code_dim"]), dims["num_levels"], dims["num_sources"], hp.dim,
-            hp.num_layers, hp.num_heads, dims["max_windows"], hp.mlp_ratio, hp.dropout, hp.freeze_codes)
+        dim = self.sequence_config.dim
+        self.net = TokenSequenceEncoder(torch.zeros(dims["vocab_size"], dims["code_dim"]), dims["num_levels"],
+                                        dims["num_sources"], dims["max_windows"], self.sequence_config)
         self.objectives = MultiScaleObjectives.from_options(
-            ObjectivesConfig.from_dict(hp.objectives).only(TERMS), hp.dim, dims["text_dim"], dims["window_period"],
-            fine_target_dim=dims["code_dim"], distill_in_dim=2 * hp.dim + dims["num_sources"] * dims["code_dim"],
-            teacher_dim=dims.get("teacher_dim") or None)
+            ObjectivesConfig.from_dict(self.hparams.objectives).only(TERMS), dim, dims["text_dim"],
+            dims["window_period"], fine_target_dim=dims["code_dim"],
+            distill_in_dim=2 * dim + dims["num_sources"] * dims["code_dim"], teacher_dim=dims.get("teacher_dim") or None)
 
     def configure_model(self) -> None:
         fresh = self.dims is None and self._trainer is not None
@@ -167,25 +160,24 @@ class AlignmentStage(ObjectiveStage):
         onehot = F.one_hot(batch["tok_source"].clamp_min(0), S).float() * batch["tok_mask"][..., None]
         return (onehot.transpose(1, 2) @ codes).flatten(1)  # [B, S, T] @ [B, T, C]
 
-    def _pool_parts(self) -> tuple[str, bool]:
-        """``user_pool`` split into its window-state pools ("" for none) and whether the token sum follows."""
-        how = self.hparams.user_pool
-        return how.removesuffix("sum").rstrip("_"), how.endswith("sum")
-
     def distill_input(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
         """[B, 2D + S·C] what the distill head reads: the mean and last window states, the token sum."""
-        return torch.cat([pool_windows(windows, batch["win_mask"], "mean_last"), self.token_sum(batch)], dim=1)
+        mask = batch["win_mask"]
+        return torch.cat([pool_window(windows, mask, "mean"), pool_window(windows, mask, "last"),
+                          self.token_sum(batch)], dim=1)
+
+    def pool_part(self, part: str, batch: dict, windows: torch.Tensor) -> torch.Tensor:
+        """One part of the user vector (:data:`ALIGN_POOLS`): a window-state pool, the token sum,
+        or the distill head's prediction of the teacher."""
+        if part == "distill":
+            return self.objectives.distill.head(self.distill_input(batch, windows).float())
+        if part == "sum":
+            return self.token_sum(batch)
+        return pool_window(windows, batch["win_mask"], part)
 
     def pool(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
-        """The user vector as ``user_pool`` says: window-state pools, then the token sum; or the
-        distill head's prediction of the teacher."""
-        if self.hparams.user_pool == "distill":
-            return self.objectives.distill.head(self.distill_input(batch, windows).float())
-        states, with_sum = self._pool_parts()
-        parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
-        if with_sum:
-            parts.append(self.token_sum(batch))
-        return torch.cat(parts, dim=1)
+        """The user vector as ``user_pool`` says: its parts side by side."""
+        return torch.cat([self.pool_part(p, batch, windows) for p in ALIGN_POOLS[self.hparams.user_pool]], dim=1)
 
     @torch.no_grad()
     def user_embedding(self, batch: dict) -> torch.Tensor:
@@ -227,12 +219,11 @@ class AlignmentStage(ObjectiveStage):
         """Besides the widths: a user's embedding is computed from its tokens alone (the weights are
         shared by all users), so its storage is the tokens' — the bench reads ``row_kind`` and
         ``bytes_per_user`` and compares it with rows of that size."""
-        states, with_sum = self._pool_parts()
-        width = (int(self.hparams.dim) * len(states.split("_")) * bool(states)
-                 + self.dims["num_sources"] * self.dims["code_dim"] * with_sum)
-        if self.hparams.user_pool == "distill":
-            width = int(self.dims["teacher_dim"])
-        info = {"sources": list(self.dims["sources"]), "dim": int(self.hparams.dim), "user_dim": width}
+        dim = int(self.sequence_config.dim)
+        widths = {"mean": dim, "last": dim, "sum": self.dims["num_sources"] * self.dims["code_dim"],
+                  "distill": int(self.dims.get("teacher_dim", 0))}
+        width = sum(widths[p] for p in ALIGN_POOLS[self.hparams.user_pool])
+        info = {"sources": list(self.dims["sources"]), "dim": dim, "user_dim": width}
         dm = self._trainer.datamodule if self._trainer is not None else None
         tokens_dir = getattr(dm, "hparams", {}).get("tokens_dir") if dm is not None else None
         report = Path(tokens_dir) / "report.json" if tokens_dir else None

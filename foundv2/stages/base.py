@@ -30,8 +30,9 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -40,7 +41,7 @@ from torch import nn
 
 from data_modules.schema import DataError
 from foundv2.io import ArrowPredictionWriter, install_checksums, verify_checkpoint
-from foundv2.options import Options
+from foundv2.options import Options, check_choices
 
 DIMS_KEY = "foundv2_dims"  # where a checkpoint keeps the sizes the nets were built for
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
@@ -185,8 +186,10 @@ class PredictStage(L.LightningModule):
 
     def save_settings(self, *run_settings: str) -> None:
         """``save_hyperparameters`` of the calling ``__init__`` without ``predict_dir`` and the
-        other ``run_settings`` (output folders: run settings, not model settings)."""
+        other ``run_settings`` (output folders: run settings, not model settings); a mode given in
+        Python that is not among its ``Literal``'s choices is refused here, as the CLI refuses it."""
         self.save_hyperparameters(ignore=["predict_dir", *run_settings], frame=inspect.currentframe().f_back)
+        check_choices(type(self).__name__, typing.get_type_hints(type(self).__init__), self.hparams)
 
     # ------------------------------------------------------------------ nets
     def data_dims(self, datamodule) -> dict | None:
@@ -283,17 +286,21 @@ class PredictStage(L.LightningModule):
 
 
 # ------------------------------------------------------------------------------ user vectors
-def pool_windows(windows: torch.Tensor, win_mask: torch.Tensor, how: str) -> torch.Tensor:
-    """One vector per user from window states [B, W, D]: ``mean`` over the real windows,
-    ``last`` (the last real window, which sees the whole history) or ``mean_last`` (both side by
-    side, 2·D wide: a linear probe then also sees the drift between the average and the latest
-    state)."""
+#: ``user_pool`` values every stage with window states has, and the parts each puts side by side
+#: (each :func:`pool_window`, D wide): ``mean_last`` lets a linear probe also see the drift
+#: between the average and the latest state. A stage adds its own parts to this table.
+WINDOW_POOLS: dict[str, tuple[str, ...]] = {"mean": ("mean",), "last": ("last",), "mean_last": ("mean", "last")}
+
+
+def pool_window(windows: torch.Tensor, win_mask: torch.Tensor, part: Literal["mean", "last"]) -> torch.Tensor:
+    """[B, D] one vector per user from window states [B, W, D]: ``mean`` over the real windows or
+    ``last`` (the last real window, which sees the whole history)."""
     from foundv2.objectives import last_valid
 
+    if part == "last":
+        return last_valid(windows, win_mask)
     m = win_mask.float()[..., None]
-    parts = {"mean": lambda: (windows * m).sum(1) / m.sum(1).clamp_min(1),
-             "last": lambda: last_valid(windows, win_mask)}
-    return torch.cat([parts[p]() for p in how.split("_")], dim=1)
+    return (windows * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class ObjectiveStage(PredictStage):

@@ -36,6 +36,8 @@ the prepared data gave them (calendar day or week number, or the event-window nu
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -43,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from data_modules.store import Split
 from foundv2.nn.encoders import EventEncoder, TabularEncoder
 from foundv2.nn.item_factors import ItemFactors
-from foundv2.nn.qformer import CausalQFormer, ReconstructionHead
+from foundv2.nn.qformer import CausalQFormer, QFormerConfig, ReconstructionHead
 from foundv2.nn.slices import (
     PooledSliceFeatures,
     TextSliceFeatures,
@@ -55,21 +57,23 @@ from foundv2.nn.slices import (
 )
 from foundv2.objectives import MultiScaleObjectives, ObjectivesConfig, last_valid
 from foundv2.stages.base import (
+    WINDOW_POOLS,
     ObjectiveStage,
     OptimConfig,
-    pool_windows,
+    pool_window,
     split_by_user,
     train_item_lists,
     with_window_keys,
 )
 
-BACKBONES = ("qformer", "text_encoder", "pooled")
-USER_POOLS = ("mean", "last", "mean_last")
-#: stage 1 can also read the user's items: ``items`` is the mean of its (trained) item-table rows
-QFORMER_POOLS = (*USER_POOLS, "items", "mean_items", "mean_last_items")
-FINE_TARGETS = ("content", "state")
 STAGE1_TERMS = ("fine", "window", "semantic", "recon")  # the objective terms stage 1 trains with (no distill)
-ITEM_INITS = ("random", "factors")
+
+#: ``user_pool`` of stage 1 → the parts of ``user_emb``, side by side, each ``qformer.dim`` wide:
+#: window-state pools (:data:`~foundv2.stages.base.WINDOW_POOLS`) and ``items``, the mean of the
+#: event encoder's (trained) item-table rows over the user's events that have an item
+QFORMER_POOLS: dict[str, tuple[str, ...]] = {**WINDOW_POOLS, "items": ("items",), "mean_items": ("mean", "items"),
+                                             "mean_last_items": ("mean", "last", "items")}
+QFormerPool = Literal[tuple(QFORMER_POOLS)]
 
 
 def semantic_mask(batch: dict) -> torch.Tensor:
@@ -85,14 +89,9 @@ class QFormerStage(ObjectiveStage):
     Args:
         backbone: ``qformer`` (trained), ``text_encoder`` or ``pooled`` (frozen: no ``fit``, run
             ``predict`` directly).
-        dim: width of the event encodings, queries and views (``qformer``).
-        num_queries: Q, learnable queries per source view.
-        num_layers: Q-Former blocks.
-        num_heads: attention heads (must divide ``dim``).
-        mlp_ratio: block MLP width as a multiple of ``dim``.
-        dropout: attention and MLP dropout.
-        within_window: ``all`` (every source of a window sees each other) or ``source``
-            (source-causal within a window).
+        qformer: the Q-Former (``--model.qformer.*``: width, queries, blocks, visibility within a
+            window; :class:`~foundv2.nn.qformer.QFormerConfig`); its ``dim`` is also the event
+            encoder's (``qformer`` backbone).
         per_source_proj: give every source its own output layer in the event encoder.
         user_pool: how ``user_emb`` is made from the window representations (``qformer``):
             ``mean`` (over real windows, D wide), ``last`` (the last real window, which sees
@@ -115,14 +114,14 @@ class QFormerStage(ObjectiveStage):
             :class:`~foundv2.stages.base.OptimConfig`).
         item_init: how the event encoder's item table starts (``qformer``): ``random`` (normal
             rows) or ``factors`` (collaborative item factors: TF-IDF → truncated SVD of the
-            *train* users' histories, ``dim`` components, fitted once at the start of ``fit``;
+            *train* users' histories, ``qformer.dim`` components, fitted once at the start of ``fit``;
             :class:`~foundv2.nn.item_factors.ItemFactors`), then trained with the rest. Which
             items co-occur across users is what predicts attributes and next items on
             MovieLens, and ~150 steps of a random table do not learn it.
         view_items: (``qformer``) every (window, source) view that ``predict`` writes also carries
             the mean of the item-table rows of that window's events of that source (zeros where
             none has an item; the profile slice is padded with zeros), so the features are
-            ``2·dim`` wide. The views are LayerNorm'd attention outputs in which *which* items a
+            ``2·qformer.dim`` wide. The views are LayerNorm'd attention outputs in which *which* items a
             window holds is only partly kept, and the tokenizer quantises what the features hold:
             with ``item_init: factors`` this puts the window's collaborative profile in its tokens.
             Training is unchanged; the part depends on the window's own events only (causal).
@@ -136,37 +135,24 @@ class QFormerStage(ObjectiveStage):
 
     def __init__(
         self,
-        backbone: str = "qformer",
-        dim: int = 64,
-        num_queries: int = 2,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        mlp_ratio: int = 4,
-        dropout: float = 0.0,
-        within_window: str = "all",
+        backbone: Literal["qformer", "text_encoder", "pooled"] = "qformer",
+        qformer: QFormerConfig = QFormerConfig(),
         per_source_proj: bool = False,
-        user_pool: str = "mean_last",
+        user_pool: QFormerPool = "mean_last",
         objectives: ObjectivesConfig = ObjectivesConfig(),
-        fine_target: str = "content",
+        fine_target: Literal["content", "state"] = "content",
         optim: OptimConfig = OptimConfig(),
-        item_init: str = "random",
+        item_init: Literal["random", "factors"] = "random",
         view_items: bool = False,
         item_dim: int = 32,
         seed: int = 0,
         predict_dir: str | None = None,
     ):
         super().__init__(predict_dir)
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
-        if fine_target not in FINE_TARGETS:
-            raise ValueError(f"fine_target must be one of {FINE_TARGETS}, got {fine_target!r}")
-        if user_pool not in QFORMER_POOLS:
-            raise ValueError(f"user_pool must be one of {QFORMER_POOLS}, got {user_pool!r}")
-        if item_init not in ITEM_INITS:
-            raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
         if view_items and backbone != "qformer":
             raise ValueError(f"view_items reads the qformer backbone's item table; backbone is {backbone!r}")
         self.save_settings()
+        self.qformer_config = QFormerConfig.keep(self.hparams, "qformer")  # plain dicts in meta.json, hparams.yaml, checkpoints
         ObjectivesConfig.keep(self.hparams, "objectives").only(STAGE1_TERMS)  # distill is refused here
         OptimConfig.keep(self.hparams, "optim")
         self.sources: list[str] = []
@@ -192,16 +178,16 @@ class QFormerStage(ObjectiveStage):
         if hp.backbone == "text_encoder":
             self.frozen = TextSliceFeatures(S, dims["text_dim"], dims["tabular_dim"], calendar_dim=calendar)
             return
-        self.encoder = EventEncoder(S, dims["num_items"], dims["text_dim"], hp.dim, dims["num_categories"],
+        dim = self.qformer_config.dim
+        self.encoder = EventEncoder(S, dims["num_items"], dims["text_dim"], dim, dims["num_categories"],
                                     per_source_proj=hp.per_source_proj, calendar_dim=calendar)
-        self.tabular = TabularEncoder(dims["tabular_dim"], hp.dim)
-        self.qformer = CausalQFormer(S, hp.dim, hp.num_queries, hp.num_layers, hp.num_heads, dims["max_windows"],
-                                     hp.mlp_ratio, hp.dropout, hp.within_window)
-        self.recon_head = ReconstructionHead(S, hp.dim, slice_target_dim(dims["text_dim"]))
+        self.tabular = TabularEncoder(dims["tabular_dim"], dim)
+        self.qformer = CausalQFormer(S, dims["max_windows"], self.qformer_config)
+        self.recon_head = ReconstructionHead(S, dim, slice_target_dim(dims["text_dim"]))
         if hp.item_init == "factors":  # 1 once the table holds fitted factors: a resumed fit does not refit
             self.register_buffer("items_fitted", torch.zeros((), dtype=torch.uint8))
         self.objectives = MultiScaleObjectives.from_options(
-            ObjectivesConfig.from_dict(hp.objectives).only(STAGE1_TERMS), hp.dim, dims["text_dim"],
+            ObjectivesConfig.from_dict(hp.objectives).only(STAGE1_TERMS), dim, dims["text_dim"],
             dims["window_period"], fine_target_dim=self._fine_target_dim(dims))
 
     def _fine_target_dim(self, dims: dict) -> int | None:
@@ -302,14 +288,14 @@ class QFormerStage(ObjectiveStage):
 
     def pool_user(self, batch: dict, windows: torch.Tensor) -> torch.Tensor:
         """``user_emb`` from the window states [B, W, D] (and the batch's items) as ``user_pool`` says."""
-        how = self.hparams.user_pool
-        states = how.removesuffix("items").rstrip("_")
-        parts = [pool_windows(windows, batch["win_mask"], states)] if states else []
-        if how.endswith("items"):
-            rows, has = self.event_item_rows(batch)
-            has = has.float()
-            parts.append((rows * has.unsqueeze(-1)).sum(1) / has.sum(1, keepdim=True).clamp_min(1))
-        return torch.cat(parts, dim=1)
+        return torch.cat([self.item_mean(batch) if part == "items" else pool_window(windows, batch["win_mask"], part)
+                          for part in QFORMER_POOLS[self.hparams.user_pool]], dim=1)
+
+    def item_mean(self, batch: dict) -> torch.Tensor:
+        """[B, D] the mean item-table row over each user's events that have an item."""
+        rows, has = self.event_item_rows(batch)
+        has = has.float()
+        return (rows * has.unsqueeze(-1)).sum(1) / has.sum(1, keepdim=True).clamp_min(1)
 
     def forward(self, batch: dict) -> dict:
         """Flat slices of a batch (slice_user, slice_window, slice_source, slice_key [N], feat [N, D])."""
@@ -358,14 +344,14 @@ class QFormerStage(ObjectiveStage):
 
     def output_info(self) -> dict:
         dim = self.view_dim
-        user_dim = dim * (len(self.hparams.user_pool.split("_")) if self.frozen is None else 1)
+        user_dim = dim * (len(QFORMER_POOLS[self.hparams.user_pool]) if self.frozen is None else 1)
         return {"backbone": self.hparams.backbone, "sources": self.sources, "dim": dim, "user_dim": user_dim,
                 "feature_dim": self.feature_dim}
 
     @property
     def view_dim(self) -> int:
         """Width of a view (a frozen backbone's slice feature, or the Q-Former's ``dim``)."""
-        return int(self.frozen.dim) if self.frozen is not None else int(self.hparams.dim)
+        return int(self.frozen.dim) if self.frozen is not None else int(self.qformer_config.dim)
 
     @property
     def feature_dim(self) -> int:
