@@ -35,7 +35,7 @@ from data_modules.store import atomic_write_json  # noqa: E402
 from foundv2.bench import baselines as B  # noqa: E402
 from foundv2.bench import probes as P  # noqa: E402
 from foundv2.bench.run import BenchData, load_bench_data  # noqa: E402
-from foundv2.nn.user_codes import UserCodeTokenizer  # noqa: E402
+from foundv2.nn.user_codes import UserCodesConfig, UserCodeTokenizer  # noqa: E402
 
 CACHE = ROOT / "runs" / "explore_tokens"
 TASK_METRIC = {"gender": "auc", "age": "accuracy", "occupation": "accuracy", "future_genres": "macro_auc",
@@ -306,7 +306,8 @@ def main() -> None:
     def user_vectors(h: int, f: int, fd: int = 128, r: int = 30) -> tuple[np.ndarray, object]:
         key = ("ut", h, f, fd, r)
         if key not in cache:
-            tok = UserCodeTokenizer(data.history.shape[1], fd, h, f, r, levels=1, codes=2)
+            cfg = UserCodesConfig(factor_dim=fd, history_dim=h, future_dim=f, recent_items=r, levels=1, codes=2)
+            tok = UserCodeTokenizer(data.history.shape[1], cfg)
             tok.fit([data.sequences[u] for u in train], [futures[u] for u in train])
             cache[key] = tok.vectors(data.sequences).numpy()
         return cache[key]

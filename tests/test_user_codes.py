@@ -9,7 +9,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 
 from foundv2.nn.item_factors import ItemFactors, history_bag
-from foundv2.nn.user_codes import UserCodeTokenizer
+from foundv2.nn.user_codes import UserCodesConfig, UserCodeTokenizer
 
 
 def _histories(n_users: int = 600, n_items: int = 120, seed: int = 0) -> list[np.ndarray]:
@@ -41,9 +41,9 @@ def test_item_factors_project_like_tfidf_then_truncated_svd():
 def test_user_codes_fit_is_deterministic_and_round_trips(tmp_path):
     hist = _histories()
     fut = _histories(seed=1)
-    kw = dict(factor_dim=8, history_dim=4, future_dim=4, recent_items=5, levels=3, codes=16)
-    a = UserCodeTokenizer(120, **kw).fit(hist[:400], fut[:400])
-    b = UserCodeTokenizer(120, **kw).fit(hist[:400], fut[:400])
+    cfg = UserCodesConfig(factor_dim=8, history_dim=4, future_dim=4, recent_items=5, levels=3, codes=16)
+    a = UserCodeTokenizer(120, cfg).fit(hist[:400], fut[:400])
+    b = UserCodeTokenizer(120, cfg).fit(hist[:400], fut[:400])
     ca, cb = a.encode(hist), b.encode(hist)
     assert torch.equal(ca, cb)
     assert ca.shape == (600, 3) and ca.min() >= 0 and ca.max() < 16
@@ -61,8 +61,8 @@ def test_user_codes_fit_is_deterministic_and_round_trips(tmp_path):
 
 def test_user_codes_keep_the_taste_groups():
     hist = _histories()
-    tok = UserCodeTokenizer(120, factor_dim=4, history_dim=4, future_dim=0, recent_items=0, levels=1,
-                            codes=4).fit(hist[:400])
+    tok = UserCodeTokenizer(120, UserCodesConfig(factor_dim=4, history_dim=4, future_dim=0, recent_items=0, levels=1,
+                                                 codes=4)).fit(hist[:400])
     first = tok.encode(hist)[:, 0].numpy()
     group = np.arange(600) % 4
     # the first level's 4 codes recover the 4 planted groups on held-out users (purity)
@@ -82,8 +82,8 @@ def test_future_block_predicts_the_train_futures_better_than_the_history_block()
         pool = np.arange(100 + 10 * t, 110 + 10 * t)
         hist.append(np.concatenate([h, rng.choice(pool, 2, replace=False)]))
         fut.append(rng.choice(pool, 5, replace=False))
-    tok = UserCodeTokenizer(120, factor_dim=16, history_dim=2, future_dim=2, recent_items=0, levels=2,
-                            codes=8).fit(hist[:400], fut[:400])
+    tok = UserCodeTokenizer(120, UserCodesConfig(factor_dim=16, history_dim=2, future_dim=2, recent_items=0, levels=2,
+                                                 codes=8)).fit(hist[:400], fut[:400])
     z = tok.vectors(hist).double().numpy()
     F = history_bag(fut, 120).toarray()
 
@@ -95,4 +95,4 @@ def test_future_block_predicts_the_train_futures_better_than_the_history_block()
 
     assert held_out_r2(z[:, 2:]) > held_out_r2(z[:, :2]) + 0.1
     with pytest.raises(ValueError, match="future item ids"):
-        UserCodeTokenizer(120, factor_dim=8, history_dim=4, future_dim=4, recent_items=0).fit(hist)
+        UserCodeTokenizer(120, UserCodesConfig(factor_dim=8, history_dim=4, future_dim=4, recent_items=0)).fit(hist)

@@ -12,11 +12,11 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
 from foundv2.launch import best_or_last_checkpoint
-from foundv2.nn.user_codes import UserCodeTokenizer
+from foundv2.nn.user_codes import UserCodesConfig, UserCodeTokenizer
 from foundv2.stages.base import DIMS_KEY
 from foundv2.stages.user_tokenizer import UserTokenizerStage, item_lists
 
-KW = dict(factor_dim=8, history_dim=4, future_dim=4, recent_items=5, levels=3, codes=16)
+CODES = UserCodesConfig(factor_dim=8, history_dim=4, future_dim=4, recent_items=5, levels=3, codes=16)
 
 
 def _trainer(root, **kw) -> L.Trainer:
@@ -29,7 +29,7 @@ def fitted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("user_tok")
     dm = UserDataModule(dataset="synthetic", loader_args={"n_users": 300, "seed": 1}, window_mode="week",
                         text_encoder="hashing", cache_dir=str(tmp / "cache"), batch_size=64, progress=False)
-    stage = UserTokenizerStage(**KW, export_dir=str(tmp / "export"))
+    stage = UserTokenizerStage(CODES, export_dir=str(tmp / "export"))
     trainer = _trainer(tmp / "fit", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(save_last=True)])
     trainer.fit(stage, datamodule=dm)
@@ -39,7 +39,7 @@ def fitted(tmp_path_factory):
 def test_fit_is_the_tokenizer_fitted_on_train_users(fitted):
     _, dm, stage = fitted
     train = dm.rows("train")
-    ref = UserCodeTokenizer(stage.model.config["num_items"], **KW).fit(
+    ref = UserCodeTokenizer(stage.model.num_items, CODES).fit(
         item_lists(dm.table, train, "h_item"), item_lists(dm.table, train, "f_item"))
     assert torch.equal(ref.quantizers[0].codebook, stage.model.quantizers[0].codebook)
 
@@ -47,14 +47,14 @@ def test_fit_is_the_tokenizer_fitted_on_train_users(fitted):
 def test_predict_from_the_checkpoint_and_load_from_checkpoint_agree(fitted):
     tmp, dm, stage = fitted
     ckpt = best_or_last_checkpoint(tmp / "fit")
-    assert torch.load(ckpt, weights_only=False)[DIMS_KEY]["num_items"] == stage.model.config["num_items"]
+    assert torch.load(ckpt, weights_only=False)[DIMS_KEY]["num_items"] == stage.model.num_items
     # predict as foundv2.launch.predict_stage does: a fresh stage, the checkpoint, the DataModule
-    fresh = UserTokenizerStage(**KW, predict_dir=str(tmp / "tokens"))
+    fresh = UserTokenizerStage(CODES, predict_dir=str(tmp / "tokens"))
     _trainer(tmp / "pred").predict(fresh, datamodule=dm, ckpt_path=str(ckpt), return_predictions=False)
     ds, meta = read_stage_output(tmp / "tokens")
     assert len(ds) == len(dm.table)
     assert meta["row_kind"] == "tokens" and meta["bytes_per_user"] == 1.5 and meta["kind"] == "user_tokens"
-    assert meta["dims"]["num_items"] == stage.model.config["num_items"]
+    assert meta["dims"]["num_items"] == stage.model.num_items
     codes = np.asarray(ds.with_format("numpy")["user_codes"])
     rows = np.asarray(ds["row"], np.int64)
     hist = item_lists(dm.table, rows, "h_item")
@@ -69,8 +69,8 @@ def test_predict_from_the_checkpoint_and_load_from_checkpoint_agree(fitted):
 
 def test_product_codes_one_code_per_block():
     hist = [np.arange(i % 7, i % 7 + 5) for i in range(80)]
-    tok = UserCodeTokenizer(20, factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4, codes=8,
-                            groups=4).fit(hist)
+    tok = UserCodeTokenizer(20, UserCodesConfig(factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4,
+                                                codes=8, groups=4)).fit(hist)
     codes = tok.encode(hist)
     assert codes.shape == (80, 4) and tok.bytes_per_user == 4 * 3 / 8
     # each block of one dimension is decoded by its own codebook
@@ -78,7 +78,7 @@ def test_product_codes_one_code_per_block():
     for g, q in enumerate(tok.quantizers):
         assert torch.equal(dec[:, g : g + 1], q.decode_codes(codes[:, g : g + 1], torch.zeros(80, dtype=torch.long)))
     with pytest.raises(ValueError, match="groups"):
-        UserCodeTokenizer(20, factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4, groups=3)
+        UserCodesConfig(factor_dim=6, history_dim=4, future_dim=0, recent_items=0, levels=4, groups=3)
 
 
 def test_launch_fit_and_predict_stage(tmp_path):
@@ -93,8 +93,9 @@ def test_launch_fit_and_predict_stage(tmp_path):
             "--data.loader_args", '{"n_users": 200, "seed": 0}', "--data.cache_dir", str(tmp_path / "cache"),
             "--data.progress", "false", "--trainer.default_root_dir", str(stage_dir),
             "--trainer.logger.init_args.save_dir", str(stage_dir), "--trainer.enable_progress_bar", "false",
-            "--model.factor_dim", "8", "--model.history_dim", "4", "--model.future_dim", "4", "--model.levels", "4",
-            "--model.groups", "4", "--model.codes", "16", "--model.export_dir", str(stage_dir / "export")]
+            "--model.user_codes.factor_dim", "8", "--model.user_codes.history_dim", "4",
+            "--model.user_codes.future_dim", "4", "--model.user_codes.levels", "4", "--model.user_codes.groups", "4",
+            "--model.user_codes.codes", "16", "--model.export_dir", str(stage_dir / "export")]
     fit_stage(args, stage_dir, say=lambda _: None)
     predict_stage([*args, "--model.predict_dir", str(stage_dir / "tokens")], stage_dir)
     ds, meta = read_stage_output(stage_dir / "tokens")

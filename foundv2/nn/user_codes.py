@@ -20,8 +20,11 @@ Codes are read back either as the decoded vector (the sum of the chosen code vec
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +33,49 @@ from torch import nn
 from data_modules.store import load_export, save_export
 from foundv2.nn.item_factors import ItemFactors, history_bag
 from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
+from foundv2.options import Options
+
+
+@dataclass(frozen=True)
+class UserCodesConfig(Options):
+    """The user-level tokenizer's settings (the user tokenizer stage's ``--model.user_codes.*``;
+    a ``save_pretrained`` folder's ``config.json`` holds them beside ``num_items``)."""
+
+    GROUP: ClassVar[str] = "user_codes"
+
+    factor_dim: int = 128
+    """Item factors (TF-IDF → SVD components, fitted on the train users) of the whole-history and
+    recent projections."""
+    history_dim: int = 16
+    """Leading whole-history components kept in the user vector."""
+    future_dim: int = 16
+    """Width of the future-aligned block (0: none; then ``fit`` needs no futures; it is fitted on
+    the train users' futures only)."""
+    recent_items: int = 30
+    """The last this many history items get their own projection, an input of the future-aligned
+    block (0: whole history only)."""
+    ridge: float = 10.0
+    """Ridge strength of the future regression."""
+    levels: int = 16
+    """Residual levels = codes per user (bytes per user with 256 codes)."""
+    codes: int = 256
+    """Codes per level."""
+    groups: int = 1
+    """The user vector is cut into this many contiguous blocks of dimensions, each coded by
+    ``levels / groups`` residual levels (1: residual codes of the whole vector; ``levels``: one code
+    per block, product quantisation)."""
+    kmeans_iters: int = 20
+    """Lloyd iterations of each level's k-means."""
+    seed: int = 0
+    """Seed of the SVD and the k-means."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.history_dim <= self.factor_dim:
+            raise ValueError(f"history_dim must be in 1..factor_dim={self.factor_dim}, got {self.history_dim}")
+        if self.groups < 1 or self.levels % self.groups or self.groups > self.history_dim + self.future_dim:
+            raise ValueError(f"groups must divide levels={self.levels} and be at most the vector's "
+                             f"{self.history_dim + self.future_dim} dimensions, got {self.groups}")
 
 
 class UserCodeTokenizer(nn.Module):
@@ -37,42 +83,25 @@ class UserCodeTokenizer(nn.Module):
 
     Args:
         num_items: item catalogue size (item ids ``0 .. num_items-1``).
-        factor_dim: item factors (SVD components) of the whole-history and recent projections.
-        history_dim: leading whole-history components kept in the user vector.
-        future_dim: width of the future-aligned block (0: none; then ``fit`` needs no futures).
-        recent_items: the last this many history items get their own projection, an input of the
-            future-aligned block (0: whole history only).
-        ridge: ridge strength of the future regression.
-        levels: residual levels = codes per user (bytes per user with 256 codes).
-        codes: codes per level.
-        groups: contiguous blocks of the vector's dimensions, each coded by ``levels / groups``
-            residual levels (1: the whole vector; ``levels``: product quantisation).
-        kmeans_iters: Lloyd iterations of each level's k-means.
-        seed: seed of the SVD and the k-means.
+        config: the tokenizer's settings (:class:`UserCodesConfig`: the vector's blocks, the
+            codes, the seed).
     """
 
-    def __init__(self, num_items: int, factor_dim: int = 128, history_dim: int = 16, future_dim: int = 16,
-                 recent_items: int = 30, ridge: float = 10.0, levels: int = 16, codes: int = 256,
-                 groups: int = 1, kmeans_iters: int = 20, seed: int = 0) -> None:
+    def __init__(self, num_items: int, config: UserCodesConfig = UserCodesConfig()) -> None:
         super().__init__()
-        if not 0 < history_dim <= factor_dim:
-            raise ValueError(f"history_dim must be in 1..factor_dim={factor_dim}, got {history_dim}")
-        if groups < 1 or levels % groups or groups > history_dim + future_dim:
-            raise ValueError(f"groups must divide levels={levels} and be at most the vector's "
-                             f"{history_dim + future_dim} dimensions, got {groups}")
-        self.config = {"num_items": num_items, "factor_dim": factor_dim, "history_dim": history_dim,
-                       "future_dim": future_dim, "recent_items": recent_items, "ridge": ridge, "levels": levels,
-                       "codes": codes, "groups": groups, "kmeans_iters": kmeans_iters, "seed": seed}
-        self.factors = ItemFactors(num_items, factor_dim)
-        self.recent = ItemFactors(num_items, factor_dim) if recent_items else None
-        n_in = factor_dim * (2 if recent_items else 1)
-        self.register_buffer("future_map", torch.zeros(n_in, future_dim, dtype=torch.float64))
+        self.num_items, self.config = num_items, config
+        cfg = config
+        self.factors = ItemFactors(num_items, cfg.factor_dim)
+        self.recent = ItemFactors(num_items, cfg.factor_dim) if cfg.recent_items else None
+        n_in = cfg.factor_dim * (2 if cfg.recent_items else 1)
+        self.register_buffer("future_map", torch.zeros(n_in, cfg.future_dim, dtype=torch.float64))
         self.register_buffer("block_scale", torch.ones(2, dtype=torch.float64))
-        self.dim = history_dim + future_dim
-        self.block_dims = [len(b) for b in torch.arange(self.dim).tensor_split(groups)]
+        self.dim = cfg.history_dim + cfg.future_dim
+        self.block_dims = [len(b) for b in torch.arange(self.dim).tensor_split(cfg.groups)]
         self.quantizers = nn.ModuleList(ResidualGroupQuantizer(d, ["user"], QuantizerConfig(
-            n_shared_levels=levels // groups, n_specific_levels=0, shared_codes=codes, kmeans_init=True,
-            kmeans_iters=kmeans_iters, respawn=False, data_init=False, seed=seed + g)) for g, d in enumerate(self.block_dims))
+            n_shared_levels=cfg.levels // cfg.groups, n_specific_levels=0, shared_codes=cfg.codes, kmeans_init=True,
+            kmeans_iters=cfg.kmeans_iters, respawn=False, data_init=False, seed=cfg.seed + g))
+            for g, d in enumerate(self.block_dims))
 
     @property
     def levels(self) -> int:
@@ -80,10 +109,10 @@ class UserCodeTokenizer(nn.Module):
 
     @property
     def bytes_per_user(self) -> float:
-        return self.levels * int(np.ceil(np.log2(max(self.config["codes"], 2)))) / 8
+        return self.levels * int(np.ceil(np.log2(max(self.config.codes, 2)))) / 8
 
     def _recent(self, histories: Sequence[np.ndarray]) -> list[np.ndarray]:
-        n = self.config["recent_items"]
+        n = self.config.recent_items
         return [np.asarray(h)[-n:] for h in histories]
 
     def _blocks(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,14 +121,14 @@ class UserCodeTokenizer(nn.Module):
         inputs = whole
         if self.recent is not None:
             inputs = torch.cat([whole, self.recent.user_vectors(self._recent(histories)).double()], 1)
-        return whole[:, : self.config["history_dim"]], inputs
+        return whole[:, : self.config.history_dim], inputs
 
     @torch.no_grad()
     def vectors(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """``[U, dim]`` user vectors of time-ordered history item ids (0-based)."""
         hist, inputs = self._blocks(histories)
         parts = [hist / self.block_scale[0]]
-        if self.config["future_dim"]:
+        if self.config.future_dim:
             parts.append(inputs @ self.future_map / self.block_scale[1])
         return torch.cat(parts, 1).float()
 
@@ -107,17 +136,17 @@ class UserCodeTokenizer(nn.Module):
     def fit(self, histories: Sequence[np.ndarray], futures: Sequence[np.ndarray] | None = None) -> UserCodeTokenizer:
         """Fit the item factors, the future regression and the codebooks on these users (pass
         the train users only; ``futures``, their future item ids, is needed when ``future_dim``)."""
-        seed, cfg = self.config["seed"], self.config
-        self.factors.fit(histories, seed=seed)
+        cfg = self.config
+        self.factors.fit(histories, seed=cfg.seed)
         if self.recent is not None:
-            self.recent.fit(self._recent(histories), seed=seed)
+            self.recent.fit(self._recent(histories), seed=cfg.seed)
         hist, inputs = self._blocks(histories)
         self.block_scale[0] = hist.pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
-        if cfg["future_dim"]:
+        if cfg.future_dim:
             if futures is None or len(futures) != len(histories):
                 raise ValueError("future_dim > 0: fit needs the same users' future item ids")
-            self.future_map.copy_(_reduced_rank_ridge(inputs, history_bag(futures, cfg["num_items"]),
-                                                      cfg["future_dim"], cfg["ridge"]))
+            self.future_map.copy_(_reduced_rank_ridge(inputs, history_bag(futures, self.num_items),
+                                                      cfg.future_dim, cfg.ridge))
             self.block_scale[1] = (inputs @ self.future_map).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
         z = self.vectors(histories)
         src = torch.zeros(len(z), dtype=torch.long)
@@ -152,15 +181,17 @@ class UserCodeTokenizer(nn.Module):
 
     # -------------------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json``, ``model.safetensors`` and their ``checksums.json``."""
-        save_export(folder, {"kind": "user_codes", **self.config}, self.state_dict())
+        """Write ``config.json`` (``num_items`` and the :class:`UserCodesConfig`),
+        ``model.safetensors`` and their ``checksums.json``."""
+        save_export(folder, {"kind": "user_codes", "num_items": self.num_items, **dataclasses.asdict(self.config)},
+                    self.state_dict())
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> UserCodeTokenizer:
         """Rebuild a tokenizer saved by `save_pretrained` (eval mode); a damaged folder is a DataError."""
         cfg, state = load_export(folder, "user-tokenizer export")
         cfg.pop("kind", None)
-        model = cls(**cfg)
+        model = cls(cfg.pop("num_items"), UserCodesConfig.from_dict(cfg))
         model.load_state_dict(state)
         return model.eval()
 

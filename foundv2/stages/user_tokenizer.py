@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data_modules.store import atomic_write_json
-from foundv2.nn.user_codes import UserCodeTokenizer
+from foundv2.nn.user_codes import UserCodesConfig, UserCodeTokenizer
 from foundv2.stages.base import PredictStage, item_lists, user_columns
 
 
@@ -33,19 +33,8 @@ class UserTokenizerStage(PredictStage):
     """User-level tokenizer: a collaborative whole-history user vector → ``levels`` residual codes.
 
     Args:
-        factor_dim: item factors (TF-IDF → SVD components fitted on the train users).
-        history_dim: leading whole-history components in the user vector.
-        future_dim: width of the future-aligned block (0: none; it is fitted on the train
-            users' futures only).
-        recent_items: the last this many history items get their own projection (an input of
-            the future-aligned block).
-        ridge: ridge strength of the future regression.
-        levels: codes per user (bytes per user with 256 codes).
-        codes: codes per level.
-        groups: the user vector is cut into this many contiguous blocks of dimensions, each
-            coded by ``levels / groups`` residual levels (1: residual codes of the whole vector;
-            ``levels``: one code per block, product quantisation).
-        seed: seed of the SVD and the k-means.
+        user_codes: the tokenizer (``--model.user_codes.*``: the user vector's blocks, levels,
+            codes per level, groups, seed; :class:`~foundv2.nn.user_codes.UserCodesConfig`).
         predict_dir: where ``predict`` writes the user tokens dataset and report.json.
         export_dir: where ``fit`` saves the tokenizer (save_pretrained folder).
         pretrained: a save_pretrained folder to predict with (no fit needed).
@@ -54,11 +43,11 @@ class UserTokenizerStage(PredictStage):
     OUTPUT_KIND = "user_tokens"
     STAGE = "user_tokenizer"
 
-    def __init__(self, factor_dim: int = 128, history_dim: int = 16, future_dim: int = 16, recent_items: int = 30,
-                 ridge: float = 10.0, levels: int = 16, codes: int = 256, groups: int = 1, seed: int = 0,
-                 predict_dir: str | None = None, export_dir: str | None = None, pretrained: str | None = None):
+    def __init__(self, user_codes: UserCodesConfig = UserCodesConfig(), predict_dir: str | None = None,
+                 export_dir: str | None = None, pretrained: str | None = None):
         super().__init__(predict_dir)
         self.save_settings("export_dir")
+        self.user_codes_config = UserCodesConfig.keep(self.hparams, "user_codes")
         self.export_dir = export_dir
         self.model: UserCodeTokenizer | None = None
         # the one parameter of the one (zero-lr) optimiser step that makes the trainer count a step
@@ -69,8 +58,7 @@ class UserTokenizerStage(PredictStage):
         if hp.pretrained:
             self.model = UserCodeTokenizer.from_pretrained(hp.pretrained)
             return
-        self.model = UserCodeTokenizer(int(dims["num_items"]), hp.factor_dim, hp.history_dim, hp.future_dim,
-                                       hp.recent_items, hp.ridge, hp.levels, hp.codes, groups=hp.groups, seed=hp.seed)
+        self.model = UserCodeTokenizer(int(dims["num_items"]), self.user_codes_config)
 
     def configure_optimizers(self):
         # one parameter-free SGD step: the trainer counts it (a checkpoint is written) and it changes nothing
@@ -81,7 +69,7 @@ class UserTokenizerStage(PredictStage):
             return
         dm = self.trainer.datamodule
         train = dm.prepared_rows(dm.fit_rows())  # the fit sample (data.fit_users) of the training users
-        futures = item_lists(dm.table, train, "f_item") if self.hparams.future_dim else None
+        futures = item_lists(dm.table, train, "f_item") if self.model.config.future_dim else None
         self.model.fit(item_lists(dm.table, train, "h_item"), futures)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -98,11 +86,11 @@ class UserTokenizerStage(PredictStage):
 
     def output_info(self) -> dict:
         # row_kind: the bench probes the decoded ``user_emb`` as a token row at the codes' size
-        return {"row_kind": "tokens", "levels": self.model.levels, "codes": self.model.config["codes"],
-                "groups": self.model.config["groups"], "bytes_per_user": self.model.bytes_per_user}
+        return {"row_kind": "tokens", "levels": self.model.levels, "codes": self.model.config.codes,
+                "groups": self.model.config.groups, "bytes_per_user": self.model.bytes_per_user}
 
     def finish_output(self, folder: Path) -> None:
         """Rank 0: report.json beside the parts in the staging ``folder``, before the swap."""
         atomic_write_json(Path(folder) / "report.json",
                           {"storage": {"bytes_per_user": self.model.bytes_per_user, "levels": self.model.levels,
-                                       "bits_per_code": int(np.ceil(np.log2(self.model.config["codes"])))}})
+                                       "bits_per_code": int(np.ceil(np.log2(self.model.config.codes)))}})
