@@ -488,7 +488,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="10000,100000,1000000")
-    ap.add_argument("--only", default="synthetic,files,ranks")
+    ap.add_argument("--only", default="synthetic,files,ranks",
+                    help="the parts to measure (synthetic, files, ranks); 'docs' measures nothing and writes "
+                         "docs/scale.md and the plot from bench-results/scale.json")
     ap.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="run folder (gitignored)")
     ap.add_argument("--gpu-utilisation", type=float, default=0.1,
                     help="share of an H100's dense bf16 peak assumed for the 100M-user GPU-hours (not measured)")
@@ -508,6 +510,7 @@ def main() -> None:
         for n in [int(x) for x in a.sizes.split(",")]:
             figures["synthetic"][str(n)] = run_synthetic(n, work / "synthetic", resume=not a.fresh)
             write_results("scale", figures, {"sizes": a.sizes})  # keep what is done
+    if figures.get("synthetic"):
         figures["targets"] = targets(figures["synthetic"])
     if "files" in only:
         figures[f"files_{FILES_USERS}"] = run_files(work)
