@@ -13,7 +13,7 @@ processes, torchrun's workers included) are that step's alone:
 - ``synthetic.<n>.<step>``: ``prepare`` (``foundv2 data``), then the steps of
   ``experiments/synthetic/scale-pipeline.yaml`` one at a time (each stage fits on the declared
   sample of training users and predicts every user), then ``append`` (one new day window for every
-  user, ``foundv2 tokenize --append`` from the append cache built beforehand, ``append_cache``);
+  user with room for it, ``foundv2 tokenize --append`` from the append cache built beforehand, ``append_cache``);
   each with ``seconds``, ``peak_rss_mb`` and ``users_per_s``; the predict steps add their predict
   throughput and FLOP utilisation (:func:`foundv2.throughput.predict_throughput` on a sample).
 - ``files_1000000``: 1M synthetic users written as a folder of 12 Parquet files (every user's events
@@ -175,11 +175,12 @@ def pipeline_prefix(cfg: dict, k: int, data: list[str], run: Path, out: Path) ->
     return out
 
 
-def next_day_events(prepared: Path, out: Path, per_user: int = 2, seed: int = 0) -> int:
-    """A new day for every user with history: copies of ``per_user`` of the user's history events
-    (same source, item, text, value, category) at the same hour one day after the data set's last
-    day, as an events Parquet file for ``foundv2 tokenize --append``; read and written one shard
-    at a time. Returns the number of users."""
+def next_day_events(prepared: Path, out: Path, max_windows: int, per_user: int = 2, seed: int = 0) -> int:
+    """A new day for every user with history and room for one more window (fewer than
+    ``max_windows``, the stage-1 window table; a full user is re-tokenized, not appended): copies
+    of ``per_user`` of the user's history events (same source, item, text, value, category) at the
+    same hour one day after the data set's last day, as an events Parquet file for ``foundv2
+    tokenize --append``; read and written one shard at a time. Returns the number of users."""
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -195,17 +196,17 @@ def next_day_events(prepared: Path, out: Path, per_user: int = 2, seed: int = 0)
     cats = np.asarray(list(spec["categories"]) + [""], dtype=object)
     rng = np.random.default_rng(seed)
     writer, users = None, 0
-    cols = ["user_id", "n_hist", "h_source", "h_item", "h_text", "h_value", "h_time", "h_category", "f_time"]
+    cols = ["user_id", "n_windows", "n_hist", "h_source", "h_item", "h_text", "h_value", "h_time", "h_category", "f_time"]
     try:
         for shard in meta["shards"]:
             t = datasets.Dataset.from_file(str(prepared / shard)).select_columns(cols).with_format("numpy")
             for start in range(0, len(t), 20_000):
                 part = t[start:start + 20_000]
                 n = np.asarray(part["n_hist"], np.int64)
-                has = n > 0
+                has = (n > 0) & (np.asarray(part["n_windows"], np.int64) < max_windows)
                 off = np.concatenate([[0], np.cumsum(n)])[:-1]
                 pick = (off[has, None] + (rng.random((int(has.sum()), per_user)) * n[has, None]).astype(np.int64))
-                flat = {c: np.concatenate(part[c]) if len(part[c]) else np.zeros(0) for c in cols[2:8]}
+                flat = {c: np.concatenate(part[c]) if len(part[c]) else np.zeros(0) for c in cols[3:9]}
                 last = [max(int(h[-1]) if len(h) else 0, int(f[-1]) if len(f) else 0)
                         for h, f in zip(part["h_time"][has], part["f_time"][has], strict=True)]
                 end_day = (max(last, default=0) // 86_400) + 1
@@ -287,7 +288,8 @@ def run_synthetic(n: int, root: Path, resume: bool = True) -> dict:
     prepared = prepared_folder(work / "cache")
     events = work / "next-day.parquet"
     if "append" not in out:
-        next_day_events(prepared, events)
+        max_windows = int(yaml.safe_load(DATA.read_text())["data"]["max_windows"])
+        keep("append_users", next_day_events(prepared, events, max_windows))
     app = ["tokenize", "--append", *data_args, "--tokenizer", str(run / "tokenizer" / "export"),
            "--qformer", str(best_or_last_checkpoint(run / "stage1"))]
     if "append_cache" not in out:
@@ -295,7 +297,8 @@ def run_synthetic(n: int, root: Path, resume: bool = True) -> dict:
                                                       str(work / "tokens-v0")), logs / "append_cache.log"), n))
     if "append" not in out:
         keep("append", per_user(measure(foundv2(*app, "--tokens", str(work / "tokens-v0"), "--events", str(events),
-                                                "--output", str(work / "tokens-v1")), logs / "append.log"), n))
+                                                "--output", str(work / "tokens-v1")), logs / "append.log"),
+                                out["append_users"]))
     print(f"{n} users: append {out['append']['seconds']:.0f} s", flush=True)
     out["disk_mb"] = {s["name"]: sum(f.stat().st_size for f in (run / s["name"] / s["output"]).rglob("*")
                                      if f.is_file()) / 2**20 for s in cfg["steps"] if s.get("output")}
