@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_modules.datamodule import UserDataModule  # noqa: E402
+from foundv2.nn.anchor import AnchorHeadConfig  # noqa: E402
 from foundv2.stages.base import OptimConfig  # noqa: E402
 from foundv2.stages.qanchor import QAnchorStage  # noqa: E402
 
@@ -112,8 +113,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
     dm = datamodule(args)
-    stage = QAnchorStage(lm=args.lm, emb_dim=args.emb_dim, head_hidden=args.head_hidden, tau=args.tau,
-                         learn_tau=args.learn_tau, head_norm=args.head_norm,
+    head = AnchorHeadConfig(emb_dim=args.emb_dim, hidden=args.head_hidden, norm=args.head_norm)
+    stage = QAnchorStage(lm=args.lm, head=head, tau=args.tau, learn_tau=args.learn_tau,
                          fn_margin=None if args.fn_margin < 0 else args.fn_margin, ntp_weight=args.ntp_weight,
                          nce_weight=args.nce_weight, prefix_slots=args.max_events,
                          lora_r=args.lora_r,

@@ -15,6 +15,7 @@ from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
 from foundv2.embed import embed_command
+from foundv2.nn.anchor import AnchorHeadConfig
 from foundv2.stages.base import OptimConfig
 from foundv2.stages.qanchor import QAnchorStage
 from tests.helpers import run_cli
@@ -42,7 +43,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
     data = _data(root / "cache")
     L.seed_everything(0)
-    stage = QAnchorStage(lm="tiny", emb_dim=16, head_hidden=32, optim=OptimConfig(lr=3e-3, weight_decay=0.0))
+    stage = QAnchorStage(lm="tiny", head=AnchorHeadConfig(emb_dim=16, hidden=32),
+                         optim=OptimConfig(lr=3e-3, weight_decay=0.0))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, max_steps=3,
                         default_root_dir=str(root))

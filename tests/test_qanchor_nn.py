@@ -15,7 +15,15 @@ import torch.nn.functional as F
 
 from data_modules.schema import DataError
 from foundv2.anchor_losses import anchor_info_nce, next_token_loss, prototype_loss, qanchor_loss
-from foundv2.nn.anchor import U2QT_TOKEN, USER_EMB, QueryAnchor, ScenarioPrompt, SoftPrefix, TokenPrefix
+from foundv2.nn.anchor import (
+    U2QT_TOKEN,
+    USER_EMB,
+    AnchorHeadConfig,
+    QueryAnchor,
+    ScenarioPrompt,
+    SoftPrefix,
+    TokenPrefix,
+)
 from foundv2.nn.llm import CausalLM, load_causal_lm, tiny_causal_lm
 from tests.helpers import free_port
 
@@ -47,7 +55,7 @@ def _model(kind: str, family: str = "llama", seed: int = 0) -> QueryAnchor:
         prefix = TokenPrefix(lm, torch.randn(K, CODE_DIM, generator=torch.Generator().manual_seed(seed)))
     else:
         prefix = SoftPrefix(lm.hidden_size, EV_DIM, N_SRC, adapter_hidden=16)
-    return QueryAnchor(lm, prefix, emb_dim=16, head_hidden=32)
+    return QueryAnchor(lm, prefix, AnchorHeadConfig(emb_dim=16, hidden=32))
 
 
 def _inputs(kind: str, seed: int = 0, b: int = 3) -> dict[str, torch.Tensor]:
@@ -229,7 +237,7 @@ def test_added_token_ids_survive_save_and_load(tmp_path):
     loaded = load_causal_lm(str(tmp_path / "lm"))
     assert [loaded.token_id(n) for n in names] == ids
     assert torch.equal(loaded.input_embeddings.weight[ids], rows)
-    again = QueryAnchor(loaded, TokenPrefix(loaded, model.prefix.codebook), emb_dim=16, head_hidden=32)
+    again = QueryAnchor(loaded, TokenPrefix(loaded, model.prefix.codebook), AnchorHeadConfig(emb_dim=16, hidden=32))
     assert again.user_emb_id == model.user_emb_id
     assert torch.equal(again.prefix.lm_token_ids, model.prefix.lm_token_ids)
     assert len(loaded.tokenizer) == len(lm.tokenizer)  # nothing added twice

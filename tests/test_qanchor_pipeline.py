@@ -37,7 +37,7 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
                    "init_args": {"save_dir": "unused", "name": "tb"}},
         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]},
         "model": {"class_path": "foundv2.stages.qanchor.QAnchorStage",
-                  "init_args": {"lm": "tiny", "emb_dim": 16, "head_hidden": 32, "optim": {"lr": 3e-3}}}})
+                  "init_args": {"lm": "tiny", "head": {"emb_dim": 16, "hidden": 32}, "optim": {"lr": 3e-3}}}})
     skip = ["spender", "future_categories", "next_items"]
     bench = _write(d / "bench.yaml", {"bench": {
         "output_dir": "unused", "baselines": ["majority"], "representations": ["pooled"], "probe_epochs": 2,

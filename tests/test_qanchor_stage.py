@@ -14,7 +14,7 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import ALLOW_NO_CHECKSUM_ENV, Split, read_stage_output
-from foundv2.nn.anchor import U2QT_TOKEN, ScenarioPrompt
+from foundv2.nn.anchor import U2QT_TOKEN, AnchorHeadConfig, ScenarioPrompt
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.base import OptimConfig
 from foundv2.stages.qanchor import LM_TOKENS_KEY, QAnchorStage
@@ -41,8 +41,8 @@ def _trainer(**kw) -> L.Trainer:
 
 def _stage(kind: str, root, **kw) -> QAnchorStage:
     tok = {"prefix": "tokens", "tokenizer_dir": str(root / "export")} if kind == "tokens" else {}
-    return QAnchorStage(lm="tiny", emb_dim=16, head_hidden=32, optim=OptimConfig(lr=LR, weight_decay=0.0),
-                        **tok, **kw)
+    return QAnchorStage(lm="tiny", head=AnchorHeadConfig(emb_dim=16, hidden=32),
+                        optim=OptimConfig(lr=LR, weight_decay=0.0), **tok, **kw)
 
 
 def _kind_dm(kind: str, root) -> UserDataModule:

@@ -131,7 +131,7 @@ class QAnchorRows:
         queries = [task_query(n, self.queries) for n in names] + [""] + [tuned[n].query for n in tuned]
         prompts = [None] * (len(names) + 1) + list(tuned.values())
         n_rows = len(dm.split)
-        out = np.zeros((n_rows, len(queries), int(self.stage.hparams.emb_dim)), np.float32)
+        out = np.zeros((n_rows, len(queries), self.stage.head_config.emb_dim), np.float32)
         import torch
 
         with torch.no_grad():

@@ -33,6 +33,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,7 @@ from data_modules.schema import DataError
 from data_modules.store import atomic_dir, atomic_write_json
 from foundv2.anchor_losses import TAU, prototype_logits
 from foundv2.nn.llm import CausalLM
+from foundv2.options import Options
 
 USER_EMB = "<USER_EMB>"
 U2QT_TOKEN = "<U2QT_{}>"  # the LM token of global U2QT id g (foundv2.nn.mrqvae's id space)
@@ -241,24 +243,38 @@ class AnchorOutput:
     answer_logits: Tensor | None  # [B, La, V]: position t predicts answer token t (None without answer)
 
 
+@dataclass(frozen=True)
+class AnchorHeadConfig(Options):
+    """The embedding head that both towers of :class:`QueryAnchor` share (the Q-Anchor stage's
+    ``--model.head.*``)."""
+
+    GROUP: ClassVar[str] = "head"
+
+    emb_dim: int = 128
+    """Width of the query-aware embedding (paper 128)."""
+    hidden: int = 512
+    """Hidden width of the embedding head (paper 512)."""
+    norm: bool = False
+    """A LayerNorm on the last hidden state before the head (both towers)."""
+
+
 class QueryAnchor(nn.Module):
     """The user tower and the answer tower of Query-as-Anchor over one causal LM.
 
     Args:
         lm: the causal LM (gets the ``<USER_EMB>`` token).
-        prefix: the user prefix (:class:`TokenPrefix` or :class:`SoftPrefix`).
-        emb_dim: width of the embeddings (paper 128).
-        head_hidden: hidden width of the head (paper 512).
+        user_prefix: the user prefix (:class:`TokenPrefix` or :class:`SoftPrefix`).
+        config: the embedding head (:class:`AnchorHeadConfig`: width, hidden width, norm).
         lead: the fixed text before the prefix (must not be empty).
         query_lead: text put before every query by :meth:`tokenize_queries`.
-        head_norm: a LayerNorm on the last hidden state before the head (both towers).
     """
 
-    def __init__(self, lm: CausalLM, prefix: UserPrefix, emb_dim: int = 128, head_hidden: int = 512,
-                 lead: str = "User:", query_lead: str = "\nQuery: ", head_norm: bool = False) -> None:
+    def __init__(self, lm: CausalLM, user_prefix: UserPrefix, config: AnchorHeadConfig = AnchorHeadConfig(),
+                 lead: str = "User:", query_lead: str = "\nQuery: ") -> None:
         super().__init__()
         self.lm = lm
-        self.prefix = prefix
+        self.prefix = user_prefix
+        self.config = config
         self.user_emb_id = lm.add_special_tokens([USER_EMB])[0]
         lead_ids, _ = lm.tokenize([lead])
         if lead_ids.shape[1] == 0:
@@ -266,8 +282,8 @@ class QueryAnchor(nn.Module):
                             "valid whatever prefix slots are empty.")
         self.register_buffer("lead_ids", lead_ids, persistent=False)
         self.query_lead = query_lead
-        self.head_norm = nn.LayerNorm(lm.hidden_size) if head_norm else nn.Identity()
-        self.head = _mlp(lm.hidden_size, head_hidden, emb_dim)
+        self.head_norm = nn.LayerNorm(lm.hidden_size) if config.norm else nn.Identity()
+        self.head = _mlp(lm.hidden_size, config.hidden, config.emb_dim)
 
     def embed_hidden(self, hidden: Tensor) -> Tensor:
         """The embedding head on last hidden states ``[..., H]`` → ``[..., emb_dim]``."""

@@ -33,6 +33,7 @@ question set), each from the user's prefix encoded once into a KV cache (equal t
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from foundv2.anchor_losses import FN_MARGIN, TAU, prototype_loss, qanchor_loss
 from foundv2.nn.anchor import (
     U2QT_TOKEN,
     USER_EMB,
+    AnchorHeadConfig,
     PrefixCache,
     QueryAnchor,
     ScenarioPrompt,
@@ -52,7 +54,6 @@ from foundv2.nn.llm import load_causal_lm
 from foundv2.stages.base import OptimConfig, PredictStage, user_columns
 from foundv2.stages.token_inputs import tokens_code_vectors
 
-PREFIXES = ("soft", "tokens")
 LM_TOKENS_KEY = "foundv2_lm_tokens"  # where a checkpoint records the added LM tokens' ids
 
 
@@ -75,15 +76,15 @@ class QAnchorStage(PredictStage):
             batches: ``data.tokens_dir``).
         tokenizer_dir: with ``prefix: tokens``, the tokenizer folder that made the tokens (its
             code vectors start the token rows; needed for a fresh fit only).
-        emb_dim: width of the query-aware embedding (paper 128).
-        head_hidden: hidden width of the embedding head (paper 512).
+        head: the embedding head of both towers (``--model.head.*``: ``emb_dim``, the width of the
+            query-aware embedding, paper 128; ``hidden``, paper 512; ``norm``;
+            :class:`~foundv2.nn.anchor.AnchorHeadConfig`).
         max_query_tokens: queries are cut to this many LM tokens.
         max_answer_tokens: answers are cut to this many LM tokens.
         tau: InfoNCE temperature (paper 0.07); with ``learn_tau`` its starting value.
         learn_tau: learn the temperature (a log-parameter, CLIP-style), kept in
             ``[tau_min, 1]``.
         tau_min: the smallest learned temperature.
-        head_norm: a LayerNorm on the last hidden state before the embedding head.
         prefix_slots: keep only each user's latest this many events (soft prefix) or tokens
             (token prefix) of a batch (None: all the batch holds, ``data.max_events`` for events):
             an LM's cost grows with the prefix.
@@ -106,16 +107,14 @@ class QAnchorStage(PredictStage):
     def __init__(
         self,
         lm: str = "tiny",
-        prefix: str = "soft",
+        prefix: Literal["soft", "tokens"] = "soft",
         tokenizer_dir: str | None = None,
-        emb_dim: int = 128,
-        head_hidden: int = 512,
+        head: AnchorHeadConfig = AnchorHeadConfig(),
         max_query_tokens: int = 32,
         max_answer_tokens: int = 48,
         tau: float = TAU,
         learn_tau: bool = False,
         tau_min: float = 0.01,
-        head_norm: bool = False,
         prefix_slots: int | None = None,
         fn_margin: float | None = FN_MARGIN,
         nce_weight: float = 1.0,
@@ -128,10 +127,9 @@ class QAnchorStage(PredictStage):
         predict_dir: str | None = None,
     ):
         super().__init__(predict_dir)
-        if prefix not in PREFIXES:
-            raise DataError(f"QAnchorStage: prefix must be one of {list(PREFIXES)}, got {prefix!r}.")
         self.tokenizer_dir = tokenizer_dir
         self.save_settings("tokenizer_dir")  # where the code vectors came from is not a model setting
+        self.head_config = AnchorHeadConfig.keep(self.hparams, "head")
         OptimConfig.keep(self.hparams, "optim")
         self.net: QueryAnchor | None = None
         self.log_tau: torch.nn.Parameter | None = None
@@ -166,7 +164,7 @@ class QAnchorStage(PredictStage):
             prefix = TokenPrefix(lm, codebook)
         else:
             prefix = SoftPrefix(lm.hidden_size, dims["text_dim"], dims["num_sources"])
-        self.net = QueryAnchor(lm, prefix, emb_dim=hp.emb_dim, head_hidden=hp.head_hidden, head_norm=hp.head_norm)
+        self.net = QueryAnchor(lm, prefix, self.head_config)
         if hp.learn_tau:
             self.log_tau = torch.nn.Parameter(torch.tensor(math.log(hp.tau)))
         if hp.lora_r > 0:  # the added rows (<USER_EMB>, the U2QT tokens) stay trainable under LoRA
@@ -290,7 +288,7 @@ class QAnchorStage(PredictStage):
             p.requires_grad_(False)
         try:
             device = net.lead_ids.device
-            scen = ScenarioPrompt(net.lm.hidden_size, int(hp.emb_dim), classes, query, name, n_tokens).to(device)
+            scen = ScenarioPrompt(net.lm.hidden_size, self.head_config.emb_dim, classes, query, name, n_tokens).to(device)
             scen.init_prompt(net.lm, seed=seed)
             users = {int(Split.TRAIN): ([], []), int(Split.VAL): ([], [])}  # split → (caches, labels)
             with torch.no_grad():
@@ -351,5 +349,5 @@ class QAnchorStage(PredictStage):
         return {**user_columns(batch), "user_emb": emb.reshape(emb.shape[0], -1).astype(np.float32)}
 
     def output_info(self) -> dict:
-        return {"queries": self.queries, "emb_dim": int(self.hparams.emb_dim),
-                "user_dim": int(self.hparams.emb_dim) * len(self.queries)}
+        emb_dim = self.head_config.emb_dim
+        return {"queries": self.queries, "emb_dim": emb_dim, "user_dim": emb_dim * len(self.queries)}
