@@ -77,8 +77,9 @@ PART = "part-rank000.arrow"
 EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 #: appended users per batch. Each brings about one new window, so a batch of history-batch size is
 #: tiny tensor ops whose per-call overhead dominated (10,000 users: 64 per batch 40 s, 4096 per
-#: batch 7 s); 4096 users of ~16 cached windows hold ~0.6 GB of cache in a batch
-APPEND_BATCH = 4096
+#: batch 7 s); a batch holds its users' whole cache in memory (~0.3 MB a user of 32 windows on the
+#: synthetic stage 1), so 1024 bounds it near 0.3 GB
+APPEND_BATCH = 1024
 #: share of stored codes the first encoding may fail to reproduce (float rounding at near-ties)
 REPRODUCE_TOLERANCE = 0.01
 NO_TIME = np.iinfo(np.int64).min
@@ -123,6 +124,7 @@ class KVParts:
 
     def __init__(self, folder: Path, names: list[str], n_layers: int, width: int):
         self.n_layers, self.width = n_layers, width
+        self.paths = [folder / name for name in names]
         self.parts = []
         for name in names:
             batches = [b for b in _read_ipc(folder / name).to_batches() if b.num_rows]
@@ -158,6 +160,9 @@ class KVParts:
                         at = filled[c, j]
                         bufs[c][j, :, at:at + n] = flat[off[i]:off[i + 1]].reshape(n_layers, n, width)
                         filled[c, j] += n
+        from data_modules.datamodule import release_pages
+
+        release_pages(self.paths)  # the pages just copied from: a pass over every user would hold the whole cache
         return QFormerCache(torch.from_numpy(bufs[0]), torch.from_numpy(total[0]), torch.from_numpy(bufs[1]),
                             torch.from_numpy(total[1]), torch.as_tensor(np.asarray(n_windows, np.int64)))
 
