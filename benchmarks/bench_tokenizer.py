@@ -108,7 +108,7 @@ def reachable_codes(rows: int = 4096) -> dict:
     import torch
     from tokenizer_speed import _data
 
-    from foundv2.nn.mrqvae import MultiViewRQVAE
+    from foundv2.nn.mrqvae import MultiViewRQVAE, RQVAEConfig
     from foundv2.nn.quantizer import QuantizerConfig
 
     out = {}
@@ -117,8 +117,8 @@ def reachable_codes(rows: int = 4096) -> dict:
             torch.manual_seed(0)
             config = QuantizerConfig(layout="union", n_shared_levels=2, n_specific_levels=0, shared_codes=256,
                                      specific_codes=64, kmeans_init=False, respawn=False, data_init=data_init)
-            model = MultiViewRQVAE(384, ["s0", "s1", "s2", "s3"], code_dim=256, hidden=(512,),
-                                   latent_norm=latent_norm, quantizer=config).train()
+            rqvae = RQVAEConfig(code_dim=256, hidden=[512], latent_norm=latent_norm)
+            model = MultiViewRQVAE(384, ["s0", "s1", "s2", "s3"], rqvae, config).train()
             (first, first_src), (fresh, fresh_src) = _data(rows, 2, 0)
             model(first, first_src)
             with torch.no_grad():

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from foundv2.nn.mrqvae import MultiViewRQVAE  # noqa: E402
+from foundv2.nn.mrqvae import MultiViewRQVAE, RQVAEConfig  # noqa: E402
 from foundv2.nn.quantizer import QuantizerConfig, _sq_dist  # noqa: E402
 
 SOURCES = ["s0", "s1", "s2", "s3"]
@@ -107,7 +107,7 @@ def _build(kind: str, batch: int) -> MultiViewRQVAE:
         shared_codes=CODES, specific_codes=CODES, beta=BETA, kmeans_init=True, kmeans_buffer=4 * batch,
         respawn=True, respawn_every=100,
     )  # fmt: skip
-    model = MultiViewRQVAE(INPUT_DIM, SOURCES, code_dim=CODE_DIM, hidden=HIDDEN, quantizer=config)
+    model = MultiViewRQVAE(INPUT_DIM, SOURCES, RQVAEConfig(code_dim=CODE_DIM, hidden=list(HIDDEN)), config)
     if kind == "residualvq":
         model.quantizer = ResidualVQAdapter(CODE_DIM, N_SHARED_LEVELS + N_SPECIFIC_LEVELS, CODES, BETA)
     return model.train()

@@ -77,4 +77,4 @@ def tokenizer_model(export: Path) -> dict:
     return {"class_path": "foundv2.stages.tokenizer.TokenizerStage",
             "init_args": {"quantizer": {"n_shared_levels": 2, "n_specific_levels": 1, "shared_codes": 16,
                                         "specific_codes": 8, "kmeans_buffer": 256, "respawn_every": 10},
-                          "code_dim": 8, "hidden": [32], "export_dir": str(export)}}
+                          "rqvae": {"code_dim": 8, "hidden": [32]}, "export_dir": str(export)}}

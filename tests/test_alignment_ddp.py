@@ -21,7 +21,7 @@ DDP2 = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 def test_alignment_ddp_fit_and_predict(tmp_path):
     data = [*DATA, "--data.cache_dir", str(tmp_path / "cache")]  # after every --config: they win
     tok = [*DATA_CONFIG, "--config", str(ROOT / "experiments/synthetic/tokenizer.yaml"), *data, *CPU,
-           "--model.quantizer.shared_codes", "16", "--model.quantizer.specific_codes", "8", "--model.code_dim", "8",
+           "--model.quantizer.shared_codes", "16", "--model.quantizer.specific_codes", "8", "--model.rqvae.code_dim", "8",
            "--model.quantizer.kmeans_buffer", "256", "--model.quantizer.respawn_every", "5"]
     run_cli("fit", *tok, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "tok"),
             "--trainer.logger", "false", "--model.export_dir", str(tmp_path / "export"))

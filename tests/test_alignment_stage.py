@@ -11,6 +11,7 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
+from foundv2.nn.mrqvae import RQVAEConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.sequence import SequenceConfig
 from foundv2.objectives import ObjectivesConfig
@@ -37,7 +38,7 @@ def tokens(tmp_path_factory):
     L.seed_everything(0)
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                                                    specific_codes=8, kmeans_buffer=256, respawn_every=10),
-                         code_dim=8, hidden=[32],
+                         rqvae=RQVAEConfig(code_dim=8, hidden=[32]),
                          predict_dir=str(root / "tokens"), export_dir=str(root / "export"))
     dm = _dm(root / "cache")
     _trainer(max_epochs=2).fit(tok, datamodule=dm)

@@ -16,6 +16,7 @@ from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from foundv2.bench.report import MAX_CI_WIDTH, table
 from foundv2.bench.run import PROGRESS_FILE, SCORES_DIR, run_bench
+from foundv2.nn.mrqvae import RQVAEConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.tokenizer import TokenizerStage
 from tests.helpers import run_cli
@@ -30,7 +31,7 @@ def tokens(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     dm = UserDataModule(**DATA, cache_dir=str(tmp / "cache"))
     L.seed_everything(0)
-    stage = TokenizerStage(code_dim=8, hidden=[32],
+    stage = TokenizerStage(rqvae=RQVAEConfig(code_dim=8, hidden=[32]),
                            quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                                                      specific_codes=8, kmeans_buffer=512, respawn_every=10),
                            predict_dir=str(tmp / "tokens"), export_dir=str(tmp / "export"))

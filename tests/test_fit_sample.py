@@ -94,6 +94,7 @@ def test_item_factors_and_question_pairs_read_only_the_sample(cache):
 @pytest.fixture(scope="module")
 def tokens(cache, tmp_path_factory):
     """A tokens dataset from a short real tokenizer fit (pooled features)."""
+    from foundv2.nn.mrqvae import RQVAEConfig
     from foundv2.nn.quantizer import QuantizerConfig
     from foundv2.stages.tokenizer import TokenizerStage
 
@@ -101,7 +102,7 @@ def tokens(cache, tmp_path_factory):
     L.seed_everything(0)
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                                                    specific_codes=8, kmeans_buffer=256, respawn_every=10),
-                         code_dim=8, hidden=[16], predict_dir=str(root / "tokens"))
+                         rqvae=RQVAEConfig(code_dim=8, hidden=[16]), predict_dir=str(root / "tokens"))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, max_steps=12, limit_val_batches=0)
     trainer.fit(tok, datamodule=_dm(cache))
@@ -227,7 +228,7 @@ def test_two_ranks_fit_on_one_sample_with_one_kmeans_init_and_predict_everyone(c
               "--data.window_mode", "week", "--data.text_encoder", "hashing", "--data.batch_size", "16",
               "--data.progress", "false", "--data.cache_dir", str(cache), "--data.fit_users", "64",
               "--data.val_users", "12", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-              "--model.quantizer.shared_codes", "16", "--model.quantizer.specific_codes", "8", "--model.code_dim", "8",
+              "--model.quantizer.shared_codes", "16", "--model.quantizer.specific_codes", "8", "--model.rqvae.code_dim", "8",
               "--model.quantizer.kmeans_buffer", "600", "--model.quantizer.respawn_every", "1000"]
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     run_cli("fit", *common, *ddp, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),

@@ -41,7 +41,7 @@ def configs(tmp_path_factory) -> dict:
                                 "optim": {"warmup_steps": 1}}}})
     tokenizer = _write(d / "tokenizer.yaml", {"seed_everything": 0, "trainer": TRAINER, "model": {
         "class_path": "foundv2.stages.tokenizer.TokenizerStage",
-        "init_args": {"code_dim": 4, "hidden": [16],
+        "init_args": {"rqvae": {"code_dim": 4, "hidden": [16]},
                       "quantizer": {"n_shared_levels": 1, "n_specific_levels": 1, "shared_codes": 8,
                                     "specific_codes": 4, "kmeans_buffer": 128, "respawn_every": 5}}}})
     # a quick bench: one task, one built-in representation (plus stage 1's), one baseline

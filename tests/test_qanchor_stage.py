@@ -15,6 +15,7 @@ from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import ALLOW_NO_CHECKSUM_ENV, Split, read_stage_output
 from foundv2.nn.anchor import U2QT_TOKEN, AnchorHeadConfig, ScenarioPrompt
+from foundv2.nn.mrqvae import RQVAEConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.base import OptimConfig
 from foundv2.stages.qanchor import LM_TOKENS_KEY, QAnchorStage
@@ -57,7 +58,7 @@ def root(tmp_path_factory):
     L.seed_everything(0)
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                                                    specific_codes=8, kmeans_buffer=256, respawn_every=10),
-                         code_dim=8, hidden=[32], predict_dir=str(root / "tokens"), export_dir=str(root / "export"))
+                         rqvae=RQVAEConfig(code_dim=8, hidden=[32]), predict_dir=str(root / "tokens"), export_dir=str(root / "export"))
     dm = _dm(root / "cache", questions=None)
     _trainer(max_epochs=2).fit(tok, datamodule=dm)
     _trainer().predict(tok, datamodule=dm, return_predictions=False)

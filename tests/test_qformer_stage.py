@@ -14,6 +14,7 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
+from foundv2.nn.mrqvae import RQVAEConfig
 from foundv2.nn.qformer import QFormerConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures, slice_target_dim
@@ -125,7 +126,7 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
     assert n == int((counts > 0).sum()) + 1
     # the tokenizer reads the folder through the DataModule
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=16,
-                                                   specific_codes=8, kmeans_buffer=64), code_dim=8, hidden=[16])
+                                                   specific_codes=8, kmeans_buffer=64), rqvae=RQVAEConfig(code_dim=8, hidden=[16]))
     rec = StepLosses()
     trainer(max_steps=5, limit_val_batches=1, callbacks=[rec]).fit(
         tok, make_dm(cache, features_dir=str(tmp_path / "features")))
@@ -157,7 +158,7 @@ def test_view_items_put_each_windows_item_mean_beside_its_view(cache, tmp_path):
             checked += int(sel.any())
     assert checked > 50  # windows with items were compared, not only empty ones
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=16,
-                                                   specific_codes=8, kmeans_buffer=64), code_dim=8, hidden=[16])
+                                                   specific_codes=8, kmeans_buffer=64), rqvae=RQVAEConfig(code_dim=8, hidden=[16]))
     trainer(max_steps=2, limit_val_batches=0).fit(tok, make_dm(cache, features_dir=str(tmp_path / "features")))
     assert tok.feature_dim == 32
     with pytest.raises(ValueError, match="view_items"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from foundv2.metrics.collisions import collision_stats, collisions_by_sources
-from foundv2.nn.mrqvae import MultiViewRQVAE, disambiguate
+from foundv2.nn.mrqvae import MultiViewRQVAE, RQVAEConfig, disambiguate
 from foundv2.nn.quantizer import SHARED, QuantizerConfig, ResidualGroupQuantizer
 
 SOURCES = ["a", "b", "c"]
@@ -175,7 +175,7 @@ def train_tokenizer(options: dict, layout: str, steps: int = 200, measured: int 
     torch.manual_seed(0)
     config = QuantizerConfig(layout=layout, n_shared_levels=2, n_specific_levels=1, shared_codes=CODES,
                              specific_codes=CODES, kmeans_buffer=512, respawn_every=50, recent_size=512, **options)
-    model = MultiViewRQVAE(16, sources=["s0", "s1", "s2", "s3"], code_dim=8, hidden=(32,), quantizer=config)
+    model = MultiViewRQVAE(16, ["s0", "s1", "s2", "s3"], RQVAEConfig(code_dim=8, hidden=[32]), config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -211,7 +211,7 @@ def test_losses_and_missing_source() -> None:
     """Every loss term is logged; a source absent from the batch gives 0, not NaN."""
     config = QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=CODES, specific_codes=CODES,
                              kmeans_buffer=32)
-    model = MultiViewRQVAE({"a": 12, "b": 8, "c": 16}, code_dim=8, hidden=(16,), quantizer=config)
+    model = MultiViewRQVAE({"a": 12, "b": 8, "c": 16}, config=RQVAEConfig(code_dim=8, hidden=[16]), quantizer=config)
     feat = torch.randn(64, 16)
     source = torch.randint(2, (64,))  # no rows of "c"
     out = model(feat, source)
@@ -233,26 +233,25 @@ def test_losses_and_missing_source() -> None:
 
 def test_recon_reduction_sum_vs_mean() -> None:
     config = QuantizerConfig(n_shared_levels=1, n_specific_levels=0, shared_codes=CODES, kmeans_init=False)
-    kw = dict(sources=["a"], code_dim=8, hidden=(16,), quantizer=config)
     torch.manual_seed(0)
-    summed = MultiViewRQVAE(16, recon_reduction="sum", **kw).eval()
+    summed = MultiViewRQVAE(16, ["a"], RQVAEConfig(code_dim=8, hidden=[16], recon_reduction="sum"), config).eval()
     torch.manual_seed(0)
-    mean = MultiViewRQVAE(16, recon_reduction="mean", **kw).eval()
+    mean = MultiViewRQVAE(16, ["a"], RQVAEConfig(code_dim=8, hidden=[16], recon_reduction="mean"), config).eval()
     feat, source = torch.randn(32, 16), torch.zeros(32, dtype=torch.long)
     ratio = summed(feat, source).losses["recon_mse"] / mean(feat, source).losses["recon_mse"]
     assert torch.isclose(ratio, torch.tensor(16.0))
 
 
-def test_recon_weights_weight_the_trained_term_only() -> None:
-    """recon_weights multiply each feature's squared error in `loss`; recon_mse stays unweighted,
+def test_feature_weights_weight_the_trained_term_only() -> None:
+    """feature_weights multiply each feature's squared error in `loss`; recon_mse stays unweighted,
     a source not named keeps weight 1, and the weights survive config round trips."""
     config = QuantizerConfig(n_shared_levels=1, n_specific_levels=0, shared_codes=CODES, kmeans_init=False)
-    kw = dict(sources=["a", "b"], code_dim=8, hidden=(16,), quantizer=config)
+    kw = dict(sources=["a", "b"], config=RQVAEConfig(code_dim=8, hidden=[16]), quantizer=config)
     weights = [0.0] * 12 + [10.0] * 4
     torch.manual_seed(0)
     plain = MultiViewRQVAE(16, **kw).eval()
     torch.manual_seed(0)
-    weighted = MultiViewRQVAE(16, recon_weights={"a": weights}, **kw).eval()
+    weighted = MultiViewRQVAE(16, feature_weights={"a": weights}, **kw).eval()
     feat, source = torch.randn(32, 16), torch.tensor([0, 1] * 16)
     p, w = plain(feat, source), weighted(feat, source)
     assert torch.equal(p.codes, w.codes) and "recon_weighted" not in p.losses
@@ -261,11 +260,11 @@ def test_recon_weights_weight_the_trained_term_only() -> None:
     expected = ((err[source == 0] * torch.tensor(weights)).sum() + err[source == 1].sum()) / 32
     assert torch.isclose(w.losses["recon_weighted"], expected)
     assert torch.isclose(w.losses["loss"] - w.losses["recon_weighted"], p.losses["loss"] - p.losses["recon_mse"])
-    assert MultiViewRQVAE.from_config(weighted.config).config["recon_weights"] == {"a": weights}
+    assert MultiViewRQVAE.from_config(weighted.config).config["feature_weights"] == {"a": weights}
     with pytest.raises(ValueError, match="input dim"):
-        MultiViewRQVAE(16, recon_weights={"a": [1.0] * 3}, **kw)
+        MultiViewRQVAE(16, feature_weights={"a": [1.0] * 3}, **kw)
     with pytest.raises(ValueError, match="not one of"):
-        MultiViewRQVAE(16, recon_weights={"c": weights}, **kw)
+        MultiViewRQVAE(16, feature_weights={"c": weights}, **kw)
 
 
 def test_pooled_feature_groups_tile_the_slice_vector() -> None:
@@ -283,8 +282,9 @@ def test_save_load_round_trip(tmp_path, tabular_separate: bool) -> None:
     torch.manual_seed(0)
     config = QuantizerConfig(layout="union", n_shared_levels=2, n_specific_levels=0, shared_codes=CODES,
                              specific_codes=8, kmeans_buffer=64, respawn_every=3, ema=True)
-    model = MultiViewRQVAE({"a": 12, "b": 16, "tabular": 6}, code_dim=8, hidden=(16,), quantizer=config,
-                           tabular_separate=tabular_separate, tabular_levels=3, tabular_codes=CODES)
+    rqvae = RQVAEConfig(code_dim=8, hidden=[16], tabular_separate=tabular_separate, tabular_levels=3,
+                        tabular_codes=CODES)
+    model = MultiViewRQVAE({"a": 12, "b": 16, "tabular": 6}, config=rqvae, quantizer=config)
     gen = torch.Generator().manual_seed(0)
     feat, source = torch.randn(64, 16, generator=gen), torch.randint(3, (64,), generator=gen)
     for _ in range(5):

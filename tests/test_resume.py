@@ -30,7 +30,7 @@ def _configs(tmp_path, name: str) -> str:
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"save_last": True, "every_n_epochs": 1}}]},
         "model": {"class_path": "foundv2.stages.tokenizer.TokenizerStage",
-                  "init_args": {"code_dim": 8, "hidden": [32],
+                  "init_args": {"rqvae": {"code_dim": 8, "hidden": [32]},
                                 "quantizer": {"n_shared_levels": 2, "n_specific_levels": 1, "shared_codes": 16,
                                               "specific_codes": 8, "kmeans_buffer": 256, "respawn_every": 5}}},
     }

@@ -21,7 +21,7 @@ from tests.helpers import ROOT, run_cli
 from tests.test_window_keys import TINY_QFORMER, assert_window_keys, make_dm, trainer
 
 TINY_TOKENIZER = {"quantizer": {"n_shared_levels": 1, "n_specific_levels": 1, "shared_codes": 8, "specific_codes": 4,
-                                "kmeans_buffer": 64}, "code_dim": 8, "hidden": [16]}
+                                "kmeans_buffer": 64}, "rqvae": {"code_dim": 8, "hidden": [16]}}
 
 
 def _fit_and_checkpoint(stage, dm, tmp_path, steps: int):

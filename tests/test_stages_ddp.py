@@ -36,7 +36,7 @@ def _same_output(tmp_path, config, extra, column, atol):
 def test_tokenizer_ddp_fit_and_predict(tmp_path):
     cfg = str(ROOT / "experiments/synthetic/tokenizer.yaml")
     common = ["--config", cfg, *DATA, *CPU, "--data.cache_dir", str(tmp_path / "cache"),
-              "--model.quantizer.shared_codes", "16", "--model.quantizer.specific_codes", "8", "--model.code_dim", "8",
+              "--model.quantizer.shared_codes", "16", "--model.quantizer.specific_codes", "8", "--model.rqvae.code_dim", "8",
               "--model.quantizer.kmeans_buffer", "256", "--model.quantizer.respawn_every", "5"]
     run_cli("fit", *common, *DDP2, "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
             "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.export_dir", str(tmp_path / "export"))

@@ -13,7 +13,7 @@ import torch
 from data_modules.datamodule import UserDataModule, release_pages
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
-from foundv2.nn.mrqvae import MultiViewRQVAE
+from foundv2.nn.mrqvae import MultiViewRQVAE, RQVAEConfig
 from foundv2.nn.qformer import QFormerConfig
 from foundv2.nn.quantizer import QuantizerConfig
 
@@ -24,8 +24,8 @@ def test_inference_codes_equal_the_forward_codes(layout, tabular_separate):
     torch.manual_seed(0)
     config = QuantizerConfig(layout=layout, n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                              specific_codes=8, kmeans_buffer=64)
-    model = MultiViewRQVAE({"a": 12, "b": 16, "tabular": 6}, code_dim=8, hidden=(16,), quantizer=config,
-                           tabular_separate=tabular_separate, tabular_levels=2, tabular_codes=8)
+    rqvae = RQVAEConfig(code_dim=8, hidden=[16], tabular_separate=tabular_separate, tabular_levels=2, tabular_codes=8)
+    model = MultiViewRQVAE({"a": 12, "b": 16, "tabular": 6}, config=rqvae, quantizer=config)
     feat, source = torch.randn(300, 16), torch.randint(0, 3, (300,))
     model.train()
     for _ in range(3):  # the k-means init and a few steps: codes that are not the initial ones

@@ -11,7 +11,7 @@ import torch
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
 from foundv2.metrics.collisions import CollisionRate, collision_stats, window_tuples
-from foundv2.nn.mrqvae import MultiViewRQVAE
+from foundv2.nn.mrqvae import MultiViewRQVAE, RQVAEConfig
 from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
 from foundv2.stages.tokenizer import TokenizerStage
 
@@ -22,7 +22,7 @@ def _fit_and_tokenize(tmp_path, name: str) -> dict:
                         text_encoder="hashing", cache_dir=str(tmp_path / "cache"), batch_size=32, progress=False)
     stage = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                                                      specific_codes=8, kmeans_buffer=256, respawn_every=5),
-                           code_dim=8, hidden=[32], predict_dir=str(tmp_path / name))
+                           rqvae=RQVAEConfig(code_dim=8, hidden=[32]), predict_dir=str(tmp_path / name))
     kw = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False)
     L.Trainer(max_epochs=3, **kw).fit(stage, datamodule=dm)
@@ -50,7 +50,7 @@ def test_training_step_under_deterministic_algorithms(layout, two_threads):
         torch.manual_seed(0)
         config = QuantizerConfig(layout=layout, n_shared_levels=1, n_specific_levels=1, shared_codes=16,
                                  specific_codes=8, kmeans_buffer=128, respawn_every=2)
-        model = MultiViewRQVAE(12, ["a", "b", "c"], code_dim=8, hidden=(16,), quantizer=config)
+        model = MultiViewRQVAE(12, ["a", "b", "c"], RQVAEConfig(code_dim=8, hidden=[16]), config)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
         for _ in range(4):

@@ -11,6 +11,7 @@ import torch
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import read_stage_output
+from foundv2.nn.mrqvae import RQVAEConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.tokenizer import TokenizerStage
 from tests.helpers import run_cli
@@ -25,7 +26,7 @@ def _dm(tmp_path, **kw) -> UserDataModule:
 def _stage(tmp_path, **kw) -> TokenizerStage:
     return TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=2, n_specific_levels=1, shared_codes=16,
                                                     specific_codes=8, kmeans_buffer=256, respawn_every=10),
-                          code_dim=8, hidden=[32], **kw)
+                          rqvae=RQVAEConfig(code_dim=8, hidden=[32]), **kw)
 
 
 def _trainer(**kw) -> L.Trainer:

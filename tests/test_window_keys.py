@@ -12,6 +12,7 @@ import pytest
 from data_modules.datamodule import UserDataModule
 from data_modules.schema import DataError
 from data_modules.store import read_stage_output
+from foundv2.nn.mrqvae import RQVAEConfig
 from foundv2.nn.qformer import QFormerConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.stages.qformer import QFormerStage
@@ -87,7 +88,7 @@ def test_tokens_carry_the_keys_of_the_features_they_read(tmp_path):
     assert_window_keys(tmp_path / "features", dm)
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=8,
                                                    specific_codes=4, kmeans_buffer=64),
-                         code_dim=8, hidden=[16], predict_dir=str(tmp_path / "tokens"))
+                         rqvae=RQVAEConfig(code_dim=8, hidden=[16]), predict_dir=str(tmp_path / "tokens"))
     features = make_dm(cache, features_dir=str(tmp_path / "features"))
     trainer(max_steps=3, limit_val_batches=0).fit(tok, features)
     trainer().predict(tok, features, return_predictions=False)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from data_modules.store import load_export, save_export
 from foundv2.nn.quantizer import QuantizerConfig, ResidualGroupQuantizer
+from foundv2.options import Options
 
 
 def _mlp(dims: Sequence[int], dropout: float) -> nn.Sequential:
@@ -27,6 +28,41 @@ def _mlp(dims: Sequence[int], dropout: float) -> nn.Sequential:
         if i < len(dims) - 2:
             layers += [nn.GELU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
     return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class RQVAEConfig(Options):
+    """The multi-view RQ-VAE's own settings: encoders, decoders, latent (the tokenizer stage's
+    ``--model.rqvae.*``; the quantiser's are :class:`~foundv2.nn.quantizer.QuantizerConfig`)."""
+
+    GROUP: ClassVar[str] = "rqvae"
+
+    code_dim: int = 64
+    """Width of the latent and code space (paper 256)."""
+    hidden: list[int] = field(default_factory=lambda: [256])
+    """Hidden widths of the per-source encoder MLPs (the decoders use them reversed)."""
+    dropout: float = 0.0
+    """Dropout between MLP layers."""
+    recon_reduction: Literal["sum", "mean"] = "sum"
+    """The squared reconstruction error of a row is summed (default; keeps reconstruction dominant,
+    which prevents collapse) or averaged over its features (see :class:`MultiViewRQVAE`)."""
+    latent_norm: bool = True
+    """End every encoder with a LayerNorm without weights, so that latents keep the codes' scale
+    (see :class:`MultiViewRQVAE`)."""
+    tabular_separate: bool = False
+    """The source named ``tabular_source`` gets its own plain residual quantiser
+    (``tabular_levels`` x ``tabular_codes``, the other quantiser options shared) instead of the
+    group quantiser."""
+    tabular_source: str = "tabular"
+    """Name of the tabular source."""
+    tabular_levels: int | None = None
+    """Levels of the tabular quantiser (default: the group quantiser's)."""
+    tabular_codes: int = 1024
+    """Codebook size per level of the tabular quantiser."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "hidden", [int(h) for h in self.hidden])  # a list: config.json round-trips
 
 
 @dataclass
@@ -54,31 +90,23 @@ class MultiViewRQVAE(nn.Module):
 
     ``loss = recon_mse + loss_codebook + beta * loss_commit`` (quantiser terms as documented in
     `foundv2.nn.quantizer`; with ``tabular_separate`` the tabular quantiser's terms are added).
-    With ``recon_weights`` the reconstruction term of the loss is ``recon_weighted``, the same
+    With ``feature_weights`` the reconstruction term of the loss is ``recon_weighted``, the same
     error with every feature's square multiplied by its weight; ``recon_mse`` stays unweighted
     (comparable across weightings) and is logged beside it.
+
+    ``latent_norm``: without it the straight-through gradient grows the latents away from the
+    codes (latent RMS 0.08 → 1.4 in 50 steps on synthetic data while the codes stayed at 0.08),
+    most codes die, the decoder learns the coarse codes, and the respawn that brings the codes
+    back makes the loss jump 20x (6.2 → 140); with it the jump is 3.9 → 4.8.
 
     Args:
         input_dims: one input dim shared by all sources, or a dict source → input dim (then the
             dict's order is the source order and ``sources`` may be omitted).
         sources: source names (index = the ``source`` value in ``forward``).
-        code_dim: latent / code dimension (paper 256).
-        hidden: hidden widths of the encoder MLPs (decoders use them reversed).
-        dropout: dropout between MLP layers.
-        recon_reduction: ``"sum"`` or ``"mean"`` over features (see above).
-        latent_norm: end every encoder with a LayerNorm without weights, so latents keep unit
-            scale. Without it the straight-through gradient grows the latents away from the codes
-            (latent RMS 0.08 → 1.4 in 50 steps on synthetic data while the codes stayed at 0.08),
-            most codes die, the decoder learns the coarse codes, and the respawn that brings the
-            codes back makes the loss jump 20x (6.2 → 140); with it the jump is 3.9 → 4.8.
+        config: the net's own settings (:class:`RQVAEConfig`: code width, MLPs, reduction,
+            latent norm, separate tabular quantiser).
         quantizer: layout and codebook care of the quantiser (`QuantizerConfig`).
-        tabular_separate: the source named ``tabular_source`` gets its own plain residual
-            quantiser (``tabular_levels`` × ``tabular_codes``, the other options of ``quantizer``)
-            instead of the group quantiser.
-        tabular_source: name of the tabular source.
-        tabular_levels: levels of the tabular quantiser (default: the group quantiser's).
-        tabular_codes: codebook size per level of the tabular quantiser.
-        recon_weights: per source, one weight per input feature (a list as long as the source's
+        feature_weights: per source, one weight per input feature (a list as long as the source's
             input dim) multiplying that feature's squared error in the training loss; a source
             not named keeps weight 1 everywhere. A feature of small variance (a window's clock or
             calendar position beside a wide text embedding) adds little to a summed error, so the
@@ -90,19 +118,12 @@ class MultiViewRQVAE(nn.Module):
         self,
         input_dims: int | dict[str, int],
         sources: Sequence[str] | None = None,
-        code_dim: int = 256,
-        hidden: Sequence[int] = (512,),
-        dropout: float = 0.0,
-        recon_reduction: Literal["sum", "mean"] = "sum",
-        latent_norm: bool = True,
+        config: RQVAEConfig = RQVAEConfig(),
         quantizer: QuantizerConfig = QuantizerConfig(),
-        tabular_separate: bool = False,
-        tabular_source: str = "tabular",
-        tabular_levels: int | None = None,
-        tabular_codes: int = 1024,
-        recon_weights: dict[str, Sequence[float]] | None = None,
+        feature_weights: dict[str, Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
+        code_dim, hidden, dropout = config.code_dim, config.hidden, config.dropout
         if isinstance(input_dims, dict):
             sources = list(sources) if sources is not None else list(input_dims)
             dims = {s: int(input_dims[s]) for s in sources}
@@ -111,26 +132,24 @@ class MultiViewRQVAE(nn.Module):
                 raise ValueError("sources are required when input_dims is one int")
             sources = list(sources)
             dims = {s: int(input_dims) for s in sources}
-        if recon_reduction not in ("sum", "mean"):
-            raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {recon_reduction!r}")
-        weights = {str(k): [float(x) for x in v] for k, v in (recon_weights or {}).items()}
+        weights = {str(k): [float(x) for x in v] for k, v in (feature_weights or {}).items()}
         for name, w in weights.items():
             if name not in dims:
-                raise ValueError(f"recon_weights names source {name!r}, not one of {list(dims)}")
+                raise ValueError(f"feature_weights names source {name!r}, not one of {list(dims)}")
             if len(w) != dims[name]:
-                raise ValueError(f"recon_weights[{name!r}] has {len(w)} entries, the source's input dim is {dims[name]}")
+                raise ValueError(f"feature_weights[{name!r}] has {len(w)} entries, the source's input dim is "
+                                 f"{dims[name]}")
             if min(w) < 0:
-                raise ValueError(f"recon_weights[{name!r}] has a negative weight")
+                raise ValueError(f"feature_weights[{name!r}] has a negative weight")
+        # what config.json and a checkpoint hold: the sizes, the two configs' fields, the weights
         self.config = dict(
-            input_dims=dims, sources=sources, code_dim=code_dim, hidden=list(hidden), dropout=dropout,
-            recon_reduction=recon_reduction, latent_norm=latent_norm, quantizer=dataclasses.asdict(quantizer),
-            tabular_separate=tabular_separate, tabular_source=tabular_source, tabular_levels=tabular_levels,
-            tabular_codes=tabular_codes, recon_weights=weights or None,
+            input_dims=dims, sources=sources, **dataclasses.asdict(config), quantizer=dataclasses.asdict(quantizer),
+            feature_weights=weights or None,
         )  # fmt: skip
         self.sources = sources
         self.input_dims = dims
         self.max_dim = max(dims.values())
-        self.recon_reduction = recon_reduction
+        self.recon_reduction = config.recon_reduction
         # [S, max_dim] weight of each feature's squared error (1 where none is given; unused columns 0)
         table = torch.zeros(len(sources), self.max_dim)
         for i, name in enumerate(sources):
@@ -138,14 +157,15 @@ class MultiViewRQVAE(nn.Module):
         self.register_buffer("recon_weight_table", table, persistent=False)
         self.weighted = bool(weights)
         self.encoders = nn.ModuleList(_mlp([dims[s], *hidden, code_dim], dropout) for s in sources)
-        if latent_norm:
+        if config.latent_norm:
             for encoder in self.encoders:
                 encoder.append(nn.LayerNorm(code_dim, elementwise_affine=False))
         self.decoders = nn.ModuleList(
             _mlp([code_dim, *reversed(list(hidden)), dims[s]], dropout) for s in sources
         )
 
-        self.tabular_separate = tabular_separate and tabular_source in sources
+        tabular_source = config.tabular_source
+        self.tabular_separate = config.tabular_separate and tabular_source in sources
         grouped = [s for s in sources if not (self.tabular_separate and s == tabular_source)]
         self.quantizer = ResidualGroupQuantizer(code_dim, grouped, quantizer)
         # source index → index among the grouped sources (-1: the separate tabular source)
@@ -154,8 +174,8 @@ class MultiViewRQVAE(nn.Module):
         self.tabular_quantizer: ResidualGroupQuantizer | None = None
         if self.tabular_separate:
             tabular = quantizer.replace(
-                layout="sequential", n_shared_levels=tabular_levels or self.quantizer.n_levels,
-                n_specific_levels=0, shared_codes=tabular_codes,
+                layout="sequential", n_shared_levels=config.tabular_levels or self.quantizer.n_levels,
+                n_specific_levels=0, shared_codes=config.tabular_codes,
             )  # fmt: skip
             self.tabular_quantizer = ResidualGroupQuantizer(code_dim, [tabular_source], tabular)
         self.n_levels = max(
@@ -289,8 +309,10 @@ class MultiViewRQVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> MultiViewRQVAE:
-        """An untrained model from a `config` dict (config.json, a checkpoint)."""
-        return cls(**{**config, "quantizer": QuantizerConfig.from_dict(config["quantizer"])})
+        """An untrained model from a `config` dict (config.json, a checkpoint: what ``self.config`` holds)."""
+        own = {k: v for k, v in config.items() if k not in ("input_dims", "sources", "quantizer", "feature_weights")}
+        return cls(config["input_dims"], config["sources"], RQVAEConfig.from_dict(own),
+                   QuantizerConfig.from_dict(config["quantizer"]), config.get("feature_weights"))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MultiViewRQVAE:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from data_modules.schema import DataError
 from data_modules.store import atomic_write_json, read_output_meta
 from foundv2.metrics.collisions import CollisionRate
-from foundv2.nn.mrqvae import MultiViewRQVAE
+from foundv2.nn.mrqvae import MultiViewRQVAE, RQVAEConfig
 from foundv2.nn.quantizer import QuantizerConfig
 from foundv2.nn.slices import PooledSliceFeatures
 from foundv2.stages.base import OptimConfig, PredictStage, split_by_user, with_window_keys
@@ -60,12 +60,8 @@ class TokenizerStage(PredictStage):
         quantizer: the codebook layout and codebook care (``--model.quantizer.*``; every option
             is documented in :class:`~foundv2.nn.quantizer.QuantizerConfig`; a dict of them is
             taken too, as a checkpoint stores it).
-        code_dim: width of the code space.
-        hidden: hidden widths of the per-source encoder/decoder MLPs.
-        recon_reduction: ``sum`` over features (default; keeps reconstruction dominant, which
-            prevents collapse) or ``mean``.
-        latent_norm: a LayerNorm without weights at the end of every encoder (keeps the latents
-            at the codes' scale; see :class:`~foundv2.nn.mrqvae.MultiViewRQVAE`).
+        rqvae: the RQ-VAE around the quantiser (``--model.rqvae.*``: code width, MLP widths,
+            reduction, latent norm; :class:`~foundv2.nn.mrqvae.RQVAEConfig`).
         recon_weights: weights of the squared reconstruction error by part of the built-in pooled
             features (``text``, ``item``, ``category``, ``count``, ``value``, ``clock``,
             ``calendar``: :meth:`~foundv2.nn.slices.PooledSliceFeatures.feature_groups`), e.g.
@@ -89,10 +85,7 @@ class TokenizerStage(PredictStage):
     def __init__(
         self,
         quantizer: QuantizerConfig = QuantizerConfig(),
-        code_dim: int = 64,
-        hidden: list[int] = (256,),
-        recon_reduction: str = "sum",
-        latent_norm: bool = True,
+        rqvae: RQVAEConfig = RQVAEConfig(),
         recon_weights: dict[str, float] | None = None,
         optim: OptimConfig = OptimConfig(weight_decay=0.0),
         item_dim: int = 32,
@@ -103,6 +96,7 @@ class TokenizerStage(PredictStage):
         super().__init__(predict_dir)
         self.save_settings("export_dir")
         QuantizerConfig.keep(self.hparams, "quantizer")  # plain dicts in meta.json, hparams.yaml, checkpoints
+        RQVAEConfig.keep(self.hparams, "rqvae")
         OptimConfig.keep(self.hparams, "optim")
         self.export_dir = export_dir
         self.model: MultiViewRQVAE | None = None
@@ -136,11 +130,8 @@ class TokenizerStage(PredictStage):
         elif hp.pretrained:
             self.model = self._load_pretrained(hp.pretrained)
         else:
-            self.model = MultiViewRQVAE(
-                input_dims=self.feature_dim, sources=self.sources, code_dim=hp.code_dim, hidden=tuple(hp.hidden),
-                recon_reduction=hp.recon_reduction, latent_norm=hp.latent_norm,
-                quantizer=QuantizerConfig.from_dict(hp.quantizer), recon_weights=self._feature_weights(),
-            )
+            self.model = MultiViewRQVAE(self.feature_dim, self.sources, RQVAEConfig.from_dict(hp.rqvae),
+                                        QuantizerConfig.from_dict(hp.quantizer), self._feature_weights())
 
     def _feature_weights(self) -> dict[str, list[float]] | None:
         """``recon_weights`` (by part of the pooled features) as one weight per feature column
