@@ -262,28 +262,28 @@ class QueryAnchor(nn.Module):
     """The user tower and the answer tower of Query-as-Anchor over one causal LM.
 
     Args:
-        lm: the causal LM (gets the ``<USER_EMB>`` token).
+        causal_lm: the causal LM (gets the ``<USER_EMB>`` token).
         user_prefix: the user prefix (:class:`TokenPrefix` or :class:`SoftPrefix`).
         config: the embedding head (:class:`AnchorHeadConfig`: width, hidden width, norm).
         lead: the fixed text before the prefix (must not be empty).
         query_lead: text put before every query by :meth:`tokenize_queries`.
     """
 
-    def __init__(self, lm: CausalLM, user_prefix: UserPrefix, config: AnchorHeadConfig = AnchorHeadConfig(),
+    def __init__(self, causal_lm: CausalLM, user_prefix: UserPrefix, config: AnchorHeadConfig = AnchorHeadConfig(),
                  lead: str = "User:", query_lead: str = "\nQuery: ") -> None:
         super().__init__()
-        self.lm = lm
+        self.lm = causal_lm
         self.prefix = user_prefix
         self.config = config
-        self.user_emb_id = lm.add_special_tokens([USER_EMB])[0]
-        lead_ids, _ = lm.tokenize([lead])
+        self.user_emb_id = causal_lm.add_special_tokens([USER_EMB])[0]
+        lead_ids, _ = causal_lm.tokenize([lead])
         if lead_ids.shape[1] == 0:
             raise DataError("QueryAnchor needs a non-empty lead text: its first token keeps every attention row "
                             "valid whatever prefix slots are empty.")
         self.register_buffer("lead_ids", lead_ids, persistent=False)
         self.query_lead = query_lead
-        self.head_norm = nn.LayerNorm(lm.hidden_size) if config.norm else nn.Identity()
-        self.head = _mlp(lm.hidden_size, config.hidden, config.emb_dim)
+        self.head_norm = nn.LayerNorm(causal_lm.hidden_size) if config.norm else nn.Identity()
+        self.head = _mlp(causal_lm.hidden_size, config.hidden, config.emb_dim)
 
     def embed_hidden(self, hidden: Tensor) -> Tensor:
         """The embedding head on last hidden states ``[..., H]`` → ``[..., emb_dim]``."""
