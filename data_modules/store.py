@@ -396,15 +396,15 @@ def output_is_complete(folder: str | Path) -> bool:
 
 def check_replaceable(folder: str | Path) -> None:
     """A predict replaces its output folder whole: refuse (DataError) a folder that exists and is
-    not a stage output (no ``meta.json``, and files other than parts and ``report.json``), which
-    the swap would delete."""
+    not a stage output (no ``meta.json``, and files other than parts, ``report.json`` and the
+    ``datasets`` state files), which the swap would delete."""
     folder = Path(folder)
     if not folder.exists() or (folder / META_FILE).exists():
         return
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass a folder for the stage's output.")
     others = sorted(p.name for p in folder.iterdir()
-                    if not (p.name.startswith("part-rank") or p.name in (META_FILE, "report.json")))
+                    if not (p.name.startswith("part-rank") or p.name in (META_FILE, "report.json", HF_STATE, HF_INFO)))
     if others:
         raise DataError(f"{folder}: the output folder exists and is not a stage output (it holds "
                         f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); the output replaces this "

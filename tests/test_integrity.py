@@ -214,7 +214,7 @@ def test_repredict_into_a_folder_with_a_stray_part(configs, run_copy):  # noqa: 
     assert main(["pipeline", "--config", _pipeline_yaml(configs, run_copy)]) == 0
     meta = json.loads((features / "meta.json").read_text())
     assert meta["parts"] == ["part-rank000.arrow"] and sorted(p.name for p in features.iterdir()) == [
-        "meta.json", "part-rank000.arrow"]
+        "dataset_info.json", "meta.json", "part-rank000.arrow", "state.json"]
     assert len(read_stage_output(features)[0]) == n
     assert not (features.parent / f"features{STAGING}").exists()
 
