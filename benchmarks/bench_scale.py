@@ -463,7 +463,7 @@ def plan_100m(figures: dict, n: int, gpu_utilisation: float) -> list[str]:
         disk = big.get("disk_mb", {}).get(step)
         per_user_b = disk * 2**20 / n if disk else None
         lines.append(f"| {name} | {f'{flops / 1e6:,.1f} M' if flops else '-'} | {core_h:,.0f} | "
-                     f"{f'{gpu_h:,.1f}' if gpu_h is not None else '-'} | "
+                     f"{f'{gpu_h:,.2g}' if gpu_h is not None else '-'} | "
                      f"{f'{per_user_b / 1024:,.1f} KB' if per_user_b else '-'} | "
                      f"{f'{per_user_b * TARGET_USERS / 2**40:,.2f} TB' if per_user_b else '-'} |")
     tok = big.get("token_storage")
