@@ -281,8 +281,12 @@ def quantise_int8(Z: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndar
     Z = np.asarray(Z, np.float64)
     peak = np.abs(Z[train]).max(axis=0) if len(train) else np.zeros(Z.shape[1])
     scales = np.where(peak > 0, peak / INT8_MAX, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(Z / scales), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return codes, scales
+    return quantise_with(Z, scales), scales
+
+
+def quantise_with(Z: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int8 codes of ``Z`` at given per-dimension ``scales`` (values beyond ±127 steps saturate)."""
+    return np.clip(np.rint(np.asarray(Z, np.float64) / scales), -INT8_MAX, INT8_MAX).astype(np.int8)
 
 
 def dequantise_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:

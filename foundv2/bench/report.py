@@ -48,6 +48,17 @@ def _fmt_interval(c: dict) -> str:
     return f"{c['delta']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
 
 
+def _compare(kind: str, key: str, a, b, y) -> dict | None:
+    """``a − b`` on ``key`` over the same test users with its paired 95 % interval and verdict;
+    None when either score set is missing or they cover different users."""
+    from foundv2.bench.probes import paired_bootstrap
+
+    if a is None or b is None or len(a) != len(b):
+        return None
+    ci = paired_bootstrap(kind, a, b, y, metric=key, n_boot=N_BOOT)
+    return {"delta": ci["delta"], "lo": ci["lo"], "hi": ci["hi"], "verdict": _word(ci["lo"], ci["hi"])}
+
+
 def verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
     """Per task: the best token row against every row of equal or larger size, with paired intervals.
 
@@ -57,8 +68,6 @@ def verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
             per-user values of the ranking metric.
         labels: ``task → test labels`` (classification tasks).
     """
-    from foundv2.bench.probes import paired_bootstrap
-
     res = bench["results"]
     n_test = bench["split_sizes"]["test"]
     out = {}
@@ -79,12 +88,9 @@ def verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
             b_size = r.get("bytes_per_user")
             if size is not None and b_size is not None and b_size < size:
                 continue
-            b = scores(n, task)
-            if a is None or b is None or len(a) != len(b):
-                continue
-            ci = paired_bootstrap(kind, a, b, labels.get(task), metric=key, n_boot=N_BOOT)
-            comparisons.append({"baseline": n, "bytes_per_user": b_size, "value": r[task][key],
-                                "delta": ci["delta"], "lo": ci["lo"], "hi": ci["hi"], "verdict": _word(ci["lo"], ci["hi"])})
+            c = _compare(kind, key, a, scores(n, task), labels.get(task))
+            if c is not None:
+                comparisons.append({"baseline": n, "bytes_per_user": b_size, "value": r[task][key], **c})
         comparisons.sort(key=lambda c: -c["value"])
         warn = []
         n_eval = len(a) if a is not None else n_test
@@ -106,8 +112,6 @@ def row_verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
     baseline of at most its size (``by_size``; for an unbounded row, any) and the best baseline of
     any size (``best``), each with its paired interval on the task's main metric (the metric the
     tables show). ``row → task → {"by_size": c, "best": c}``, ``c`` as in :func:`verdicts`."""
-    from foundv2.bench.probes import paired_bootstrap
-
     res = bench["results"]
     out: dict[str, dict] = {}
     for task, kind in bench["tasks"].items():
@@ -123,13 +127,10 @@ def row_verdicts(bench: dict, scores, labels: dict) -> dict[str, dict]:
             a = scores(n, task)
             pair = {}
             for which, b in (("by_size", fits[0] if fits else None), ("best", base[0] if base else None)):
-                sb = scores(b, task) if b is not None else None
-                if a is None or sb is None or len(a) != len(sb):
-                    continue
-                ci = paired_bootstrap(kind, a, sb, labels.get(task), metric=key, n_boot=N_BOOT)
-                pair[which] = {"baseline": b, "bytes_per_user": have[b].get("bytes_per_user"),
-                               "value": have[b][task][key], "delta": ci["delta"], "lo": ci["lo"], "hi": ci["hi"],
-                               "verdict": _word(ci["lo"], ci["hi"])}
+                c = _compare(kind, key, a, scores(b, task), labels.get(task)) if b is not None else None
+                if c is not None:
+                    pair[which] = {"baseline": b, "bytes_per_user": have[b].get("bytes_per_user"),
+                                   "value": have[b][task][key], **c}
             if pair:
                 out.setdefault(n, {})[task] = {"metric": key, "value": r[task][key], **pair}
     return out
@@ -168,8 +169,6 @@ def budget_verdicts(bench: dict, scores, labels: dict, budgets) -> dict[str, dic
     of them on at least two tasks. ``best`` is the row that meets it, else the one with the fewest
     losses and then the most wins.
     """
-    from foundv2.bench.probes import paired_bootstrap
-
     res, tasks = bench["results"], bench["tasks"]
     out = {}
     for budget in sorted({int(b) for b in budgets}):
@@ -185,16 +184,13 @@ def budget_verdicts(bench: dict, scores, labels: dict, budgets) -> dict[str, dic
                 key = MAIN[kind]
                 a = scores(n, task)
                 for b in refs:
-                    sb = scores(b, task)
-                    if a is None or sb is None or len(a) != len(sb):
+                    c = _compare(kind, key, a, scores(b, task), labels.get(task))
+                    if c is None:
                         ok = False
                         continue
-                    ci = paired_bootstrap(kind, a, sb, labels.get(task), metric=key, n_boot=N_BOOT)
-                    word = _word(ci["lo"], ci["hi"])
-                    ok &= word != "loses"
-                    wins[b] += word == "beats"
-                    cells.append({"task": task, "metric": key, "baseline": b, "delta": ci["delta"], "lo": ci["lo"],
-                                  "hi": ci["hi"], "verdict": word})
+                    ok &= c["verdict"] != "loses"
+                    wins[b] += c["verdict"] == "beats"
+                    cells.append({"task": task, "metric": key, "baseline": b, **c})
             losses = sum(c["verdict"] == "loses" for c in cells)
             per_row[n] = {"bytes_per_user": res[n]["bytes_per_user"], "meets": ok and min(wins.values()) >= 2,
                           "losses": losses, "wins": sum(wins.values()), "comparisons": cells}

@@ -334,9 +334,7 @@ class TfIdfSVD(Features):
                                          np.arange(counts.shape[0]))
 
     def __call__(self, users: UserBatch) -> np.ndarray:
-        Z = self.factors.project(users.history)
-        codes = np.clip(np.rint(Z / self.scales), -B.INT8_MAX, B.INT8_MAX).astype(np.int8)
-        return B.dequantise_int8(codes, self.scales)
+        return B.dequantise_int8(B.quantise_with(self.factors.project(users.history), self.scales), self.scales)
 
 
 class TopItems(Features):

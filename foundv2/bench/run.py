@@ -387,9 +387,12 @@ def _tfidf(ctx: _Baselines, name: str) -> None:
 
 def _tfidf_svd(ctx: _Baselines, name: str) -> None:
     """One row per storage budget: ``k`` int8 dimensions, ``k`` capped by the SVD's limit."""
+    n_items, n_train = ctx.users.n_items, len(ctx.users.train)
+    if min(n_items, n_train) < 2:
+        return  # no SVD of even one dimension (B.svd_width)
     seen = set()
     for k in ctx.sizes:
-        k_eff = int(min(k, ctx.users.n_items - 1, len(ctx.users.train) - 1))
+        k_eff = B.svd_width(k, n_items, n_train) if k >= 1 else 0
         if k_eff < 1 or k_eff in seen:
             continue
         seen.add(k_eff)
