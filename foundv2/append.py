@@ -77,8 +77,8 @@ PART = "part-rank000.arrow"
 EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 #: appended users per batch. Each brings about one new window, so a batch of history-batch size is
 #: tiny tensor ops whose per-call overhead dominated (10,000 users: 64 per batch 40 s, 4096 per
-#: batch 7 s); a batch holds its users' whole cache in memory (~0.3 MB a user of 32 windows on the
-#: synthetic stage 1), so 1024 bounds it near 0.3 GB
+#: batch 7 s); a batch holds its users' whole cache in memory (the synthetic stage 1's cache file is
+#: ~0.38 MB a user), so 1024 bounds it near 0.4 GB plus padding
 APPEND_BATCH = 1024
 #: share of stored codes the first encoding may fail to reproduce (float rounding at near-ties)
 REPRODUCE_TOLERANCE = 0.01
@@ -581,8 +581,8 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
     n_windows, last_key = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     last_time = np.full(n, NO_TIME, np.int64)
     checked = differ = 0
-    # users of like length share a batch (the cache is looked up by user id, so the order is free):
-    # padding to the longest user of a row-ordered batch made this pass 2-4x slower than predict's
+    # users of like length share a batch, as in predict_order: length (the cache is looked up by
+    # user id, so the order is free); on 10,000 synthetic users the pass took the same time either way
     order = np.argsort(dm.row_lengths(rows.row), kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size].tolist()
