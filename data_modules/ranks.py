@@ -2,8 +2,8 @@
 
 ``foundv2 data`` under ``torchrun`` or SLURM's ``srun`` runs one process per rank; they find each
 other through the launcher's environment (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` from torchrun,
-``SLURM_PROCID``/``SLURM_NTASKS``/the node list from srun, read through Lightning's cluster
-environments, the ones training uses) and a gloo process group: CPU-only, no GPU needed. Without a
+``SLURM_PROCID``/``SLURM_NTASKS``/the node list from srun, read through Lightning's SLURM
+environment, the one training uses) and a gloo process group: CPU-only, no GPU needed. Without a
 launcher there is one rank and no process group.
 
 :meth:`Ranks.step` runs one phase of the work on every rank and then makes every rank agree on how
@@ -15,6 +15,7 @@ barrier and the error is reported once, by rank 0.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,23 +46,33 @@ class Ranks:
     def from_env(cls) -> Ranks:
         """Join the launcher's ranks (torchrun, srun), or one rank when there is no launcher; a
         process group already set up (by Lightning, say) is used as it is."""
+        if "torch" in sys.modules:  # torch is imported only where there are ranks to join
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                return cls(dist.get_rank(), dist.get_world_size())
+        # torchrun (or any launcher that sets torch.distributed's env:// variables): no Lightning import
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+        env = None if torchrun else _launcher_env()  # srun: Lightning's SLURM environment finds the main node
+        if not torchrun and (env is None or env.world_size() <= 1):
+            return cls()
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        env = _launcher_env()
-        if env is None or env.world_size() <= 1:
-            return cls()
-        os.environ.setdefault("MASTER_ADDR", env.main_address)
-        os.environ.setdefault("MASTER_PORT", str(env.main_port))
-        dist.init_process_group("gloo", rank=env.global_rank(), world_size=env.world_size(), timeout=TIMEOUT)
+        if torchrun:
+            dist.init_process_group("gloo", init_method="env://", timeout=TIMEOUT)
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.main_address)
+            os.environ.setdefault("MASTER_PORT", str(env.main_port))
+            dist.init_process_group("gloo", rank=env.global_rank(), world_size=env.world_size(), timeout=TIMEOUT)
         return cls(dist.get_rank(), dist.get_world_size())
 
     def close(self) -> None:
         """Leave the process group this object set up (after the last barrier)."""
+        if not self.distributed:
+            return
         import torch.distributed as dist
 
-        if self.distributed and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ collectives
@@ -130,11 +141,9 @@ class Ranks:
 
 
 def _launcher_env():
-    """Lightning's cluster environment of the launcher that started this process, or None."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    """Lightning's cluster environment of SLURM, when srun started this process, or None."""
+    if "SLURM_NTASKS" not in os.environ:  # Lightning is imported only where SLURM is
+        return None
+    from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    if TorchElasticEnvironment.detect():
-        return TorchElasticEnvironment()
-    if SLURMEnvironment.detect():
-        return SLURMEnvironment()
-    return None
+    return SLURMEnvironment() if SLURMEnvironment.detect() else None

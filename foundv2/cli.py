@@ -123,14 +123,14 @@ def pipeline_command(args: list[str]) -> int:
 
 def data_command(args: list[str]) -> int:
     """``foundv2 data``: prepare (or reuse) the configured data set and print its summary."""
-    from data_modules.datamodule import UserDataModule
     from data_modules.ranks import Ranks
     from data_modules.schema import DataError
+    from data_modules.settings import DataSettings
 
-    parser = launch.data_parser("foundv2 data", OWN_COMMANDS["data"])
+    parser = launch.data_parser("foundv2 data", OWN_COMMANDS["data"], data_class=DataSettings)
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
-    dm: UserDataModule = init.data
+    dm: DataSettings = init.data
     ranks = Ranks.from_env()  # torchrun / srun: every rank does its share
     try:
         meta = dm.prepare_data(ranks)

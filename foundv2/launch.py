@@ -294,16 +294,19 @@ def predict_stage(args: list[str], stage_dir: Path, quiet: bool = False) -> None
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt), return_predictions=False)
 
 
-def data_parser(prog: str = "", description: str = "", skip: tuple[str, ...] = ()):
+def data_parser(prog: str = "", description: str = "", skip: tuple[str, ...] = (), data_class=None):
     """A parser of ``--config`` files' ``data:`` section (the other shared sections are accepted
-    and ignored, except those in ``skip``, which the caller adds itself)."""
+    and ignored, except those in ``skip``, which the caller adds itself). ``data:`` builds a
+    UserDataModule, or ``data_class`` (:class:`~data_modules.settings.DataSettings`: the same
+    settings without Lightning, for ``foundv2 data``)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from data_modules.datamodule import UserDataModule
+    if data_class is None:
+        from data_modules.datamodule import UserDataModule as data_class
 
     parser = ArgumentParser(prog=prog, description=description, default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with a `data:` section (repeatable)")
-    parser.add_class_arguments(UserDataModule, "data")
+    parser.add_class_arguments(data_class, "data")
     for extra in SECTIONS:
         if extra not in skip:
             parser.add_argument(f"--{extra}", type=object, default=None, help="(read by other commands)")
