@@ -44,7 +44,7 @@ from common import RESULTS, ROOT, write_results  # noqa: E402
 
 PIPELINE = ROOT / "experiments" / "synthetic" / "scale-pipeline.yaml"
 DATA = ROOT / "experiments" / "synthetic" / "data.yaml"
-RANK_USERS = 200_000
+RANK_USERS = (200_000, 1_000_000)  # preparation on 1 and 2 ranks at these sizes
 FILES_USERS = 1_000_000
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -131,7 +131,10 @@ def run_files(work: Path, n: int = FILES_USERS) -> dict:
             "phase_seconds": meta["phase_seconds"]}
 
 
-def run_ranks(work: Path, n: int = RANK_USERS) -> dict:
+def run_ranks(work: Path, n: int) -> dict:
+    """``foundv2 data`` on one process, then under ``torchrun --nproc_per_node 2``, on a folder of
+    ``n`` users' Parquet files: wall time, the preparation inside it and its phases, and whether
+    the two caches are the same bytes."""
     folder = work / f"files{n}"
     write_files(n, folder)
     out, caches = {}, {}
@@ -142,9 +145,10 @@ def run_ranks(work: Path, n: int = RANK_USERS) -> dict:
         cmd = foundv2("data", "--config", str(cfg)) if r == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(r), "-m", "foundv2", "data",
             "--config", str(cfg)]
-        fig = measure(cmd, work / "logs" / f"ranks{r}.log")
+        fig = measure(cmd, work / "logs" / f"ranks{r}-{n}.log")
         meta = json.loads((prepared_folder(caches[r]) / "meta.json").read_text())
-        out[str(r)] = {**per_user(fig, n), "prepare_seconds": meta["prepare_seconds"]}
+        out[str(r)] = {**per_user(fig, n), "prepare_seconds": meta["prepare_seconds"],
+                       "phase_seconds": meta["phase_seconds"]}
     out["same_cache"] = same_files(prepared_folder(caches[1]), prepared_folder(caches[2]))
     out["ratio"] = out["2"]["seconds"] / out["1"]["seconds"]
     out["prepare_ratio"] = out["2"]["prepare_seconds"] / out["1"]["prepare_seconds"]
@@ -426,15 +430,22 @@ def markdown(figures: dict, gpu_utilisation: float, machine: dict) -> str:
                       f"every file), prepared through the `files` loader in {f['buckets']} buckets: "
                       f"**{f['seconds']:,.0f} s** ({f['users_per_s']:,.0f} users/s), **peak RSS {f['peak_rss_mb']:,.0f} MB**. "
                       "Phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in f["phase_seconds"].items()) + ".", ""]
-    r = figures.get("ranks")
-    if r:
-        lines += [f"## Preparation on 1 and 2 ranks ({RANK_USERS:,} users, a folder of Parquet files)", "",
-                  "| ranks | wall s (whole command) | preparation s (inside) | peak RSS MB per process |",
-                  "|---|---|---|---|"]
-        for k in ("1", "2"):
-            lines.append(f"| {k} | {r[k]['seconds']:.1f} | {r[k]['prepare_seconds']:.1f} | {r[k]['peak_rss_mb']:,.0f} |")
-        lines += ["", f"2 ranks / 1 rank: {r['ratio']:.2f} of the wall time ({r['prepare_ratio']:.2f} of the preparation "
-                  f"itself); identical shards: {'yes' if r['same_cache'] else 'NO'}.", ""]
+    by_size = figures.get("ranks") or {}
+    if by_size:
+        lines += ["## Preparation on 1 and 2 ranks (a folder of Parquet files, `torchrun --nproc_per_node 2`)", "",
+                  "| users | ranks | wall s (whole command) | preparation s (inside) | partition s | buckets s "
+                  "| peak RSS MB per process |", "|---|---|---|---|---|---|---|"]
+        for n, r in sorted(by_size.items(), key=lambda kv: int(kv[0])):
+            for k in ("1", "2"):
+                ph = r[k]["phase_seconds"]
+                lines.append(f"| {int(n):,} | {k} | {r[k]['seconds']:.1f} | {r[k]['prepare_seconds']:.1f} | "
+                             f"{ph['partition']:.1f} | {ph['buckets']:.1f} | {r[k]['peak_rss_mb']:,.0f} |")
+        lines.append("")
+        for n, r in sorted(by_size.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"- {int(n):,} users, 2 ranks / 1 rank: **{r['ratio']:.2f}** of the wall time "
+                         f"({r['prepare_ratio']:.2f} of the preparation itself); identical shards: "
+                         f"{'yes' if r['same_cache'] else 'NO'}.")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -519,7 +530,7 @@ def main() -> None:
         figures[f"files_{FILES_USERS}"] = run_files(work)
         print(json.dumps(figures[f"files_{FILES_USERS}"], indent=1))
     if "ranks" in only:
-        figures["ranks"] = run_ranks(work)
+        figures["ranks"] = {str(n): run_ranks(work, n) for n in RANK_USERS}
         print(json.dumps(figures["ranks"], indent=1))
     figures["machine_cores"] = os.cpu_count()
     write_results("scale", figures, {"sizes": a.sizes, "pipeline": str(PIPELINE.relative_to(ROOT)),
