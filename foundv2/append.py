@@ -33,9 +33,11 @@ slices after their old ones, ``slice_window`` numbered on), ``meta.json`` (the i
     append_cache/cache.json   format, identity (blake2b of the stage-1 and tokenizer weights),
                               model sizes, the kv parts in order
     append_cache/users.arrow  per user: windows encoded, last window key, last event time
-    append_cache/kv-NNNNN.arrow  per user (any order; looked up by id): the self-attention K/V of the query
-                              tokens and the memory K/V added by one version (kv-00000: the
-                              first encoding of the history; one more part per append), fp32
+    append_cache/kv-NNNNN.arrow  per user (any order; looked up by id): the rows one version adds to
+                              the user's :class:`~foundv2.nn.qformer.QFormerCache` (the normalised
+                              self-attention inputs of the query tokens in blocks 1.., the memory
+                              tokens once; kv-00000: the first encoding of the history; one more
+                              part per append), float16 by default (``--cache_dtype``)
 
 A version's kv parts are hard links to the previous version's plus its own delta (a copy where
 links are impossible), so an append writes only what it adds. With no ``append_cache/`` beside
@@ -72,13 +74,16 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "append_cache"
 CACHE_META = "cache.json"
 CACHE_USERS = "users.arrow"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+#: how an append cache may store its numbers (``--cache_dtype``)
+CACHE_DTYPES = ("float16", "float32")
 PART = "part-rank000.arrow"
 EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 #: appended users per batch. Each brings about one new window, so a batch of history-batch size is
 #: tiny tensor ops whose per-call overhead dominated (10,000 users: 64 per batch 40 s, 4096 per
-#: batch 7 s); a batch holds its users' whole cache in memory (the synthetic stage 1's cache file is
-#: ~0.38 MB a user), so 1024 bounds it near 0.4 GB plus padding
+#: batch 7 s); a batch holds its users' cache and every block's keys and values projected from it
+#: in memory (the synthetic stage 1's keys and values are ~0.38 MB a user), so 1024 bounds it near
+#: 0.4 GB plus padding
 APPEND_BATCH = 1024
 #: share of stored codes the first encoding may fail to reproduce (float rounding at near-ties)
 REPRODUCE_TOLERANCE = 0.01
@@ -120,46 +125,48 @@ def _ragged(values: list[np.ndarray], typ: pa.DataType) -> pa.Array:
 
 class KVParts:
     """The kv parts of an append cache, memory-mapped and read without copies: each user's cache
-    is its rows of every part, concatenated along the token axis in part order."""
+    is its rows of every part, concatenated along the row axis in part order."""
 
-    def __init__(self, folder: Path, names: list[str], n_layers: int, width: int):
-        self.n_layers, self.width = n_layers, width
+    def __init__(self, folder: Path, names: list[str], self_layers: int, dim: int):
+        self.self_layers, self.dim = self_layers, dim
         self.paths = [folder / name for name in names]
         self.parts = []
+        self.dtype = np.float32
         for name in names:
             batches = [b for b in _read_ipc(folder / name).to_batches() if b.num_rows]
-            ids = [b.column(0).to_numpy() for b in batches]
+            ids = [b.column("user_id").to_numpy() for b in batches]
             where = (np.repeat(np.arange(len(batches)), [len(i) for i in ids]),
                      np.concatenate([np.arange(len(i)) for i in ids]) if ids else np.zeros(0, np.int64))
             cols = [[(b.column(c).offsets.to_numpy(), b.column(c).values.to_numpy(zero_copy_only=True))
-                     for b in batches] for c in (1, 2)]
-            row_len = [np.concatenate([np.diff(off) for off, _ in col]) // (n_layers * width) if col else
-                       np.zeros(0, np.int64) for col in cols]  # per row of the part: cached rows (self, memory)
+                     for b in batches] for c in ("self_h", "mem")]
+            if batches:
+                self.dtype = cols[0][0][1].dtype
+            row_len = [np.concatenate([np.asarray(b.column(c)) for b in batches]).astype(np.int64) if batches else
+                       np.zeros(0, np.int64) for c in ("self_len", "mem_len")]  # per row of the part: cached rows
             self.parts.append((pd.Index(np.concatenate(ids) if ids else np.zeros(0, np.int64)), where, cols, row_len))
 
-    def cache(self, uids: np.ndarray, n_windows: np.ndarray, room: tuple[int, int] = (0, 0)) -> QFormerCache:
+    def cache(self, uids: np.ndarray, n_windows: np.ndarray) -> QFormerCache:
         """The padded batch cache of users ``uids`` (each user's rows of every part, in part order,
-        real rows first), copied once from the memory-mapped parts into preallocated tensors with
-        ``room`` (self, memory) spare rows past the longest user's (for ``forward_window``'s
-        ``in_place``)."""
-        b, n_layers, width = len(uids), self.n_layers, self.width
+        real rows first), copied once from the memory-mapped parts, in the stored dtype."""
+        b, dim = len(uids), self.dim
+        layers = (self.self_layers, 1)  # self_h: blocks 1..L-1; mem: one set for every block
         found = [index.get_indexer(uids) for index, _, _, _ in self.parts]
         lens = np.stack([np.stack([np.where(r >= 0, row_len[c][r], 0) for c in (0, 1)])
                          for r, (_, _, _, row_len) in zip(found, self.parts, strict=True)]) if self.parts else \
             np.zeros((0, 2, b), np.int64)  # part, kind, user: rows held
         total = lens.sum(0)  # kind, user
-        bufs = [np.zeros((b, n_layers, (int(total[c].max()) if b else 0) + room[c], width), np.float32) for c in (0, 1)]
+        bufs = [np.zeros((b, layers[c], int(total[c].max()) if b else 0, dim), self.dtype) for c in (0, 1)]
         filled = np.zeros((2, b), np.int64)
         for p, (r, (_, (batch_of, row_of), cols, _)) in enumerate(zip(found, self.parts, strict=True)):
             for j in np.flatnonzero(r >= 0):
                 bi, i = batch_of[r[j]], row_of[r[j]]
                 for c in (0, 1):
                     n = lens[p, c, j]
-                    if n:
+                    if n and layers[c]:
                         off, flat = cols[c][bi]
                         at = filled[c, j]
-                        bufs[c][j, :, at:at + n] = flat[off[i]:off[i + 1]].reshape(n_layers, n, width)
-                        filled[c, j] += n
+                        bufs[c][j, :, at:at + n] = flat[off[i]:off[i + 1]].reshape(layers[c], n, dim)
+                    filled[c, j] += n
         from data_modules.datamodule import release_pages
 
         release_pages(self.paths)  # the pages just copied from: a pass over every user would hold the whole cache
@@ -167,48 +174,47 @@ class KVParts:
                             torch.from_numpy(total[1]), torch.as_tensor(np.asarray(n_windows, np.int64)))
 
 
-def _real_rows(kv: torch.Tensor, lens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(flat fp32 values, per-user element counts) of the first ``lens[b]`` rows of each user of
-    ``kv`` [B, L, T, C], user-major then layer then row (the kv part's layout), in one gather."""
-    b, n_layers, t, c = kv.shape
+def _real_rows(rows: torch.Tensor, lens: torch.Tensor, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values in ``dtype``, per-user element counts) of the first ``lens[b]`` rows of each
+    user of ``rows`` [B, L, T, C], user-major then layer then row (the kv part's layout), in one
+    gather."""
+    b, n_layers, t, c = rows.shape
     keep = (torch.arange(t)[None, :] < lens[:, None])[:, None, :].expand(b, n_layers, t)
-    return kv[keep].float().reshape(-1).numpy(), lens.numpy().astype(np.int64) * n_layers * c
+    return rows[keep].float().numpy().astype(dtype, copy=False).reshape(-1), \
+        lens.numpy().astype(np.int64) * n_layers * c
 
 
-def _kv_table(user_ids: np.ndarray, self_kv: list[np.ndarray], mem_kv: list[np.ndarray]) -> pa.Table:
-    return pa.table({"user_id": pa.array(user_ids, pa.int64()),
-                     "self_kv": _ragged([x.reshape(-1) for x in self_kv], pa.float32()),
-                     "mem_kv": _ragged([x.reshape(-1) for x in mem_kv], pa.float32())})
-
-
-def _kv_batch(user_ids: np.ndarray, delta) -> pa.RecordBatch:
-    """The kv rows a :class:`~foundv2.nn.qformer.QFormerCache` delta adds, as one record batch."""
-    cols = {"user_id": pa.array(user_ids, pa.int64())}
-    for name, kv, lens in (("self_kv", delta.self_kv, delta.self_len), ("mem_kv", delta.mem_kv, delta.mem_len)):
-        flat, counts = _real_rows(kv, lens)
+def _kv_batch(user_ids: np.ndarray, cache: QFormerCache, dtype: np.dtype) -> pa.RecordBatch:
+    """The rows of a :class:`~foundv2.nn.qformer.QFormerCache` (a first encoding's, or the delta
+    an append adds), one record batch of ``user_id, self_len, mem_len, self_h, mem``."""
+    cols = {"user_id": pa.array(user_ids, pa.int64()),
+            "self_len": pa.array(cache.self_len.numpy(), pa.int32()),
+            "mem_len": pa.array(cache.mem_len.numpy(), pa.int32())}
+    for name, rows, lens in (("self_h", cache.self_h, cache.self_len), ("mem", cache.mem, cache.mem_len)):
+        flat, counts = _real_rows(rows, lens, dtype)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        cols[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
+        cols[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
     return pa.RecordBatch.from_pydict(cols)
 
 
 class _KVWriter:
     """Streams kv rows into one part file, batch by batch (the first encoding's part is large)."""
 
-    def __init__(self, path: Path):
-        self.path, self.sink, self.writer = path, None, None
-
-    def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.sink = pa.OSFile(str(self.path), "wb")
-            self.writer = pa.ipc.new_file(self.sink, table.schema)
-        self.writer.write_table(table)
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype, self.sink, self.writer = path, np.dtype(dtype), None, None
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
-        self.write(pa.Table.from_batches([batch]))
+        if self.writer is None:
+            self.sink = pa.OSFile(str(self.path), "wb")
+            self.writer = pa.ipc.new_file(self.sink, batch.schema)
+        self.writer.write_batch(batch)
 
     def close(self) -> None:
         if self.writer is None:
-            self.write(_kv_table(np.zeros(0, np.int64), [], []))
+            value = pa.from_numpy_dtype(self.dtype)
+            schema = pa.schema([("user_id", pa.int64()), ("self_len", pa.int32()), ("mem_len", pa.int32()),
+                                ("self_h", pa.large_list(value)), ("mem", pa.large_list(value))])
+            self.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
         self.writer.close()
         self.sink.close()
 
@@ -272,8 +278,8 @@ class Models:
         self.num_sources = len(stage.dims["sources"])
         self.identity = {"qformer": weights_digest(stage.encoder, stage.tabular, stage.qformer),
                          "tokenizer": weights_digest(tokenizer)}
-        self.n_layers = len(stage.qformer.blocks)
-        self.width = 2 * int(stage.qformer.dim)
+        self.self_layers = len(stage.qformer.blocks) - 1  # the cache keeps blocks 1.. (QFormerCache)
+        self.dim = int(stage.qformer.dim)
 
     @torch.no_grad()
     def tokens(self, feat: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,7 +546,8 @@ class AppendCache:
         self.last_time = np.asarray(users.column("last_time"), np.int64)
         self.first_day = np.asarray(users.column("first_day"), np.int64)
         self.parts = list(meta["parts"])
-        self.kv = KVParts(folder, self.parts, models.n_layers, models.width)
+        self.kv = KVParts(folder, self.parts, models.self_layers, models.dim)
+        self.dtype = np.dtype(meta.get("dtype", "float32"))
 
 
 def users_table(user_id, n_windows, last_key, last_time, first_day) -> pa.Table:
@@ -566,10 +573,11 @@ def prepared_state(dm, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 @torch.no_grad()
-def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path: Path) -> dict:
+def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path: Path, dtype: np.dtype) -> dict:
     """The first encoding: stage 1 over every user's prepared history (the data module's batches,
     as its predict saw them) with the cache kept, the codes checked against the stored ones.
-    Writes the kv part ``kv_path``; returns each user's window count, last key and last event time."""
+    Writes the kv part ``kv_path`` (in ``dtype``); returns each user's window count, last key and
+    last event time."""
     from data_modules.datamodule import BATCH_KINDS, UserRows
     from foundv2.stages.base import with_window_keys
 
@@ -577,7 +585,7 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
     collate = BATCH_KINDS["events"].collate(dm)  # the batches stage 1's predict saw
     table = UserRows(dm.table, rows.row)
     n = len(rows.user_id)
-    writer = _KVWriter(kv_path)
+    writer = _KVWriter(kv_path, dtype)
     n_windows, last_key = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     last_time = np.full(n, NO_TIME, np.int64)
     checked = differ = 0
@@ -605,10 +613,8 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
                                 f"vs {per_user[2][j].numpy()[:8]}); give the data config the dataset was made from.")
             checked += len(rows.cols["codes"][i])
             differ += int((per_codes[j].numpy() != rows.cols["codes"][i]).any(1).sum())
-        kv_users = cache.users()
-        writer.write(_kv_table(rows.user_id[idx], [u[0].float().numpy() for u in kv_users],
-                               [u[1].float().numpy() for u in kv_users]))
-        for j, (_, _, nw) in enumerate(kv_users):
+        writer.write_batch(_kv_batch(rows.user_id[idx], cache, dtype))
+        for j, nw in enumerate(cache.n_windows.tolist()):
             i = idx[j]
             n_windows[i] = nw
             wm = batch["win_mask"][j]
@@ -632,19 +638,18 @@ def encode_history(dm, rows: TokenRows, models: Models, batch_size: int, kv_path
 
 @torch.no_grad()
 def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts, n_windows: np.ndarray,
-                   dm, batch_size: int, kv_path: Path) -> dict:
+                   dm, batch_size: int, kv_path: Path, dtype: np.dtype) -> dict:
     """Encode the new windows of the appended users from their caches; queue their new token
     rows (:meth:`TokenRows.extend`) and stream what they add to the cache into the kv part
     ``kv_path`` (users in batch order). Returns counts and timings."""
     from data_modules.datamodule import EventCollate
 
     stage = models.stage
-    new_tokens = stage.qformer.num_sources * stage.qformer.num_queries  # query tokens per window
     collate = EventCollate(dm.meta, new.text_emb, int(stage.qformer.max_windows), max_events=2**31 - 1)
     m = len(new.users)
     t = {"read_cache_s": 0.0, "encode_s": 0.0, "tokenize_s": 0.0, "write_cache_s": 0.0}
     added = 0
-    writer = _KVWriter(kv_path)
+    writer = _KVWriter(kv_path, dtype)
     # users of like history length batched together: the cache is padded to a batch's longest
     order = np.argsort(n_windows[new.users], kind="stable")
     for start in range(0, m, batch_size):
@@ -652,13 +657,11 @@ def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts
         t0 = time.perf_counter()
         batch = new.batch(idx, rows, collate)
         users = new.users[idx]
-        room = (batch["win_mask"].shape[1] * new_tokens, batch["ev_mask"].shape[1] - 1)
-        cache = kv.cache(rows.user_id[users], n_windows[users], room)
+        cache = kv.cache(rows.user_id[users], n_windows[users])
         t1 = time.perf_counter()
         events = stage.encoder(batch)[:, 1:]  # the lead event only set the first new event's gap
         out, delta = stage.qformer.forward_window(events, batch["ev_window"][:, 1:], batch["ev_source"][:, 1:],
-                                                  batch["ev_mask"][:, 1:], batch["win_mask"], cache, delta=True,
-                                                  in_place=True)
+                                                  batch["ev_mask"][:, 1:], batch["win_mask"], cache, delta=True)
         t2 = time.perf_counter()
         sl = stage.flat_views(batch, out.views, out.present, None, lead=1)  # the lead event is in no new window
         codes, gids = models.tokens(sl["feat"], sl["slice_source"])
@@ -671,7 +674,7 @@ def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts
             "codes": codes.numpy(), "token_ids": gids.numpy()})
         added += int(counts.sum())
         t3 = time.perf_counter()
-        writer.write_batch(_kv_batch(rows.user_id[users], delta))
+        writer.write_batch(_kv_batch(rows.user_id[users], delta, dtype))
         t4 = time.perf_counter()
         t["read_cache_s"] += t1 - t0
         t["encode_s"] += t2 - t1
@@ -683,9 +686,12 @@ def append_windows(new: NewWindows, rows: TokenRows, models: Models, kv: KVParts
 
 # ------------------------------------------------------------------------------ the command
 def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, events: str | None = None,
-                  batch_size: int | None = None, append_batch: int = APPEND_BATCH) -> dict:
+                  batch_size: int | None = None, append_batch: int = APPEND_BATCH,
+                  cache_dtype: str = "float16") -> dict:
     """Append the windows of ``events`` to the tokens dataset ``tokens``; write the new version
-    ``output`` (see the module docstring). Returns the append report (also in ``meta.json``)."""
+    ``output`` (see the module docstring). ``cache_dtype``: how a cache built by this call stores
+    its numbers (:data:`CACHE_DTYPES`; an existing cache keeps its own). Returns the append report
+    (also in ``meta.json``)."""
     t_start = time.perf_counter()
     out = Path(output)
     if out.resolve() == Path(tokens).resolve():
@@ -702,6 +708,9 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
     batch_size = int(batch_size or dm.hparams.batch_size)
     cache_dir = Path(tokens) / CACHE_DIR
     cache = AppendCache(cache_dir, models, rows) if (cache_dir / CACHE_META).exists() else None
+    if cache_dtype not in CACHE_DTYPES:
+        raise DataError(f"--cache_dtype {cache_dtype!r}: one of {list(CACHE_DTYPES)}.")
+    dtype = cache.dtype if cache is not None else np.dtype(cache_dtype)
     ev = read_events(events, dm.spec, str((dm.hparams.loader_args or {}).get("timestamp_unit", "s"))) \
         if events else None
     max_windows = int(models.stage.qformer.max_windows)
@@ -719,10 +728,10 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         (tmp / CACHE_DIR).mkdir()
         if cache is None:
             t0 = time.perf_counter()
-            first = encode_history(dm, rows, models, batch_size, tmp / CACHE_DIR / "kv-00000.arrow")
+            first = encode_history(dm, rows, models, batch_size, tmp / CACHE_DIR / "kv-00000.arrow", dtype)
             parts = ["kv-00000.arrow"]
             n_windows, last_key, last_time = first["n_windows"], first["last_key"], first["last_time"]
-            kv = KVParts(tmp / CACHE_DIR, parts, models.n_layers, models.width)
+            kv = KVParts(tmp / CACHE_DIR, parts, models.self_layers, models.dim)
             report["first_encoding"] = {"seconds": time.perf_counter() - t0, "slices_checked": first["checked"],
                                         "not_reproduced": first["not_reproduced"]}
         else:
@@ -734,7 +743,8 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         if new is not None and len(new.users):
             t0 = time.perf_counter()
             name = f"kv-{len(parts):05d}.arrow"
-            res = append_windows(new, rows, models, kv, n_windows, dm, int(append_batch), tmp / CACHE_DIR / name)
+            res = append_windows(new, rows, models, kv, n_windows, dm, int(append_batch), tmp / CACHE_DIR / name,
+                                 dtype)
             parts.append(name)
             n_windows[new.users] += new.new_counts
             last_key[new.users] = new.last_key
@@ -749,7 +759,8 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         _write_ipc(users_table(rows.user_id, n_windows, last_key, last_time, first_day), tmp / CACHE_DIR / CACHE_USERS)
         atomic_write_json(tmp / CACHE_DIR / CACHE_META, {
             "format": CACHE_FORMAT, "identity": models.identity, "parts": parts,
-            "layers": models.n_layers, "kv_width": models.width, "dtype": "float32"})
+            "self_layers": models.self_layers, "dim": models.dim, "dtype": dtype.name,
+            "bytes": sum((tmp / CACHE_DIR / name).stat().st_size for name in parts)})
         part = rows.table()
         with pa.OSFile(str(tmp / PART), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as w:
             w.write_table(part)
@@ -760,6 +771,7 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         from foundv2.stages.tokenizer import write_token_report
 
         write_token_report(tmp, models.tokenizer, int(rows.meta.get("feature_dim") or models.stage.qformer_config.dim))
+        report["cache_bytes"] = sum(f.stat().st_size for f in (tmp / CACHE_DIR).iterdir())
         report["write_s"] = time.perf_counter() - t0
     report["total_s"] = time.perf_counter() - t_start
     return report
@@ -787,11 +799,14 @@ def append_command(args: list[str]) -> int:
     parser.add_argument("--tokenizer", required=True, help="the tokenizer folder (save_pretrained) that made the tokens")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="users per batch of the first encoding of the history (default: data.batch_size)")
+    parser.add_argument("--cache_dtype", default="float16", choices=list(CACHE_DTYPES),
+                        help="how a new append cache stores its numbers: float16 (half the bytes; appended codes "
+                             "equal a full re-tokenize but for rare near-ties) or float32 (equal to float rounding)")
     parser.add_argument("--append_batch", type=int, default=APPEND_BATCH,
                         help=f"appended users per batch (default {APPEND_BATCH}; users of like history length together)")
     cfg = parser.parse_args(args)
     dm = parser.instantiate_classes(cfg).data
     report = append_tokens(dm, cfg.tokens, cfg.output, cfg.qformer, cfg.tokenizer, cfg.events, cfg.batch_size,
-                           cfg.append_batch)
+                           cfg.append_batch, cfg.cache_dtype)
     print(json.dumps(report, indent=1))
     return 0

@@ -94,47 +94,53 @@ class QFormerOutput(NamedTuple):
 
 
 class QFormerCache(NamedTuple):
-    """What :meth:`CausalQFormer.forward_window` needs of a user's earlier windows, per layer:
-    the self-attention keys/values of their query tokens and the cross-attention keys/values of
-    the memory (the null slot, the context tokens and every encoded event so far). Stage 1 is
-    causal, so these never change when a window is appended: a new window costs its own tokens.
+    """What :meth:`CausalQFormer.forward_window` needs of a user's earlier windows. Stage 1 is
+    causal, so it never changes when a window is appended: a new window costs its own tokens plus
+    projecting this cache into keys and values.
 
-    Per user the real entries come first, padding after (``*_len`` say how many are real); the
-    tensors are ``self.kv`` / ``cross_attn.kv`` outputs of each block, before the head split:
+    It keeps what the keys and values are computed from, not the keys and values themselves: each
+    block's self-attention reads ``self_attn.kv(norm_sa(x))`` of the earlier query tokens and its
+    cross-attention ``cross_attn.kv(norm_mem(m))`` of the memory tokens, so the cache holds the
+    normalised self-attention inputs of blocks 1..L-1 (block 0's input is a function of a token's
+    window and source alone, recomputed) and the memory tokens once for every block. Per row that
+    is dim numbers instead of 2·dim per block: 4x less for a 2-block Q-Former (4.6x on the
+    synthetic users, whose rows are mostly query tokens), before any storage dtype.
 
-    - ``self_kv`` [B, L, P, 2·dim] and ``self_len`` [B]: the query tokens of windows
-      0..n_windows-1 (order w, s, q as in :meth:`CausalQFormer.token_index`);
-    - ``mem_kv`` [B, L, M, 2·dim] and ``mem_len`` [B]: the memory tokens (always visible to a
-      later window's queries, since every one of them belongs to an earlier window or none);
+    Per user the real rows come first, padding after (``*_len`` say how many are real):
+
+    - ``self_h`` [B, L-1, P, dim] and ``self_len`` [B]: the query tokens of windows
+      0..n_windows-1 (order w, s, q as in :meth:`CausalQFormer.token_index`), ``norm_sa`` of each
+      block's input from block 1 on;
+    - ``mem`` [B, 1, M, dim] and ``mem_len`` [B]: the memory tokens (the null slot, the context
+      tokens and every encoded event so far; always visible to a later window's queries, since
+      every one of them belongs to an earlier window or none), shared by every block;
     - ``n_windows`` [B]: windows encoded so far (the next window's position).
     """
 
-    self_kv: torch.Tensor
+    self_h: torch.Tensor
     self_len: torch.Tensor
-    mem_kv: torch.Tensor
+    mem: torch.Tensor
     mem_len: torch.Tensor
     n_windows: torch.Tensor
 
     def users(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Per user ``(self_kv [L, self_len, 2·dim], mem_kv [L, mem_len, 2·dim], n_windows)``."""
-        return [(self.self_kv[i, :, : int(self.self_len[i])], self.mem_kv[i, :, : int(self.mem_len[i])],
-                 int(self.n_windows[i])) for i in range(self.self_kv.shape[0])]
+        """Per user ``(self_h [L-1, self_len, dim], mem [1, mem_len, dim], n_windows)``."""
+        return [(self.self_h[i, :, : int(self.self_len[i])], self.mem[i, :, : int(self.mem_len[i])],
+                 int(self.n_windows[i])) for i in range(self.self_h.shape[0])]
 
     @staticmethod
     def stack(users: list[tuple[torch.Tensor, torch.Tensor, int]]) -> QFormerCache:
         """The inverse of :meth:`users`: per-user entries → one padded batch cache."""
-        n_layers, _, width = users[0][1].shape
         ref = users[0][1]
         p = max(u[0].shape[1] for u in users)
         m = max(u[1].shape[1] for u in users)
-        self_kv = ref.new_zeros(len(users), n_layers, p, width)
-        mem_kv = ref.new_zeros(len(users), n_layers, m, width)
-        for i, (skv, mkv, _) in enumerate(users):
-            self_kv[i, :, : skv.shape[1]] = skv
-            mem_kv[i, :, : mkv.shape[1]] = mkv
+        self_h = ref.new_zeros(len(users), users[0][0].shape[0], p, ref.shape[-1])
+        mem = ref.new_zeros(len(users), 1, m, ref.shape[-1])
+        for i, (sh, mm, _) in enumerate(users):
+            self_h[i, :, : sh.shape[1]] = sh
+            mem[i, :, : mm.shape[1]] = mm
         lens = [torch.tensor([u[k].shape[1] for u in users], device=ref.device) for k in (0, 1)]
-        return QFormerCache(self_kv, lens[0], mem_kv, lens[1],
-                            torch.tensor([u[2] for u in users], device=ref.device))
+        return QFormerCache(self_h, lens[0], mem, lens[1], torch.tensor([u[2] for u in users], device=ref.device))
 
 
 def _append_rows(old: torch.Tensor, old_len: torch.Tensor, new: torch.Tensor, new_len: torch.Tensor) -> torch.Tensor:
@@ -213,24 +219,18 @@ class _Block(nn.Module):
 
     def forward_cached(
         self, x: torch.Tensor, past_kv: torch.Tensor, self_mask: torch.Tensor, mem_kv: torch.Tensor,
-        cross_mask: torch.Tensor, in_place: bool = False,
+        cross_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on new query tokens ``x`` [B, T, dim] whose self-attention also sees the
-        earlier tokens' cached keys/values ``past_kv`` [B, P, 2·dim] (``self_mask`` [B, T, P + T])
-        and whose cross-attention reads ``mem_kv`` [B, M, 2·dim] (:meth:`memory_kv`). With
-        ``in_place``, ``past_kv`` is [B, P + T, 2·dim] with its last T rows free: the new keys/values
-        are written there instead of concatenated (no copy of the past). Returns (the block's
-        output, the new tokens' self-attention keys/values [B, T, 2·dim])."""
+        earlier tokens' keys/values ``past_kv`` [B, P, 2·dim] (``self_mask`` [B, T, P + T]) and whose
+        cross-attention reads ``mem_kv`` [B, M, 2·dim] (:meth:`memory_kv`). Returns (the block's
+        output, the new tokens' normalised self-attention input ``norm_sa(x)`` [B, T, dim]: what
+        :class:`QFormerCache` keeps of them)."""
         h = self.norm_sa(x)
-        new_kv = self.self_attn.kv(h)
-        if in_place:
-            past_kv[:, past_kv.shape[1] - new_kv.shape[1]:] = new_kv
-            keys = past_kv
-        else:
-            keys = torch.cat([past_kv, new_kv], dim=1)
+        keys = torch.cat([past_kv, self.self_attn.kv(h)], dim=1)
         x = x + self.self_attn.attend(h, keys, self_mask)
         x = x + self.cross_attn.attend(self.norm_ca(x), mem_kv, cross_mask)
-        return x + self.mlp(self.norm_mlp(x)), new_kv
+        return x + self.mlp(self.norm_mlp(x)), h
 
 
 class CausalQFormer(nn.Module):
@@ -352,11 +352,22 @@ class CausalQFormer(nn.Module):
         parts = [self.null_kv.expand(batch_size, -1, -1).to(dtype=dtype, device=device)]
         if context is not None:
             parts.append(context.to(dtype))
-        mem = torch.cat(parts, dim=1)
-        mem_kv = torch.stack([block.memory_kv(mem) for block in self.blocks], dim=1)
+        mem = torch.cat(parts, dim=1)[:, None]
         zeros = torch.zeros(batch_size, dtype=torch.long, device=mem.device)
-        return QFormerCache(mem_kv.new_zeros(batch_size, len(self.blocks), 0, mem_kv.shape[-1]), zeros, mem_kv,
-                            torch.full_like(zeros, mem.shape[1]), zeros)
+        return QFormerCache(mem.new_zeros(batch_size, len(self.blocks) - 1, 0, self.dim), zeros, mem,
+                            torch.full_like(zeros, mem.shape[2]), zeros)
+
+    def past_self_kv(self, block: int, cache: QFormerCache, dtype: torch.dtype) -> torch.Tensor:
+        """Block ``block``'s self-attention keys/values of the cached query tokens [B, P, 2·dim]:
+        block 0's from each token's window and source (the same for every user, computed once),
+        the others' from the cached normalised inputs."""
+        b, p = cache.self_h.shape[0], cache.self_h.shape[2]
+        layer = self.blocks[block]
+        if block == 0:
+            win, src = self.token_index(p // (self.num_sources * self.num_queries), cache.mem.device)
+            x0 = self.query_rows(src) + self.window_pos(win.clamp_max(self.max_windows - 1))
+            return layer.self_attn.kv(layer.norm_sa(x0.to(dtype)))[None].expand(b, -1, -1)
+        return layer.self_attn.kv(cache.self_h[:, block - 1].to(dtype))
 
     def forward_window(
         self,
@@ -368,14 +379,14 @@ class CausalQFormer(nn.Module):
         cache: QFormerCache | None = None,
         context: torch.Tensor | None = None,
         delta: bool = False,
-        in_place: bool = False,
     ) -> tuple[QFormerOutput, QFormerCache]:
         """The views of windows appended after the cached ones, without re-encoding the past.
 
         Equal (to float rounding) to :meth:`forward` over the whole history for the new windows:
-        a new window's queries attend to the cached keys/values of every earlier query and
-        memory token, to the new memory tokens of windows ≤ theirs and to each other with the
-        same block-causal mask. The cost is the new tokens' own (plus reading the cache).
+        a new window's queries attend to the keys/values of every earlier query and memory token
+        (projected from the cache, :meth:`past_self_kv` and :meth:`_Block.memory_kv`), to the new
+        memory tokens of windows ≤ theirs and to each other with the same block-causal mask. The
+        cost is the new tokens' own plus one projection of the cache per block.
 
         Args:
             events: [B, E, dim] the new memory tokens (encoded events of the new windows; any
@@ -384,17 +395,14 @@ class CausalQFormer(nn.Module):
             ev_source: [B, E] source index of each new token (for ``present``).
             ev_mask: [B, E] True on real tokens.
             win_mask: [B, W'] True on each user's real new windows (a prefix per user).
-            cache: the users' cache (:meth:`empty_cache` when None: no earlier window).
+            cache: the users' cache (:meth:`empty_cache` when None: no earlier window), in any
+                float dtype (a stored float16 cache is read as it is and computed in ``events``'s).
             context: always-visible tokens [B, M, dim]; only with ``cache=None`` (they are in the
                 cache afterwards).
-            delta: return only what this call adds to the cache (``self_kv``/``mem_kv`` hold the
-                new rows, real first, ``*_len`` their counts; ``n_windows`` the updated count)
-                instead of the whole updated cache: what a store that keeps the earlier rows
-                needs, without copying them.
-            in_place: ``cache`` has spare rows past every user's real ones, at least the new
-                query tokens' (W'·S·Q) in ``self_kv`` and the new memory tokens' (E) in ``mem_kv``:
-                each layer's new keys/values are written there (the cache is changed) and attended
-                to without copying the cached rows. The same numbers as without it.
+            delta: return only what this call adds to the cache (``self_h``/``mem`` hold the new
+                rows, real first, ``*_len`` their counts; ``n_windows`` the updated count) instead
+                of the whole updated cache: what a store that keeps the earlier rows needs,
+                without copying them.
 
         Returns:
             ``(QFormerOutput(views [B, W', S, dim], present [B, W', S]), the updated cache)``
@@ -402,9 +410,9 @@ class CausalQFormer(nn.Module):
         """
         b, w_count = win_mask.shape
         s, q, d = self.num_sources, self.num_queries, self.dim
-        device = events.device
+        device, dtype = events.device, events.dtype
         if cache is None:
-            cache = self.empty_cache(b, context, events.dtype, device)
+            cache = self.empty_cache(b, context, dtype, device)
         elif context is not None:
             raise ValueError("context tokens go in the first call only (cache=None); the cache holds them after")
         n_new = win_mask.sum(1)
@@ -416,53 +424,38 @@ class CausalQFormer(nn.Module):
         pos = (cache.n_windows[:, None] + win_tok[None]).clamp_max(self.max_windows - 1)
         x = self.query_rows(src_tok) + self.window_pos(pos)
 
-        n_tok, n_ev = len(win_tok), events.shape[1]
-        if in_place:  # the cached rows in use; the new ones go right after them
-            past = int(cache.self_len.max()) if b else 0
-            past_mem = int(cache.mem_len.max()) if b else 0
-            if cache.self_kv.shape[2] < past + n_tok or cache.mem_kv.shape[2] < past_mem + n_ev:
-                raise ValueError(f"in_place needs {n_tok} spare self rows and {n_ev} spare memory rows past the "
-                                 f"cached ones; the cache has {cache.self_kv.shape[2] - past} and "
-                                 f"{cache.mem_kv.shape[2] - past_mem}")
-        else:
-            past, past_mem = cache.self_kv.shape[2], cache.mem_kv.shape[2]
+        past, past_mem = cache.self_h.shape[2], cache.mem.shape[2]
         old_self = torch.arange(past, device=device)[None, :] < cache.self_len[:, None]
         self_mask = torch.cat([old_self[:, None, :].expand(-1, len(win_tok), -1),
                                self.self_attention_mask(w_count, device)[None].expand(b, -1, -1)], dim=2)
         old_mem = torch.arange(past_mem, device=device)[None, :] < cache.mem_len[:, None]
         new_mem = ev_mask[:, None, :] & (ev_window[:, None, :] <= win_tok[None, :, None])
-        cross_mask = torch.cat([old_mem[:, None, :].expand(-1, len(win_tok), -1), new_mem], dim=2)
 
         # the new memory tokens, real ones first per user (the cache keeps them compact)
         order = torch.sort((~ev_mask).to(torch.int8), dim=1, stable=True).indices
         events_c = torch.gather(events, 1, order[..., None].expand(-1, -1, d))
-        cross_mask = torch.cat([cross_mask[:, :, : old_mem.shape[1]],
+        cross_mask = torch.cat([old_mem[:, None, :].expand(-1, len(win_tok), -1),
                                 torch.gather(new_mem, 2, order[:, None, :].expand(-1, len(win_tok), -1))], dim=2)
-        new_mem_kv, new_self_kv = [], []
+        mem = torch.cat([cache.mem[:, 0].to(dtype), events_c], dim=1)
+        new_h = []
         for layer, block in enumerate(self.blocks):
-            mem_kv = block.memory_kv(events_c)
-            new_mem_kv.append(mem_kv)
-            if in_place:
-                cache.mem_kv[:, layer, past_mem:past_mem + n_ev] = mem_kv
-                x, kv = block.forward_cached(x, cache.self_kv[:, layer, :past + n_tok], self_mask,
-                                             cache.mem_kv[:, layer, :past_mem + n_ev], cross_mask, in_place=True)
-            else:
-                x, kv = block.forward_cached(x, cache.self_kv[:, layer], self_mask,
-                                             torch.cat([cache.mem_kv[:, layer], mem_kv], dim=1), cross_mask)
-            new_self_kv.append(kv)
+            x, h = block.forward_cached(x, self.past_self_kv(layer, cache, dtype), self_mask, block.memory_kv(mem),
+                                        cross_mask)
+            if layer:
+                new_h.append(h)
         views = self.norm_out(x).view(b, w_count, s, q, d).mean(dim=3)
         views = views * win_mask[:, :, None, None]
         present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
         new_tokens = n_new * s * q
         n_events = ev_mask.sum(1)
+        new_h = torch.stack(new_h, 1) if new_h else x.new_zeros(b, 0, len(win_tok), d)
         if delta:
             return QFormerOutput(views, present), QFormerCache(
-                torch.stack(new_self_kv, 1), new_tokens, torch.stack(new_mem_kv, 1), n_events,
-                cache.n_windows + n_new)
+                new_h, new_tokens, events_c[:, None], n_events, cache.n_windows + n_new)
         updated = QFormerCache(
-            _append_rows(cache.self_kv, cache.self_len, torch.stack(new_self_kv, 1), new_tokens),
+            _append_rows(cache.self_h.to(dtype), cache.self_len, new_h, new_tokens),
             cache.self_len + new_tokens,
-            _append_rows(cache.mem_kv, cache.mem_len, torch.stack(new_mem_kv, 1), n_events),
+            _append_rows(cache.mem.to(dtype), cache.mem_len, events_c[:, None], n_events),
             cache.mem_len + n_events,
             cache.n_windows + n_new,
         )
