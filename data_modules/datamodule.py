@@ -304,6 +304,9 @@ class UserDataModule(DataSettings, L.LightningDataModule):
     _val_rows: np.ndarray | None = None
     teacher: TeacherVectors | None = None  # the teacher's vectors of the sampled users
     _pairs = None  # the query/answer pairs (questions set), built on first use
+    #: positions in the predict order that ``predict`` reads instead of all (a measurement's spread
+    #: sample: :func:`foundv2.throughput.predict_throughput`); None: every user
+    predict_subset: np.ndarray | None = None
 
     def _keep_settings(self, settings: dict) -> None:
         self.save_hyperparameters(settings)  # Lightning's hparams: checkpoints carry them
@@ -463,7 +466,7 @@ class UserDataModule(DataSettings, L.LightningDataModule):
         rows = self.rows(self.hparams.predict_splits or [s.name.lower() for s in Split])
         if self.hparams.predict_order == "length":
             rows = rows[np.argsort(self.row_lengths(rows), kind="stable")]
-        return rows
+        return rows if self.predict_subset is None else rows[self.predict_subset]
 
     def row_lengths(self, rows: np.ndarray) -> np.ndarray:
         """How much padding a user brings to a batch of this kind, to order ``predict`` by

@@ -118,8 +118,9 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
             scratch folder for the run and restored after).
         datamodule: the :class:`~data_modules.datamodule.UserDataModule` it reads.
         ckpt_path: the checkpoint predict loads (None: the stage's weights as they are).
-        max_users: predict only the first ``max_users`` users (whole batches); None: every user
-            ``predict_splits`` covers.
+        max_users: predict only ``max_users`` users (whole batches of the predict order, spread
+            evenly over it: an order by length puts the shortest users first, so the first batches
+            alone would flatter a stage); None: every user ``predict_splits`` covers.
         flop_batches: predict batches whose FLOPs are counted (after the timed run), spread
             evenly over the run's batches.
         peak_flops: the machine's peak (FLOP/s); None measures it (:func:`matmul_peak_flops`, the
@@ -133,9 +134,12 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
     datamodule.prepare_data()
     datamodule.setup("predict")
     peak_before = None if peak_flops else matmul_peak_flops()
-    limit = None
+    saved_subset = datamodule.predict_subset
     if max_users is not None:
-        limit = max(1, -(-int(max_users) // int(datamodule.hparams.batch_size)))
+        bs, n = int(datamodule.hparams.batch_size), len(datamodule.predict_rows())
+        blocks = max(1, n // bs)  # whole batches (the last, partial one only when there is no other)
+        picked = np.unique(np.linspace(0, blocks - 1, min(blocks, max(1, -(-int(max_users) // bs)))).round().astype(int))
+        datamodule.predict_subset = np.concatenate([np.arange(k * bs, min((k + 1) * bs, n)) for k in picked])
     scratch = Path(tempfile.mkdtemp(prefix="foundv2-throughput-"))
     out_dir = Path(keep_dir) if keep_dir else scratch / "out"
     saved_dir = stage.predict_dir
@@ -155,7 +159,7 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
 
     timing = Timing()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timing], limit_predict_batches=limit,
+                        enable_model_summary=False, callbacks=[timing],
                         default_root_dir=str(scratch))
     try:
         trainer.predict(stage, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=False)
@@ -165,7 +169,7 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
         flops, counted = 0, 0
         stage.eval()
         loader = datamodule.predict_dataloader()
-        batches = list(loader.batch_sampler)[:limit]  # the run's batches, as index lists
+        batches = list(loader.batch_sampler)  # the run's batches, as index lists
         picks = np.unique(np.linspace(0, len(batches) - 1, min(flop_batches, len(batches))).round().astype(int))
         for i in picks.tolist():  # spread over the run: an ordered predict's first batches are its shortest
             batch = loader.collate_fn(loader.dataset.__getitems__(batches[i]))
@@ -173,6 +177,7 @@ def predict_throughput(stage, datamodule, ckpt_path: str | None = None, max_user
             counted += int(batch["user_id"].shape[0])
     finally:
         stage.predict_dir = saved_dir
+        datamodule.predict_subset = saved_subset
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = timing.seconds
     peak = float(peak_flops) if peak_flops else max(peak_before, matmul_peak_flops())

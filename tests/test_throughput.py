@@ -119,3 +119,18 @@ def test_predict_throughput_reports_its_figures(tmp_path):
     assert stage.predict_dir == str(tmp_path / "kept") and not (tmp_path / "kept").exists()  # scratch output only
     # the FLOP count is torch's: a known matmul counts 2·m·n·k
     assert count_flops(lambda a, b: a @ b, torch.ones(3, 4), torch.ones(4, 5)) == 2 * 3 * 4 * 5
+
+
+def test_a_measured_sample_is_spread_over_the_length_order(tmp_path):
+    """``max_users`` reads whole batches spread over the predict order: with the users ordered by
+    length, the sample holds the longest batch too, not only the shortest (which would flatter)."""
+    from foundv2.stages.qformer import QFormerStage
+    from foundv2.throughput import predict_throughput
+
+    dm = _dm(tmp_path, predict_order="length")
+    stage = QFormerStage(qformer=QFormerConfig(dim=16, num_layers=1, num_heads=2))
+    predict_throughput(stage, dm, max_users=48, flop_batches=1, keep_dir=str(tmp_path / "out"))
+    order = dm.predict_rows()  # every user again: the sample is undone after the run
+    assert len(order) == 200 and dm.predict_subset is None
+    got = set(read_stage_output(tmp_path / "out")[0]["row"])
+    assert set(order[:16]) <= got and set(order[192 - 16:192]) <= got and len(got) == 48
