@@ -307,6 +307,7 @@ def run_synthetic(n: int, root: Path, resume: bool = True) -> dict:
     out["disk_mb"] = {s["name"]: sum(f.stat().st_size for f in (run / s["name"] / s["output"]).rglob("*")
                                      if f.is_file()) / 2**20 for s in cfg["steps"] if s.get("output")}
     out["disk_mb"]["prepare"] = sum(f.stat().st_size for f in prepared.iterdir()) / 2**20
+    out["disk_mb"]["append_cache"] = sum(f.stat().st_size for f in (work / "tokens-v0" / "append_cache").iterdir()) / 2**20
     st = json.loads((run / "tokenizer" / "tokens" / "report.json").read_text())["storage"]
     user = json.loads((run / "user_tokens" / "tokens" / "meta.json").read_text())
     out["token_storage"] = {**{k: st[k] for k in ("bytes_per_user", "fp32_bytes_per_user", "ratio_fp32")},
@@ -488,6 +489,11 @@ def plan_100m(figures: dict, n: int, gpu_utilisation: float) -> list[str]:
     if app:
         lines += ["", f"Appending one day for everyone: {app['seconds'] / n * 1e3:.2f} ms per user here, "
                   f"{app['seconds'] * scale * cores / 3600:,.0f} core-hours a day at 100 M users."]
+        cache_mb = big.get("disk_mb", {}).get("append_cache")
+        if cache_mb:
+            lines[-1] += (f" The append cache it reads (stage 1's state of every user's past windows, "
+                          f"`foundv2/append.py`): {cache_mb * 2**20 / n / 1024:,.1f} KB per user, "
+                          f"{cache_mb * 2**20 / n * TARGET_USERS / 2**40:,.1f} TB at 100 M users.")
     lines += ["", "On N nodes the same configs run under a launcher; only trainer flags change:", "", "```",
               "sbatch experiments/slurm/data.sbatch                       # preparation: every task its share of files and buckets",
               "srun foundv2 fit --config DATA --config STAGE --data.fit_users 1000000 \\",
