@@ -103,8 +103,8 @@ class QFormerCache(NamedTuple):
     cross-attention ``cross_attn.kv(norm_mem(m))`` of the memory tokens, so the cache holds the
     normalised self-attention inputs of blocks 1..L-1 (block 0's input is a function of a token's
     window and source alone, recomputed) and the memory tokens once for every block. Per row that
-    is dim numbers instead of 2·dim per block: 4x less for a 2-block Q-Former (4.6x on the
-    synthetic users, whose rows are mostly query tokens), before any storage dtype.
+    is dim numbers instead of 2·dim per block: 4x less for a 2-block Q-Former, before any storage
+    dtype.
 
     Per user the real rows come first, padding after (``*_len`` say how many are real):
 
