@@ -819,7 +819,9 @@ def prepare_dataset(
     finally:
         if ranks.is_zero and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return meta if meta is not None else load_meta(out_dir)
+    # the other ranks read the manifest rank 0 just wrote and checked (hashing every shard again
+    # would keep them, and the launcher, waiting)
+    return meta if meta is not None else load_meta(out_dir, verify=False)
 
 
 def load_meta(prepared_dir: Path, verify: bool = True) -> dict | None:
