@@ -153,6 +153,25 @@ def _rank_within(group_start: np.ndarray, new_value: np.ndarray) -> np.ndarray:
     return c - base
 
 
+def window_keys(ustart: np.ndarray, ts: np.ndarray, window: WindowConfig, first_key: np.ndarray | int = 0) -> np.ndarray:
+    """Each event's window key, events sorted by user then time (``ustart``: True at each user's
+    first event): the calendar key of its day for ``day``/``week`` windows; for ``events`` windows,
+    the rank of its moment (distinct time) within its user over ``window.size``, plus
+    ``first_key`` (per event; an append numbers on from the user's last window). Preparation and
+    append cut windows with this one function."""
+    if window.mode in ("day", "week"):
+        return calendar_key(ts // SECONDS_PER_DAY, window.mode)
+    moment = _rank_within(ustart, _segment_starts(ts) | ustart)
+    return first_key + moment // window.size
+
+
+def window_ordinals(ustart: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each event's window ordinal within its user, 0 for its first window; True where a window
+    starts) of events sorted by user then key."""
+    starts = _segment_starts(key) | ustart
+    return _rank_within(ustart, starts), starts
+
+
 def _list_array(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, typ))
 
@@ -406,17 +425,10 @@ def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpe
     hist = ~is_fut
 
     # --- windows over the history ----------------------------------------------------------
-    w = cfg.window
-    if w.mode in ("day", "week"):
-        key = calendar_key(day, w.mode)
-    else:
-        moment = _rank_within(ustart, _segment_starts(ts) | ustart)
-        key = moment // w.size
-    key = np.where(hist, key, np.iinfo(np.int64).max)  # future events never form windows
+    key = np.where(hist, window_keys(ustart, ts, cfg.window), np.iinfo(np.int64).max)  # future events: no window
     h_idx = np.flatnonzero(hist)
     h_uid, h_key = uid[h_idx], key[h_idx]
-    h_ustart = _segment_starts(h_uid)
-    h_window = _rank_within(h_ustart, _segment_starts(h_key) | h_ustart)
+    h_window, _ = window_ordinals(_segment_starts(h_uid), h_key)
 
     # --- per-user assembly -----------------------------------------------------------------
     ev_users = np.unique(uid)

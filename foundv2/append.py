@@ -64,8 +64,8 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from data_modules.prepare import SECONDS_PER_DAY, calendar_key
-from data_modules.schema import DataError, validate_events
+from data_modules.prepare import SECONDS_PER_DAY, window_keys, window_ordinals
+from data_modules.schema import DataError, codes_of, validate_events
 from data_modules.store import atomic_dir, atomic_write_json, read_stage_output, write_output_meta
 from foundv2.nn.qformer import QFormerCache
 
@@ -403,16 +403,11 @@ class NewWindows:
         pos = rows.index.get_indexer(uid).astype(np.int64)
         ustart = np.ones(len(uid), bool)
         ustart[1:] = uid[1:] != uid[:-1]
+        key = window_keys(ustart, ts, window, last_key[pos] + 1)  # the prepared data's windows, numbered on
         if window.mode == "events":
-            tstart = ustart.copy()
-            tstart[1:] |= ts[1:] != ts[:-1]
-            moment = np.cumsum(tstart) - 1
-            moment = moment - moment[ustart][np.cumsum(ustart) - 1]
-            key = last_key[pos] + 1 + moment // window.size
             late = ts > last_time[pos]
             what = "an event time after the user's last event"
         else:
-            key = calendar_key(ts // SECONDS_PER_DAY, window.mode)
             late = key > last_key[pos]
             what = f"a {window.mode} after the user's last window"
         if not late.all():
@@ -421,10 +416,7 @@ class NewWindows:
                             f"tokenized window, e.g. user {int(uid[i])} at timestamp {int(ts[i])} (window key "
                             f"{int(key[i])}, the user's last window key {int(last_key[pos[i]])}). A window is "
                             f"final once tokenized: every appended event needs {what}.")
-        kstart = ustart.copy()
-        kstart[1:] |= key[1:] != key[:-1]
-        rel = np.cumsum(kstart) - 1
-        rel = rel - rel[ustart][np.cumsum(ustart) - 1]
+        rel, kstart = window_ordinals(ustart, key)
         self.users = pos[ustart]  # token-dataset row of each appended user
         self.new_counts = np.bincount(np.cumsum(ustart) - 1, weights=kstart).astype(np.int64)
         over = n_windows[self.users] + self.new_counts > max_windows
@@ -449,8 +441,7 @@ class NewWindows:
         found = lut.get_indexer(src * ITEM_KEY_STRIDE + raw)
         item = np.where(has_item & (found >= 0), found + 1, 0).astype(np.int64)
         self.unknown_items = int((has_item & (found < 0)).sum())
-        cat_index = {c: i for i, c in enumerate(spec.categories)}
-        cat = ev["category"].map(cat_index).fillna(-1).to_numpy().astype(np.int64)
+        cat = codes_of(ev["category"], spec.categories)  # as preparation encodes them
         self.unknown_categories = int(((cat < 0) & (ev["category"].to_numpy(dtype=object) != "")).sum())
         for n, what_ in ((self.unknown_items, "items the prepared data never saw (kept as no item)"),
                          (self.unknown_categories, "categories outside the vocabulary (kept as no category)")):
