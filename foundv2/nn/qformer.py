@@ -317,28 +317,40 @@ class CausalQFormer(nn.Module):
                 f"the batch has {w_count} windows but the Q-Former was built with max_windows="
                 f"{self.max_windows}; raise max_windows or cap the windows per user in the data module"
             )
-        s, q, d = self.num_sources, self.num_queries, self.dim
         device = events.device
         win_tok, src_tok = self.token_index(w_count, device)
         x = self.query_rows(src_tok) + self.window_pos(win_tok)
         x = x.unsqueeze(0).expand(b, -1, -1)
 
         # Memory: null slot, context tokens, events. Cross mask [B, T, 1 + M + E].
-        parts = [self.null_kv.expand(b, -1, -1).to(events.dtype)]
-        always = [torch.ones(b, 1, dtype=torch.bool, device=device)]
-        if context is not None:
-            parts.append(context.to(events.dtype))
-            always.append(torch.ones(b, context.shape[1], dtype=torch.bool, device=device))
-        mem = torch.cat([*parts, events], dim=1)
+        fixed = self.fixed_memory(b, context, events.dtype, device)
+        mem = torch.cat([fixed, events], dim=1)
         visible_win = ev_mask[:, None, :] & (
             ev_window[:, None, :] <= torch.arange(w_count, device=device)[None, :, None]
         )
-        cross_win = torch.cat([torch.cat(always, 1)[:, None, :].expand(-1, w_count, -1), visible_win], dim=2)
-        cross_mask = cross_win[:, win_tok]  # [B, T, 1 + M + E]
+        always = torch.ones(b, w_count, fixed.shape[1], dtype=torch.bool, device=device)
+        cross_mask = torch.cat([always, visible_win], dim=2)[:, win_tok]  # [B, T, 1 + M + E]
         self_mask = self.self_attention_mask(w_count, device)[None]
 
         for block in self.blocks:
             x = block(x, mem, self_mask, cross_mask)
+        return self._output(x, win_mask, ev_window, ev_source, ev_mask)
+
+    def fixed_memory(self, batch_size: int, context: torch.Tensor | None, dtype: torch.dtype,
+                     device: torch.device | None) -> torch.Tensor:
+        """The memory tokens every query may always see [B, 1 + M, dim]: the null slot, then the
+        context tokens (``context`` [B, M, dim], e.g. the profile) when given."""
+        parts = [self.null_kv.expand(batch_size, -1, -1).to(dtype=dtype, device=device)]
+        if context is not None:
+            parts.append(context.to(dtype))
+        return torch.cat(parts, dim=1)
+
+    def _output(self, x: torch.Tensor, win_mask: torch.Tensor, ev_window: torch.Tensor, ev_source: torch.Tensor,
+                ev_mask: torch.Tensor) -> QFormerOutput:
+        """The last block's query tokens [B, W·S·Q, dim] → one view per (window, source), the mean
+        of its queries (zero on padded windows), and which views have events."""
+        b, w_count = win_mask.shape
+        s, q, d = self.num_sources, self.num_queries, self.dim
         views = self.norm_out(x).view(b, w_count, s, q, d).mean(dim=3)
         views = views * win_mask[:, :, None, None]
         present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
@@ -349,10 +361,7 @@ class CausalQFormer(nn.Module):
                     dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> QFormerCache:
         """The cache of users with no window yet: the memory holds the null slot and the context
         tokens (``context`` [B, M, dim], e.g. the profile), no query token."""
-        parts = [self.null_kv.expand(batch_size, -1, -1).to(dtype=dtype, device=device)]
-        if context is not None:
-            parts.append(context.to(dtype))
-        mem = torch.cat(parts, dim=1)[:, None]
+        mem = self.fixed_memory(batch_size, context, dtype, device)[:, None]
         zeros = torch.zeros(batch_size, dtype=torch.long, device=mem.device)
         return QFormerCache(mem.new_zeros(batch_size, len(self.blocks) - 1, 0, self.dim), zeros, mem,
                             torch.full_like(zeros, mem.shape[2]), zeros)
@@ -443,15 +452,12 @@ class CausalQFormer(nn.Module):
                                         cross_mask)
             if layer:
                 new_h.append(h)
-        views = self.norm_out(x).view(b, w_count, s, q, d).mean(dim=3)
-        views = views * win_mask[:, :, None, None]
-        present = (slice_presence(ev_window, ev_source, ev_mask, w_count, s) > 0) & win_mask[:, :, None]
+        out = self._output(x, win_mask, ev_window, ev_source, ev_mask)
         new_tokens = n_new * s * q
         n_events = ev_mask.sum(1)
         new_h = torch.stack(new_h, 1) if new_h else x.new_zeros(b, 0, len(win_tok), d)
         if delta:
-            return QFormerOutput(views, present), QFormerCache(
-                new_h, new_tokens, events_c[:, None], n_events, cache.n_windows + n_new)
+            return out, QFormerCache(new_h, new_tokens, events_c[:, None], n_events, cache.n_windows + n_new)
         updated = QFormerCache(
             _append_rows(cache.self_h.to(dtype), cache.self_len, new_h, new_tokens),
             cache.self_len + new_tokens,
@@ -459,7 +465,7 @@ class CausalQFormer(nn.Module):
             cache.mem_len + n_events,
             cache.n_windows + n_new,
         )
-        return QFormerOutput(views, present), updated
+        return out, updated
 
 
 class ReconstructionHead(nn.Module):
