@@ -712,13 +712,31 @@ def _checked_tasks(dm: UserDataModule, users: BenchUsers, skip: tuple[str, ...])
 
 
 def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, progress: bool, resume: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    skip = tuple(inputs["skip_tasks"] or ())
     seed = inputs["seed"]
     torch.manual_seed(seed)
     np.random.seed(seed)
     t_start = time.perf_counter()
+    users = _bench_users(dm, settings)
+    plan = _plan(dm, users, inputs, settings, out_dir)
+    prog_path = out_dir / PROGRESS_FILE
+    fp = _fingerprint(dm, inputs)
+    results = _resumed(out_dir, prog_path, fp, plan.rows, resume)
+    _score_rows(plan, users, inputs, results, out_dir, prog_path, fp, progress)
+    bench = _record(dm, users, settings, inputs, plan, results, time.perf_counter() - t_start)
+    from foundv2.bench.report import write_report
+
+    labels = users.test_labels([t for t in plan.tasks if t.kind != "ranking"])
+    bench["pairs"] = _paired(out_dir, inputs["compare"], plan.tasks, labels)
+    tok = plan.extra.get("tokens")
+    usage = (tok.usage.tolist(), tok.levels) if tok is not None and tok.usage.any() else None
+    write_report(bench, out_dir, usage, labels)
+    prog_path.unlink(missing_ok=True)
+    shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
+    return bench
+
+
+def _bench_users(dm: UserDataModule, settings: Settings) -> BenchUsers:
+    """The prepared data's users as the bench reads them (the probes' samples, every test user)."""
     dm.prepare_data()
     dm.setup()
     users = BenchUsers(dm, bench_tasks(dm), settings.probe_users, settings.val_users, settings.sample_seed,
@@ -726,12 +744,32 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
     if not len(users.test):
         raise DataError(f"{dm.spec.name}: the split has no test users, so there is nothing to score; "
                         f"use more users or check the split fractions.")
-    tasks, notes, has_items = _checked_tasks(dm, users, skip)
+    return users
+
+
+@dataclass
+class _Plan:
+    """What a bench run scores: its tasks, its rows and what it says about them."""
+
+    tasks: list[Task]
+    notes: list[str]
+    has_items: bool
+    rows: list[Row]
+    extra: dict
+    not_run: dict[str, str]
+    qanchor: list
+
+
+def _plan(dm: UserDataModule, users: BenchUsers, inputs: dict, settings: Settings, out_dir: Path) -> _Plan:
+    """The tasks and rows of this run (representations, baselines, Query-as-Anchor), its notes
+    and the baselines not run at this size, each said on the console."""
+    from foundv2.bench.qanchor import QAnchorRows
+
+    tasks, notes, has_items = _checked_tasks(dm, users, tuple(inputs["skip_tasks"] or ()))
     notes = [f"data: {w}" for w in dm.data_warnings(dm.meta)] + notes
     names = list(BASELINES if inputs["baselines"] is None else inputs["baselines"])
     wanted = inputs["representations"] or ["pooled", "tokens_bag", "tokens_sum"]
-    from foundv2.bench.qanchor import QAnchorRows
-
+    seed = inputs["seed"]
     qanchor = []
     for name, ckpt in inputs["qanchor"].items():
         labelled = [Task(t.name, t.kind, t.column, users.column(t.column) if t.column else None) for t in tasks]
@@ -744,8 +782,12 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
         print(f"bench: {note}", flush=True)
     for name, why in not_run.items():
         print(f"bench: {name} not run at this size: {why}.", flush=True)
-    fp = _fingerprint(dm, inputs)
-    prog_path = out_dir / PROGRESS_FILE
+    return _Plan(tasks, notes, has_items, rows, extra, not_run, qanchor)
+
+
+def _resumed(out_dir: Path, prog_path: Path, fp: str, rows: list[Row], resume: bool) -> dict[str, dict]:
+    """Each row's figures so far: those a killed run of the same inputs (``fp``) scored and whose
+    test scores are still on disk, with ``resume``; none otherwise (and no old scores kept)."""
     done: dict = {}
     if resume and prog_path.exists():
         with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -754,7 +796,6 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
                 done = saved.get("results", {})
     if not done:
         shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
-    by_name = {t.name: t for t in tasks}
     results: dict[str, dict] = {}
     for row in rows:
         results[row.name] = {"kind": row.kind, "bytes_per_user": row.bytes_per_user, "storage": row.storage}
@@ -762,11 +803,20 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
             if task in done.get(row.name, {}) and load_scores(out_dir, row.name, task) is not None:
                 results[row.name][task] = done[row.name][task]
                 results[row.name]["bytes_per_user"] = done[row.name]["bytes_per_user"]
-    n_jobs = sum(len(r.tasks) for r in rows)
+    return results
+
+
+def _score_rows(plan: _Plan, users: BenchUsers, inputs: dict, results: dict, out_dir: Path, prog_path: Path,
+                fp: str, progress: bool) -> None:
+    """Probe every row on every task it has not scored yet, saving the progress after each row."""
+    from tqdm.auto import tqdm
+
+    by_name = {t.name: t for t in plan.tasks}
+    n_jobs = sum(len(r.tasks) for r in plan.rows)
     bar = tqdm(total=n_jobs, desc="bench", unit="probe", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    bar.update(sum(1 for r in rows for t in r.tasks if t in results[r.name]))
+    bar.update(sum(1 for r in plan.rows for t in r.tasks if t in results[r.name]))
     try:
-        for row in rows:
+        for row in plan.rows:
             todo = [by_name[t] for t in row.tasks if t not in results[row.name]]
             if not todo:
                 continue
@@ -774,36 +824,31 @@ def _run(dm: UserDataModule, out_dir: Path, inputs: dict, settings: Settings, pr
             atomic_write_json(prog_path, {"fingerprint": fp, "results": results})
     finally:
         bar.close()
-    bench = {
+
+
+def _record(dm: UserDataModule, users: BenchUsers, settings: Settings, inputs: dict, plan: _Plan, results: dict,
+            seconds: float) -> dict:
+    """``bench.json``: the protocol, the data, the settings, the machine and every row's figures."""
+    return {
         "protocol": PROTOCOL,
         "dataset": dm.hparams.dataset,
         "split_sizes": {s.name.lower(): int((users.split == s).sum()) for s in Split},
         "users": users.counts(),
         "settings": {k: v for k, v in vars(settings).items()},
-        "seed": seed,
+        "seed": inputs["seed"],
         "split_seed": dm.hparams.split_seed,
         "num_items": int(users.n_items),
-        "has_items": has_items,
-        "notes": notes + [n for qa in qanchor for n in qa.notes],
-        "not_run": not_run,
-        "tasks": {t.name: t.kind for t in tasks},
+        "has_items": plan.has_items,
+        "notes": plan.notes + [n for qa in plan.qanchor for n in qa.notes],
+        "not_run": plan.not_run,
+        "tasks": {t.name: t.kind for t in plan.tasks},
         "storage_bytes": sorted({int(b) for b in inputs["storage_bytes"] or [16, 64]}),
         "versions": _versions(),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds,
         "results": results,
         "inputs": {k: inputs[k] for k in ("tokens_dir", "tokenizer_dir", "embeddings", "qanchor")},
     }
-    from foundv2.bench.report import write_report
-
-    labels = users.test_labels([t for t in tasks if t.kind != "ranking"])
-    bench["pairs"] = _paired(out_dir, inputs["compare"], tasks, labels)
-    tok = extra.get("tokens")
-    usage = (tok.usage.tolist(), tok.levels) if tok is not None and tok.usage.any() else None
-    write_report(bench, out_dir, usage, labels)
-    prog_path.unlink(missing_ok=True)
-    shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
-    return bench
 
 
 def _run_row(row: Row, todo: list[Task], users: BenchUsers, inputs: dict, results: dict, out_dir: Path, bar) -> None:
