@@ -70,6 +70,9 @@ def test_bench_json_has_every_key(bench):
         assert res[f"tfidf_svd{k}_int8"]["bytes_per_user"] == k
         assert res[f"top_items{2 * (k // 2)}"]["bytes_per_user"] == 2 * (k // 2)
     assert res["pooled"]["bytes_per_user"] % 4 == 0 and res["activity"]["bytes_per_user"] % 4 == 0
+    rate = json.loads((folder.parent / "tokens" / "report.json").read_text())["collisions"]["collision_rate"]
+    assert res["tokens_bag"]["collision_rate"] == res["tokens_sum"]["collision_rate"] == rate
+    assert "collision_rate" not in res["pooled"]
     for name in ("popularity", "ease", "itemknn", "sasrec"):
         assert all(k in res[name]["next_items"] for k in RANKING)
     assert res["ease"]["bytes_per_user"] is None and res["majority"]["bytes_per_user"] == 0
@@ -282,6 +285,25 @@ def test_the_table_leaves_out_rows_with_no_task_to_show_and_states_the_budget_ru
     out = table(bench)
     assert "pooled" in out and "majority" in out and "ease" not in out
     assert "loses on no task and beats each on at least two" in out
+
+
+def test_token_rows_show_their_collision_rate_beside_their_size():
+    """A token row's whole-tuple collision rate (from its tokens' report.json) sits beside its
+    bytes per user, on the console and in report.md; rows that are not tokens show '-'."""
+    from foundv2.bench.report import markdown
+
+    bench = {"protocol": "foundv2-bench-v1", "dataset": "files-example", "seed": 0, "num_items": 0,
+             "split_sizes": {"train": 8, "val": 1, "test": 1}, "seconds": 1.0, "machine": {"cores": 2},
+             "tasks": {"churn": "binary"},
+             "results": {"tokens_bag": {"churn": {"auc": 0.7}, "bytes_per_user": 12, "collision_rate": 0.714},
+                         "activity": {"churn": {"auc": 0.6}, "bytes_per_user": 40}}}
+    lines = table(bench).splitlines()
+    assert "collide" in lines[0]
+    assert next(x for x in lines if x.startswith("tokens_bag")).split()[-1] == "71%"
+    assert next(x for x in lines if x.startswith("activity")).split()[-1] == "-"
+    md = markdown(bench, {}, [])
+    assert md.startswith("# foundv2-bench-v1 on files-example")
+    assert "| tokens_bag | 0.7000 |" in md and "| 12 | 71% |" in md and "| 40 | - |" in md
 
 
 def test_every_learned_row_gets_a_verdict_against_the_best_baseline_of_its_size_and_of_any():

@@ -4,6 +4,8 @@ codes, the output's meta says it is a token row with its bytes per user, the exp
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import numpy as np
 import pytest
@@ -64,6 +66,11 @@ def test_predict_from_the_checkpoint_and_load_from_checkpoint_agree(fitted):
     assert np.array_equal(UserCodeTokenizer.from_pretrained(tmp / "export").encode(hist).numpy(), codes)
     emb = np.asarray(ds.with_format("numpy")["user_emb"], np.float32)  # what the bench reads: the decoded codes
     assert emb.shape == (len(ds), 8)
+    # report.json: the share of users whose whole code tuple another user shares (the bench shows it)
+    _, counts = np.unique(codes, axis=0, return_counts=True)
+    want = float((np.repeat(counts, counts) > 1).mean())
+    report = json.loads((tmp / "tokens" / "report.json").read_text())
+    assert report["users"] == len(ds) and report["collisions"]["collision_rate"] == pytest.approx(want)
     assert np.allclose(emb, stage.model.decode(torch.as_tensor(codes)).numpy(), atol=1e-6)
 
 

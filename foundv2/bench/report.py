@@ -262,7 +262,9 @@ def markdown(bench: dict, verdict: dict, pngs: list[Path]) -> str:
         "",
         "Bytes per user: tokens as stored (the tokens' report); float32 features 4 × dim; `tfidf_svd<k>_int8` k "
         "(its k scales are shared); `top_items<b>` b (uint16 ids, padded); `tfidf` its mean sparse (id, weight) "
-        "storage; `majority`/`popularity` 0; EASE, item-kNN and SASRec read the full history (unbounded).",
+        "storage; `majority`/`popularity` 0; EASE, item-kNN and SASRec read the full history (unbounded). "
+        "Collisions (token rows): the share of windows (of users, for user-level tokens) whose whole code tuple "
+        "another one shares, from the tokens' report; a collision is information the tokens cannot carry.",
         "",
     ]
     budgets = bench.get("budgets") or {}
@@ -296,12 +298,12 @@ def markdown(bench: dict, verdict: dict, pngs: list[Path]) -> str:
         lines += [
             f"## {task} ({kind})",
             "",
-            "| representation | " + " | ".join(cols) + " | bytes/user |",
-            "|---|" + "---|" * (len(cols) + 1),
+            "| representation | " + " | ".join(cols) + " | bytes/user | collisions |",
+            "|---|" + "---|" * (len(cols) + 2),
         ]
         for n, r in sorted(rows, key=lambda nr: -nr[1].get(MAIN[kind], -1)):
             cells = " | ".join(f"{r[c]:.4f}" if c in r else "" for c in cols)
-            lines.append(f"| {n} | {cells} | {_size(res[n].get('bytes_per_user'))} |")
+            lines.append(f"| {n} | {cells} | {_size(res[n].get('bytes_per_user'))} | {_collide(res[n])} |")
         v = verdict.get(task)
         if v:
             lines += ["", verdict_line(task, v) + ".", ""]
@@ -442,11 +444,19 @@ def write_report(bench: dict, out_dir: Path, usage=None, labels: dict | None = N
     atomic_write_text(out_dir / "bench.json", json.dumps(bench, indent=1, default=float))
 
 
+def _collide(row: dict) -> str:
+    """A token row's whole-tuple collision rate (the share of windows, or users, whose code tuple
+    another one shares), as a percentage; '-' for rows that are not tokens."""
+    rate = row.get("collision_rate")
+    return "-" if rate is None else f"{100 * rate:.0f}%"
+
+
 def table(bench: dict) -> str:
     """A compact terminal table (rows = representations/baselines, columns = each task's main metric
     and bytes per user), then one verdict line per task with its paired interval."""
     tasks = list(bench["tasks"].items())
-    head = ["name"] + [f"{t}:{MAIN[k]}" for t, k in tasks] + ["B/user"]
+    collide = any("collision_rate" in r for r in bench["results"].values())
+    head = ["name"] + [f"{t}:{MAIN[k]}" for t, k in tasks] + ["B/user"] + (["collide"] if collide else [])
     rows = []
     for n, r in bench["results"].items():
         cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if isinstance(r.get(t), dict) and MAIN[k] in r[t] else "-"
@@ -454,6 +464,8 @@ def table(bench: dict) -> str:
         if all(c == "-" for c in cells[1:]):
             continue  # a row with no task to show (its tasks were skipped at this data set)
         cells.append(_size(r.get("bytes_per_user")))
+        if collide:
+            cells.append(_collide(r))
         rows.append(cells)
     widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731

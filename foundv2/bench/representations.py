@@ -202,6 +202,18 @@ def token_bytes(tokens_dir: Path) -> float:
         return float(json.loads((Path(tokens_dir) / "report.json").read_text())["storage"]["bytes_per_user"])
 
 
+def token_collision_rate(folder: Path) -> float | None:
+    """The whole-tuple collision rate in a tokens output's ``report.json`` (the share of windows,
+    or of users for user-level tokens, whose whole code tuple another one shares); None when the
+    output has no such report."""
+    path = Path(folder) / "report.json"
+    if not path.exists():
+        return None
+    with readable(folder, "tokens' report.json"):
+        rate = json.loads(path.read_text()).get("collisions", {}).get("collision_rate")
+    return None if rate is None else float(rate)
+
+
 def _nested(column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A per-user list of per-slice lists → ``(values, slice of each value, user of each slice)``."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -220,6 +220,7 @@ class Row:
     task_features: Callable[[UserBatch, Task], object] | None = None  # features of one task (Q-Anchor: its query)
     fit: Callable[[Task], Fitted] | None = None  # a model baseline fitted on the samples
     sparse_bytes: bool = False  # bytes_per_user: the mean nonzeros of the features read × 8 (set once built)
+    collision_rate: float | None = None  # token rows: share of windows (users) whose whole code tuple is shared
 
 
 @dataclass
@@ -329,14 +330,14 @@ def _rows(users: BenchUsers, dm: UserDataModule, tokens_dir: str | None, tokeniz
                 if name not in built:
                     tok.summed(users.fit)  # the DataError that names the missing export
                 rows.append(Row(name, "tokens", tok_bytes, "codes as stored (tokens' report.json)", all_tasks,
-                                features=built[name]))
+                                features=built[name], collision_rate=R.token_collision_rate(Path(tokens_dir))))
     for name, folder in (embeddings or {}).items():
         emb = R.Embedding(Path(folder), n_rows)
         meta = read_output_meta(folder) or {}
         if meta.get("row_kind") == "tokens":  # e.g. stage 3: built from the tokens alone, its weights shared
             rows.append(Row(name, "tokens", float(meta["bytes_per_user"]),
                             "the tokens as stored (the model's weights are shared by all users)", all_tasks,
-                            features=emb))
+                            features=emb, collision_rate=R.token_collision_rate(Path(folder))))
         else:
             rows.append(Row(name, "representation", None, "float32 × dim", all_tasks, features=emb))
     for qa in qanchor or []:  # base, prompt-tuned and no-query rows of each Q-Anchor model
@@ -798,7 +799,8 @@ def _resumed(out_dir: Path, prog_path: Path, fp: str, rows: list[Row], resume: b
         shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
     results: dict[str, dict] = {}
     for row in rows:
-        results[row.name] = {"kind": row.kind, "bytes_per_user": row.bytes_per_user, "storage": row.storage}
+        results[row.name] = {"kind": row.kind, "bytes_per_user": row.bytes_per_user, "storage": row.storage,
+                             **({"collision_rate": row.collision_rate} if row.collision_rate is not None else {})}
         for task in row.tasks:
             if task in done.get(row.name, {}) and load_scores(out_dir, row.name, task) is not None:
                 results[row.name][task] = done[row.name][task]
@@ -831,7 +833,7 @@ def _record(dm: UserDataModule, users: BenchUsers, settings: Settings, inputs: d
     """``bench.json``: the protocol, the data, the settings, the machine and every row's figures."""
     return {
         "protocol": PROTOCOL,
-        "dataset": dm.hparams.dataset,
+        "dataset": dm.spec.name,  # the data set's own name (own files: loader_args.name), the report's title
         "split_sizes": {s.name.lower(): int((users.split == s).sum()) for s in Split},
         "users": users.counts(),
         "settings": {k: v for k, v in vars(settings).items()},

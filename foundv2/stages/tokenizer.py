@@ -247,7 +247,7 @@ class TokenizerStage(PredictStage):
         write_token_report(Path(folder), self.model, self.feature_dim)
 
 
-def _record_batches(folder: Path, meta: dict):
+def record_batches(folder: Path, meta: dict):
     """Every record batch of a stage output's parts, in part order, read (not memory-mapped: a
     mapping would keep every page read resident until the part is closed)."""
     for part in meta["parts"]:
@@ -373,7 +373,7 @@ def token_collisions(folder: Path, meta: dict, users_per_bucket: int = 10_000, c
                     files[b] = open(Path(tmp) / f"bucket-{b:05d}.bin", "wb")  # noqa: SIM115 - closed below
                 files[b].write(rows[order[bounds[b]:bounds[b + 1]]].tobytes())
 
-        for batch in _record_batches(folder, meta):
+        for batch in record_batches(folder, meta):
             pending.append(batch)
             if sum(b.num_rows for b in pending) >= chunk_users:
                 flush()

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_modules.store import atomic_write_json
+from data_modules.store import atomic_write_json, read_output_meta
+from foundv2.metrics.collisions import hashed_collision_rate, row_hashes
 from foundv2.nn.user_codes import UserCodesConfig, UserCodeTokenizer
 from foundv2.stages.base import PredictStage, item_lists, user_columns
 
@@ -92,5 +93,21 @@ class UserTokenizerStage(PredictStage):
     def finish_output(self, folder: Path) -> None:
         """Rank 0: report.json beside the parts in the staging ``folder``, before the swap."""
         atomic_write_json(Path(folder) / "report.json",
-                          {"storage": {"bytes_per_user": self.model.bytes_per_user, "levels": self.model.levels,
+                          {"users": int(len(hashes := _user_code_hashes(Path(folder)))),
+                           "collisions": hashed_collision_rate(hashes),
+                           "storage": {"bytes_per_user": self.model.bytes_per_user, "levels": self.model.levels,
                                        "bits_per_code": int(np.ceil(np.log2(self.model.config.codes)))}})
+
+
+def _user_code_hashes(folder: Path) -> np.ndarray:
+    """One 64-bit hash of each user's whole code tuple, streamed over the output's parts (8 bytes a
+    user): whose tuple another user shares (``report.json`` ``collisions``)."""
+    from foundv2.stages.tokenizer import record_batches  # the parts read as a stream, as the tokens' report
+
+    meta = read_output_meta(folder)
+    out = []
+    for batch in record_batches(folder, meta):
+        col = batch.column("user_codes")
+        codes = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        out.append(row_hashes(codes))
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
