@@ -387,38 +387,62 @@ def read_events(path: str, spec, timestamp_unit: str) -> pd.DataFrame:
 
 
 class NewWindows:
-    """The new events grouped per user into new windows, in the prepared data's encoding."""
+    """The new events grouped per user into new windows, in the prepared data's encoding: checked
+    (known users, later than each user's last window, room in the window table), windowed, encoded
+    and laid out per user as the prepared table holds its history."""
 
     def __init__(self, ev: pd.DataFrame, dm, where: str, rows: TokenRows, last_key: np.ndarray,
                  last_time: np.ndarray, first_day: np.ndarray, n_windows: np.ndarray, max_windows: int):
-        spec, meta, window = dm.spec, dm.meta, dm.window
         uid = ev["user_id"].to_numpy()
+        ts = ev["timestamp"].to_numpy()
+        pos = self._known_rows(uid, rows, where)
+        ustart = np.ones(len(uid), bool)
+        ustart[1:] = uid[1:] != uid[:-1]
+        key = window_keys(ustart, ts, dm.window, last_key[pos] + 1)  # the prepared data's windows, numbered on
+        self._check_later(uid, ts, key, pos, last_key, last_time, dm.window.mode, where)
+        rel, kstart = window_ordinals(ustart, key)
+        self.users = pos[ustart]  # token-dataset row of each appended user
+        self.new_counts = np.bincount(np.cumsum(ustart) - 1, weights=kstart).astype(np.int64)
+        self._check_room(n_windows, max_windows, rows, where)
+        src, item, cat, text, uniq = self._encode(ev, dm)
+        self.text_emb = self._embed(dm, [str(t) for t in uniq], dm.meta)
+        self._lay_out(ustart, ts, rel, kstart, key, src, item, text, cat, ev["value"].to_numpy().astype(np.float32),
+                      last_time)
+        self.n_events = len(ev)
+        # the user's first history day (the calendar's tenure): kept, or the first new day without history
+        self.first_day = np.where(first_day[self.users] >= 0, first_day[self.users], ts[ustart] // SECONDS_PER_DAY)
+        self.last_time = ts[np.append(ustart[1:], True)]
+        self.last_key = key[np.append(ustart[1:], True)]
+
+    @staticmethod
+    def _known_rows(uid: np.ndarray, rows: TokenRows, where: str) -> np.ndarray:
+        """Each event's user's row in the tokens dataset; a user it does not hold is refused."""
         known = np.isin(uid, rows.user_id)
         if not known.all():
             bad = sorted(set(uid[~known].tolist()))
             raise DataError(f"{where}: {int((~known).sum())} event row(s) belong to {len(bad)} user(s) the tokens "
                             f"dataset {rows.folder} does not hold, e.g. {bad[:5]}; append adds windows to existing "
                             f"users only (tokenize new users with `foundv2 tokenize`).")
-        ts = ev["timestamp"].to_numpy()
-        pos = rows.index.get_indexer(uid).astype(np.int64)
-        ustart = np.ones(len(uid), bool)
-        ustart[1:] = uid[1:] != uid[:-1]
-        key = window_keys(ustart, ts, window, last_key[pos] + 1)  # the prepared data's windows, numbered on
-        if window.mode == "events":
+        return rows.index.get_indexer(uid).astype(np.int64)
+
+    @staticmethod
+    def _check_later(uid, ts, key, pos, last_key, last_time, mode: str, where: str) -> None:
+        """Every new event comes after its user's last tokenized window (a window is final)."""
+        if mode == "events":
             late = ts > last_time[pos]
             what = "an event time after the user's last event"
         else:
             late = key > last_key[pos]
-            what = f"a {window.mode} after the user's last window"
+            what = f"a {mode} after the user's last window"
         if not late.all():
             i = int(np.flatnonzero(~late)[0])
             raise DataError(f"{where}: {int((~late).sum())} event row(s) are not later than their user's last "
                             f"tokenized window, e.g. user {int(uid[i])} at timestamp {int(ts[i])} (window key "
                             f"{int(key[i])}, the user's last window key {int(last_key[pos[i]])}). A window is "
                             f"final once tokenized: every appended event needs {what}.")
-        rel, kstart = window_ordinals(ustart, key)
-        self.users = pos[ustart]  # token-dataset row of each appended user
-        self.new_counts = np.bincount(np.cumsum(ustart) - 1, weights=kstart).astype(np.int64)
+
+    def _check_room(self, n_windows: np.ndarray, max_windows: int, rows: TokenRows, where: str) -> None:
+        """After the append every user's windows still fit the Q-Former's window table."""
         over = n_windows[self.users] + self.new_counts > max_windows
         if over.any():
             i = int(np.flatnonzero(over)[0])
@@ -427,46 +451,52 @@ class NewWindows:
                             f"{int(rows.user_id[self.users[i]])} with {int(n_windows[self.users[i]])} + "
                             f"{int(self.new_counts[i])}; a causal append cannot shift the earlier windows' positions. "
                             f"Re-tokenize those users' latest windows with `foundv2 tokenize` instead.")
-        # the prepared data's encodings: source index, global item index, text, category
+
+    def _encode(self, ev: pd.DataFrame, dm) -> tuple[np.ndarray, ...]:
+        """The prepared data's encodings of the events: source index, global item index (0: an
+        item it never saw), category (-1: none or unknown), text (index into the distinct new
+        texts, -1: none), and those texts."""
+        from data_modules.prepare import ITEM_KEY_STRIDE
+
+        spec = dm.spec
         src_index = {s: i for i, s in enumerate(spec.sources)}
         src = ev["source"].map(src_index).to_numpy().astype(np.int64)
         items = pa.ipc.open_stream(pa.memory_map(str(dm.prepared_dir / "items.arrow"))).read_all()
-        from data_modules.prepare import ITEM_KEY_STRIDE
-
         item_keys = np.asarray(items.column("source"), np.int64) * ITEM_KEY_STRIDE + np.asarray(items.column("item_id"),
                                                                                               np.int64)
-        lut = pd.Index(item_keys)
         raw = ev["item_id"].to_numpy()
         has_item = raw >= 0
-        found = lut.get_indexer(src * ITEM_KEY_STRIDE + raw)
+        found = pd.Index(item_keys).get_indexer(src * ITEM_KEY_STRIDE + raw)
         item = np.where(has_item & (found >= 0), found + 1, 0).astype(np.int64)
         self.unknown_items = int((has_item & (found < 0)).sum())
         cat = codes_of(ev["category"], spec.categories)  # as preparation encodes them
         self.unknown_categories = int(((cat < 0) & (ev["category"].to_numpy(dtype=object) != "")).sum())
-        for n, what_ in ((self.unknown_items, "items the prepared data never saw (kept as no item)"),
-                         (self.unknown_categories, "categories outside the vocabulary (kept as no category)")):
+        for n, what in ((self.unknown_items, "items the prepared data never saw (kept as no item)"),
+                        (self.unknown_categories, "categories outside the vocabulary (kept as no category)")):
             if n:
-                log.warning("append: %d new event(s) have %s", n, what_)
+                log.warning("append: %d new event(s) have %s", n, what)
         texts = ev["text"].to_numpy(dtype=object)
         has_text = texts != ""
         uniq, text_local = np.unique(texts[has_text].astype(str), return_inverse=True) if has_text.any() else \
             (np.zeros(0, object), np.zeros(0, np.int64))
         text = np.full(len(ev), -1, np.int64)
         text[has_text] = text_local
-        self.text_emb = self._embed(dm, [str(t) for t in uniq], meta)
-        # per-user columns as the prepared table holds them (h_window: the new window, 0 = first new)
-        # (a lead event at the user's last old event time sets the first new event's gap, the event
-        # encoder's time feature; it is dropped after encoding. No history: masked, -1.)
+        return src, item, cat, text, uniq
+
+    def _lay_out(self, ustart, ts, rel, kstart, key, src, item, text, cat, value, last_time) -> None:
+        """Per-user columns as the prepared table holds them (``h_window``: the new window, 0 = the
+        first new one), each user's events after a lead event at its last old event's time, which
+        sets the first new event's gap (the event encoder's time feature) and is dropped after
+        encoding (no history: masked, -1); and the new windows' keys and days."""
         group = np.cumsum(ustart) - 1
         n_users = len(self.users)
         prev = last_time[self.users]
         has_prev = prev != NO_TIME
         lead = np.flatnonzero(ustart) + np.arange(n_users)  # where each user's lead event goes
-        at = np.arange(len(uid)) + group + 1  # where each new event goes
-        value = ev["value"].to_numpy().astype(np.float32)
+        at = np.arange(len(ts)) + group + 1  # where each new event goes
 
         def with_lead(values: np.ndarray, lead_value, dtype) -> np.ndarray:
-            out = np.empty(len(uid) + n_users, dtype)
+            out = np.empty(len(ts) + n_users, dtype)
             out[lead], out[at] = lead_value, values
             return out
 
@@ -480,11 +510,6 @@ class NewWindows:
         wcuts = np.cumsum(self.new_counts)[:-1]
         self.cols["w_key"] = np.split(key[kstart], wcuts)
         self.cols["w_day"] = np.split((ts // SECONDS_PER_DAY)[kstart], wcuts)
-        self.n_events = len(ev)
-        # the user's first history day (the calendar's tenure): kept, or the first new day without history
-        self.first_day = np.where(first_day[self.users] >= 0, first_day[self.users], ts[ustart] // SECONDS_PER_DAY)
-        self.last_time = ts[np.append(ustart[1:], True)]
-        self.last_key = key[np.append(ustart[1:], True)]
 
     @staticmethod
     def _embed(dm, texts: list[str], meta: dict) -> np.ndarray:
