@@ -327,6 +327,23 @@ class _Stats:
         self.first_day = min(self.first_day, int(d["first_day"]))
         self.last_day = max(self.last_day, int(d["last_day"]))
 
+    def add_bucket(self, split: np.ndarray, hcounts: np.ndarray, fcounts: np.ndarray, src: np.ndarray,
+                   hist: np.ndarray, is_fut: np.ndarray, wk_counts: np.ndarray) -> None:
+        """Count one bucket's users (per split; without events, history or future), events (per
+        source; history and future) and windows per user."""
+        self.users += len(split)
+        self.empty_users += int((hcounts + fcounts == 0).sum())
+        self.no_history += int((hcounts == 0).sum())
+        self.no_future += int((fcounts == 0).sum())
+        self.events_per_source += np.bincount(src, minlength=len(self.events_per_source))
+        self.hist_events += int(hist.sum())
+        self.fut_events += int(is_fut.sum())
+        per_count = np.bincount(wk_counts.astype(np.int64))
+        if len(per_count) > len(self.windows):
+            self.windows = np.concatenate([self.windows, np.zeros(len(per_count) - len(self.windows), np.int64)])
+        self.windows[: len(per_count)] += per_count
+        self.splits += np.bincount(split, minlength=3)
+
     def window_figures(self) -> dict:
         n = int(self.windows.sum())
         if n == 0:
@@ -381,19 +398,12 @@ def _check_users(ev: pd.DataFrame, users: pd.DataFrame, units: list[Unit], users
         )
 
 
-def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpec, cfg: PrepareConfig,
-                  items: _Vocab, texts: _Vocab, stats: _Stats) -> pa.Table:
-    """One bucket's users as one shard: ``ev`` holds every canonical event of the bucket (from
-    :mod:`data_modules.buckets`), ``users`` its users table rows (None: the users are those with
-    events), both checked; users keep the order they were given in, events are sorted by (user,
-    time) with the order they were given in breaking ties."""
-    src_index = {s: i for i, s in enumerate(spec.sources)}
-    if users is not None:
-        users = users.sort_values("seq", kind="stable").reset_index(drop=True)
-        user_ids = users["user_id"].to_numpy()
-    else:
-        user_ids = np.unique(ev["user_id"].to_numpy())
-
+def _encoded_events(ev: pd.DataFrame, spec: DatasetSpec, items: _Vocab, texts: _Vocab,
+                    stats: _Stats) -> tuple[np.ndarray, ...]:
+    """A bucket's events sorted by (user, time), the order they were given in breaking ties, and
+    encoded: (user id, time, source index, bucket-local item index (0: none; one key per (source,
+    item id)), text strings as read, text index (-1: none), category (-1: none or unknown, counted
+    in ``stats``), value)."""
     uid = ev["user_id"].to_numpy()
     ts = ev["timestamp"].to_numpy()
     order = np.lexsort((ev["seq"].to_numpy(), ts, uid))  # by user, then time; the given order breaks ties
@@ -415,7 +425,23 @@ def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpe
     unknown_cat = (cat < 0) & (ev["category"] != "").to_numpy()
     if unknown_cat.any():
         stats.filtered[UNKNOWN_CATEGORY] = stats.filtered.get(UNKNOWN_CATEGORY, 0) + int(unknown_cat.sum())
-    value = ev["value"].to_numpy().astype(np.float32)
+    return uid, ts, src, item, text_str, text, cat, ev["value"].to_numpy().astype(np.float32)
+
+
+def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpec, cfg: PrepareConfig,
+                  items: _Vocab, texts: _Vocab, stats: _Stats) -> pa.Table:
+    """One bucket's users as one shard: ``ev`` holds every canonical event of the bucket (from
+    :mod:`data_modules.buckets`), ``users`` its users table rows (None: the users are those with
+    events), both checked; users keep the order they were given in, events are sorted by (user,
+    time) with the order they were given in breaking ties."""
+    src_index = {s: i for i, s in enumerate(spec.sources)}
+    if users is not None:
+        users = users.sort_values("seq", kind="stable").reset_index(drop=True)
+        user_ids = users["user_id"].to_numpy()
+    else:
+        user_ids = np.unique(ev["user_id"].to_numpy())
+
+    uid, ts, src, item, text_str, text, cat, value = _encoded_events(ev, spec, items, texts, stats)
     day = ts // SECONDS_PER_DAY
 
     # --- history / future ---------------------------------------------------------------
@@ -519,18 +545,7 @@ def _bucket_table(ev: pd.DataFrame, users: pd.DataFrame | None, spec: DatasetSpe
         table[f"label/{lab.name}"] = pa.array(vals, pa.int64())
         stats.label_counts[lab.name] += np.bincount(vals, minlength=lab.num_classes)[: lab.num_classes]
 
-    stats.users += n_users
-    stats.empty_users += int((hcounts + fcounts == 0).sum())
-    stats.no_history += int((hcounts == 0).sum())
-    stats.no_future += int((fcounts == 0).sum())
-    stats.events_per_source += np.bincount(src, minlength=len(spec.sources))
-    stats.hist_events += int(hist.sum())
-    stats.fut_events += int(is_fut.sum())
-    per_count = np.bincount(wk_counts.astype(np.int64))
-    if len(per_count) > len(stats.windows):
-        stats.windows = np.concatenate([stats.windows, np.zeros(len(per_count) - len(stats.windows), np.int64)])
-    stats.windows[: len(per_count)] += per_count
-    stats.splits += np.bincount(split, minlength=3)
+    stats.add_bucket(split, hcounts, fcounts, src, hist, is_fut, wk_counts)
     return pa.table(table)
 
 
