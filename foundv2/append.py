@@ -76,7 +76,7 @@ CACHE_META = "cache.json"
 CACHE_USERS = "users.arrow"
 CACHE_FORMAT = 2
 #: how an append cache may store its numbers (``--cache_dtype``)
-CACHE_DTYPES = ("float16", "float32")
+CACHE_DTYPES = ("float16", "float32", "int8")
 PART = "part-rank000.arrow"
 EVENT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 #: appended users per batch. Each brings about one new window, so a batch of history-batch size is
@@ -137,7 +137,9 @@ class KVParts:
             ids = [b.column("user_id").to_numpy() for b in batches]
             where = (np.repeat(np.arange(len(batches)), [len(i) for i in ids]),
                      np.concatenate([np.arange(len(i)) for i in ids]) if ids else np.zeros(0, np.int64))
-            cols = [[(b.column(c).offsets.to_numpy(), b.column(c).values.to_numpy(zero_copy_only=True))
+            cols = [[(b.column(c).offsets.to_numpy(), b.column(c).values.to_numpy(zero_copy_only=True),
+                      b.column(f"{c}_scale").values.to_numpy(zero_copy_only=True)
+                      if f"{c}_scale" in b.schema.names else None)
                      for b in batches] for c in ("self_h", "mem")]
             if batches:
                 self.dtype = cols[0][0][1].dtype
@@ -147,7 +149,8 @@ class KVParts:
 
     def cache(self, uids: np.ndarray, n_windows: np.ndarray) -> QFormerCache:
         """The padded batch cache of users ``uids`` (each user's rows of every part, in part order,
-        real rows first), copied once from the memory-mapped parts, in the stored dtype."""
+        real rows first), copied once from the memory-mapped parts, in the stored float dtype (an
+        int8 cache is read back as float32, each row times its scale)."""
         b, dim = len(uids), self.dim
         layers = (self.self_layers, 1)  # self_h: blocks 1..L-1; mem: one set for every block
         found = [index.get_indexer(uids) for index, _, _, _ in self.parts]
@@ -155,7 +158,8 @@ class KVParts:
                          for r, (_, _, _, row_len) in zip(found, self.parts, strict=True)]) if self.parts else \
             np.zeros((0, 2, b), np.int64)  # part, kind, user: rows held
         total = lens.sum(0)  # kind, user
-        bufs = [np.zeros((b, layers[c], int(total[c].max()) if b else 0, dim), self.dtype) for c in (0, 1)]
+        dtype = np.float32 if self.dtype == np.int8 else self.dtype
+        bufs = [np.zeros((b, layers[c], int(total[c].max()) if b else 0, dim), dtype) for c in (0, 1)]
         filled = np.zeros((2, b), np.int64)
         for p, (r, (_, (batch_of, row_of), cols, _)) in enumerate(zip(found, self.parts, strict=True)):
             for j in np.flatnonzero(r >= 0):
@@ -163,9 +167,13 @@ class KVParts:
                 for c in (0, 1):
                     n = lens[p, c, j]
                     if n and layers[c]:
-                        off, flat = cols[c][bi]
+                        off, flat, scale = cols[c][bi]
                         at = filled[c, j]
-                        bufs[c][j, :, at:at + n] = flat[off[i]:off[i + 1]].reshape(layers[c], n, dim)
+                        got = flat[off[i]:off[i + 1]].reshape(layers[c], n, dim)
+                        if scale is not None:
+                            got = got.astype(np.float32) * scale[off[i] // dim:off[i + 1] // dim].astype(
+                                np.float32).reshape(layers[c], n, 1)
+                        bufs[c][j, :, at:at + n] = got
                     filled[c, j] += n
         from data_modules.datamodule import release_pages
 
@@ -174,26 +182,36 @@ class KVParts:
                             torch.from_numpy(total[1]), torch.as_tensor(np.asarray(n_windows, np.int64)))
 
 
-def _real_rows(rows: torch.Tensor, lens: torch.Tensor, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values in ``dtype``, per-user element counts) of the first ``lens[b]`` rows of each
-    user of ``rows`` [B, L, T, C], user-major then layer then row (the kv part's layout), in one
-    gather."""
+def _real_rows(rows: torch.Tensor, lens: torch.Tensor, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(flat values in ``dtype``, per-user element counts, the int8 rows' scales or None) of the
+    first ``lens[b]`` rows of each user of ``rows`` [B, L, T, C], user-major then layer then row
+    (the kv part's layout), in one gather. int8: each row of C values is stored as round(x / s)
+    with its own scale s = max|x| / 127 (float16): a quarter of float32's bytes."""
     b, n_layers, t, c = rows.shape
     keep = (torch.arange(t)[None, :] < lens[:, None])[:, None, :].expand(b, n_layers, t)
-    return rows[keep].float().numpy().astype(dtype, copy=False).reshape(-1), \
-        lens.numpy().astype(np.int64) * n_layers * c
+    real = rows[keep].float()  # [rows, C]
+    counts = lens.numpy().astype(np.int64) * n_layers * c
+    if np.dtype(dtype) != np.int8:
+        return real.numpy().astype(dtype, copy=False).reshape(-1), counts, None
+    scale = (real.abs().amax(1) / 127).to(torch.float16).float().clamp_min(1e-8)  # the scale as stored
+    q = torch.round(real / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.numpy().reshape(-1), counts, scale.to(torch.float16).numpy()
 
 
 def _kv_batch(user_ids: np.ndarray, cache: QFormerCache, dtype: np.dtype) -> pa.RecordBatch:
     """The rows of a :class:`~foundv2.nn.qformer.QFormerCache` (a first encoding's, or the delta
-    an append adds), one record batch of ``user_id, self_len, mem_len, self_h, mem``."""
+    an append adds), one record batch of ``user_id, self_len, mem_len, self_h, mem`` (and, for an
+    int8 cache, ``self_h_scale, mem_scale``: one float16 per stored row)."""
     cols = {"user_id": pa.array(user_ids, pa.int64()),
             "self_len": pa.array(cache.self_len.numpy(), pa.int32()),
             "mem_len": pa.array(cache.mem_len.numpy(), pa.int32())}
     for name, rows, lens in (("self_h", cache.self_h, cache.self_len), ("mem", cache.mem, cache.mem_len)):
-        flat, counts = _real_rows(rows, lens, dtype)
+        flat, counts, scale = _real_rows(rows, lens, dtype)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         cols[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+        if scale is not None:
+            cols[f"{name}_scale"] = pa.LargeListArray.from_arrays(pa.array(offsets // rows.shape[-1]),
+                                                                  pa.array(scale))
     return pa.RecordBatch.from_pydict(cols)
 
 
@@ -212,8 +230,10 @@ class _KVWriter:
     def close(self) -> None:
         if self.writer is None:
             value = pa.from_numpy_dtype(self.dtype)
+            scales = [(f"{c}_scale", pa.large_list(pa.float16())) for c in ("self_h", "mem")] \
+                if self.dtype == np.int8 else []
             schema = pa.schema([("user_id", pa.int64()), ("self_len", pa.int32()), ("mem_len", pa.int32()),
-                                ("self_h", pa.large_list(value)), ("mem", pa.large_list(value))])
+                                ("self_h", pa.large_list(value)), ("mem", pa.large_list(value)), *scales])
             self.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
         self.writer.close()
         self.sink.close()
@@ -816,8 +836,9 @@ def append_command(args: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=None,
                         help="users per batch of the first encoding of the history (default: data.batch_size)")
     parser.add_argument("--cache_dtype", default="float16", choices=list(CACHE_DTYPES),
-                        help="how a new append cache stores its numbers: float16 (half the bytes; appended codes "
-                             "equal a full re-tokenize but for rare near-ties) or float32 (equal to float rounding)")
+                        help="how a new append cache stores its numbers: float32 (appended codes equal a full "
+                             "re-tokenize to float rounding), float16 (half the bytes) or int8 (a quarter, one float16 "
+                             "scale per row); the smaller, the more near-ties an appended code may fall the other way")
     parser.add_argument("--append_batch", type=int, default=APPEND_BATCH,
                         help=f"appended users per batch (default {APPEND_BATCH}; users of like history length together)")
     cfg = parser.parse_args(args)
