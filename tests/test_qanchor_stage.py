@@ -214,3 +214,39 @@ def test_bf16_mixed_fit_on_cpu(root):
 def test_a_soft_prefix_refuses_token_batches(root):
     with pytest.raises(DataError, match="prefix: soft reads event batches"):
         _trainer(max_steps=1).fit(_stage("soft", root), datamodule=_kind_dm("tokens", root))
+
+
+def test_a_shallower_lm_and_a_frozen_answer_tower_train_and_reload(root, tmp_path):
+    """``lm_layers`` keeps the LM's first layers (the checkpoint holds those only and reloads);
+    ``answer_tower: frozen`` reads each training answer's state from the pretrained LM, computed
+    once before training: after training, those states still equal a fresh pretrained pass, and
+    the loss terms are finite."""
+    from foundv2.nn.anchor import answer_hidden
+    from foundv2.nn.llm import load_causal_lm
+
+    L.seed_everything(0)
+    stage = _stage("soft", root, lm_layers=1, answer_tower="frozen")
+    dm = _kind_dm("soft", root)
+    trainer = _trainer(max_steps=4, default_root_dir=str(tmp_path))
+    trainer.fit(stage, datamodule=dm)
+    assert len(stage.net.lm.hf.base_model.layers) == 1 and stage.net.lm.config.num_hidden_layers == 1
+    for term in ("train/loss/nce_step", "train/loss/ntp_step"):
+        assert np.isfinite(float(trainer.callback_metrics[term])), term
+    answers = list(dict.fromkeys(dm.qa_pairs().answer))
+    assert set(stage._answers) == set(answers)  # every training answer, once
+    pretrained = load_causal_lm("tiny", seed=0)
+    pretrained.keep_layers(1)
+    ids, mask = stage.net.tokenize_answers(answers[:5], max_length=stage.hparams.max_answer_tokens)
+    with torch.no_grad():
+        want = answer_hidden(pretrained, ids, mask)
+    torch.testing.assert_close(torch.stack([stage._answers[a] for a in answers[:5]]), want)
+    trainer.save_checkpoint(tmp_path / "s.ckpt")
+    back = QAnchorStage.load_from_checkpoint(tmp_path / "s.ckpt", map_location="cpu")
+    assert len(back.net.lm.hf.base_model.layers) == 1
+    for a, b in zip(back.net.parameters(), stage.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_more_layers_than_the_lm_has_is_refused(root):
+    with pytest.raises(DataError, match="lm_layers 9"):
+        _trainer(max_steps=1).fit(_stage("soft", root, lm_layers=9), datamodule=_kind_dm("soft", root))

@@ -258,6 +258,18 @@ class AnchorHeadConfig(Options):
     """A LayerNorm on the last hidden state before the head (both towers)."""
 
 
+def answer_hidden(lm: CausalLM, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
+    """An LM's last hidden state [B, H] at each answer's last valid token (the answer tower before
+    its head)."""
+    mask = answer_mask.bool()
+    if not mask.any(dim=1).all():
+        raise DataError("an answer has no tokens; answers are tokenized with an end-of-text token "
+                        "(QueryAnchor.tokenize_answers), so none is empty.")
+    hidden, _ = lm.trunk(lm.embed(answer_ids), mask, _positions(mask))
+    last = mask.long().cumsum(dim=1).argmax(dim=1)  # the last valid position
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class QueryAnchor(nn.Module):
     """The user tower and the answer tower of Query-as-Anchor over one causal LM.
 
@@ -351,13 +363,7 @@ class QueryAnchor(nn.Module):
     # ---------------------------------------------------------------------------- answer tower
     def embed_answers(self, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
         """The answer tower: the same LM and head, pooled at each answer's last valid token."""
-        mask = answer_mask.bool()
-        if not mask.any(dim=1).all():
-            raise DataError("an answer has no tokens; answers are tokenized with an end-of-text token "
-                            "(QueryAnchor.tokenize_answers), so none is empty.")
-        hidden, _ = self.lm.trunk(self.lm.embed(answer_ids), mask, _positions(mask))
-        last = mask.long().cumsum(dim=1).argmax(dim=1)  # the last valid position
-        return self.embed_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return self.embed_hidden(answer_hidden(self.lm, answer_ids, answer_mask))
 
     # ---------------------------------------------------------------------------- serving
     def encode_prefix(self, prefix_inputs: Mapping[str, Tensor]) -> PrefixCache:

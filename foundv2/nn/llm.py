@@ -175,6 +175,19 @@ class CausalLM(nn.Module):
         return ids.to(device), mask.to(device)
 
     # ---------------------------------------------------------------------------- forward
+    def keep_layers(self, n: int) -> None:
+        """Keep the first ``n`` decoder layers only (the rest are dropped; a shallower LM costs
+        proportionally less per token). Before LoRA is enabled."""
+        if self.lora:
+            raise ValueError("keep_layers before enable_lora")
+        layers = self.hf.base_model.layers
+        if not 1 <= n <= len(layers):
+            raise DataError(f"lm_layers {n}: the LM has {len(layers)} decoder layers; keep 1 to {len(layers)}.")
+        self.hf.base_model.layers = layers[:n]
+        self.config.num_hidden_layers = n
+        if getattr(self.config, "layer_types", None):  # per-layer attention kinds (newer transformers)
+            self.config.layer_types = list(self.config.layer_types)[:n]
+
     def trunk(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
               past_key_values=None, use_cache: bool = False):
         """The decoder stack without the output head: ``(last hidden [B, T, H], cache)``.

@@ -49,6 +49,7 @@ from foundv2.nn.anchor import (
     ScenarioPrompt,
     SoftPrefix,
     TokenPrefix,
+    answer_hidden,
 )
 from foundv2.nn.llm import load_causal_lm
 from foundv2.stages.base import OptimConfig, PredictStage, user_columns
@@ -94,6 +95,12 @@ class QAnchorStage(PredictStage):
         ntp_weight: weight of the next-token loss on the answer (paper 1).
         lora_r: LoRA rank on every projection of the LM (0 = full fine-tuning; paper 64).
         lora_alpha: LoRA α (paper 32).
+        lm_layers: keep the LM's first this many decoder layers (None: all); a step costs about
+            proportionally less.
+        answer_tower: ``shared`` (the paper's: the answer runs through the trained LM every step)
+            or ``frozen`` (each distinct training answer runs once through the pretrained LM, of
+            the same depth, before training; the shared head still trains on those states): a step
+            then runs no answer tower.
         predict_queries: the queries ``predict`` embeds every user for (None: the questions'
             queries, in order).
         optim: the optimiser (``--model.optim.*``; paper lr 2e-4).
@@ -121,6 +128,8 @@ class QAnchorStage(PredictStage):
         ntp_weight: float = 1.0,
         lora_r: int = 0,
         lora_alpha: int = 32,
+        lm_layers: int | None = None,
+        answer_tower: Literal["shared", "frozen"] = "shared",
         predict_queries: list[str] | None = None,
         optim: OptimConfig = OptimConfig(lr=2e-4, weight_decay=0.0),
         seed: int = 0,
@@ -135,6 +144,7 @@ class QAnchorStage(PredictStage):
         self.log_tau: torch.nn.Parameter | None = None
         self.queries: list[str] = []
         self._codebook: torch.Tensor | None = None  # a fresh fit's code vectors (tokens prefix)
+        self._answers: dict[str, torch.Tensor] = {}  # answer_tower frozen: answer text → pretrained last state
 
     # ------------------------------------------------------------------ building
     def data_dims(self, datamodule) -> dict:
@@ -157,7 +167,7 @@ class QAnchorStage(PredictStage):
 
     def build_nets(self, dims: dict) -> None:
         hp = self.hparams
-        lm = load_causal_lm(hp.lm, seed=hp.seed)
+        lm = self._load_lm()
         if hp.prefix == "tokens":  # from a checkpoint: the saved code vectors replace these zeros
             codebook = self._codebook if self._codebook is not None else torch.zeros(dims["vocab_size"],
                                                                                       dims["code_dim"])
@@ -170,6 +180,13 @@ class QAnchorStage(PredictStage):
         if hp.lora_r > 0:  # the added rows (<USER_EMB>, the U2QT tokens) stay trainable under LoRA
             lm.enable_lora(r=hp.lora_r, alpha=hp.lora_alpha, trainable_token_ids=list(self.added_tokens().values()))
         self.queries = list(dims["queries"])
+
+    def _load_lm(self):
+        hp = self.hparams
+        lm = load_causal_lm(hp.lm, seed=hp.seed)
+        if hp.lm_layers is not None:
+            lm.keep_layers(int(hp.lm_layers))
+        return lm
 
     def added_tokens(self) -> dict[str, int]:
         """The tokens this stage added to the LM, name → id (looked up by name)."""
@@ -225,7 +242,10 @@ class QAnchorStage(PredictStage):
         q_ids, q_mask = self.net.tokenize_queries(batch["query"], max_length=hp.max_query_tokens)
         a_ids, a_mask = self.net.tokenize_answers(batch["answer"], max_length=hp.max_answer_tokens)
         out = self.net(self._prefix(batch), q_ids, q_mask, a_ids, a_mask)
-        answer = self.net.embed_answers(a_ids, a_mask)
+        if hp.answer_tower == "frozen":
+            answer = self.net.embed_hidden(self._frozen_answers(batch["answer"]).to(out.embedding.device))
+        else:
+            answer = self.net.embed_answers(a_ids, a_mask)
         tau = self.tau()
         terms = qanchor_loss(out.embedding, answer, out.answer_logits, a_ids, a_mask, nce_weight=hp.nce_weight,
                              ntp_weight=hp.ntp_weight, tau=tau, fn_margin=hp.fn_margin, keys=batch["answer_key"])
@@ -235,6 +255,24 @@ class QAnchorStage(PredictStage):
         # the LM is loaded in eval mode and Lightning keeps each module's mode: train it in train
         # mode (LoRA's dropout; the LMs used here have no other dropout)
         self.train()
+        if self.hparams.answer_tower == "frozen" and self.trainer.datamodule is not None:
+            self._frozen_answers(list(self.trainer.datamodule.qa_pairs().answer))
+
+    @torch.no_grad()
+    def _frozen_answers(self, texts: list[str], chunk: int = 64) -> torch.Tensor:
+        """``answer_tower: frozen``: the pretrained LM's last hidden state of each answer [len, H],
+        each distinct text computed once (the first call: every training answer, before training;
+        the same whether a fit starts or resumes, since the pretrained weights never change)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._answers]
+        if missing:
+            lm = self._load_lm().eval()  # the pretrained LM, not the one being trained
+            for i in range(0, len(missing), chunk):
+                part = missing[i:i + chunk]
+                ids, mask = self.net.tokenize_answers(part, max_length=self.hparams.max_answer_tokens)
+                for text, h in zip(part, answer_hidden(lm, ids.cpu(), mask.cpu()), strict=True):
+                    self._answers[text] = h
+            del lm
+        return torch.stack([self._answers[t] for t in texts])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.model_step(batch)
