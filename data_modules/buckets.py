@@ -42,6 +42,14 @@ def user_bucket(user_ids: np.ndarray, buckets: int) -> np.ndarray:
     return (z % np.uint64(buckets)).astype(np.int32)
 
 
+def _strings(values: pd.Series) -> pa.Array:
+    """A string column as one Arrow array. pandas' Arrow-backed strings may come in several chunks
+    (a CSV piece of a couple of hundred thousand rows does), and a record batch takes arrays, not
+    chunked ones."""
+    arr = pa.array(values, pa.string())
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
 def event_schema() -> pa.Schema:
     return pa.schema([("user_id", pa.int64()), ("source", pa.int8()), ("timestamp", pa.int64()),
                       ("item_id", pa.int64()), ("text", pa.string()), ("value", pa.float32()),
@@ -83,9 +91,9 @@ class Partitioner:
             pa.array(codes_of(ev["source"], self.spec.sources).astype(np.int8)),
             pa.array(ev["timestamp"].to_numpy(), pa.int64()),
             pa.array(ev["item_id"].to_numpy(), pa.int64()),
-            pa.array(ev["text"], pa.string()),
+            _strings(ev["text"]),
             pa.array(ev["value"].to_numpy(), pa.float32()),
-            pa.array(cat, pa.string()),
+            _strings(cat),
             pa.array(self._seq(k, frame), pa.int64()),
             pa.array(user_bucket(uid, self.buckets)),
         ], schema=event_schema())

@@ -168,3 +168,24 @@ def test_a_user_row_repeated_in_another_users_file_is_refused(files, tmp_path):
     assert res.returncode == 2 and "duplicate user row" in res.stderr, res.stderr[-2000:]
     assert "b.parquet row 0" in res.stderr and "a.parquet row 42" in res.stderr
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_a_large_csv_piece_with_chunked_strings_prepares_like_its_parquet(files, tmp_path):
+    """A CSV piece of ~200k rows reaches pandas as Arrow-backed strings in several chunks (its C
+    parser reads in blocks); the partition must take them as one array each, and the CSV gives
+    the same users as the same rows in Parquet."""
+    events = pd.concat([pd.read_parquet(p) for p in sorted((files / "events").glob("*.parquet"))])
+    reps = -(-220_000 // len(events))  # enough rows for two parser blocks: shift each copy a day later
+    big = pd.concat([events.assign(timestamp=events["timestamp"] + k * 86_400) for k in range(reps)],
+                    ignore_index=True)
+    csv, parquet = tmp_path / "events.csv", tmp_path / "events.parquet"
+    big.to_csv(csv, index=False)
+    big.to_parquet(parquet, index=False)
+    from data_modules.sources.files import read_pieces
+
+    first = next(read_pieces(csv))
+    assert isinstance(pa.array(first["text"].fillna("").astype(str), pa.string()), pa.ChunkedArray)  # the case
+    users = files / "users.parquet"
+    for name, path in (("csv", csv), ("parquet", parquet)):
+        run_cli("data", "--config", str(_config(tmp_path, str(path), tmp_path / f"cache-{name}", users)))
+    assert _users_rows(_prepared(tmp_path / "cache-csv")) == _users_rows(_prepared(tmp_path / "cache-parquet"))
