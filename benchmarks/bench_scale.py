@@ -250,7 +250,7 @@ def throughput(args: list[str], ckpt: Path | None, log: Path) -> dict:
     return json.loads(line[len("THROUGHPUT "):])
 
 
-def run_synthetic(n: int, root: Path, resume: bool = True) -> dict:
+def run_synthetic(n: int, root: Path, resume: bool = True, cache_dtype: str = "float16") -> dict:
     """Every step at ``n`` users (see the module docstring), in ``root / str(n)``; with ``resume``, the
     steps already measured there (``figures.json``) are kept and the run goes on from the next one."""
     from foundv2.launch import best_or_last_checkpoint
@@ -298,7 +298,8 @@ def run_synthetic(n: int, root: Path, resume: bool = True) -> dict:
            "--qformer", str(best_or_last_checkpoint(run / "stage1"))]
     if "append_cache" not in out:
         keep("append_cache", per_user(measure(foundv2(*app, "--tokens", str(run / "tokenizer" / "tokens"), "--output",
-                                                      str(work / "tokens-v0")), logs / "append_cache.log"), n))
+                                                      str(work / "tokens-v0"), "--cache_dtype", cache_dtype),
+                                              logs / "append_cache.log"), n))
     if "append" not in out:
         keep("append", per_user(measure(foundv2(*app, "--tokens", str(work / "tokens-v0"), "--events", str(events),
                                                 "--output", str(work / "tokens-v1")), logs / "append.log"),
@@ -514,6 +515,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="run folder (gitignored)")
     ap.add_argument("--gpu-utilisation", type=float, default=0.1,
                     help="share of an H100's dense bf16 peak assumed for the 100M-user GPU-hours (not measured)")
+    ap.add_argument("--cache-dtype", default="float16", choices=("float16", "float32", "int8"),
+                    help="the append cache's dtype (int8 at 1M users on a small disk: ~25 KB a user)")
     ap.add_argument("--fresh", action="store_true", help="measure every step again (default: a size's run goes on "
                     "from the last step it measured, so a killed run loses one step)")
     a = ap.parse_args()
@@ -528,7 +531,8 @@ def main() -> None:
     if "synthetic" in only:
         figures.setdefault("synthetic", {})
         for n in [int(x) for x in a.sizes.split(",")]:
-            figures["synthetic"][str(n)] = run_synthetic(n, work / "synthetic", resume=not a.fresh)
+            figures["synthetic"][str(n)] = run_synthetic(n, work / "synthetic", resume=not a.fresh,
+                                                         cache_dtype=a.cache_dtype)
             write_results("scale", figures, {"sizes": a.sizes})  # keep what is done
     if figures.get("synthetic"):
         figures["targets"] = targets(figures["synthetic"])
