@@ -682,96 +682,129 @@ def prepare_dataset(
     cache folders are checked writable and the leftovers of killed runs removed. Any error on any
     rank stops every rank and leaves nothing behind (:meth:`Ranks.step`).
     """
-    from tqdm.auto import tqdm
+    return _Preparation(cfg, source, Path(out_dir), Path(text_cache_dir), progress, ranks or Ranks()).run(encoder_factory)
 
-    from data_modules.text import TextCache
 
-    ranks = ranks or Ranks()
-    out_dir = Path(out_dir)
-    spec = source.spec
-    t0 = time.perf_counter()
-    encoder = ranks.step(encoder_factory)
-    bar = progress and ranks.is_zero
+class _Preparation:
+    """One run of :func:`prepare_dataset`: its phases, each run on every rank (:meth:`Ranks.step`)."""
 
-    def start() -> str | None:
-        if not ranks.is_zero:
+    def __init__(self, cfg: PrepareConfig, source: Source, out_dir: Path, text_cache_dir: Path, progress: bool,
+                 ranks: Ranks):
+        self.cfg, self.source, self.spec, self.out_dir = cfg, source, source.spec, out_dir
+        self.text_cache_dir, self.ranks = text_cache_dir, ranks
+        self.bar = progress and ranks.is_zero
+        self.n_buckets = int(cfg.buckets or source.buckets)
+        self.phases: dict[str, float] = {}
+
+    def _phase(self, name: str) -> None:
+        """Record the seconds since the last phase ended as phase ``name``'s."""
+        self.phases[name] = time.perf_counter() - self.t0 - sum(self.phases.values())
+
+    def run(self, encoder_factory) -> dict:
+        ranks = self.ranks
+        self.t0 = time.perf_counter()
+        self.encoder = ranks.step(encoder_factory)
+        self.tmp = Path(ranks.broadcast(ranks.step(self._start)))
+        self.parts = self.tmp / "parts"
+        try:
+            self._partition()
+            self._buckets()
+            self._tables()
+            self._texts()
+            meta = ranks.step(self._publish)
+        finally:
+            if ranks.is_zero and self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        # the other ranks read the manifest rank 0 just wrote and checked (hashing every shard again
+        # would keep them, and the launcher, waiting)
+        return meta if meta is not None else load_meta(self.out_dir, verify=False)
+
+    def _start(self) -> str | None:
+        """Rank 0: the cache folders writable, killed runs' leftovers gone, the staging folder made."""
+        if not self.ranks.is_zero:
             return None
         fix = "point `cache_dir` at a folder you can write, or fix its permissions"
-        check_writable(out_dir.parent, "prepared-data cache", fix)
-        check_writable(text_cache_dir, "text cache", fix)
-        remove_stale_tmp(out_dir.parent)
-        tmp = tmp_name(out_dir)
+        check_writable(self.out_dir.parent, "prepared-data cache", fix)
+        check_writable(self.text_cache_dir, "text cache", fix)
+        remove_stale_tmp(self.out_dir.parent)
+        tmp = tmp_name(self.out_dir)
         tmp.mkdir(parents=True)
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         return str(tmp)
 
-    tmp = Path(ranks.broadcast(ranks.step(start)))
-    try:
-        parts = tmp / "parts"
-        n_buckets = int(cfg.buckets or source.buckets)
-        partitioner = Partitioner(source, parts, n_buckets)
+    def _partition(self) -> None:
+        """1. Every rank validates its share of the units into the user buckets."""
+        from tqdm.auto import tqdm
 
-        # 1. partition the units
+        ranks, source = self.ranks, self.source
+        partitioner = Partitioner(source, self.parts, self.n_buckets)
+
         def partition() -> dict:
             mine = ranks.share([u.size for u in source.units])
-            return {k: partitioner.unit(k) for k in tqdm(mine, desc=f"partition {cfg.dataset}", unit="part",
-                                                         disable=not bar)}
+            return {k: partitioner.unit(k) for k in tqdm(mine, desc=f"partition {self.cfg.dataset}", unit="part",
+                                                         disable=not self.bar)}
 
         units = {k: v for part in ranks.gather(ranks.step(partition)) for k, v in part.items()}
-        phases = {"partition": time.perf_counter() - t0}
+        self._phase("partition")
         if source.categories_from_data:
-            spec.categories = sorted({c for u in units.values() for c in u["categories"]})
+            self.spec.categories = sorted({c for u in units.values() for c in u["categories"]})
 
-        # 2. the buckets, each a shard
-        sizes = ranks.broadcast(bucket_bytes(parts, n_buckets) if ranks.is_zero else None)
-        full = [b for b in range(n_buckets) if sizes[b] > 0]
+    def _buckets(self) -> None:
+        """2. Every rank windows its share of the buckets, each into one shard; the counts merged."""
+        from tqdm.auto import tqdm
+
+        ranks, cfg, spec = self.ranks, self.cfg, self.spec
+        self.sizes = sizes = ranks.broadcast(bucket_bytes(self.parts, self.n_buckets) if ranks.is_zero else None)
+        full = [b for b in range(self.n_buckets) if sizes[b] > 0]
 
         def prepare_buckets() -> dict:
             mine = [full[i] for i in ranks.share([sizes[b] for b in full])]
-            out = {}
-            for b in tqdm(mine, desc=f"prepare {cfg.dataset}", unit="bucket", disable=not bar):
-                out[b] = _prepare_bucket(b, parts, tmp, source, spec, cfg)
-            return out
+            return {b: _prepare_bucket(b, self.parts, self.tmp, self.source, spec, cfg)
+                    for b in tqdm(mine, desc=f"prepare {cfg.dataset}", unit="bucket", disable=not self.bar)}
 
         figures = {b: v for part in ranks.gather(ranks.step(prepare_buckets)) for b, v in part.items()
                    if v is not None}
-        shards_of = sorted(figures)
+        self.shards_of = sorted(figures)
 
         def merge() -> _Stats:
             stats = _Stats(spec)
-            for b in shards_of:
+            for b in self.shards_of:
                 stats.add(figures[b])
             if stats.users == 0:
                 raise DataError(f"{cfg.dataset}: no users were found; nothing to prepare.")
-            check_label_classes(spec.labels, stats.label_counts, source.users_where or cfg.dataset)
+            check_label_classes(spec.labels, stats.label_counts, self.source.users_where or cfg.dataset)
             return stats
 
-        stats = ranks.step(merge)
-        phases["buckets"] = time.perf_counter() - t0 - sum(phases.values())
-        if stats.filtered.get(UNKNOWN_CATEGORY) and ranks.is_zero:
+        self.stats = ranks.step(merge)
+        self._phase("buckets")
+        if self.stats.filtered.get(UNKNOWN_CATEGORY) and ranks.is_zero:
             log.warning("%s: %d event(s) have a category outside the declared vocabulary; kept with no category",
-                        cfg.dataset, stats.filtered[UNKNOWN_CATEGORY])
+                        cfg.dataset, self.stats.filtered[UNKNOWN_CATEGORY])
 
-        # 3. the global item and text tables; shards in global indices
+    def _tables(self) -> None:
+        """3. Rank 0 joins the buckets' item and text tables; every rank rewrites its shards'
+        indices as global ones and records their checksums."""
+        ranks, tmp, parts = self.ranks, self.tmp, self.parts
+
         def tables() -> None:
             if ranks.is_zero:
-                keys, texts = _global_tables(parts, shards_of)
+                keys, texts = _global_tables(parts, self.shards_of)
                 _write_stream(pa.table({"source": keys // ITEM_KEY_STRIDE, "item_id": keys % ITEM_KEY_STRIDE}),
                               tmp / "items.arrow")
                 _write_stream(pa.table({"text": pa.array(texts.tolist(), pa.string())}), tmp / "texts.arrow")
 
         ranks.step(tables)
         items_t = _read_stream(tmp / "items.arrow")
-        item_index = pd.Index(np.asarray(items_t.column("source"), np.int64) * ITEM_KEY_STRIDE
-                              + np.asarray(items_t.column("item_id"), np.int64))
-        all_texts = np.asarray(_read_stream(tmp / "texts.arrow").column("text").to_numpy(zero_copy_only=False),
-                               dtype=object)
+        self.item_index = item_index = pd.Index(np.asarray(items_t.column("source"), np.int64) * ITEM_KEY_STRIDE
+                                                + np.asarray(items_t.column("item_id"), np.int64))
+        self.all_texts = np.asarray(_read_stream(tmp / "texts.arrow").column("text").to_numpy(zero_copy_only=False),
+                                    dtype=object)
 
         def remap() -> dict:
-            text_index = pd.Index(all_texts)
+            text_index = pd.Index(self.all_texts)
             out = {}
-            for i in ranks.share([sizes[b] for b in shards_of]):
-                b = shards_of[i]
+            for i in ranks.share([self.sizes[b] for b in self.shards_of]):
+                b = self.shards_of[i]
                 local_items = np.load(parts / "vocab" / f"items-{b:05d}.npy")
                 local_texts = _read_stream(parts / "vocab" / f"texts-{b:05d}.arrow").column("text").to_numpy(
                     zero_copy_only=False)
@@ -782,73 +815,78 @@ def prepare_dataset(
                 out[shard.name] = file_digest(shard)
             return out
 
-        digests = {k: v for part in ranks.gather(ranks.step(remap)) for k, v in part.items()}
-        phases["tables"] = time.perf_counter() - t0 - sum(phases.values())
+        self.digests = {k: v for part in ranks.gather(ranks.step(remap)) for k, v in part.items()}
+        self._phase("tables")
 
-        # 4. encode the texts, each rank its share, then publish
-        cache = TextCache(text_cache_dir, encoder)
-        ranks.step(lambda: cache.embed([str(t) for t in all_texts[ranks.rank::ranks.world]], progress=bar))
-        phases["texts"] = time.perf_counter() - t0 - sum(phases.values())
+    def _texts(self) -> None:
+        """4. Every rank encodes its share of the distinct texts into the shared text cache."""
+        from data_modules.text import TextCache
 
-        def publish() -> dict | None:
-            if not ranks.is_zero:
-                return None
-            emb = cache.embed([str(t) for t in all_texts]) if len(all_texts) else np.zeros((0, encoder.dim),
-                                                                                             np.float16)
-            np.save(tmp / "text_emb.npy", emb.astype(np.float16))
-            shards = [f"users-{b:05d}.arrow" for b in shards_of]
-            files = ["text_emb.npy", "texts.arrow", "items.arrow"]
-            mean = stats.tab_sum / max(stats.tab_n, 1)
-            std = np.sqrt(np.maximum(stats.tab_sq / max(stats.tab_n, 1) - mean**2, 0.0))
-            has_hist = stats.last_day >= 0
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "config": {**asdict(cfg), "key": cfg.key()},
-                "spec": spec.to_dict(),
-                "users": stats.users,
-                "empty_users": stats.empty_users,
-                "users_without_history": stats.no_history,
-                "users_without_future": stats.no_future,
-                "splits": dict(zip(("train", "val", "test"), stats.splits.tolist(), strict=True)),
-                "events_per_source": dict(zip(spec.sources, stats.events_per_source.tolist(), strict=True)),
-                "history_events": stats.hist_events,
-                "future_events": stats.fut_events,
-                "windows_per_user": stats.window_figures(),
-                "window_period": cfg.window.period,
-                "calendar": {
-                    # days since the epoch: the first and last day of the training users' history
-                    "reference_day": stats.first_day if has_hist else 0,
-                    "end_day": stats.last_day if has_hist else 0,
-                    "has_calendar": bool(has_hist and stats.first_day >= CALENDAR_MIN_DAY),
-                },
-                "label_balance": {k: v.tolist() for k, v in stats.label_counts.items()},
-                "num_items": len(item_index),
-                "num_texts": len(all_texts),
-                "text_dim": int(encoder.dim),
-                "text_encoder": encoder.name,
-                "tabular_mean": mean.tolist(),
-                "tabular_std": np.where(std > 0, std, 1.0).tolist(),
-                "filtered": stats.filtered,
-                "buckets": n_buckets,
-                "ranks": ranks.world,
-                "shards": shards,
-                "checksums": {**{s: digests[s] for s in shards}, **{f: file_digest(tmp / f) for f in files}},
-                "prepare_seconds": time.perf_counter() - t0,
-                "phase_seconds": {**phases, "publish": time.perf_counter() - t0 - sum(phases.values())},
-            }
-            atomic_write_json(tmp / "meta.json", meta)
-            shutil.rmtree(parts)
-            (tmp / OWNER_FILE).unlink()
-            replace_dir(tmp, out_dir)
-            return meta
+        ranks = self.ranks
+        self.cache = TextCache(self.text_cache_dir, self.encoder)
+        ranks.step(lambda: self.cache.embed([str(t) for t in self.all_texts[ranks.rank::ranks.world]],
+                                            progress=self.bar))
+        self._phase("texts")
 
-        meta = ranks.step(publish)
-    finally:
-        if ranks.is_zero and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    # the other ranks read the manifest rank 0 just wrote and checked (hashing every shard again
-    # would keep them, and the launcher, waiting)
-    return meta if meta is not None else load_meta(out_dir, verify=False)
+    def _publish(self) -> dict | None:
+        """Rank 0: the text embeddings and meta.json written, the folder renamed into place."""
+        if not self.ranks.is_zero:
+            return None
+        tmp, all_texts = self.tmp, self.all_texts
+        emb = self.cache.embed([str(t) for t in all_texts]) if len(all_texts) else np.zeros((0, self.encoder.dim),
+                                                                                              np.float16)
+        np.save(tmp / "text_emb.npy", emb.astype(np.float16))
+        meta = self._meta()
+        atomic_write_json(tmp / "meta.json", meta)
+        shutil.rmtree(self.parts)
+        (tmp / OWNER_FILE).unlink()
+        replace_dir(tmp, self.out_dir)
+        return meta
+
+    def _meta(self) -> dict:
+        """meta.json: the config, the spec, every count, the calendar, the tables' sizes, the
+        shards and every file's checksum, and the phases' seconds."""
+        cfg, spec, stats, encoder = self.cfg, self.spec, self.stats, self.encoder
+        shards = [f"users-{b:05d}.arrow" for b in self.shards_of]
+        files = ["text_emb.npy", "texts.arrow", "items.arrow"]
+        mean = stats.tab_sum / max(stats.tab_n, 1)
+        std = np.sqrt(np.maximum(stats.tab_sq / max(stats.tab_n, 1) - mean**2, 0.0))
+        has_hist = stats.last_day >= 0
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": {**asdict(cfg), "key": cfg.key()},
+            "spec": spec.to_dict(),
+            "users": stats.users,
+            "empty_users": stats.empty_users,
+            "users_without_history": stats.no_history,
+            "users_without_future": stats.no_future,
+            "splits": dict(zip(("train", "val", "test"), stats.splits.tolist(), strict=True)),
+            "events_per_source": dict(zip(spec.sources, stats.events_per_source.tolist(), strict=True)),
+            "history_events": stats.hist_events,
+            "future_events": stats.fut_events,
+            "windows_per_user": stats.window_figures(),
+            "window_period": cfg.window.period,
+            "calendar": {
+                # days since the epoch: the first and last day of the training users' history
+                "reference_day": stats.first_day if has_hist else 0,
+                "end_day": stats.last_day if has_hist else 0,
+                "has_calendar": bool(has_hist and stats.first_day >= CALENDAR_MIN_DAY),
+            },
+            "label_balance": {k: v.tolist() for k, v in stats.label_counts.items()},
+            "num_items": len(self.item_index),
+            "num_texts": len(self.all_texts),
+            "text_dim": int(encoder.dim),
+            "text_encoder": encoder.name,
+            "tabular_mean": mean.tolist(),
+            "tabular_std": np.where(std > 0, std, 1.0).tolist(),
+            "filtered": stats.filtered,
+            "buckets": self.n_buckets,
+            "ranks": self.ranks.world,
+            "shards": shards,
+            "checksums": {**{s: self.digests[s] for s in shards}, **{f: file_digest(self.tmp / f) for f in files}},
+            "prepare_seconds": time.perf_counter() - self.t0,
+            "phase_seconds": {**self.phases, "publish": time.perf_counter() - self.t0 - sum(self.phases.values())},
+        }
 
 
 def load_meta(prepared_dir: Path, verify: bool = True) -> dict | None:
