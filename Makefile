@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale gpu-check clean
+.PHONY: help install demo readme test test-full lint bench bench-data bench-tokenizer bench-qformer bench-probe bench-alignment bench-qanchor bench-scale gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ install: $(STAMP)  ## create .venv (if missing) and install everything
 
 demo: $(STAMP)  ## the whole pipeline on MovieLens-100k (Q-Former, tokenizer, bench), then the results table
 	$(BIN)/foundv2 pipeline --config experiments/movielens-100k/pipeline.yaml --pipeline.on_change restart
+
+readme: demo  ## rerun the demo and write its table into README.md
+	$(BIN)/python -m foundv2.bench.report runs/movielens-100k/pipeline/bench/bench.json --readme README.md
 
 test: $(STAMP)  ## the fast test suite (CI runs this)
 	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile

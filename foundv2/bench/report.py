@@ -452,24 +452,10 @@ def _collide(row: dict) -> str:
 
 
 def table(bench: dict) -> str:
-    """A compact terminal table (rows = representations/baselines, columns = each task's main metric
-    and bytes per user), then one verdict line per task with its paired interval."""
-    tasks = list(bench["tasks"].items())
-    collide = any("collision_rate" in r for r in bench["results"].values())
-    head = ["name"] + [f"{t}:{MAIN[k]}" for t, k in tasks] + ["B/user"] + (["collide"] if collide else [])
-    rows = []
-    for n, r in bench["results"].items():
-        cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if isinstance(r.get(t), dict) and MAIN[k] in r[t] else "-"
-                       for t, k in tasks]
-        if all(c == "-" for c in cells[1:]):
-            continue  # a row with no task to show (its tasks were skipped at this data set)
-        cells.append(_size(r.get("bytes_per_user")))
-        if collide:
-            cells.append(_collide(r))
-        rows.append(cells)
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows]
+    """A compact terminal table (:func:`rows_table`), then one verdict line per task with its
+    paired interval, every learned row's verdicts, the pairs asked for, the storage budgets and
+    the rows not run."""
+    out = [rows_table(bench)]
     verdict = bench.get("verdicts") or {}
     if verdict:
         out += ["", "verdicts (Δ [95 % paired interval]; beats/loses only when the interval excludes 0):"]
@@ -487,11 +473,58 @@ def table(bench: dict) -> str:
     return "\n".join(out)
 
 
+def rows_table(bench: dict) -> str:
+    """The rows (representations and baselines) by columns (each task's main metric, bytes per
+    user and, with token rows, their collision rate): what :func:`table` starts with and the
+    README shows."""
+    tasks = list(bench["tasks"].items())
+    collide = any("collision_rate" in r for r in bench["results"].values())
+    head = ["name"] + [f"{t}:{MAIN[k]}" for t, k in tasks] + ["B/user"] + (["collide"] if collide else [])
+    rows = []
+    for n, r in bench["results"].items():
+        cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if isinstance(r.get(t), dict) and MAIN[k] in r[t] else "-"
+                       for t, k in tasks]
+        if all(c == "-" for c in cells[1:]):
+            continue  # a row with no task to show (its tasks were skipped at this data set)
+        cells.append(_size(r.get("bytes_per_user")))
+        if collide:
+            cells.append(_collide(r))
+        rows.append(cells)
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join(fmt(c).rstrip() for c in [head, ["-" * w for w in widths], *rows])
+
+
+#: the README block that holds ``make demo``'s table (rewritten by ``make readme``)
+README_BEGIN = "<!-- make demo's table: written by `make readme`, do not edit -->"
+README_END = "<!-- end of make demo's table -->"
+
+
+def readme_with_table(readme: str, bench: dict) -> str:
+    """``readme`` with the text between :data:`README_BEGIN` and :data:`README_END` replaced by
+    ``bench``'s rows table (:func:`rows_table`), as ``make demo`` prints it first."""
+    if README_BEGIN not in readme or README_END not in readme:
+        raise ValueError(f"the README has no block between {README_BEGIN!r} and {README_END!r}")
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n```\n{rows_table(bench)}\n```\n{README_END}{tail}"
+
+
+def readme_table(readme: str) -> str:
+    """The table inside the README block (what :func:`readme_with_table` wrote)."""
+    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    return block.strip().removeprefix("```").removesuffix("```").strip("\n")
+
+
 def main(argv: list[str]) -> int:
-    """``python -m foundv2.bench.report <bench.json>``: print the table of a finished run; a
-    missing or unreadable file is a one-line error and exit status 2."""
+    """``python -m foundv2.bench.report <bench.json> [--readme README.md]``: print the table of a
+    finished run (with ``--readme``, also write it into that README's block); a missing or
+    unreadable file is a one-line error and exit status 2."""
+    readme = None
+    if len(argv) == 3 and argv[1] == "--readme":
+        argv, readme = argv[:1], Path(argv[2])
     if len(argv) != 1:
-        print("usage: python -m foundv2.bench.report <bench.json>", file=sys.stderr)
+        print("usage: python -m foundv2.bench.report <bench.json> [--readme README.md]", file=sys.stderr)
         return 2
     path = Path(argv[0])
     try:
@@ -502,6 +535,13 @@ def main(argv: list[str]) -> int:
               f"pass the bench.json of a finished run (the bench writes it last).", file=sys.stderr)
         return 2
     print(text)
+    if readme is not None:
+        try:
+            atomic_write_text(readme, readme_with_table(readme.read_text(), bench))
+        except (OSError, ValueError) as err:
+            print(f"foundv2: error: {readme}: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote the table into {readme}")
     return 0
 
 
