@@ -172,6 +172,7 @@ def _time_append(work, ev, base, full, qcfg, ckpt, tok, app, t, first, n_users, 
     windows = float(users.column("n_windows").to_numpy().mean())  # the whole history's, the new window included
     cache_bytes = sum(f.stat().st_size for f in (work / "v1" / "append_cache").glob("kv-*.arrow"))
     delta_bytes = (work / "v1" / "append_cache" / "kv-00001.arrow").stat().st_size
+    cache_dtype = json.loads((work / "v1" / "append_cache" / "cache.json").read_text())["dtype"]
     bound = retok / windows + startup_wall
     return {
         "users": n_users, "appended_users": append["appended_users"], "appended_windows": append["appended_windows"],
@@ -184,6 +185,7 @@ def _time_append(work, ev, base, full, qcfg, ckpt, tok, app, t, first, n_users, 
         "retokenize_split_s": {"stage1_predict": p_wall, "tokenize": k_wall},
         "first_encoding_s": t["first_encoding_wall_s"], "first_encoding": first.get("first_encoding"),
         "cache_bytes_per_user": cache_bytes / n_users, "append_delta_bytes_per_user": delta_bytes / n_users,
+        "cache_dtype": cache_dtype,
         "setup_s": t, "model": APPEND_MODEL, "days": days,
         "load": os.getloadavg(),
     }
@@ -211,7 +213,8 @@ def append_markdown(a: dict) -> list[str]:
         f"The append is {a['ratio']:.1f} times faster than re-tokenizing; inside the command it reads the cache in "
         f"{rep.get('read_cache_s', 0):.2f} s and encodes the new windows (the cached rows projected into every "
         f"block's keys and values included) in {rep.get('encode_s', 0):.2f} s. The cache: "
-        f"{a['cache_bytes_per_user'] / 1024:.1f} KB a user (float16), {a['append_delta_bytes_per_user']:.0f} bytes a "
+        f"{a['cache_bytes_per_user'] / 1024:.1f} KB a user ({a.get('cache_dtype', 'float16')}), "
+        f"{a['append_delta_bytes_per_user']:.0f} bytes a "
         "user added by the day.", ""]
 
 

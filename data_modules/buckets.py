@@ -32,13 +32,22 @@ _BUCKET_SALT = 0xB0C4E7  # keeps the bucket hash apart from the split hash (prep
 KINDS = ("events", "users")
 
 
+GOLDEN64 = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser of uint64 values: the hash behind the users' split, their bucket and
+    the code tuples' collision count."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def user_bucket(user_ids: np.ndarray, buckets: int) -> np.ndarray:
     """The bucket (0..buckets-1) of each user id: a splitmix64 hash, independent of everything else."""
     with np.errstate(over="ignore"):
-        z = np.asarray(user_ids).astype(np.uint64) + np.uint64(_BUCKET_SALT) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = splitmix64(np.asarray(user_ids).astype(np.uint64) + np.uint64(_BUCKET_SALT) * GOLDEN64)
     return (z % np.uint64(buckets)).astype(np.int32)
 
 

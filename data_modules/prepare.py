@@ -57,11 +57,13 @@ import pandas as pd
 import pyarrow as pa
 
 from data_modules.buckets import (
+    GOLDEN64,
     SEQ_ROW_BITS,
     Partitioner,
     bucket_bytes,
     event_schema,
     read_bucket,
+    splitmix64,
     users_schema,
     where_row,
 )
@@ -129,10 +131,7 @@ def user_split(user_ids: np.ndarray, seed: int) -> np.ndarray:
     when a data set grows.
     """
     with np.errstate(over="ignore"):
-        z = user_ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = splitmix64(user_ids.astype(np.uint64) + np.uint64(seed) * GOLDEN64)
     u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return np.where(u < SPLIT_FRACTIONS[0], 0, np.where(u < sum(SPLIT_FRACTIONS), 1, 2)).astype(np.int8)
 

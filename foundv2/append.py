@@ -193,9 +193,9 @@ def _real_rows(rows: torch.Tensor, lens: torch.Tensor, dtype: np.dtype) -> tuple
     counts = lens.numpy().astype(np.int64) * n_layers * c
     if np.dtype(dtype) != np.int8:
         return real.numpy().astype(dtype, copy=False).reshape(-1), counts, None
-    scale = (real.abs().amax(1) / 127).to(torch.float16).float().clamp_min(1e-8)  # the scale as stored
-    q = torch.round(real / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.numpy().reshape(-1), counts, scale.to(torch.float16).numpy()
+    scale = (real.abs().amax(1) / 127).to(torch.float16)  # as stored: quantise with that very value
+    q = torch.round(real / scale.float().clamp_min(1e-30)[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.numpy().reshape(-1), counts, scale.numpy()
 
 
 def _kv_batch(user_ids: np.ndarray, cache: QFormerCache, dtype: np.dtype) -> pa.RecordBatch:
@@ -807,7 +807,6 @@ def append_tokens(dm, tokens: str, output: str, qformer: str, tokenizer: str, ev
         from foundv2.stages.tokenizer import write_token_report
 
         write_token_report(tmp, models.tokenizer, int(rows.meta.get("feature_dim") or models.stage.qformer_config.dim))
-        report["cache_bytes"] = sum(f.stat().st_size for f in (tmp / CACHE_DIR).iterdir())
         report["write_s"] = time.perf_counter() - t0
     report["total_s"] = time.perf_counter() - t_start
     return report

@@ -85,25 +85,13 @@ class CollisionRate(Metric):
         return collision_stats(window_tuples(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:], self.num_sources))
 
 
-def hashed_collision_rate(hashes: np.ndarray) -> dict[str, float]:
-    """:func:`collision_stats` of tuples given as one 64-bit hash each (8 bytes per row however
-    long the tuple: what a stream over millions of users keeps); a chance equality of two hashes
-    of different tuples has probability ~n²/2⁶⁵."""
-    n = len(hashes)
-    if n == 0:
-        return {"collision_rate": 0.0, "max_dup": 0.0, "unique_frac": 1.0}
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    return {"collision_rate": float((counts[inverse] > 1).mean()), "max_dup": float(counts.max()),
-            "unique_frac": len(counts) / n}
-
-
 def row_hashes(rows: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row of an integer array ``[N, K]`` (splitmix64 folded over the row)."""
-    h = np.full(len(rows), 0x9E3779B97F4A7C15, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(rows.shape[1]):
-            z = h ^ rows[:, k].astype(np.int64).astype(np.uint64)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            h = z ^ (z >> np.uint64(31))
-    return h
+    """A 64-bit hash of each row of an integer array ``[N, K]`` (splitmix64 folded over the row):
+    one int64 per row, however long the tuple, for :func:`collision_stats` over millions of rows
+    (a chance equality of two hashes of different tuples has probability ~n²/2⁶⁵)."""
+    from data_modules.buckets import GOLDEN64, splitmix64
+
+    h = np.full(len(rows), GOLDEN64, dtype=np.uint64)
+    for k in range(rows.shape[1]):
+        h = splitmix64(h ^ rows[:, k].astype(np.int64).astype(np.uint64))
+    return h.view(np.int64)

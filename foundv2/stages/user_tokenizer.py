@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data_modules.store import atomic_write_json, read_output_meta
-from foundv2.metrics.collisions import hashed_collision_rate, row_hashes
+from foundv2.metrics.collisions import collision_stats, row_hashes
 from foundv2.nn.user_codes import UserCodesConfig, UserCodeTokenizer
 from foundv2.stages.base import PredictStage, item_lists, user_columns
 
@@ -94,7 +94,7 @@ class UserTokenizerStage(PredictStage):
         """Rank 0: report.json beside the parts in the staging ``folder``, before the swap."""
         atomic_write_json(Path(folder) / "report.json",
                           {"users": int(len(hashes := _user_code_hashes(Path(folder)))),
-                           "collisions": hashed_collision_rate(hashes),
+                           "collisions": collision_stats(torch.from_numpy(hashes)[:, None]),
                            "storage": {"bytes_per_user": self.model.bytes_per_user, "levels": self.model.levels,
                                        "bits_per_code": int(np.ceil(np.log2(self.model.config.codes)))}})
 
@@ -110,4 +110,4 @@ def _user_code_hashes(folder: Path) -> np.ndarray:
         col = batch.column("user_codes")
         codes = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         out.append(row_hashes(codes))
-    return np.concatenate(out) if out else np.zeros(0, np.uint64)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
