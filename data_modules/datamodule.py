@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.activity import activity_dim, activity_features, activity_reference_from_calendar
 from data_modules.batch import as_table, fixed, pad_rows, ragged, scalars
 from data_modules.prepare import (
     WINDOW_CALENDAR,
@@ -161,6 +162,7 @@ class EventCollate:
         self.max_events = max_events
         self.tab_mean = np.asarray(meta["tabular_mean"], np.float32)
         self.tab_std = np.asarray(meta["tabular_std"], np.float32)
+        self.activity_reference = activity_reference_from_calendar(meta["calendar"])
 
     def _text(self, ids: np.ndarray) -> np.ndarray:
         emb = np.zeros(ids.shape + (self.text_emb.shape[1],), np.float32)
@@ -220,6 +222,10 @@ class EventCollate:
                                                             self.meta)),
             "fut_item": torch.as_tensor(pad_rows(*ragged(t, "f_item", np.int64), pad=0, dtype=np.int64)),
         }
+        # from the whole history, before the latest-events cap
+        out["activity"] = torch.as_tensor(activity_features(
+            off, ragged(t, "h_source", np.int64)[1], ragged(t, "h_time", np.int64)[1],
+            ragged(t, "h_value", np.float64)[1], len(self.spec.sources), self.activity_reference))
         fut_text = scalars(t, "fut_text", np.int64)
         out["fut_text_emb"] = torch.as_tensor(self._text(fut_text))
         out["has_fut_text"] = torch.as_tensor((fut_text >= 0) & (split == Split.TRAIN))
@@ -420,6 +426,8 @@ class UserDataModule(DataSettings, L.LightningDataModule):
             "max_windows": int(self.hparams.max_windows),
             # width of win_calendar the models read: 0 without calendar time or with calendar off
             "calendar_dim": len(WINDOW_CALENDAR) if self.hparams.calendar and m["calendar"]["has_calendar"] else 0,
+            # width of the activity features event batches carry (data_modules.activity)
+            "activity_dim": activity_dim(len(m["spec"]["sources"])),
             # width of the teacher vectors token batches carry (0: no data.teacher_dir)
             "teacher_dim": self.teacher.dim if self.teacher is not None else 0,
         }

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from data_modules.activity import activity_reference_from_calendar
 from data_modules.datamodule import UserDataModule, UserRows
 from data_modules.store import Split
+from foundv2.bench.baselines import activity_features
 from foundv2.stages.qformer import QFormerStage
 
 
@@ -69,6 +71,10 @@ def _reference_events(cols: dict, meta: dict, text_emb, max_windows: int, max_ev
         "has_fut_text": (fut >= 0) & (split == Split.TRAIN),
         "tabular": (np.asarray(cols["tabular"], np.float32) - np.asarray(meta["tabular_mean"], np.float32))
         / np.asarray(meta["tabular_std"], np.float32),
+        # from the whole history (the caps cut events), as the bench's activity row computes them
+        "activity": activity_features([np.asarray(x) for x in cols["h_source"]], [np.asarray(x) for x in cols["h_time"]],
+                                      [np.asarray(x, np.float64) for x in cols["h_value"]], len(meta["spec"]["sources"]),
+                                      split, reference=activity_reference_from_calendar(meta["calendar"]))[0],
     }
     return out
 

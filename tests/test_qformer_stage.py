@@ -113,8 +113,10 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
     assert len(ds) == 300 and sorted(ds["user_id"]) == sorted(np.asarray(dm.table["user_id"]).tolist())
     row = ds.with_format("numpy")[0]
     n = len(row["slice_window"])
-    # user_emb: mean and last window representation (user_pool=mean_last)
-    assert np.stack(row["feat"]).shape == (n, 16) and row["user_emb"].shape == (32,) and meta["user_dim"] == 32
+    # user_emb: mean and last window representation (user_pool=mean_last), then the activity features
+    act = dm.dims()["activity_dim"]
+    assert np.stack(row["feat"]).shape == (n, 16) and row["user_emb"].shape == (32 + act,)
+    assert meta["user_dim"] == 32 + act
     assert (row["slice_source"] == 4).sum() == 1  # one profile slice, at window 0
     assert row["slice_window"][row["slice_source"] == 4][0] == 0
     # one slice per present (window, source): compare with the event batch
@@ -124,6 +126,9 @@ def test_predict_writes_features_the_tokenizer_trains_on(cache, tmp_path):
     counts.index_put_((batch["ev_window"][0][ok], batch["ev_source"][0][ok]), torch.ones(int(ok.sum())),
                       accumulate=True)
     assert n == int((counts > 0).sum()) + 1
+    # the activity part is the batch's activity features of that user, from the whole history
+    first = ds.with_format("numpy")[[int(i) for i in np.flatnonzero(np.asarray(ds["user_id"]) == int(batch["user_id"][0]))][0]]
+    assert np.allclose(first["user_emb"][32:], batch["activity"][0].numpy())
     # the tokenizer reads the folder through the DataModule
     tok = TokenizerStage(quantizer=QuantizerConfig(n_shared_levels=1, n_specific_levels=1, shared_codes=16,
                                                    specific_codes=8, kmeans_buffer=64), rqvae=RQVAEConfig(code_dim=8, hidden=[16]))

@@ -44,7 +44,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from data_modules.prepare import SECONDS_PER_DAY
+from data_modules import activity as A
 from foundv2.bench.probes import (
     SELECTION_METRIC,
     TaskKind,
@@ -54,7 +54,6 @@ from foundv2.bench.probes import (
 )
 from foundv2.metrics.ranking import evaluate_ranking
 from foundv2.nn.item_factors import ItemFactors, fit_idf, tfidf_rows
-from foundv2.nn.slices import clock_features
 
 logger = logging.getLogger(__name__)
 
@@ -342,9 +341,6 @@ def top_items(history: sp.spmatrix, n_bytes: int) -> sp.csr_matrix:
     return sp.csr_matrix((cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=history.shape)
 
 
-DAY = float(SECONDS_PER_DAY)
-
-
 def activity_reference(times: Sequence[np.ndarray]) -> float:
     """The reference date of :func:`activity_features`: the latest history event of these users
     (the train users'), 0 when none has any."""
@@ -360,51 +356,22 @@ def activity_features(
     split: np.ndarray,
     reference: float | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """Item-free per-user features from the history events alone.
+    """Item-free per-user features from the history events alone
+    (:func:`data_modules.activity.activity_features`, from per-user arrays).
 
-    Per source: ``log1p`` event count, share of the user's events, and of its non-NaN values
-    the mean, std and ``log1p`` of the absolute sum. Over all events: ``log1p`` count, active
-    days, events per active day (frequency), tenure (last − first event, days), recency and the
-    first active day as days before the reference date, and the last event's day of week (sin,
-    cos). The reference date is the latest history event of the train users, so val/test users
-    never set it (``reference``: that date given, e.g. from :func:`activity_reference` of the train
-    users when these are other users; ``split`` is then unused). A user without history gets zeros
-    and a "no history" flag.
+    The reference date is the latest history event of the train users, so val/test users never
+    set it (``reference``: that date given, e.g. from :func:`activity_reference` of the train
+    users when these are other users; ``split`` is then unused).
 
     Returns:
         ``([U, d] float32, d feature names)``: ``4 d`` bytes per user.
     """
     ref = activity_reference([times[u] for u in split_indices(split)[0]]) if reference is None else float(reference)
-    names = [f"{kind}/{s}" for s in range(n_sources) for kind in ("log_count", "share", "value_mean",
-                                                                    "value_std", "value_log_abs_sum")]
-    names += ["log_count", "active_days", "events_per_day", "tenure_days", "recency_days", "first_day_before_ref",
-              "last_dow_sin", "last_dow_cos", "no_history"]
-    out = np.zeros((len(times), len(names)), np.float32)
-    last = np.zeros(len(times), np.float64)
-    for u, (src, t, v) in enumerate(zip(sources, times, values, strict=True)):
-        n = len(t)
-        if n == 0:
-            out[u, -1] = 1.0
-            continue
-        src = np.asarray(src, np.int64)
-        t = np.asarray(t, np.float64)
-        v = np.asarray(v, np.float64)
-        row = []
-        for s in range(n_sources):
-            sel = src == s
-            vs = v[sel]
-            vs = vs[np.isfinite(vs)]
-            row += [np.log1p(sel.sum()), sel.mean(), vs.mean() if vs.size else 0.0, vs.std() if vs.size else 0.0,
-                    np.log1p(np.abs(vs.sum())) if vs.size else 0.0]
-        active = np.unique(np.floor(t / DAY)).size
-        row += [np.log1p(n), active, n / active, (t.max() - t.min()) / DAY, (ref - t.max()) / DAY,
-                (ref - t.min()) / DAY, 0.0, 0.0, 0.0]
-        out[u] = row
-        last[u] = t.max()
-    has = out[:, -1] == 0
-    # the last event's weekday: the one clock of every feature (day of week sin, cos)
-    out[has, -3:-1] = clock_features(torch.from_numpy(last[has]))[:, 2:4].numpy()
-    return out, names
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in times])]).astype(np.int64)
+    flat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs]) if len(xs) else np.zeros(0, dt)  # noqa: E731
+    X = A.activity_features(offsets, flat(sources, np.int64), flat(times, np.float64), flat(values, np.float64),
+                            n_sources, ref)
+    return X, A.activity_names(n_sources)
 
 
 def majority(y: np.ndarray, split: np.ndarray, kind: TaskKind,

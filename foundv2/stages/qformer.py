@@ -125,6 +125,13 @@ class QFormerStage(ObjectiveStage):
             window holds is only partly kept, and the tokenizer quantises what the features hold:
             with ``item_init: factors`` this puts the window's collaborative profile in its tokens.
             Training is unchanged; the part depends on the window's own events only (causal).
+        activity: put the user's activity features beside the pooled states in ``user_emb``:
+            counts and value statistics per source, active days, frequency, tenure, recency
+            (:mod:`data_modules.activity`, from the whole history, the same features as the
+            bench's ``activity`` row). The window states are trained to predict *what* comes
+            next; how much and how recently a user was active is what a lifecycle or a
+            cohort label reads, and a linear probe cannot recover a count from a mean of
+            LayerNorm'd states. Costs ``4 · activity_dim`` bytes per user (``output_info``).
         item_dim: width of the fixed item codes of the ``pooled`` backbone.
         seed: seed of those item codes.
         predict_dir: where ``predict`` writes the features dataset (one Arrow part per rank).
@@ -144,6 +151,7 @@ class QFormerStage(ObjectiveStage):
         optim: OptimConfig = OptimConfig(),
         item_init: Literal["random", "factors"] = "random",
         view_items: bool = False,
+        activity: bool = True,
         item_dim: int = 32,
         seed: int = 0,
         predict_dir: str | None = None,
@@ -248,10 +256,17 @@ class QFormerStage(ObjectiveStage):
         if self.frozen is not None:
             out = with_window_keys(self.frozen(batch), batch, S)
             keep = out["slice_source"] < S
-            return out, mean_by_user(out["feat"][keep], out["slice_user"][keep], batch["user_id"].shape[0])
+            return out, self.with_activity(batch, mean_by_user(out["feat"][keep], out["slice_user"][keep],
+                                                               batch["user_id"].shape[0]))
         views, present, profile = self.encode(batch)
         out = with_window_keys(self.flat_views(batch, views, present, profile), batch, S)
-        return out, self.pool_user(batch, views.mean(2).float())
+        return out, self.with_activity(batch, self.pool_user(batch, views.mean(2).float()))
+
+    def with_activity(self, batch: dict, user: torch.Tensor) -> torch.Tensor:
+        """``user`` [B, D] with the batch's activity features beside it when ``activity`` is on."""
+        if not self.hparams.activity:
+            return user
+        return torch.cat([user, batch["activity"].to(user)], dim=1)
 
     def flat_views(self, batch: dict, views: torch.Tensor, present: torch.Tensor, profile: torch.Tensor | None,
                    lead: int = 0) -> dict:
@@ -345,6 +360,7 @@ class QFormerStage(ObjectiveStage):
     def output_info(self) -> dict:
         dim = self.view_dim
         user_dim = dim * (len(QFORMER_POOLS[self.hparams.user_pool]) if self.frozen is None else 1)
+        user_dim += self.dims["activity_dim"] if self.hparams.activity else 0
         return {"backbone": self.hparams.backbone, "sources": self.sources, "dim": dim, "user_dim": user_dim,
                 "feature_dim": self.feature_dim}
 
