@@ -5,8 +5,8 @@ Run:  python research/activity_user_emb.py experiments/files-purchases/pipeline.
       python research/activity_user_emb.py experiments/movielens-1m/pipeline.yaml
       (writes bench-results/activity_user_emb.<data set>.json and prints a markdown table)
 
-It runs the shipped pipeline (resumable: finished steps are skipped), then predicts stage 1 once
-more from the same checkpoint with ``--model.init_args.activity false`` (the learned state alone,
+It runs the shipped pipeline (resumable: finished steps are skipped), then writes stage 1's
+``user_emb`` without its activity columns as a second representation (the learned state alone,
 as before the activity features existed; training never reads them, so the two embeddings share
 every learned column), and benches both beside the ``activity`` baseline with the paired 95 %
 intervals of ``qformer - activity``, ``qformer_state - activity`` and ``qformer - qformer_state``
@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,21 @@ def foundv2(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "foundv2", *args], cwd=ROOT, check=True)
 
 
+def write_state(features: Path, folder: Path) -> None:
+    """The learned state alone: ``user_emb`` of stage 1's output without its activity columns
+    (the last ``activity_dim``; training never reads them, so the rest is what the stage gave
+    before they existed), as a representation folder."""
+    from data_modules.activity import activity_dim
+    from data_modules.representations import write_representation
+    from data_modules.store import read_stage_output
+
+    ds, meta = read_stage_output(features)
+    cols = ds.select_columns(["user_id", "row", "split", "user_emb"]).with_format("numpy")[:]
+    emb = np.stack(cols["user_emb"]) if cols["user_emb"].dtype == object else cols["user_emb"]
+    n_act = activity_dim(len([s for s in meta["sources"] if s != "profile"]))
+    write_representation(folder, emb[:, :-n_act], cols["row"], cols["split"], cols["user_id"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pipeline", help="a shipped pipeline YAML with a stage1 step and a bench step")
@@ -43,10 +59,8 @@ def main() -> None:
     run = ROOT / spec["run_dir"]
     foundv2("pipeline", "--config", args.pipeline)
     stage1 = run / "stage1"
-    ckpt = next((stage1 / "tb").rglob("last.ckpt"))
     state = run / "research-activity" / "state"
-    foundv2("predict", "--config", str(stage1 / "config.yaml"), "--ckpt_path", str(ckpt),
-            "--model.init_args.activity", "false", "--model.init_args.predict_dir", str(state))
+    write_state(stage1 / "features", state)
     bench_step = next(s for s in spec["steps"] if s.get("kind") == "bench")
     out = run / "research-activity" / "bench"
     embeddings = {"qformer": str(stage1 / "features"), "qformer_state": str(state)}
