@@ -26,7 +26,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_results  # noqa: E402
+from common import machine, write_results  # noqa: E402
+
+from foundv2.bench.report import write_block  # noqa: E402
 
 ROWS = ("qformer", "qformer_state", "activity")
 PAIRS = [["qformer", "activity"], ["qformer_state", "activity"], ["qformer", "qformer_state"]]
@@ -57,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = yaml.safe_load(Path(args.pipeline).read_text())["pipeline"]
     run = ROOT / spec["run_dir"]
-    foundv2("pipeline", "--config", args.pipeline)
+    foundv2("pipeline", "--config", args.pipeline, "--pipeline.on_change", "restart")
     stage1 = run / "stage1"
     state = run / "research-activity" / "state"
     write_state(stage1 / "features", state)
@@ -83,6 +85,13 @@ def main() -> None:
     sizes = {r: bench["results"][r]["bytes_per_user"] for r in ROWS}
     print(f"\n{name}: bytes per user " + ", ".join(f"{r} {b:g}" for r, b in sizes.items()))
     print("\n".join(lines))
+    command = f"python research/activity_user_emb.py {args.pipeline}"
+    m = machine()
+    write_block(ROOT / "docs" / "benchmarks.md", f"activity_user_emb {name}", command,
+                f"`{command}` ({m['cores']} cores, torch {m['libraries']['torch']}): {name}, stage 1's "
+                f"`user_emb` with the activity features ({sizes['qformer']:g} B/user) and without them "
+                f"({sizes['qformer_state']:g} B/user) against `activity` ({sizes['activity']:g} B/user); "
+                f"Δ [paired 95 % interval] over the test users.\n\n" + "\n".join(lines))
     write_results(f"activity_user_emb.{name}", {"bytes_per_user": sizes, "pairs": bench["pairs"], "table": lines},
                   {"pipeline": args.pipeline, "rows": list(ROWS)})
 

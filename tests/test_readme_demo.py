@@ -8,7 +8,16 @@ import json
 
 import pytest
 
-from foundv2.bench.report import README_BEGIN, README_END, readme_table, readme_with_table, rows_table, table
+from foundv2.bench.report import (
+    README_BEGIN,
+    README_END,
+    block,
+    readme_table,
+    readme_with_table,
+    rows_table,
+    table,
+    write_block,
+)
 from tests.helpers import ROOT, run_cli
 
 BENCH = {"tasks": {"churn": "binary"},
@@ -24,6 +33,16 @@ def test_the_block_is_rewritten_in_place_and_read_back():
     assert readme_with_table(out, BENCH) == out  # rewriting with the same run changes nothing
     with pytest.raises(ValueError, match="no block"):
         readme_with_table("# no block\n", BENCH)
+
+
+def test_a_benchmark_block_is_added_once_then_replaced(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Benchmarks\n\nprose\n")
+    write_block(doc, "speed", "make bench-x", "| a |\n|---|\n| 1 |")
+    write_block(doc, "speed", "make bench-x", "| a |\n|---|\n| 2 |")  # a rerun replaces its block
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nprose\n") and text.count("make bench-x") == 1
+    assert block(text, "speed", "make bench-x") == "| a |\n|---|\n| 2 |"
 
 
 @pytest.mark.slow  # the whole MovieLens-100k demo pipeline: make test-full

@@ -495,25 +495,52 @@ def rows_table(bench: dict) -> str:
     return "\n".join(fmt(c).rstrip() for c in [head, ["-" * w for w in widths], *rows])
 
 
+def block_markers(name: str, command: str) -> tuple[str, str]:
+    """The HTML comments around a block of a markdown file that ``command`` writes."""
+    return f"<!-- {name}: written by `{command}`, do not edit -->", f"<!-- end of {name} -->"
+
+
+def with_block(text: str, name: str, command: str, body: str, append: bool = False) -> str:
+    """``text`` with its block ``name`` (between :func:`block_markers`) holding ``body``; with
+    ``append``, a missing block is added at the end, else a missing block is an error."""
+    begin, end = block_markers(name, command)
+    if begin not in text or end not in text:
+        if not append:
+            raise ValueError(f"no block between {begin!r} and {end!r}")
+        return f"{text.rstrip()}\n\n{begin}\n{body}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def block(text: str, name: str, command: str) -> str:
+    """What the block ``name`` of ``text`` holds (see :func:`with_block`)."""
+    begin, end = block_markers(name, command)
+    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def write_block(path: str | Path, name: str, command: str, body: str) -> None:
+    """Write ``body`` into the block ``name`` of the markdown file ``path`` (added at its end when
+    the file has none yet): how a benchmark puts its table into docs/ under the command that
+    measured it."""
+    path = Path(path)
+    atomic_write_text(path, with_block(path.read_text(), name, command, body, append=True))
+
+
 #: the README block that holds ``make demo``'s table (rewritten by ``make readme``)
-README_BEGIN = "<!-- make demo's table: written by `make readme`, do not edit -->"
-README_END = "<!-- end of make demo's table -->"
+README_BLOCK = ("make demo's table", "make readme")
+README_BEGIN, README_END = block_markers(*README_BLOCK)
 
 
 def readme_with_table(readme: str, bench: dict) -> str:
-    """``readme`` with the text between :data:`README_BEGIN` and :data:`README_END` replaced by
-    ``bench``'s rows table (:func:`rows_table`), as ``make demo`` prints it first."""
-    if README_BEGIN not in readme or README_END not in readme:
-        raise ValueError(f"the README has no block between {README_BEGIN!r} and {README_END!r}")
-    head, rest = readme.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_BEGIN}\n```\n{rows_table(bench)}\n```\n{README_END}{tail}"
+    """``readme`` with its :data:`README_BLOCK` holding ``bench``'s rows table
+    (:func:`rows_table`), as ``make demo`` prints it first."""
+    return with_block(readme, *README_BLOCK, f"```\n{rows_table(bench)}\n```")
 
 
 def readme_table(readme: str) -> str:
     """The table inside the README block (what :func:`readme_with_table` wrote)."""
-    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
-    return block.strip().removeprefix("```").removesuffix("```").strip("\n")
+    return block(readme, *README_BLOCK).strip().removeprefix("```").removesuffix("```").strip("\n")
 
 
 def main(argv: list[str]) -> int:
