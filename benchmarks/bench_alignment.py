@@ -2,7 +2,9 @@
 
 Run:  make bench-alignment        (writes bench-results/alignment.json)
       python benchmarks/bench_alignment.py --only synthetic|movielens-1m|append
-      python benchmarks/bench_alignment.py --markdown      (the tables of docs/benchmarks.md from that file)
+      python benchmarks/bench_alignment.py --docs          (rewrite its docs/benchmarks.md tables from that file)
+
+Every run writes its tables into docs/benchmarks.md, each under the command that measured it.
 
 For each data set it runs `foundv2 pipeline --config experiments/<data>/alignment-bench.yaml`
 (stage 1 → tokenizer → stage 3, and stage 3 with each objective switched off in turn → the bench)
@@ -36,6 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, previous_figures, write_results  # noqa: E402
+
+from foundv2.bench.report import write_block  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
 
 DATASETS = ("synthetic", "movielens-1m")
 APPEND_MODEL = {"dim": 32, "num_queries": 2, "num_layers": 2, "num_heads": 4}  # QFormerConfig
@@ -218,34 +224,39 @@ def append_markdown(a: dict) -> list[str]:
         "user added by the day.", ""]
 
 
-def markdown(results: dict) -> str:
-    """The docs/benchmarks.md tables of each data set part of ``alignment.json``: the metrics, aligned_tokens
-    minus each row it is compared with, and the ablation."""
-    out = []
-    for name in DATASETS:
-        part = results.get(name)
-        if not part:
+def dataset_markdown(name: str, part: dict) -> str:
+    """The docs/benchmarks.md tables of one data set part of ``alignment.json``: the metrics,
+    aligned_tokens minus each row it is compared with, and the ablation."""
+    tasks = list(part["metrics"])
+    out = [f"`{command(name)}` ({part['wall_s']:,.0f} s of wall time):", "",
+           "| row | " + " | ".join(f"{t} {part['metrics'][t]['metric']}" for t in tasks) + " |",
+           "|---|" + "---|" * len(tasks)]
+    for row in ROWS:
+        out.append(f"| `{row}` | " + " | ".join(f"{part['metrics'][t].get(row, float('nan')):.4f}" for t in tasks) + " |")
+    best = [part["metrics"][t].get("best_baseline") for t in tasks]
+    out.append("| best baseline | " + " | ".join(
+        f"`{b}` {part['metrics'][t][b]:.4f}" if b else "" for b, t in zip(best, tasks, strict=True)) + " |")
+    for key, title, word_ in (("vs", "aligned_tokens −", True), ("ablation", "aligned_tokens − (objective off)", False)):
+        names = sorted({n for t in tasks for n in part.get(key, {}).get(t, {})})
+        if not names:
             continue
-        tasks = list(part["metrics"])
-        out.append(f"### {name} (wall {part['wall_s']:.0f} s)\n")
-        out.append("| row | " + " | ".join(f"{t} {part['metrics'][t]['metric']}" for t in tasks) + " |")
-        out.append("|---|" + "---|" * len(tasks))
-        for row in ROWS:
-            out.append(f"| `{row}` | " + " | ".join(f"{part['metrics'][t].get(row, float('nan')):.4f}" for t in tasks) + " |")
-        best = [part["metrics"][t].get("best_baseline") for t in tasks]
-        out.append("| best baseline | " + " | ".join(
-            f"`{b}` {part['metrics'][t][b]:.4f}" if b else "" for b, t in zip(best, tasks, strict=True)) + " |\n")
-        for key, title, word_ in (("vs", "aligned_tokens −", True), ("ablation", "aligned_tokens − (objective off)", False)):
-            names = sorted({n for t in tasks for n in part.get(key, {}).get(t, {})})
-            if not names:
-                continue
-            out.append(f"| {title} | " + " | ".join(tasks) + " |")
-            out.append("|---|" + "---|" * len(tasks))
-            for n in names:
-                out.append(f"| {n} | " + " | ".join(
-                    _cell(part[key][t][n], word_) if n in part[key].get(t, {}) else "" for t in tasks) + " |")
-            out.append("")
+        out += ["", f"| {title} | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for n in names:
+            out.append(f"| {n} | " + " | ".join(
+                _cell(part[key][t][n], word_) if n in part[key].get(t, {}) else "" for t in tasks) + " |")
     return "\n".join(out)
+
+
+def command(part: str) -> str:
+    return f"python benchmarks/bench_alignment.py --only {part}"
+
+
+def write_docs(figures: dict) -> None:
+    """Each part's tables into its block of docs/benchmarks.md, under the command that measured it."""
+    for name in (*DATASETS, "append"):
+        if figures.get(name):
+            body = "\n".join(append_markdown(figures[name])) if name == "append" else dataset_markdown(name, figures[name])
+            write_block(DOC, f"bench_alignment {name}", command(name), body.strip())
 
 
 def main() -> None:
@@ -256,13 +267,10 @@ def main() -> None:
     ap.add_argument("--append-days", type=int, default=28, help="days of history of those users")
     ap.add_argument("--reuse", action="store_true",
                     help="append: keep the models and first encoding of an earlier run of the same size")
-    ap.add_argument("--markdown", action="store_true", help="print the docs/benchmarks.md tables of the last results and stop")
+    ap.add_argument("--docs", action="store_true", help="rewrite the docs/benchmarks.md tables from the last results and stop")
     args = ap.parse_args()
-    if args.markdown:
-        figures = previous_figures("alignment", (*DATASETS, "append"))
-        print(markdown(figures))
-        if figures.get("append"):
-            print("\n".join(append_markdown(figures["append"])))
+    if args.docs:
+        write_docs(previous_figures("alignment", (*DATASETS, "append")))
         return
     names = [args.only] if args.only else [*DATASETS, "append"]
     for name in names:
@@ -277,6 +285,7 @@ def main() -> None:
         # as it is done, and two runs of different parts at once do not drop each other's figures
         out = {**previous_figures("alignment", (*DATASETS, "append")), name: part}
         write_results("alignment", out, {"parts": sorted(k for k in out if k in (*DATASETS, "append"))})
+        write_docs(out)
 
 
 if __name__ == "__main__":
