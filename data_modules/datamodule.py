@@ -316,7 +316,7 @@ class UserDataModule(DataSettings, L.LightningDataModule):
     _fit_rows: np.ndarray | None = None
     _val_rows: np.ndarray | None = None
     teacher: TeacherVectors | None = None  # the teacher's vectors of the sampled users
-    _pairs = None  # the query/answer pairs (questions set), built on first use
+    _pairs: dict  # split → the query/answer pairs (questions set), built on first use
     #: positions in the predict order that ``predict`` reads instead of all (a measurement's spread
     #: sample: :func:`foundv2.throughput.predict_throughput`); None: every user
     predict_subset: np.ndarray | None = None
@@ -332,6 +332,7 @@ class UserDataModule(DataSettings, L.LightningDataModule):
         if meta is None:
             raise DataError(f"{self.prepared_dir}: no prepared data; run prepare_data first (foundv2 data).")
         self.meta = meta
+        self._pairs = {}
         self.spec = DatasetSpec.from_dict(meta["spec"])
         self.table = _open_shards(self.prepared_dir, meta["shards"])
         try:
@@ -510,36 +511,47 @@ class UserDataModule(DataSettings, L.LightningDataModule):
                           collate_fn=self.collate(), num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 
-    def qa_pairs(self):
-        """The query/answer pairs of the training users (``questions`` set; built once)."""
+    def qa_pairs(self, split: str = "train"):
+        """The query/answer pairs (``questions`` set; built once per split) of the training users
+        (``fit_rows``), or of the validation users (``val_rows``) answered with the training
+        users' bins (:func:`~data_modules.questions.build_pairs`)."""
         from data_modules.questions import build_pairs, questions_from_config
 
-        if self._pairs is None:
+        if split not in self._pairs:
             q = self.hparams.questions
             texts = _open_shards(self.prepared_dir, ["texts.arrow"])["text"]
-            self._pairs = build_pairs(self.table.data.table, self.meta, list(texts),
-                                      questions_from_config(None if q is True else q),
-                                      rows=self.prepared_rows(self.fit_rows()))
-            for name, why in self._pairs.skipped.items():
-                log.warning("question '%s' gives no pairs: %s", name, why)
-        return self._pairs
+            self._pairs[split] = pairs = build_pairs(
+                self.table.data.table, self.meta, list(texts), questions_from_config(None if q is True else q),
+                rows=self.prepared_rows(self.fit_rows()),
+                answer_rows=None if split == "train" else self.prepared_rows(self.val_rows()))
+            for name, why in pairs.skipped.items():
+                log.warning("question '%s' gives no %s pairs: %s", name, split, why)
+        return self._pairs[split]
+
+    def _pair_loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Batches of query/answer pairs with their users' prefix inputs (events, or token rows
+        for Q-Anchor's token prefix); validation pairs in (question, user) order, so a batch
+        mostly asks one question of many users."""
+        from data_modules.questions import PairRows, QACollate
+
+        pairs = self.qa_pairs(split)
+        if self.batch_kind == "tokens":  # the users' token rows (Q-Anchor's token prefix)
+            users, collate = PairRows(self.input_table, pairs, table_rows="row"), self.collate()
+        else:
+            users, collate = PairRows(self.table, pairs), BATCH_KINDS["events"].collate(self)
+        sampler = EpochShuffleSampler(len(pairs), self.hparams.split_seed) if shuffle else None
+        return DataLoader(users, batch_size=self.hparams.batch_size, sampler=sampler,
+                          collate_fn=QACollate(collate, pairs), num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.questions:
-            from data_modules.questions import PairRows, QACollate
-
-            pairs = self.qa_pairs()
-            if self.batch_kind == "tokens":  # the users' token rows (Q-Anchor's token prefix)
-                users, collate = PairRows(self.input_table, pairs, table_rows="row"), self.collate()
-            else:
-                users, collate = PairRows(self.table, pairs), BATCH_KINDS["events"].collate(self)
-            sampler = EpochShuffleSampler(len(pairs), self.hparams.split_seed)
-            return DataLoader(users, batch_size=self.hparams.batch_size, sampler=sampler,
-                              collate_fn=QACollate(collate, pairs), num_workers=self.hparams.num_workers,
-                              persistent_workers=self.hparams.num_workers > 0)
+            return self._pair_loader("train", shuffle=True)
         return self._loader(self.fit_rows(), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.hparams.questions:
+            return self._pair_loader("val", shuffle=False)
         return self._loader(self.val_rows(), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

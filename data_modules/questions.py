@@ -9,7 +9,7 @@ fact the data holds:
 ==============  ==========================================================================
 answer kind     the answer text, from the user's history (or future, for the summary)
 ==============  ==========================================================================
-future_summary  the prepared future-behaviour summary (``fut_text``; training users only)
+future_summary  the prepared future-behaviour summary (``fut_text``)
 top_categories  the ``top`` most frequent categories (genres, merchant categories ...)
 activity        the number of history events, binned by the training users' terciles
 recency         days from the last history event to the end of the training history
@@ -25,9 +25,10 @@ events (``value_level`` of ``payment`` is a spending level); the set is declared
 the data cannot answer (no categories, no values, no calendar time, no repeats) gives no pairs
 and is reported by :func:`build_pairs` in ``skipped``, never a made-up answer.
 
-Only **training** users get pairs (the split column is read here, not trusted from the
-caller), and every bin edge is fitted on training users, so nothing of a validation or test
-user reaches training. Answers are deterministic: ties are broken by index.
+Training pairs come from **training** users only (the split column is read here, not trusted
+from the caller), and every bin edge is fitted on training users, so nothing of a validation or
+test user reaches training; validation pairs (``answer_rows``) are answered with those bins and
+only score a fit (the held-out loss and user → answer retrieval accuracy). Answers are deterministic: ties are broken by index.
 """
 
 from __future__ import annotations
@@ -175,10 +176,13 @@ def _tercile_edges(x: np.ndarray) -> np.ndarray:
 
 
 class _Answers:
-    """Answer texts of one question kind for the training users of one prepared table."""
+    """Answer texts of one question kind for some users of one prepared table; bin edges (activity
+    and value terciles) come from the users where ``fit`` is True (default: all of them)."""
 
-    def __init__(self, table: pa.Table, meta: dict, texts: list[str], rows: np.ndarray):
+    def __init__(self, table: pa.Table, meta: dict, texts: list[str], rows: np.ndarray,
+                 fit: np.ndarray | None = None):
         self.table, self.meta, self.texts, self.rows = table, meta, texts, rows
+        self.fit = np.ones(len(rows), bool) if fit is None else np.asarray(fit, bool)
         self.spec_sources = list(meta["spec"]["sources"])
         self.categories = list(meta["spec"].get("categories") or [])
         self.calendar = meta.get("calendar") or {}
@@ -211,7 +215,7 @@ class _Answers:
 
     def activity(self, q: Question, ev: pd.DataFrame):
         n = np.bincount(ev["u"].to_numpy(), minlength=len(self.rows))
-        edges = _tercile_edges(n[n > 0])
+        edges = _tercile_edges(n[(n > 0) & self.fit])
         level = np.searchsorted(edges, n, side="right")
         return {u: f"{LEVELS[level[u]].capitalize()} activity: {int(n[u])} events."
                 for u in np.flatnonzero(n > 0).tolist()}, None if (n > 0).any() else "no history events"
@@ -258,20 +262,22 @@ class _Answers:
         if ev.empty:
             return {}, "no event has a value" + (f" in source '{q.source}'" if q.source else "")
         mean = ev.groupby("u")["value"].mean()
-        edges = _tercile_edges(mean.to_numpy())
+        edges = _tercile_edges(mean.to_numpy()[self.fit[mean.index.to_numpy()]])
         level = np.searchsorted(edges, mean.to_numpy(), side="right")
         return {int(u): f"{LEVELS[lv].capitalize()}: {m:.4g} on average." for u, lv, m in
                 zip(mean.index, level, mean.to_numpy(), strict=True)}, None
 
 
 def build_pairs(table: pa.Table, meta: dict, texts: list[str], questions: Sequence[Question],
-                rows: np.ndarray | None = None) -> QAPairs:
-    """Every (training user, question) pair the data can answer, sorted by (question, row).
+                rows: np.ndarray | None = None, answer_rows: np.ndarray | None = None) -> QAPairs:
+    """Every (user, question) pair the data can answer, sorted by (question, row).
 
     ``table`` is the prepared table (a ``pyarrow.Table`` of the shards), ``meta`` its
     ``meta.json``, ``texts`` the text table (``texts.arrow``). ``rows``: the prepared rows of the
-    users to make pairs for (``UserDataModule.fit_rows``: a sample), whose training users alone
-    are read and fit the bins; None: every training user."""
+    users that fit the bins (``UserDataModule.fit_rows``: a sample), of which the training users
+    alone are read; None: every training user. Their own pairs are returned unless
+    ``answer_rows`` is given: then the pairs are those of these other users (validation users,
+    say), answered with the bins of the training users, so a held-out score never moves a bin."""
     split = np.asarray(table["split"].to_numpy(zero_copy_only=False), dtype=np.int64)
     train = split == int(Split.TRAIN)
     if rows is None:
@@ -279,14 +285,22 @@ def build_pairs(table: pa.Table, meta: dict, texts: list[str], questions: Sequen
     else:
         rows = np.unique(np.asarray(rows, np.int64))
         rows = rows[train[rows]]
-    answers = _Answers(table, meta, texts, rows)
+    first = 0
+    fit = None
+    if answer_rows is not None:
+        answer_rows = np.unique(np.asarray(answer_rows, np.int64))
+        answer_rows = answer_rows[~train[answer_rows]]
+        first = len(rows)
+        fit = np.arange(first + len(answer_rows)) < first
+        rows = np.concatenate([rows, answer_rows])
+    answers = _Answers(table, meta, texts, rows, fit)
     out_rows, out_q, out_a, skipped = [], [], [], {}
     for qi, q in enumerate(questions):
         got, why = answers(q)
-        if not got:
-            skipped[q.name] = why or "no training user can answer it"
+        idx = sorted(i for i in got if i >= first)
+        if not idx:
+            skipped[q.name] = why or "no user can answer it"
             continue
-        idx = sorted(got)
         out_rows.append(rows[idx])
         out_q.append(np.full(len(idx), qi, dtype=np.int64))
         out_a.extend(got[i] for i in idx)

@@ -61,6 +61,23 @@ def anchor_info_nce(user: Tensor, answer: Tensor, tau: float = TAU, fn_margin: f
     return loss + zero, acc
 
 
+@torch.no_grad()
+def answer_retrieval(user: Tensor, answer: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+    """User → answer retrieval among one batch's answers: ``(accuracy, chance)``.
+
+    ``user[i]`` retrieves the answer of highest cosine; it is a hit when that answer's text equals
+    ``texts[i]`` (several users may share an answer text, e.g. "High activity"). ``chance`` is the
+    expected accuracy of a uniformly random pick on the same batch: the mean share of the batch's
+    answers that have the user's own text.
+    """
+    sim = F.normalize(user.float(), dim=-1) @ F.normalize(answer.float(), dim=-1).T
+    ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+    code = torch.tensor([ids[t] for t in texts], device=sim.device)
+    same = code[:, None] == code[None, :]
+    hit = same.gather(1, sim.argmax(1, keepdim=True)).float().mean()
+    return hit, same.float().mean(1).mean()
+
+
 def next_token_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """Mean cross-entropy over the valid target tokens: ``logits`` [B, T, V] predict
     ``targets`` [B, T] where ``mask`` [B, T] is True; 0 (in the graph) when none is valid."""

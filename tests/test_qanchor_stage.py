@@ -250,3 +250,31 @@ def test_a_shallower_lm_and_a_frozen_answer_tower_train_and_reload(root, tmp_pat
 def test_more_layers_than_the_lm_has_is_refused(root):
     with pytest.raises(DataError, match="lm_layers 9"):
         _trainer(max_steps=1).fit(_stage("soft", root, lm_layers=9), datamodule=_kind_dm("soft", root))
+
+
+def test_validation_pairs_are_held_out_users_scored_by_retrieval(fitted):
+    """Validation batches hold the validation users' pairs (answered with the training users'
+    bins); ``validate`` logs the training terms and the user -> answer retrieval accuracy beside
+    its chance on the same batches."""
+    _, dm, stage, _, _, _ = fitted
+    val = dm.qa_pairs("val")
+    split = dm.split[val.row]
+    assert len(val) > 0 and set(split.tolist()) == {int(Split.VAL)}
+    assert not set(val.row.tolist()) & set(dm.qa_pairs().row.tolist())
+    out = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False).validate(stage, datamodule=dm, verbose=False)[0]
+    assert np.isfinite(out["val/loss"]) and np.isfinite(out["val/loss/nce"])
+    assert 0 < out["val/retrieval_chance"] < 1 and 0 <= out["val/retrieval_acc"] <= 1
+
+
+def test_answer_retrieval_counts_a_shared_answer_text_as_a_hit():
+    from foundv2.anchor_losses import answer_retrieval
+
+    answer = torch.eye(4)
+    texts = ["a", "b", "a", "c"]
+    # users 0, 1 find their own answer; user 2 finds answer 0 (text "a", its own text: a hit);
+    # user 3 finds answer 1 ("b", not its "c": a miss)
+    user = torch.stack([answer[0], answer[1], answer[0], answer[1]])
+    acc, chance = answer_retrieval(user, answer, texts)
+    assert acc.item() == pytest.approx(0.75)
+    assert chance.item() == pytest.approx((2 / 4 + 1 / 4 + 2 / 4 + 1 / 4) / 4)

@@ -68,6 +68,25 @@ def test_val_and_test_users_change_nothing(prepared):
     assert after.answer == before.answer and np.array_equal(after.row, before.row)
 
 
+def test_validation_pairs_are_answered_with_the_training_users_bins(prepared):
+    """Validation users' activity answers sit in the terciles of the *training* users' counts,
+    and asking for them changes no training answer."""
+    table, meta, texts = _parts(prepared)
+    qs = [Question("act", "q", "activity")]
+    split = table["split"].to_numpy()
+    val = np.flatnonzero(split == Split.VAL)
+    train_pairs = build_pairs(table, meta, texts, qs)
+    held = build_pairs(table, meta, texts, qs, answer_rows=np.concatenate([val, np.flatnonzero(split == Split.TRAIN)]))
+    assert len(held) > 0 and set(split[held.row]) == {int(Split.VAL)}  # training rows are never answered here
+    n_train = np.array([len(table["h_source"][int(r)]) for r in train_pairs.row])
+    edges = np.quantile(n_train[n_train > 0], [1 / 3, 2 / 3])
+    levels = ("Low", "Medium", "High")
+    for r, a in zip(held.row, held.answer, strict=True):
+        n = len(table["h_source"][int(r)])
+        assert a == f"{levels[int(np.searchsorted(edges, n, side='right'))]} activity: {n} events."
+    assert build_pairs(table, meta, texts, qs).answer == train_pairs.answer
+
+
 def test_answers_match_a_direct_count(prepared):
     """Favourite categories and time of day, recounted by hand for a few training users."""
     table, meta, texts = _parts(prepared)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from data_modules.schema import DataError
-from foundv2.anchor_losses import FN_MARGIN, TAU, prototype_loss, qanchor_loss
+from foundv2.anchor_losses import FN_MARGIN, TAU, answer_retrieval, prototype_loss, qanchor_loss
 from foundv2.nn.anchor import (
     U2QT_TOKEN,
     USER_EMB,
@@ -235,6 +235,12 @@ class QAnchorStage(PredictStage):
                 "ev_source": inputs["ev_source"].gather(1, idx), "ev_mask": inputs["ev_mask"].gather(1, idx)}
 
     def model_step(self, batch: dict) -> dict:
+        """The training terms of a query/answer batch (``loss``, ``loss/nce``, ``loss/ntp``,
+        ``acc/nce``, ``tau``)."""
+        return self._step(batch)[0]
+
+    def _step(self, batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(the terms, the query-aware user embeddings [B, E], the answer embeddings [B, E])."""
         if "answer" not in batch:
             raise DataError("QAnchorStage trains on query/answer batches: set data.questions (true for the "
                             "default question set).")
@@ -249,7 +255,7 @@ class QAnchorStage(PredictStage):
         tau = self.tau()
         terms = qanchor_loss(out.embedding, answer, out.answer_logits, a_ids, a_mask, nce_weight=hp.nce_weight,
                              ntp_weight=hp.ntp_weight, tau=tau, fn_margin=hp.fn_margin, keys=batch["answer_key"])
-        return {**terms, "tau": torch.as_tensor(tau).detach()}
+        return {**terms, "tau": torch.as_tensor(tau).detach()}, out.embedding, answer
 
     def on_train_start(self) -> None:
         # the LM is loaded in eval mode and Lightning keeps each module's mode: train it in train
@@ -280,6 +286,17 @@ class QAnchorStage(PredictStage):
         for k, v in terms.items():
             self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=True, batch_size=n, prog_bar=k == "loss")
         return terms["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out pairs (validation users, :meth:`UserDataModule.qa_pairs`): the training terms
+        and user → answer retrieval among the batch's answers (``val/retrieval_acc``, a hit when
+        the nearest answer has the true answer's text; ``val/retrieval_chance``, what a random
+        pick scores on the same batch)."""
+        terms, user, answer = self._step(batch)
+        acc, chance = answer_retrieval(user, answer, batch["answer"])
+        n = len(batch["answer"])
+        for k, v in {**terms, "retrieval_acc": acc, "retrieval_chance": chance}.items():
+            self.log(f"val/{k}", v.detach(), on_epoch=True, batch_size=n, sync_dist=True, prog_bar=k == "retrieval_acc")
 
     @torch.no_grad()
     def embed_users(self, batch: dict, queries: list[str] | None = None,
