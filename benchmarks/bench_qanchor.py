@@ -45,8 +45,10 @@ Training step (``--parts steps``): the shipped MovieLens-100k Q-Anchor stage
 r 64) fitted for ``--steps`` steps at ``--step-batch`` pairs a step, once per variant of
 :data:`STEP_VARIANTS` (the paper's, a frozen answer tower, the first ``--step-layers`` layers,
 both), side by side in one run; ``steps[variant].step_s`` is the median wall time of a step after
-the first, with the loss terms of the last step. What each change costs in quality is measured by
-training longer (the issue of a CPU config), not here.
+the first, with the loss terms of the last step. What each change costs in quality after those
+steps: ``steps[variant].val`` holds the loss terms and the user -> answer retrieval accuracy
+(``retrieval_acc``, beside ``retrieval_chance``) on ``--val-batches`` batches of held-out pairs of
+validation users (``QAnchorStage.validation_step``).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ STEP_VARIANTS = {"paper": {}, "frozen_answers": {"answer_tower": "frozen"}, "fir
                  "first_layers_frozen_answers": {"lm_layers": None, "answer_tower": "frozen"}}
 
 
-def step_costs(steps: int, batch: int, layers: int, cache_dir: str) -> dict:
+def step_costs(steps: int, batch: int, layers: int, cache_dir: str, val_batches: int = 0) -> dict:
     """Seconds per training step of each :data:`STEP_VARIANTS` entry (see the module docstring)."""
     import lightning as L
     import yaml
@@ -204,6 +206,13 @@ def step_costs(steps: int, batch: int, layers: int, cache_dir: str) -> dict:
                      "first_step_s": timer.times[0], "fit_s": total,
                      **{k.split("/")[-1].removesuffix("_step"): float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("train/loss") and k.endswith("_step")}}
+        if val_batches:  # quality after these steps: held-out pairs of validation users
+            t0 = time.perf_counter()
+            val = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=val_batches).validate(
+                stage, datamodule=dm, verbose=False)[0]
+            out[name]["val"] = {k.removeprefix("val/"): float(v) for k, v in val.items()}
+            out[name]["val_s"] = time.perf_counter() - t0
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[name].items()}, flush=True)
     base = out["paper"]["step_s"]
     for fig in out.values():
@@ -216,17 +225,24 @@ def steps_markdown(steps: dict, config: dict, machine: dict) -> str:
     lines = ["# Query-as-Anchor: what a training step costs", "",
              "Written by `python benchmarks/bench_qanchor.py --parts steps "
              f"--steps {config['steps']} --step-batch {config['step_batch']} --step-layers {config['step_layers']} "
+             f"--val-batches {config['val_batches']} "
              f"--threads {config['threads']}` (part of `make bench-qanchor`) on {machine['cores']} cores "
              f"(torch {machine['libraries'].get('torch')}, transformers {machine['libraries'].get('transformers')}). "
              "The shipped MovieLens-100k stage (SmolLM2-135M, soft prefix of the latest 64 events, LoRA r 64) with "
              "one setting changed per row, side by side in one run; a step's seconds are the median after the "
-             "first. The loss terms are those of the last step: a few steps say nothing of quality, which "
-             "longer training measures.", "",
-             "| variant | settings | s per step | speed-up | InfoNCE | next-token |", "|---|---|---|---|---|---|"]
+             f"first. Quality after the {config['steps']} steps: on {config.get('val_batches', 0)} batches of "
+             "held-out pairs of validation users, the InfoNCE and next-token losses and the user -> answer "
+             "retrieval accuracy among each batch's answers (a hit when the nearest answer has the user's "
+             "own answer text), beside what a random pick scores on the same batches.", "",
+             "| variant | settings | s per step | speed-up | val InfoNCE | val next-token | val retrieval (chance) |",
+             "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for name, f in steps.items():
         settings = ", ".join(f"`{k}: {v}`" for k, v in f["settings"].items()) or "the paper's"
-        lines.append(f"| {name} | {settings} | {f['step_s']:.1f} | {f['speedup']:.1f}x | {f.get('nce', float('nan')):.2f} "
-                     f"| {f.get('ntp', float('nan')):.2f} |")
+        v = f.get("val", {})
+        lines.append(f"| {name} | {settings} | {f['step_s']:.1f} | {f['speedup']:.1f}x | {v.get('loss/nce', nan):.3f} "
+                     f"| {v.get('loss/ntp', nan):.3f} | {v.get('retrieval_acc', nan):.3f} "
+                     f"({v.get('retrieval_chance', nan):.3f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,6 +304,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="training steps per variant (the first is not timed)")
     ap.add_argument("--step-batch", type=int, default=16, help="question/answer pairs per training step")
     ap.add_argument("--step-layers", type=int, default=8, help="decoder layers kept by the first_layers variants")
+    ap.add_argument("--val-batches", type=int, default=4,
+                    help="batches of held-out validation pairs scored after each variant's steps (0: none)")
     ap.add_argument("--fresh-conversion", action="store_true",
                     help="time a new conversion into a temporary folder even when --cache-dir has one")
     args = ap.parse_args()
@@ -297,7 +315,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     figures: dict = {}
     if "steps" in parts:
-        figures["steps"] = step_costs(args.steps, args.step_batch, args.step_layers, args.cache_dir)
+        figures["steps"] = step_costs(args.steps, args.step_batch, args.step_layers, args.cache_dir, args.val_batches)
     if "serving" in parts:
         figures.update(serving(args))
     figures["peak_rss_mb"] = peak_rss_mb()
@@ -306,7 +324,7 @@ def main() -> None:
               "threads": args.threads, "queries": QUERIES[: args.queries],
               "embed_users": args.embed_users, "embed_events": args.embed_events, "embed_batch": args.embed_batch,
               "dtype": "float32", "parts": args.parts, "steps": args.steps, "step_batch": args.step_batch,
-              "step_layers": args.step_layers}
+              "step_layers": args.step_layers, "val_batches": args.val_batches}
     write_results("qanchor", figures, config)
     if "steps" in figures:
         from common import machine
