@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, peak_rss_mb, write_results  # noqa: E402
+from common import ROOT, peak_rss_mb, previous_figures, write_results  # noqa: E402
 
 QUERIES = ["What are this user's favourite genres?", "How active has this user been lately?",
            "At what time of day does this user watch?", "Which items does this user come back to most?",
@@ -313,7 +313,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     parts = set(args.parts.split(","))
-    figures: dict = {}
+    # a run of some parts keeps the others' last figures
+    figures: dict = {k: v for k, v in previous_figures("qanchor", None).items()
+                     if k not in ("benchmark", "machine", "config", "peak_rss_mb")}
+    if "serving" in parts:  # what serving writes, dropped first so a figure it no longer makes cannot linger
+        figures = {k: v for k, v in figures.items() if k == "steps"}
     if "steps" in parts:
         figures["steps"] = step_costs(args.steps, args.step_batch, args.step_layers, args.cache_dir, args.val_batches)
     if "serving" in parts:

@@ -35,12 +35,12 @@ def peak_rss_mb() -> float:
 
 
 def previous_figures(name: str, keys) -> dict:
-    """The figures under ``keys`` from the last ``bench-results/<name>.json`` (empty if none):
-    what a partial run (one data set) keeps of the last full one."""
+    """The figures under ``keys`` (None: every key) from the last ``bench-results/<name>.json``
+    (empty if none): what a partial run (one data set) keeps of the last full one."""
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return {}
-    return {k: v for k, v in json.loads(path.read_text()).items() if k in keys}
+    return {k: v for k, v in json.loads(path.read_text()).items() if keys is None or k in keys}
 
 
 def write_results(name: str, figures: dict, config: dict) -> Path:
