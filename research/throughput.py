@@ -1,7 +1,7 @@
 """Predict throughput and FLOP utilisation of the shipped synthetic pipeline's stages.
 
 Run:  .venv/bin/python research/throughput.py [--users 10000] [--fit-steps 20] [--threads N]
-          [--orders rows,length] [--fit-users N] [--only stage1,tokenizer,alignment] [--markdown docs/throughput.md]
+          [--orders rows,length] [--precisions 32-true,bf16-mixed] [--fit-users N] [--only stage1,tokenizer,alignment] [--markdown docs/throughput.md]
 
 Prepares ``--users`` synthetic users (experiments/synthetic/data.yaml), fits each stage of
 experiments/synthetic/pipeline.yaml for ``--fit-steps`` steps (a short fit: a predict's cost
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,6 +69,31 @@ def output_digest(folder: Path) -> str:
     return total.hexdigest()
 
 
+def output_difference(first: Path, other: Path) -> dict:
+    """How far another run's float columns are from the first run's, per user (rows matched by
+    ``user_id``): the relative L2 error over all of them and the smallest per-row cosine of
+    ``user_emb`` (features) or of the decoded vectors; 0 / 1 for equal outputs."""
+    from data_modules.store import read_stage_output
+
+    a, _ = read_stage_output(first)
+    b, _ = read_stage_output(other)
+    out = {}
+    for col in ("user_emb", "feat"):
+        if col not in a.column_names:
+            continue
+        order_a = np.argsort(np.asarray(a["user_id"]))
+        order_b = np.argsort(np.asarray(b["user_id"]))
+        xa = [np.asarray(a[int(i)][col], np.float64).reshape(-1) for i in order_a[:2000]]
+        xb = [np.asarray(b[int(i)][col], np.float64).reshape(-1) for i in order_b[:2000]]
+        va, vb = np.concatenate(xa), np.concatenate(xb)
+        out[f"{col}_rel_err"] = float(np.linalg.norm(va - vb) / max(np.linalg.norm(va), 1e-12))
+    if "token_ids" in a.column_names:
+        ta = {u: t for u, t in zip(a["user_id"], a["token_ids"], strict=True)}
+        same = [ta[u] == t for u, t in zip(b["user_id"], b["token_ids"], strict=True)]
+        out["users_with_equal_tokens"] = float(np.mean(same))
+    return out
+
+
 def stage_args(name: str, run: Path, users: int, cache: str, order: str | None = None,
                fit_users: int | None = None) -> list[str]:
     configs, reads = STAGES[name]
@@ -107,7 +133,8 @@ def markdown(figures: dict, command: str) -> str:
              f"predict), {figures['peak_flops'] / 1e9:.0f} GFLOP/s. "
              "FLOPs are matmul-class FLOPs (FlopCounterMode) of predict_step, padding included; the time is the "
              "whole predict (reading and collating rows, the model, the Arrow writer).", "",
-             "| stage | predict_order | users/s | MFLOP/user | utilisation | data s | model s | write s | other s |",
+             "| stage | predict_order, precision | users/s | MFLOP/user | utilisation (of fp32 peak) | data s | model s "
+             "| write s | other s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, by_order in figures["stages"].items():
         for order, r in by_order.items():
@@ -128,6 +155,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--orders", default="rows,length",
                     help="data.predict_order values measured side by side; the first one's output feeds the next stage")
+    ap.add_argument("--precisions", default="32-true",
+                    help="trainer precisions measured side by side (e.g. 32-true,bf16-mixed); the first feeds the next stage")
     ap.add_argument("--fit-users", type=int, default=None, help="data.fit_users of the fits (val_users: a tenth)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file (docs/throughput.md)")
     a = ap.parse_args()
@@ -136,6 +165,7 @@ def main() -> None:
     run = Path(a.run_dir) / str(a.users)
     peak = matmul_peak_flops()
     orders = a.orders.split(",")
+    precisions = a.precisions.split(",")
     figures = {"peak_flops": peak, "users": a.users, "threads": torch.get_num_threads(), "stages": {}}
     only = a.only.split(",")
     last = max(list(STAGES).index(s) for s in only)
@@ -143,22 +173,26 @@ def main() -> None:
         ckpt = fit(name, run, stage_args(name, run, a.users, a.cache, orders[0], a.fit_users), a.fit_steps)
         if name not in only and (run / name / "out" / "meta.json").exists():
             continue  # a later stage reads this stage's output as it is
-        for i, order in enumerate(orders if name in only else orders[:1]):
+        runs = [(o, p) for o in orders for p in precisions] if name in only else [(orders[0], precisions[0])]
+        for i, (order, precision) in enumerate(runs):
             stage, dm = from_config(stage_args(name, run, a.users, a.cache, order, a.fit_users))
-            keep = run / name / "out" if i == 0 else None  # the first order's output feeds the next stage
-            res = predict_throughput(stage, dm, ckpt_path=str(ckpt), keep_dir=str(keep) if keep else None)
+            # the first run's output feeds the next stage; the others are compared with it
+            keep = run / name / ("out" if i == 0 else f"out-{order}-{precision}")
+            res = predict_throughput(stage, dm, ckpt_path=str(ckpt), keep_dir=str(keep), precision=precision)
             peak = max(peak, res["peak_flops"])
-            if keep:
-                res["digest"] = output_digest(keep)
+            res["digest"] = output_digest(keep)
+            if i > 0:
+                res["vs_first"] = output_difference(run / name / "out", keep)
+                shutil.rmtree(keep)
             if name in only:
-                figures["stages"].setdefault(name, {})[order] = res
-            print(name, order, json.dumps(res), flush=True)
+                figures["stages"].setdefault(name, {})[f"{order} {precision}"] = res
+            print(name, order, precision, json.dumps(res), flush=True)
     figures["peak_flops"] = peak  # the best of every measure in the run: utilisation against it
     for by_order in figures["stages"].values():
         for r in by_order.values():
             r["peak_flops"], r["utilisation"] = peak, r["users_per_s"] * r["flops_per_user"] / peak
     write_results("throughput", figures, {"users": a.users, "fit_steps": a.fit_steps, "threads": torch.get_num_threads(),
-                                          "orders": orders, "fit_users": a.fit_users,
+                                          "orders": orders, "precisions": precisions, "fit_users": a.fit_users,
                                           "stages": {k: v[0] for k, v in STAGES.items()}})
     if a.markdown:
         Path(a.markdown).write_text(markdown(figures, "python research/throughput.py " + " ".join(sys.argv[1:])))
