@@ -517,6 +517,8 @@ def main() -> None:
                     help="share of an H100's dense bf16 peak assumed for the 100M-user GPU-hours (not measured)")
     ap.add_argument("--cache-dtype", default="float16", choices=("float16", "float32", "int8"),
                     help="the append cache's dtype (int8 at 1M users on a small disk: ~25 KB a user)")
+    ap.add_argument("--docs", action="store_true",
+                    help="rewrite docs/scale.md and the plot from bench-results/scale.json, measuring nothing")
     ap.add_argument("--fresh", action="store_true", help="measure every step again (default: a size's run goes on "
                     "from the last step it measured, so a killed run loses one step)")
     a = ap.parse_args()
@@ -528,6 +530,8 @@ def main() -> None:
     only = set(a.only.split(","))
     old = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").exists() else {}
     figures = {k: old[k] for k in ("synthetic", f"files_{FILES_USERS}", "ranks") if k in old}
+    if a.docs:
+        only = set()
     if "synthetic" in only:
         figures.setdefault("synthetic", {})
         for n in [int(x) for x in a.sizes.split(",")]:
@@ -542,10 +546,11 @@ def main() -> None:
     if "ranks" in only:
         figures["ranks"] = {str(n): run_ranks(work, n) for n in RANK_USERS}
         print(json.dumps(figures["ranks"], indent=1))
-    figures["machine_cores"] = os.cpu_count()
-    write_results("scale", figures, {"sizes": a.sizes, "pipeline": str(PIPELINE.relative_to(ROOT)),
-                                     "files_users": FILES_USERS, "rank_users": RANK_USERS,
-                                     "gpu_utilisation_assumed": a.gpu_utilisation})
+    figures["machine_cores"] = os.cpu_count() if only else old.get("machine_cores", os.cpu_count())
+    if only:
+        write_results("scale", figures, {"sizes": a.sizes, "pipeline": str(PIPELINE.relative_to(ROOT)),
+                                         "files_users": FILES_USERS, "rank_users": RANK_USERS,
+                                         "gpu_utilisation_assumed": a.gpu_utilisation})
     from common import machine
 
     plot(figures, RESULTS / "scale.png")
