@@ -5,7 +5,7 @@ Run:  python research/activity_user_emb.py experiments/files-purchases/pipeline.
       python research/activity_user_emb.py experiments/movielens-1m/pipeline.yaml
       (writes bench-results/activity_user_emb.<data set>.json and prints a markdown table)
 
-It runs the shipped pipeline (resumable: finished steps are skipped), then writes stage 1's
+It runs the shipped pipeline's stage-1 step (resumable: a finished step is skipped), then writes stage 1's
 ``user_emb`` without its activity columns as a second representation (the learned state alone,
 as before the activity features existed; training never reads them, so the two embeddings share
 every learned column), and benches both beside the ``activity`` baseline with the paired 95 %
@@ -59,7 +59,12 @@ def main() -> None:
     args = ap.parse_args()
     spec = yaml.safe_load(Path(args.pipeline).read_text())["pipeline"]
     run = ROOT / spec["run_dir"]
-    foundv2("pipeline", "--config", args.pipeline, "--pipeline.on_change", "restart")
+    # the shipped pipeline's stage-1 step alone (in its run folder): nothing after it is read here
+    only = run / "research-activity" / "pipeline.yaml"
+    only.parent.mkdir(parents=True, exist_ok=True)
+    step = next(s for s in spec["steps"] if s["name"] == "stage1")
+    only.write_text(yaml.safe_dump({"pipeline": {**spec, "steps": [step]}}, sort_keys=False))
+    foundv2("pipeline", "--config", str(only), "--pipeline.on_change", "restart")
     stage1 = run / "stage1"
     state = run / "research-activity" / "state"
     write_state(stage1 / "features", state)
