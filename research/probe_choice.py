@@ -1,0 +1,127 @@
+"""Which linear probe should the bench keep: scikit-learn's LBFGS logistic regression or the
+gradient-trained ``ProbeStage``? The same features, tasks and split through both, side by side.
+
+Run:  python research/probe_choice.py [--data experiments/movielens-1m/data.yaml]
+                                      [--features runs/movielens-1m/pipeline/stage1/features]
+      (writes bench-results/probe_choice.json and prints a table)
+
+For every label task of the data set (binary, multiclass, the future categories) and every
+representation (the pooled features, the ``activity`` baseline, and any stage output given with
+``--features``), both probes are fitted on the train users, choose their regularisation on the
+validation users and score the test users, alternately twice (the machine's load drifts; the
+faster run of each is kept). Reported per (representation, task): seconds of each, their ratio,
+the test metric the bench's tables show from each and the difference (the bench's paired
+bootstrap of ``stage - sklearn`` over the test users gives the interval). What the choice also
+weighs, not measured here: scikit-learn holds every train user's features in memory, the stage
+streams batches and runs under DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import ROOT, write_results  # noqa: E402
+
+MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc"}
+
+
+def stage_probe(X, y, split, kind: str, name: str, args) -> tuple[np.ndarray, dict]:
+    """ProbeStage fitted in-process on the arrays; the chosen head's test scores."""
+    import torch
+
+    from data_modules.arrays import ArrayRepresentations
+    from data_modules.store import Split
+    from foundv2.bench.probes import features_tensor, n_classes_of
+    from foundv2.stages.probe import ProbeStage, fit_probe
+
+    fit_split = np.where(split == Split.TEST, -1, split)  # a fit never reads a test user
+    data = ArrayRepresentations(X, fit_split, labels={name: y}, batch_size=args.batch_size, seed=0)
+    stage = ProbeStage(task=name, weight_decays=tuple(args.weight_decays), lr=args.lr, patience=args.patience)
+    outputs = 1 if kind == "binary" else n_classes_of(y, kind)
+    fit_probe(stage, data, max_epochs=args.epochs, dims={"input_dim": X.shape[1], "task": name, "kind": kind,
+                                                          "outputs": outputs})
+    test = np.flatnonzero(split == Split.TEST)
+    with torch.no_grad():
+        z = stage.best_logits({"user_emb": features_tensor(X[test])}).double()
+    scores = torch.sigmoid(z[:, 0]) if kind == "binary" else torch.softmax(z, 1) if kind == "multiclass" \
+        else torch.sigmoid(z)
+    return scores.numpy(), {"weight_decay": stage.best_weight_decay, "epoch": int(stage.best_epoch)}
+
+
+def sklearn_probe(X, y, split, kind: str) -> tuple[np.ndarray, dict]:
+    from foundv2.bench.probes import fit_logistic, split_indices
+
+    probe = fit_logistic(X, y, split, kind)
+    return probe.predict(X[split_indices(split)[2]]), probe.info()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="experiments/movielens-1m/data.yaml")
+    ap.add_argument("--features", nargs="*", default=[], help="stage outputs with a user_emb column")
+    ap.add_argument("--weight-decays", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=256)
+    args = ap.parse_args()
+
+    import torch
+
+    from data_modules.datamodule import UserDataModule
+    from foundv2.bench.baselines import activity_features
+    from foundv2.bench.probes import paired_bootstrap, score_predictions, split_indices
+    from foundv2.bench.run import embedding_representation, load_bench_data, pooled_representation
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = yaml.safe_load((ROOT / args.data).read_text())["data"]
+    dm = UserDataModule(**cfg, progress=False)
+    dm.prepare_data()
+    data = load_bench_data(dm)
+    reps = {"pooled": pooled_representation(dm)[0],
+            "activity": activity_features(data.sources, data.times, data.values, len(data.spec.sources),
+                                          data.split)[0]}
+    for folder in args.features:
+        reps[Path(folder).parent.name] = embedding_representation(ROOT / folder, len(data.split))[0]
+    test = split_indices(data.split)[2]
+    out, lines = {}, []
+    for rep, X in reps.items():
+        for task in (t for t in data.tasks if t.kind in MAIN):
+            y = np.asarray(task.y)
+            runs = {"sklearn": [], "stage": []}
+            for mode in ("sklearn", "stage", "sklearn", "stage"):
+                t0 = time.perf_counter()
+                scores, info = (sklearn_probe(X, y, data.split, task.kind) if mode == "sklearn"
+                                else stage_probe(X, y, data.split, task.kind, task.name, args))
+                runs[mode].append((time.perf_counter() - t0, scores, info))
+            (s_sk, p_sk, i_sk), (s_st, p_st, i_st) = (min(runs[m], key=lambda r: r[0]) for m in ("sklearn", "stage"))
+            key = MAIN[task.kind]
+            m_sk, m_st = score_predictions(task.kind, p_sk, y[test])[key], score_predictions(task.kind, p_st, y[test])[key]
+            pb = paired_bootstrap(task.kind, p_st, p_sk, y[test], metric=key)
+            ci = (pb["lo"], pb["hi"])
+            out.setdefault(rep, {})[task.name] = {
+                "kind": task.kind, "metric": key, "sklearn": m_sk, "stage": m_st, "delta": m_st - m_sk,
+                "ci": [ci[0], ci[1]], "sklearn_s": s_sk, "stage_s": s_st, "speedup": s_sk / s_st,
+                "sklearn_info": i_sk, "stage_info": i_st}
+            lines.append(f"| {rep} | {task.name} | {key} | {m_sk:.4f} | {m_st:.4f} | {m_st - m_sk:+.4f} "
+                         f"[{ci[0]:+.4f}, {ci[1]:+.4f}] | {s_sk:.1f} | {s_st:.1f} | {s_sk / s_st:.2f} |")
+            print(lines[-1], flush=True)
+    head = ["| representation | task | metric | sklearn | ProbeStage | stage − sklearn [95 %] | sklearn s | "
+            "stage s | sklearn s / stage s |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(head + lines))
+    write_results("probe_choice", {"results": out, "users": int(len(data.split)), "test_users": int(len(test))},
+                  {"data": args.data, "stage": {"weight_decays": args.weight_decays, "lr": args.lr,
+                                                "patience": args.patience, "epochs": args.epochs,
+                                                "batch_size": args.batch_size}, "sklearn_Cs": [0.01, 0.1, 1.0, 10.0]})
+
+
+if __name__ == "__main__":
+    main()
