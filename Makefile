@@ -32,8 +32,8 @@ install: $(STAMP)  ## create .venv (if missing) and install everything
 demo: $(STAMP)  ## the whole pipeline on MovieLens-100k (Q-Former, tokenizer, bench), then the results table
 	$(BIN)/foundv2 pipeline --config experiments/movielens-100k/pipeline.yaml --pipeline.on_change restart
 
-readme: demo  ## rerun the demo and write its table into README.md
-	$(BIN)/python -m foundv2.bench.report runs/movielens-100k/pipeline/bench/bench.json --readme README.md
+readme: demo  ## rerun the demo and write its table into README.md and docs/benchmarks.md
+	$(BIN)/python -m foundv2.bench.report runs/movielens-100k/pipeline/bench/bench.json --readme README.md --docs docs/benchmarks.md
 
 test: $(STAMP)  ## the fast test suite (CI runs this)
 	$(BIN)/python -m pytest -q -m "not slow" -x -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile

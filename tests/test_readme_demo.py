@@ -9,9 +9,12 @@ import json
 import pytest
 
 from foundv2.bench.report import (
+    DOCS_BLOCK,
     README_BEGIN,
     README_END,
     block,
+    block_markers,
+    main,
     readme_table,
     readme_with_table,
     rows_table,
@@ -45,9 +48,25 @@ def test_a_benchmark_block_is_added_once_then_replaced(tmp_path):
     assert block(text, "speed", "make bench-x") == "| a |\n|---|\n| 2 |"
 
 
+def test_make_readme_writes_the_readme_rows_and_the_whole_table_into_docs(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps(BENCH))
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+    docs.write_text("# B\n\n" + "\n".join(block_markers(*DOCS_BLOCK)) + "\n\nafter\n")
+    assert main([str(tmp_path / "bench.json"), "--readme", str(readme), "--docs", str(docs)]) == 0
+    assert readme_table(readme.read_text()) == rows_table(BENCH)
+    assert block(docs.read_text(), *DOCS_BLOCK) == f"```\n{table(BENCH)}\n```" and docs.read_text().endswith("after\n")
+    before = docs.read_text()
+    assert main([str(tmp_path / "bench.json"), "--docs"]) == 2  # a flag without its file: usage, nothing written
+    assert main([str(tmp_path / "missing.json"), "--docs", str(docs)]) == 2
+    assert docs.read_text() == before and "usage" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # the whole MovieLens-100k demo pipeline: make test-full
 def test_a_fresh_demo_prints_the_table_the_readme_shows(tmp_path):
     run_cli("pipeline", "--config", "experiments/movielens-100k/pipeline.yaml", "--pipeline.run_dir",
             str(tmp_path / "demo"), timeout=3000)
     bench = json.loads((tmp_path / "demo" / "bench" / "bench.json").read_text())
     assert readme_table((ROOT / "README.md").read_text()) == rows_table(bench), "README is stale: run `make readme`"
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert block(docs, *DOCS_BLOCK) == f"```\n{table(bench)}\n```", "docs/benchmarks.md is stale: run `make readme`"

@@ -543,17 +543,37 @@ def readme_table(readme: str) -> str:
     return block(readme, *README_BLOCK).strip().removeprefix("```").removesuffix("```").strip("\n")
 
 
+#: the docs block that holds ``make demo``'s whole console table (rows, verdicts, budgets)
+DOCS_BLOCK = ("make demo's bench", "make readme")
+
+
+def _targets(argv: list[str]) -> tuple[list[str], dict[str, Path]] | None:
+    """``<bench.json> [--readme FILE] [--docs FILE]`` → (positional, {flag: file}); None if malformed."""
+    rest, targets = [], {}
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--readme", "--docs"):
+            target = next(it, None)
+            if target is None or arg in targets:
+                return None
+            targets[arg] = Path(target)
+        else:
+            rest.append(arg)
+    return (rest, targets) if len(rest) == 1 else None
+
+
 def main(argv: list[str]) -> int:
-    """``python -m foundv2.bench.report <bench.json> [--readme README.md]``: print the table of a
-    finished run (with ``--readme``, also write it into that README's block); a missing or
+    """``python -m foundv2.bench.report <bench.json> [--readme README.md] [--docs docs/benchmarks.md]``:
+    print the table of a finished run; with ``--readme``, also write its rows into that README's
+    block, with ``--docs`` the whole table (verdicts included) into that page's block. A missing or
     unreadable file is a one-line error and exit status 2."""
-    readme = None
-    if len(argv) == 3 and argv[1] == "--readme":
-        argv, readme = argv[:1], Path(argv[2])
-    if len(argv) != 1:
-        print("usage: python -m foundv2.bench.report <bench.json> [--readme README.md]", file=sys.stderr)
+    parsed = _targets(argv)
+    if parsed is None:
+        print("usage: python -m foundv2.bench.report <bench.json> [--readme README.md] [--docs docs/benchmarks.md]",
+              file=sys.stderr)
         return 2
-    path = Path(argv[0])
+    (name,), targets = parsed
+    path = Path(name)
     try:
         bench = json.loads(path.read_text())
         text = table(bench)
@@ -562,13 +582,15 @@ def main(argv: list[str]) -> int:
               f"pass the bench.json of a finished run (the bench writes it last).", file=sys.stderr)
         return 2
     print(text)
-    if readme is not None:
+    writers = {"--readme": lambda doc: readme_with_table(doc, bench),
+               "--docs": lambda doc: with_block(doc, *DOCS_BLOCK, f"```\n{text}\n```")}
+    for flag, target in targets.items():
         try:
-            atomic_write_text(readme, readme_with_table(readme.read_text(), bench))
+            atomic_write_text(target, writers[flag](target.read_text()))
         except (OSError, ValueError) as err:
-            print(f"foundv2: error: {readme}: {err}", file=sys.stderr)
+            print(f"foundv2: error: {target}: {err}", file=sys.stderr)
             return 2
-        print(f"wrote the table into {readme}")
+        print(f"wrote the table into {target}")
     return 0
 
 
