@@ -27,7 +27,7 @@ DAYS = 364
 LAPSED_AFTER = 90  # days without a purchase before the end of the log
 
 
-def purchases(n_users: int = 240, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def purchases(n_users: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(purchases, customers) of ``n_users`` customers: the example's two tables."""
     rng = np.random.default_rng(seed)
     rows, customers = [], []
