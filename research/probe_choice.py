@@ -70,10 +70,12 @@ def main() -> None:
     ap.add_argument("--features", nargs="*", default=[], help="stage outputs with a user_emb column")
     ap.add_argument("--reps", nargs="*", help="only these representations (default: all)")
     ap.add_argument("--tasks", nargs="*", help="only these tasks (default: every label task)")
+    ap.add_argument("--stage-only", action="store_true",
+                    help="fit only the stage, once (a search over its settings: prints its metrics, writes nothing)")
     ap.add_argument("--out", default="probe_choice", help="the name of the results file in bench-results/")
     ap.add_argument("--weight-decays", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
@@ -103,6 +105,13 @@ def main() -> None:
             continue
         for task in (t for t in data.tasks if t.kind in MAIN and (not args.tasks or t.name in args.tasks)):
             y = np.asarray(task.y)
+            if args.stage_only:
+                t0 = time.perf_counter()
+                scores, info = stage_probe(X, y, data.split, task.kind, task.name, args)
+                m = score_predictions(task.kind, scores, y[test])[MAIN[task.kind]]
+                print(f"stage-only {rep} {task.name} {MAIN[task.kind]} {m:.4f} {time.perf_counter() - t0:.1f}s {info}",
+                      flush=True)
+                continue
             runs = {"sklearn": [], "stage": []}
             for mode in ("sklearn", "stage", "sklearn", "stage"):
                 t0 = time.perf_counter()
@@ -121,6 +130,8 @@ def main() -> None:
             lines.append(f"| {rep} | {task.name} | {key} | {m_sk:.4f} | {m_st:.4f} | {m_st - m_sk:+.4f} "
                          f"[{ci[0]:+.4f}, {ci[1]:+.4f}] | {s_sk:.1f} | {s_st:.1f} | {s_sk / s_st:.2f} |")
             print(lines[-1], flush=True)
+    if args.stage_only:
+        return
     head = ["| representation | task | metric | sklearn | ProbeStage | stage − sklearn [95 %] | sklearn s | "
             "stage s | sklearn s / stage s |", "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(head + lines))
