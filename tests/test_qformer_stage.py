@@ -190,7 +190,8 @@ def test_frozen_backbones_predict_and_refuse_fit(cache, tmp_path, backbone):
     ds, meta = read_stage_output(tmp_path / "features")
     assert meta["dim"] == dim and meta["backbone"] == backbone and meta["sources"][-1] == "profile"
     row = ds.with_format("numpy")[0]
-    assert np.stack(row["feat"]).shape == (len(row["slice_window"]), dim) and row["user_emb"].shape == (dim,)
+    assert np.stack(row["feat"]).shape == (len(row["slice_window"]), dim)
+    assert row["user_emb"].shape == (dim + d["activity_dim"],)  # the activity features beside the state
     with pytest.raises(ValueError, match="predict"):
         trainer(max_steps=1).fit(QFormerStage(backbone=backbone), dm)
 
