@@ -222,11 +222,15 @@ def test_user_pool_modes(cache):
     L.seed_everything(0)
     stages = {}
     for pool in ("mean", "last", "mean_last", "items", "mean_last_items"):
-        stages[pool] = QFormerStage(**TINY, user_pool=pool)
+        stages[pool] = QFormerStage(**TINY, user_pool=pool, activity=False)
         stages[pool].build(dm.dims())
         stages[pool].load_state_dict(stages["mean"].state_dict())
         stages[pool].eval()
     emb = {p: st.user_embedding(batch) for p, st in stages.items()}
+    with_activity = QFormerStage(**TINY, user_pool="mean")  # the default: the activity features beside the pool
+    with_activity.build(dm.dims())
+    with_activity.load_state_dict(stages["mean"].state_dict())
+    assert torch.equal(with_activity.eval().user_embedding(batch), torch.cat([emb["mean"], batch["activity"]], 1))
     assert emb["mean"].shape[1] == 16 and emb["mean_last"].shape[1] == 32
     assert torch.equal(emb["mean_last"], torch.cat([emb["mean"], emb["last"]], 1))
     assert not torch.allclose(emb["mean"], emb["last"])
