@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import ROOT, machine, write_results  # noqa: E402
+
+from foundv2.bench.report import write_block  # noqa: E402
 
 
 def child(kind: str, n_users: int, cache: str, chunk_users: int) -> None:
@@ -57,6 +59,21 @@ def measure(kind: str, n_users: int, cache: str, chunk_users: int = 10_000) -> d
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def docs_block(figures: dict) -> str:
+    """The preparation table of docs/benchmarks.md."""
+    m = machine()
+    lines = [f"`make bench-data` ({m['cores']} cores, torch {m['libraries']['torch']}): each run in its own process.", "",
+             "| run | seconds | peak RSS |", "|---|---|---|",
+             f"| MovieLens-1M, first run ({figures['ml1m_events'] / 1e6:.1f} M events, MiniLM encoding of its texts "
+             f"included) | {figures['ml1m_prepare_s']:.1f} | {figures['ml1m_peak_rss_mb']:,.0f} MB |",
+             f"| MovieLens-1M, second run (prepared cache reused) | {figures['ml1m_prepare_cached_s']:.1f} | |",
+             f"| MovieLens-1M, prepared cache deleted, text cache kept | {figures['ml1m_prepare_text_cached_s']:.1f} | |"]
+    for n, r in figures["synthetic"].items():
+        lines.append(f"| synthetic, {int(n):,} users ({r['events'] / 1e6:.1f} M events, chunks of 10k users) | "
+                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:,.0f} MB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
@@ -86,6 +103,7 @@ def main() -> None:
             shutil.rmtree(Path(tmp) / f"syn{n}", ignore_errors=True)
     write_results("data", figures, {"ml1m": "events windows of 8 moments, minilm", "synthetic":
                                     "day windows, hashing encoder, chunks of 10k users", "sizes": a.sizes})
+    write_block(ROOT / "docs" / "benchmarks.md", "bench_data", "make bench-data", docs_block(figures))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, previous_figures, write_results  # noqa: E402
+from common import ROOT, machine, previous_figures, write_results  # noqa: E402
+
+from foundv2.bench.report import write_block  # noqa: E402
 
 # name: (shipped tokenizer config, extra flags). `synthetic-week` is the same config over week
 # windows (the data config gives day windows, where 2 in 3 windows hold one source's events)
@@ -130,6 +132,38 @@ def reachable_codes(rows: int = 4096) -> dict:
     return out
 
 
+LABELS = {"synthetic": "synthetic (the shipped day windows)",
+          "synthetic-week": "synthetic, the same config over week windows (`--data.window_mode week`)",
+          "movielens-1m": "MovieLens-1M (windows of 8 moments)"}
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def docs_block(figures: dict) -> str:
+    """The tokenizer health table and the speed line, as docs/benchmarks.md shows them."""
+    m = machine()
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    lines = [f"`make bench-tokenizer` ({m['cores']} cores, torch {m['libraries']['torch']}): the shipped "
+             f"`experiments/*/tokenizer.yaml`, fitted and predicted as they are.", "",
+             "| data | util_min | util_min without profile | collision_rate | input floor | recon_mse | bytes/user "
+             "| fp32 bytes/user | ratio | fit s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, label in LABELS.items():
+        r = figures.get(name)
+        if r:
+            lines.append(f"| {label} | {r['util_min']:.3f} | {f(r['util_min_without_profile'], '.3f')} | "
+                         f"{r['collision_rate']:.4f} | {r['input_collision_rate']:.4f} | {f(r['recon_mse'], '.3g')} | "
+                         f"{r['bytes_per_user']:,.0f} | {r['fp32_bytes_per_user']:,.0f} | {r['ratio_fp32']:.0f}x | "
+                         f"{r['fit_seconds']:.0f} |")
+    sp = figures.get("speed")
+    if sp:
+        lines += ["", f"Speed (`benchmarks/tokenizer_speed.py`, {sp['torch_threads']} threads): one training step, "
+                      f"ours {sp['ours_step_s']:.4f} s, ResidualVQ {sp['residualvq_step_s']:.4f} s (ratio "
+                      f"{sp['ratio_ours_over_residualvq']:.2f}), {sp['ours_slices_per_s']:,.0f} against "
+                      f"{sp['residualvq_slices_per_s']:,.0f} slices/s; distances at {sp['distance_gflops']:.0f} GFLOP/s "
+                      f"({sp['distance_matmul_only_gflops']:.0f} matmul-only) against a measured fp32 matmul peak "
+                      f"of {sp['matmul_peak_gflops']:.0f} GFLOP/s."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-tokenizer"))
@@ -153,6 +187,8 @@ def main() -> None:
 
         figures["speed"] = measure_speed()
     write_results("tokenizer", figures, {"configs": {k: c for k, (c, _) in CONFIGS.items()}})
+    if not more:  # a variant (--extra) is an experiment, not the shipped configs' figures
+        write_block(DOCS, "bench_tokenizer", "make bench-tokenizer", docs_block(figures))
 
 
 if __name__ == "__main__":
