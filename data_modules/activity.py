@@ -96,6 +96,5 @@ def activity_features(offsets: np.ndarray, source: np.ndarray, time: np.ndarray,
                         (reference - last) / DAY, (reference - first) / DAY,
                         np.sin(tau * dow / 7), np.cos(tau * dow / 7), np.zeros(U)], axis=1)
     out[:, len(PER_SOURCE) * n_sources:] = np.where(has[:, None], overall, 0.0)
-    out[~has, -1] = 1.0
-    out[~has, : len(PER_SOURCE) * n_sources] = 0.0
+    out[~has, -1] = 1.0  # per-source columns are 0 already: no event, no count, share or value
     return out.astype(np.float32)

@@ -12,6 +12,7 @@ or an interval wider than :data:`MAX_CI_WIDTH` (in the metric's units).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -547,33 +548,21 @@ def readme_table(readme: str) -> str:
 DOCS_BLOCK = ("make demo's bench", "make readme")
 
 
-def _targets(argv: list[str]) -> tuple[list[str], dict[str, Path]] | None:
-    """``<bench.json> [--readme FILE] [--docs FILE]`` → (positional, {flag: file}); None if malformed."""
-    rest, targets = [], {}
-    it = iter(argv)
-    for arg in it:
-        if arg in ("--readme", "--docs"):
-            target = next(it, None)
-            if target is None or arg in targets:
-                return None
-            targets[arg] = Path(target)
-        else:
-            rest.append(arg)
-    return (rest, targets) if len(rest) == 1 else None
-
-
 def main(argv: list[str]) -> int:
     """``python -m foundv2.bench.report <bench.json> [--readme README.md] [--docs docs/benchmarks.md]``:
     print the table of a finished run; with ``--readme``, also write its rows into that README's
     block, with ``--docs`` the whole table (verdicts included) into that page's block. A missing or
     unreadable file is a one-line error and exit status 2."""
-    parsed = _targets(argv)
-    if parsed is None:
-        print("usage: python -m foundv2.bench.report <bench.json> [--readme README.md] [--docs docs/benchmarks.md]",
-              file=sys.stderr)
-        return 2
-    (name,), targets = parsed
-    path = Path(name)
+    ap = argparse.ArgumentParser(prog="python -m foundv2.bench.report", description="the table of a finished bench")
+    ap.add_argument("bench_json", type=Path)
+    ap.add_argument("--readme", type=Path, help="also write the rows into this README's block")
+    ap.add_argument("--docs", type=Path, help="also write the whole table into this docs page's block")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as stop:  # usage errors: argparse printed the usage and why
+        return int(stop.code or 0)
+    path = args.bench_json
+    targets = {flag: target for flag, target in (("--readme", args.readme), ("--docs", args.docs)) if target}
     try:
         bench = json.loads(path.read_text())
         text = table(bench)
