@@ -1,7 +1,9 @@
 """The linear-probe benchmark on MovieLens-1M, end to end on this machine.
 
-Run:  make bench-probe      (writes bench-results/probe.json: the run's bench.json plus timings)
+Run:  make bench-probe      (writes bench-results/probe.json: the run's bench.json plus timings,
+                              and its table into docs/benchmarks.md)
       python benchmarks/bench_probe.py --no-repeat    (skip the second run of the token steps)
+      python benchmarks/bench_probe.py --docs         (rewrite the docs block from probe.json only)
 
 It runs `foundv2 pipeline --config experiments/movielens-1m/probe-pipeline.yaml` from scratch
 (stage 1, the per-window tokenizer, the user-level tokenizers, then every representation and
@@ -27,11 +29,14 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from common import RESULTS, ROOT, machine, write_results  # noqa: E402
+
+from foundv2.bench.report import table, write_block  # noqa: E402
 
 CONFIG = "experiments/movielens-1m/probe-pipeline.yaml"
 TOKEN_STEPS = ("tokenizer", "user_tokens16", "user_tokens64")
 TOKEN_COLUMNS = ("token_ids", "codes", "user_codes", "user_emb")
+DOCS = ROOT / "docs" / "benchmarks.md"
 
 
 def load() -> float:
@@ -65,10 +70,32 @@ def same_tokens(a: Path, b: Path) -> dict:
     return out
 
 
+def docs_block(figures: dict) -> str:
+    """The run's timings, its console table (rows, verdicts, storage budgets) and the repeat
+    check, as docs/benchmarks.md shows them."""
+    m = machine()
+    steps = ", ".join(f"{name} {t:.0f} s" for name, t in figures["pipeline_timings"].items() if name != "total")
+    load = figures["load_average_1min"]
+    lines = [f"`make bench-probe` ({m['cores']} cores, torch {m['libraries']['torch']}): `foundv2 pipeline --config "
+             f"{CONFIG}` in a fresh run folder, {figures['end_to_end_s']:,.0f} s end to end ({steps}); 1-minute "
+             f"load {load['before']:.1f} before, {load['after']:.1f} after.", "", "```", table(figures), "```"]
+    rep = figures.get("repeat")
+    if rep:
+        same = ", ".join(f"{step} ({'/'.join(v['columns'])}): {'identical' if v['identical'] else 'DIFFERENT'}"
+                         for step, v in rep["steps"].items())
+        lines += ["", f"The token steps run a second time into another folder ({rep['seconds']:.0f} s), column by "
+                      f"column: {same}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-repeat", action="store_true", help="skip the second run of the token steps")
+    ap.add_argument("--docs", action="store_true", help="only rewrite the docs block from bench-results/probe.json")
     args = ap.parse_args()
+    if args.docs:
+        write_block(DOCS, "bench_probe", "make bench-probe", docs_block(json.loads((RESULTS / "probe.json").read_text())))
+        return
     run_dir = ROOT / "runs" / "movielens-1m" / "probe"
     load_before = load()
     wall = pipeline(CONFIG, run_dir)
@@ -88,6 +115,8 @@ def main() -> None:
         steps = same_tokens(run_dir, repeat_dir)
         figures["repeat"] = {"seconds": t, "steps": steps, "identical": all(s["identical"] for s in steps.values())}
         write_results("probe", figures, {"config": CONFIG})
+    write_block(DOCS, "bench_probe", "make bench-probe", docs_block(figures))
+    shutil.copyfile(run_dir / "bench" / "metric_vs_bytes.png", DOCS.parent / "metric_vs_bytes_movielens-1m.png")
 
 
 if __name__ == "__main__":

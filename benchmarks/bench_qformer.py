@@ -59,7 +59,7 @@ def probe_vs_pooled(dm, features: dict[str, str], n_boot: int = 1000) -> tuple[d
     ``task:accuracy``).
     """
     from foundv2.bench.baselines import majority
-    from foundv2.bench.probes import fit_logistic_probe, paired_bootstrap
+    from foundv2.bench.probes import fit_label_probe, paired_bootstrap
     from foundv2.bench.run import embedding_representation, load_bench_data, pooled_representation
 
     data = load_bench_data(dm)
@@ -77,7 +77,7 @@ def probe_vs_pooled(dm, features: dict[str, str], n_boot: int = 1000) -> tuple[d
         for name, (X, _) in reps.items():
             keep: dict = {}
             t0 = time.perf_counter()
-            probe[name][task.name] = fit_logistic_probe(X, task.y, data.split, task.kind, scores_out=keep)
+            probe[name][task.name] = fit_label_probe(X, task.y, data.split, task.kind, scores_out=keep)
             probe[name][task.name]["seconds"] = time.perf_counter() - t0
             scores[name] = keep["test"]
         probe.setdefault("majority", {})[task.name] = majority(task.y, data.split, task.kind)[0]

@@ -85,7 +85,7 @@ def probe(name: str, make: Callable[[], object] | None, nbytes: float, data: Ben
                 metric = m["ndcg@10"]
             else:
                 out: dict = {}
-                m = P.fit_logistic_probe(X, task.y, data.split, task.kind, scores_out=out)
+                m = P.fit_label_probe(X, task.y, data.split, task.kind, scores_out=out)
                 metric, scores = m[TASK_METRIC[task.name]], out["test"]
             z = {"bytes": float(nbytes), "metric": metric, "scores": scores, "seconds": time.perf_counter() - t0}
             np.savez(path, res=np.asarray(z, dtype=object))

@@ -1,5 +1,6 @@
-"""Which linear probe should the bench keep: scikit-learn's LBFGS logistic regression or the
-gradient-trained ``ProbeStage``? The same features, tasks and split through both, side by side.
+"""Which linear probe should the bench use for label tasks: scikit-learn's LBFGS logistic
+regression or the gradient-trained ``ProbeStage``? The same features, tasks and split through
+both, side by side (the stage as the bench fits it, with its settings unless flags say otherwise).
 
 Run:  python research/probe_choice.py [--data experiments/movielens-1m/data.yaml]
                                       [--features runs/movielens-1m/pipeline/stage1/features]
@@ -29,39 +30,51 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import ROOT, machine, write_results  # noqa: E402
 
+from foundv2.bench.probes import LABEL_LR, LABEL_MIN_STEPS, LABEL_PATIENCE, LABEL_SELECTION, LABEL_WEIGHT_DECAYS  # noqa: E402
 from foundv2.bench.report import write_block  # noqa: E402
 
 MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc"}
 
 
-def stage_probe(X, y, split, kind: str, name: str, args) -> tuple[np.ndarray, dict]:
-    """ProbeStage fitted in-process on the arrays; the chosen head's test scores."""
-    import torch
+def stage_probe(X, y, split, kind: str, args) -> tuple[np.ndarray, dict]:
+    """The bench's probe (ProbeStage, :func:`foundv2.bench.probes.fit_label`); the chosen head's test scores."""
+    from foundv2.bench.probes import fit_label, label_scores, probe_info, split_indices
 
-    from data_modules.arrays import ArrayRepresentations
-    from data_modules.store import Split
-    from foundv2.bench.probes import features_tensor, n_classes_of
-    from foundv2.stages.probe import ProbeStage, fit_probe
-
-    fit_split = np.where(split == Split.TEST, -1, split)  # a fit never reads a test user
-    data = ArrayRepresentations(X, fit_split, labels={name: y}, batch_size=args.batch_size, seed=0)
-    stage = ProbeStage(task=name, weight_decays=tuple(args.weight_decays), lr=args.lr, patience=args.patience)
-    outputs = 1 if kind == "binary" else n_classes_of(y, kind)
-    fit_probe(stage, data, max_epochs=args.epochs, dims={"input_dim": X.shape[1], "task": name, "kind": kind,
-                                                          "outputs": outputs})
-    test = np.flatnonzero(split == Split.TEST)
-    with torch.no_grad():
-        z = stage.best_logits({"user_emb": features_tensor(X[test])}).double()
-    scores = torch.sigmoid(z[:, 0]) if kind == "binary" else torch.softmax(z, 1) if kind == "multiclass" \
-        else torch.sigmoid(z)
-    return scores.numpy(), {"weight_decay": stage.best_weight_decay, "epoch": int(stage.best_epoch)}
+    stage = fit_label(X, y, split, kind, args.weight_decays, args.lr, args.epochs, args.batch_size, args.patience,
+                       min_steps=args.min_steps, selection=args.selection)
+    return label_scores(stage, X[split_indices(split)[2]]), {**probe_info(stage), "epoch": int(stage.best_epoch)}
 
 
-def sklearn_probe(X, y, split, kind: str) -> tuple[np.ndarray, dict]:
-    from foundv2.bench.probes import fit_logistic, split_indices
+def sklearn_probe(X, y, split, kind: str, Cs=(0.01, 0.1, 1.0, 10.0)) -> tuple[np.ndarray, dict]:
+    """scikit-learn's LBFGS logistic regression (one-vs-rest per label for multi-label), inputs
+    standardised with the train users' statistics, C chosen on the validation users' selection
+    metric (the bench's label probe before ProbeStage took every task); the chosen C's test scores."""
+    from sklearn.linear_model import LogisticRegression
 
-    probe = fit_logistic(X, y, split, kind)
-    return probe.predict(X[split_indices(split)[2]]), probe.info()
+    from foundv2.bench.probes import SELECTION_METRIC, n_classes_of, score_predictions, split_indices
+
+    train, val, test = split_indices(split)
+    mean, std = X[train].mean(0), X[train].std(0)
+    Z = (X - mean) / np.where(std > 1e-8, std, 1.0)
+    n_classes = n_classes_of(y, kind)
+
+    def fit(C: float):
+        cols = [y[:, c] for c in range(y.shape[1])] if kind == "multilabel" else [y]
+        return [LogisticRegression(C=C, max_iter=1000, random_state=0).fit(Z[train], t[train]) for t in cols]
+
+    def scores(models, rows):
+        if kind == "multilabel":
+            return np.stack([m.predict_proba(Z[rows])[:, 1] for m in models], 1)
+        p = models[0].predict_proba(Z[rows])
+        if kind == "binary":
+            return p[:, 1]
+        full = np.zeros((len(rows), n_classes))
+        full[:, models[0].classes_.astype(int)] = p
+        return full
+
+    key = SELECTION_METRIC[kind]
+    best = max(((C, fit(C)) for C in Cs), key=lambda cm: score_predictions(kind, scores(cm[1], val), y[val])[key])
+    return scores(best[1], test), {"C": best[0]}
 
 
 def main() -> None:
@@ -73,11 +86,14 @@ def main() -> None:
     ap.add_argument("--stage-only", action="store_true",
                     help="fit only the stage, once (a search over its settings: prints its metrics, writes nothing)")
     ap.add_argument("--out", default="probe_choice", help="the name of the results file in bench-results/")
-    ap.add_argument("--weight-decays", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--weight-decays", type=float, nargs="+", default=list(LABEL_WEIGHT_DECAYS))
+    ap.add_argument("--lr", type=float, default=LABEL_LR)
+    ap.add_argument("--patience", type=int, default=LABEL_PATIENCE)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--selection", choices=("metric", "loss"), default=LABEL_SELECTION,
+                    help="what picks the head and the epoch on validation")
+    ap.add_argument("--min-steps", type=int, default=LABEL_MIN_STEPS, help="optimiser steps between validations")
     args = ap.parse_args()
 
     import torch
@@ -107,7 +123,7 @@ def main() -> None:
             y = np.asarray(task.y)
             if args.stage_only:
                 t0 = time.perf_counter()
-                scores, info = stage_probe(X, y, data.split, task.kind, task.name, args)
+                scores, info = stage_probe(X, y, data.split, task.kind, args)
                 m = score_predictions(task.kind, scores, y[test])[MAIN[task.kind]]
                 print(f"stage-only {rep} {task.name} {MAIN[task.kind]} {m:.4f} {time.perf_counter() - t0:.1f}s {info}",
                       flush=True)
@@ -116,7 +132,7 @@ def main() -> None:
             for mode in ("sklearn", "stage", "sklearn", "stage"):
                 t0 = time.perf_counter()
                 scores, info = (sklearn_probe(X, y, data.split, task.kind) if mode == "sklearn"
-                                else stage_probe(X, y, data.split, task.kind, task.name, args))
+                                else stage_probe(X, y, data.split, task.kind, args))
                 runs[mode].append((time.perf_counter() - t0, scores, info))
             (s_sk, p_sk, i_sk), (s_st, p_st, i_st) = (min(runs[m], key=lambda r: r[0]) for m in ("sklearn", "stage"))
             key = MAIN[task.kind]

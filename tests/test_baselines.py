@@ -23,7 +23,7 @@ from foundv2.bench.baselines import (
     tfidf_svd_int8,
     top_items,
 )
-from foundv2.bench.probes import fit_logistic_probe
+from foundv2.bench.probes import fit_label_probe
 from foundv2.metrics.ranking import TopKRanking, evaluate_ranking
 
 RANK_KEYS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
@@ -258,7 +258,7 @@ def test_tfidf_svd16_carries_the_groups(cooc) -> None:
     history, _, split = cooc
     group = np.asarray(history.argmax(axis=1)).ravel() // (N_ITEMS // 5)  # a mostly-correct group label
     codes, scales = tfidf_svd_int8(history, split, k=16)
-    res = fit_logistic_probe(dequantise_int8(codes, scales), group, split, "multiclass")
+    res = fit_label_probe(dequantise_int8(codes, scales), group, split, "multiclass")
     assert res["accuracy"] > 0.8
 
 

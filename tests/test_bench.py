@@ -133,7 +133,7 @@ def test_report_plots_and_marker_last(bench):
     assert others and all(p.stat().st_mtime_ns <= marker for p in others)
     assert not (folder / PROGRESS_FILE).exists() and not (folder / SCORES_DIR).exists()
     log = (folder / "bench.log").read_text()
-    assert "logistic probe C=" in log  # the per-C lines went to the log, not the console
+    assert "probe: chose weight decay" in log  # the probes' lines went to the log, not the console
 
 
 @pytest.mark.slow  # a whole bench over tokens: make test-full

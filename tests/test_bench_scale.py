@@ -12,7 +12,7 @@ import pytest
 
 from data_modules.datamodule import UserDataModule
 from data_modules.store import Split
-from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe
+from foundv2.bench.probes import fit_label_probe, fit_next_item_probe
 from foundv2.bench.report import table
 from foundv2.bench.run import load_bench_data, pooled_representation, run_bench
 from foundv2.bench.users import sample_rows
@@ -61,7 +61,7 @@ def test_sampled_streamed_probes_equal_in_memory_probes(small):
         if task.kind == "ranking":
             ref = fit_next_item_probe(X, data.history, data.future, split, epochs=4, batch_size=256)
         else:
-            ref = fit_logistic_probe(X, task.y, split, task.kind)
+            ref = fit_label_probe(X, task.y, split, task.kind, epochs=4)
         for key, value in ref.items():
             assert res[task.name][key] == pytest.approx(value, abs=TOL), (task.name, key)
 
@@ -73,8 +73,8 @@ def test_samples_as_large_as_the_splits_read_every_user(small):
     assert all(part["read"] == part["users"] for part in out["users"].values())
     for task in data.tasks:
         if task.name in out["tasks"]:
-            ref = fit_logistic_probe(X, task.y, data.split, task.kind)
-            assert out["results"]["pooled"][task.name]["C"] == ref["C"]
+            ref = fit_label_probe(X, task.y, data.split, task.kind, epochs=4)
+            assert out["results"]["pooled"][task.name]["weight_decay"] == ref["weight_decay"]
             for key in ref:
                 assert out["results"]["pooled"][task.name][key] == pytest.approx(ref[key], abs=TOL)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_modules.datamodule import UserDataModule
-from foundv2.bench.probes import fit_logistic_probe, fit_next_item_probe, paired_bootstrap, score_predictions
+from foundv2.bench.probes import fit_label_probe, fit_next_item_probe, paired_bootstrap, score_predictions
 from foundv2.bench.run import load_bench_data, pooled_representation
 from foundv2.metrics.bootstrap import (
     EXACT_MAX_USERS,
@@ -77,7 +77,7 @@ def probe_scores(tmp_path_factory):
                 fit_next_item_probe(feats, data.history, data.future, data.split, epochs=3, scores_out=s)
                 pair.append(s["test"]["ndcg@10"])
             else:
-                fit_logistic_probe(feats, task.y, data.split, task.kind, Cs=(0.1,), scores_out=s)
+                fit_label_probe(feats, task.y, data.split, task.kind, weight_decays=(1e-2,), scores_out=s)
                 pair.append(s["test"])
         out[task.name] = (task.kind, *pair, None if task.y is None else task.y[test])
     return out

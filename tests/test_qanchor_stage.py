@@ -153,7 +153,7 @@ def test_scenario_tuning_fits_a_planted_scenario_frozen_and_loads_alone(fitted, 
     the plain query's embedding with prototypes at the class means, the stage's weights must not
     move, and the prompt saved alone must serve the same."""
     from foundv2.anchor_losses import TAU, prototype_logits
-    from foundv2.bench.probes import fit_logistic_probe, score_predictions
+    from foundv2.bench.probes import fit_label_probe, score_predictions
 
     kind, _, stage, _, _, _ = fitted
     if kind != "soft":
@@ -191,7 +191,7 @@ def test_scenario_tuning_fits_a_planted_scenario_frozen_and_loads_alone(fitted, 
     scores = {(name, where): prototype_score(X, protos, rows) for name, X, protos in
               (("base", base_X, untuned.prototypes.detach()), ("tuned", tuned_X, scen.prototypes.detach()))
               for where, rows in (("train", train), ("test", dm.split == Split.TEST))}
-    probe = {name: fit_logistic_probe(X, y, dm.split, "multiclass", seed=0)["macro_auc"]
+    probe = {name: fit_label_probe(X, y, dm.split, "multiclass", seed=0)["macro_auc"]
              for name, X in (("base", base_X), ("tuned", tuned_X))}
     print("scenario macro AUC:", scores, "logistic probe:", probe)
     # the prompt and prototypes fit the scenario better than the plain query does, on held-out users too

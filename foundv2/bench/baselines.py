@@ -9,7 +9,7 @@ also puts the test users' per-user metrics in ``scores_out['test']``, for a pair
 - :func:`itemknn`: cosine item-item kNN, number of neighbours chosen on the validation users;
 - :func:`sasrec`: a small task-specific SASRec with full cross-entropy over the items.
 
-Classification: :func:`tfidf_features` (fed to :func:`~foundv2.bench.probes.fit_logistic_probe`)
+Classification: :func:`tfidf_features` (fed to :func:`~foundv2.bench.probes.fit_label_probe`)
 and :func:`majority` (a constant predictor).
 
 Storage-matched representations (the claim under test is storage efficiency, so every one has
@@ -255,7 +255,7 @@ def fit_itemknn(gram: np.ndarray, history: sp.csr_matrix, future: sp.csr_matrix,
 def tfidf_features(history: sp.spmatrix, split: np.ndarray | None = None) -> sp.csr_matrix:
     """TF-IDF of the history item counts, ``[U, I]`` CSR (sklearn ``TfidfTransformer``, rows
     L2-normalised). With ``split`` the IDF is fitted on the train users only; feed the result
-    to :func:`~foundv2.bench.probes.fit_logistic_probe`.
+    to :func:`~foundv2.bench.probes.fit_label_probe`.
     """
     history = sp.csr_matrix(history, dtype=np.float64)
     fit_rows = history if split is None else history[split_indices(split)[0]]
@@ -383,11 +383,11 @@ def majority(y: np.ndarray, split: np.ndarray, kind: TaskKind,
 
     Args:
         scores_out: if given, ``scores_out['test']`` receives the test scores (as in
-            :func:`~foundv2.bench.probes.fit_logistic_probe`).
+            :func:`~foundv2.bench.probes.fit_label_probe`).
 
     Returns:
-        ``(metrics, seconds)`` with the keys of :func:`~foundv2.bench.probes.fit_logistic_probe`
-        except ``'C'``: the test metrics plus ``'val_<metric>'``.
+        ``(metrics, seconds)`` with the keys of :func:`~foundv2.bench.probes.fit_label_probe`
+        except ``'weight_decay'``: the test metrics plus ``'val_<metric>'``.
     """
     start = time.perf_counter()
     y = np.asarray(y)

@@ -1,7 +1,8 @@
 """Linear probes of frozen user representations (benchmark protocol ``foundv2-bench-v1``).
 
-- :func:`fit_logistic_probe`: logistic regression per task; C chosen on the validation users,
-  metrics reported on the test users only.
+- :func:`fit_label_probe`: a linear head per label task (logistic, softmax or a sigmoid per
+  label); weight decay and early stopping chosen on the validation users, metrics reported on the
+  test users only.
 - :func:`fit_next_item_probe`: a linear softmax layer from the representation to the items,
   trained on the train users' future items; weight decay and early stopping chosen on the
   validation users; Recall@K / NDCG@K on the test users with their history items excluded.
@@ -12,15 +13,13 @@ Splits are integer arrays over users: ``0`` train, ``1`` validation, ``2`` test.
 from __future__ import annotations
 
 import logging
-import warnings
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from data_modules.arrays import ArrayRepresentations
 from foundv2.metrics.bootstrap import resampled_differences, weighted_metric
@@ -31,7 +30,7 @@ from foundv2.metrics.classification import (
     multilabel_macro_auc,
 )
 from foundv2.metrics.ranking import evaluate_ranking
-from foundv2.stages.probe import NEXT_ITEMS, SELECTION_METRIC, STD_EPS, ProbeStage, fit_probe
+from foundv2.stages.probe import NEXT_ITEMS, SELECTION_METRIC, ProbeStage, fit_probe
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +47,6 @@ def split_indices(split: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """Indices of the train, validation and test users of a ``split`` array."""
     split = np.asarray(split)
     return tuple(np.flatnonzero(split == part) for part in (TRAIN, VAL, TEST))  # type: ignore[return-value]
-
-
-class Standardiser:
-    """Centre and scale dense features with the mean and std of some (train) rows; sparse
-    features pass unchanged (centring would densify them; TF-IDF rows are already L2-normalised)."""
-
-    def __init__(self, X: Features, rows: np.ndarray):
-        self.mean = self.scale = None
-        if not sp.issparse(X):
-            Xr = np.asarray(X, dtype=np.float64)[rows]
-            std = Xr.std(axis=0)
-            self.mean, self.scale = Xr.mean(axis=0), np.where(std > STD_EPS, std, 1.0)
-
-    def __call__(self, X: Features) -> Features:
-        if self.mean is None or sp.issparse(X):
-            return X
-        return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale).astype(np.float32)
-
-
-def standardise(X: Features, train: np.ndarray) -> Features:
-    """``X`` centred and scaled with the mean and std of its ``train`` rows (:class:`Standardiser`)."""
-    return Standardiser(X, train)(X)
 
 
 def _check_kind(kind: str) -> None:
@@ -150,182 +127,134 @@ def paired_bootstrap(
 
 
 # ---------------------------------------------------------------------------------------------
-# logistic probes
+# the probes: ProbeStage fitted in-process on arrays
+
+#: the label probes' settings (chosen by ``research/probe_choice.py``: the figures of an LBFGS
+#: logistic regression with C chosen on validation, in a fraction of its time)
+LABEL_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+LABEL_LR = 3e-3
+LABEL_PATIENCE = 5
+LABEL = "label"  # the task name under which the arrays hand the label to the stage
+LABEL_SELECTION = "loss"  # the validation log-loss picks a label probe's head and epoch
+LABEL_MIN_STEPS = 50  # label probes: optimiser steps between two validations, whatever the train set's size
 
 
-class _ConstantModel:
-    """Predicts fixed scores; stands in for a label that is constant among the train users."""
+def _fit_stage(X: Features, split: np.ndarray, task: str, kind: str, outputs: int, data: dict,
+               weight_decays: Sequence[float], lr: float, epochs: int, batch_size: int, patience: int,
+               ks: Sequence[int], seed: int, min_steps: int = 1, selection: str = "metric") -> ProbeStage:
+    """A :class:`~foundv2.stages.probe.ProbeStage` fitted on the train rows of ``split`` and chosen
+    on its validation rows (a fit never reads a test row); ``data``: the arrays' targets.
 
-    def __init__(self, scores: np.ndarray) -> None:
-        self.scores = scores
-
-    def predict(self, X: Features) -> np.ndarray:
-        """The fixed scores, one row per sample."""
-        return np.broadcast_to(self.scores, (X.shape[0],) + self.scores.shape).copy()
-
-
-class _LogisticModel:
-    """A fitted ``LogisticRegression`` whose scores follow the task's column convention."""
-
-    def __init__(self, clf: LogisticRegression, kind: TaskKind, n_classes: int) -> None:
-        self.clf, self.kind, self.n_classes = clf, kind, n_classes
-
-    def predict(self, X: Features) -> np.ndarray:
-        """Binary / per-label: P(y=1) ``[N]``; multi-class: ``[N, C]`` (absent classes get 0)."""
-        proba = self.clf.predict_proba(X)
-        if self.kind != "multiclass":
-            return proba[:, 1]
-        full = np.zeros((X.shape[0], self.n_classes))
-        full[:, self.clf.classes_.astype(int)] = proba
-        return full
+    ``min_steps``: optimiser steps between two validations at least. An epoch of a small train set
+    is a step or two; validating (and counting ``epochs`` and ``patience``) every
+    ``ceil(min_steps / steps per epoch)`` epochs gives a fit the same step budget whatever the
+    number of train users, so a small set is not stopped before its heads have moved."""
+    fit_split = np.where(np.asarray(split, np.int64) == TEST, -1, np.asarray(split, np.int64))
+    arrays = ArrayRepresentations(X, fit_split, batch_size=batch_size, seed=seed, **data)
+    stage = ProbeStage(task=task, weight_decays=tuple(weight_decays), lr=lr, patience=patience, ks=tuple(ks),
+                       selection=selection)
+    every = max(1, math.ceil(min_steps / max(1, len(arrays.train_dataloader()))))
+    fit_probe(stage, arrays, max_epochs=epochs * every, epochs_per_check=every,
+              dims={"input_dim": X.shape[1], "task": task, "kind": kind, "outputs": outputs})
+    logger.info("%s probe: chose weight decay %g (epoch %d, val %s=%.4f)", kind, stage.best_weight_decay,
+                int(stage.best_epoch), stage.select_key, float(stage.best_score))
+    return stage
 
 
-def _fit_one(
-    X: Features, y: np.ndarray, kind: TaskKind, C: float, n_classes: int, max_iter: int, seed: int,
-    start: _LogisticModel | _ConstantModel | None = None,
-) -> _LogisticModel | _ConstantModel:
-    """Fit one logistic regression on (X, y); a constant model when y has a single class.
-    ``start``: the same problem's fit at a smaller C, whose solution LBFGS starts from (the
-    same optimum, to the solver's tolerance, in far fewer iterations at large C)."""
-    classes = np.unique(y)
-    if classes.size < 2:
-        if kind == "multiclass":
-            return _ConstantModel(np.eye(n_classes)[int(classes[0])])
-        return _ConstantModel(np.asarray(float(classes[0])))
-    warm = isinstance(start, _LogisticModel)
-    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed, warm_start=warm)
-    if warm:
-        clf.coef_, clf.intercept_ = start.clf.coef_.copy(), start.clf.intercept_.copy()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(X, y)
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        logger.warning("logistic probe (C=%g) did not converge in %d iterations", C, max_iter)
-    return _LogisticModel(clf, kind, n_classes)
+def probe_info(stage: ProbeStage) -> dict[str, float]:
+    """``{'weight_decay', 'val_<selection metric>'}`` of a fitted probe."""
+    return {"weight_decay": float(stage.best_weight_decay), f"val_{stage.select_key}": float(stage.best_score)}
 
 
-class _Probe:
-    """One fitted probe: a model per label (multi-label) or a single model."""
-
-    def __init__(self, models: list[_LogisticModel | _ConstantModel], kind: TaskKind) -> None:
-        self.models, self.kind = models, kind
-
-    def predict(self, X: Features) -> np.ndarray:
-        """Scores in the layout :func:`score_predictions` expects."""
-        if self.kind == "multilabel":
-            return np.stack([m.predict(X) for m in self.models], axis=1)
-        return self.models[0].predict(X)
-
-
-def _fit_probe(
-    X: Features, y: np.ndarray, kind: TaskKind, C: float, n_classes: int, max_iter: int, seed: int,
-    start: _Probe | None = None,
-) -> _Probe:
-    """Fit the probe of one C on the given (train) rows, warm-started from ``start`` (the
-    probe of the previous, smaller C) when given."""
-    if kind == "multilabel":
-        models = [_fit_one(X, y[:, c], kind, C, n_classes, max_iter, seed, start.models[c] if start else None)
-                  for c in range(y.shape[1])]
-    else:
-        models = [_fit_one(X, y, kind, C, n_classes, max_iter, seed, start.models[0] if start else None)]
-    return _Probe(models, kind)
-
-
-class LogisticProbe:
-    """A fitted logistic probe: the train users' standardisation, the model of the C chosen on
-    validation, that C and its validation metric (:func:`fit_logistic`)."""
-
-    def __init__(self, standardiser: Standardiser, probe: _Probe, C: float, val_metric: float, key: str):
-        self.standardiser, self.probe, self.C, self.val_metric, self.key = standardiser, probe, C, val_metric, key
-
-    def predict(self, X: Features) -> np.ndarray:
-        """Scores of any users' features (:func:`score_predictions` layout)."""
-        return self.probe.predict(self.standardiser(X))
-
-    def info(self) -> dict[str, float]:
-        """``{'C', 'val_<metric>'}``."""
-        return {"C": self.C, f"val_{self.key}": float(self.val_metric)}
-
-
-def fit_logistic(
+def fit_label(
     X: Features,
     y: np.ndarray,
     split: np.ndarray,
     kind: TaskKind,
-    Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
-    max_iter: int = 1000,
+    weight_decays: Sequence[float] = LABEL_WEIGHT_DECAYS,
+    lr: float = LABEL_LR,
+    epochs: int = 100,
+    batch_size: int = 256,
+    patience: int = LABEL_PATIENCE,
     seed: int = 0,
-    warm_start: bool = True,
-) -> LogisticProbe:
-    """The logistic probe of :func:`fit_logistic_probe`, fitted on the train rows of ``split`` and
-    chosen on its validation rows; its test users are scored later, any number at a time
-    (:meth:`LogisticProbe.predict`)."""
+    min_steps: int = LABEL_MIN_STEPS,
+    selection: str = LABEL_SELECTION,
+) -> ProbeStage:
+    """The label probe of :func:`fit_label_probe`, fitted on the train rows of ``split`` and chosen
+    on its validation rows; its test users are scored later, any number at a time
+    (:func:`label_scores`).
+
+    Args:
+        weight_decays: L2 strengths tried, a head each (``wd ≈ 1/(C·n_train)`` of a logistic
+            regression's C).
+        lr: Adam learning rate.
+        epochs: at most this many validations.
+        batch_size: users per step.
+        patience: validations without a better one before stopping.
+        seed: seed of the shuffling.
+        min_steps: optimiser steps between two validations at least (a small train set's epochs
+            are grouped until they make as many).
+        selection: ``loss`` (the validation log-loss) or ``metric`` (AUC, macro AUC) picks the
+            head and the epoch.
+
+    The defaults were chosen with ``research/probe_choice.py``: on MovieLens-1M level with an
+    LBFGS logistic regression whose C is chosen on validation, in a fraction of its time on
+    wide inputs, and converged on train sets of a few hundred users.
+    """
     _check_kind(kind)
     y = np.asarray(y)
     if kind == "multilabel" and y.ndim != 2:
         raise ValueError(f"multi-label y must be [U, C], got shape {y.shape}")
-    train, val, _ = split_indices(split)
-    standardiser = Standardiser(X, train)
-    X = standardiser(X)
-    n_classes = n_classes_of(y, kind)
-    key = SELECTION_METRIC[kind]
-
-    best_C, best_val, best_probe, probe = float(Cs[0]), -np.inf, None, None
-    for C in sorted(Cs):  # ascending: each fit starts from the previous C's solution
-        probe = _fit_probe(X[train], y[train], kind, C, n_classes, max_iter, seed, start=probe if warm_start else None)
-        val_metric = score_predictions(kind, probe.predict(X[val]), y[val])[key]
-        logger.info("logistic probe C=%g: val %s=%.4f", C, key, val_metric)
-        if best_probe is None or val_metric > best_val:
-            best_C, best_val, best_probe = float(C), val_metric, probe
-    return LogisticProbe(standardiser, best_probe, best_C, best_val, key)
+    outputs = 1 if kind == "binary" else n_classes_of(y, kind)
+    return _fit_stage(X, split, LABEL, kind, outputs, {"labels": {LABEL: y}}, weight_decays, lr, epochs,
+                      batch_size, patience, (), seed, min_steps, selection)
 
 
-def fit_logistic_probe(
-    X: Features,
-    y: np.ndarray,
-    split: np.ndarray,
-    kind: TaskKind,
-    Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
-    max_iter: int = 1000,
-    seed: int = 0,
-    scores_out: dict | None = None,
-    warm_start: bool = True,
-) -> dict[str, float]:
-    """Logistic-regression probe; C chosen on the validation users, metrics on the test users.
+def label_scores(stage: ProbeStage, X: Features) -> np.ndarray:
+    """Some users' scores from the head kept on validation, in :func:`score_predictions` layout:
+    binary ``[N]`` P(y=1), multi-class ``[N, C]`` probabilities, multi-label ``[N, C]``."""
+    with torch.no_grad():
+        z = stage.best_logits({"user_emb": features_tensor(X)}).double()
+    if stage.kind == "binary":
+        return torch.sigmoid(z[:, 0]).numpy()
+    return (torch.softmax(z, 1) if stage.kind == "multiclass" else torch.sigmoid(z)).numpy()
 
-    Dense ``X`` is standardised with the train users' statistics; sparse ``X`` (e.g. TF-IDF) is
-    used as is. For every C a model is fitted on the train users and scored on the validation
-    users (C ascending, each LBFGS run warm-started from the previous C's solution); the C with
-    the best validation metric (AUC for binary, macro AUC otherwise; the smallest C on ties) is kept and only that model ever sees the test users. Multi-label tasks
-    fit one binary model per label (one-vs-rest); a label constant among the train users gets a
-    constant prediction.
+
+def fit_label_probe(X: Features, y: np.ndarray, split: np.ndarray, kind: TaskKind, scores_out: dict | None = None,
+                    **settings) -> dict[str, float]:
+    """Linear probe of a label: weight decay and epoch chosen on the validation users, metrics on
+    the test users only.
+
+    The :class:`~foundv2.stages.probe.ProbeStage` of the label (:func:`fit_label`), fitted
+    in-process on these arrays: one linear head per weight decay (binary: logistic; multi-class:
+    softmax; multi-label: a sigmoid per label), trained side by side with Adam on the train users'
+    batches, inputs standardised with the train users' statistics (sparse inputs as they are), the
+    bias starting at the log prior. Every ``min_steps`` optimiser steps at least, each head is
+    scored on the validation users; the (head, epoch) with the lowest validation log-loss is kept,
+    training stops after ``patience`` validations without a better one, and only that head ever
+    sees the test users.
 
     Args:
         X: ``[U, d]`` representations, dense float or scipy sparse.
         y: binary / multi-class ``[U]`` ints; multi-label ``[U, C]`` 0/1.
-        split: ``[U]`` 0 train, 1 val, 2 test.
+        split: ``[U]`` 0 train, 1 val, 2 test (any other code: in no set).
         kind: ``'binary'``, ``'multiclass'`` or ``'multilabel'``.
-        Cs: inverse regularisation strengths to try.
-        max_iter: LBFGS iterations per fit.
-        seed: random state of the solver.
-        warm_start: start each C's LBFGS from the previous C's solution (False: from zero;
-            ``research/probe_solver.py`` times both).
-        scores_out: if given, ``scores_out['test']`` receives the chosen probe's test scores (in
-            :func:`score_predictions` layout, test users in row order), e.g. for
-            :func:`paired_bootstrap`.
+        scores_out: if given, ``scores_out['test']`` receives the test scores (in
+            :func:`score_predictions` layout, test users in row order), for :func:`paired_bootstrap`.
+        settings: :func:`fit_label`'s (weight decays, lr, epochs, batch size, patience, seed,
+            min_steps, selection).
 
     Returns:
         Test metrics — binary ``{'auc', 'ks'}``, multi-class ``{'accuracy', 'macro_auc'}``,
-        multi-label ``{'macro_auc'}`` — plus ``'C'`` (the chosen C) and ``'val_<metric>'`` (its
-        validation value, e.g. ``'val_auc'``).
+        multi-label ``{'macro_auc'}`` — plus ``'weight_decay'`` (the chosen one) and
+        ``'val_<selection>'`` (its validation value, e.g. ``'val_neg_log_loss'``).
     """
-    probe = fit_logistic(X, y, split, kind, Cs, max_iter, seed, warm_start)
+    stage = fit_label(X, y, split, kind, **settings)
     test = split_indices(split)[2]
-    test_scores = probe.predict(X[test])
+    test_scores = label_scores(stage, X[test])
     if scores_out is not None:
         scores_out["test"] = test_scores
-    metrics = score_predictions(kind, test_scores, np.asarray(y)[test])
-    return {**metrics, **probe.info()}
+    return {**score_predictions(kind, test_scores, np.asarray(y)[test]), **probe_info(stage)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +320,7 @@ def fit_next_item_probe(
         metrics = evaluate_ranking(lambda rows: next_item_scores(stage, X[rows]), split_indices(split)[2],
                                    history, future, ks, per_user_out=None if scores_out is None
                                    else scores_out.setdefault("test", {}))
-    return {**metrics, **next_item_info(stage)}
+    return {**metrics, **probe_info(stage)}
 
 
 def fit_next_item(
@@ -415,14 +344,8 @@ def fit_next_item(
     train = split_indices(split)[0]
     fit_split = split.copy()
     fit_split[np.setdiff1d(train, _users_with_targets(train, history, future))] = -1  # nothing to learn from
-    fit_split[fit_split == TEST] = -1  # a fit never reads a test user
-    data = ArrayRepresentations(X, fit_split, history, future, batch_size=batch_size, seed=seed)
-    stage = ProbeStage(task=NEXT_ITEMS, weight_decays=tuple(weight_decays), lr=lr, patience=patience, ks=tuple(ks))
-    dims = {"input_dim": X.shape[1], "task": NEXT_ITEMS, "kind": NEXT_ITEMS, "outputs": history.shape[1]}
-    fit_probe(stage, data, max_epochs=epochs, dims=dims)
-    logger.info("next-item probe: chose weight decay %g (epoch %d, val %s=%.4f)", stage.best_weight_decay,
-                int(stage.best_epoch), stage.select_key, float(stage.best_score))
-    return stage
+    return _fit_stage(X, fit_split, NEXT_ITEMS, NEXT_ITEMS, history.shape[1], {"history": history, "future": future},
+                      weight_decays, lr, epochs, batch_size, patience, ks, seed)
 
 
 def features_tensor(X: Features) -> torch.Tensor:
@@ -439,8 +362,3 @@ def next_item_scores(stage: ProbeStage, X: Features) -> torch.Tensor:
     """``[B, I]`` item scores of the head kept on validation for some users' features."""
     with torch.no_grad():
         return stage.best_logits({"user_emb": features_tensor(X)})
-
-
-def next_item_info(stage: ProbeStage) -> dict[str, float]:
-    """``{'weight_decay', 'val_ndcg@K'}`` of a fitted next-item probe."""
-    return {"weight_decay": float(stage.best_weight_decay), f"val_{stage.select_key}": float(stage.best_score)}

@@ -55,10 +55,11 @@ from data_modules.store import (
 from foundv2.bench import baselines as B
 from foundv2.bench import representations as R
 from foundv2.bench.probes import (
-    fit_logistic,
+    fit_label,
     fit_next_item,
-    next_item_info,
+    label_scores,
     next_item_scores,
+    probe_info,
     score_predictions,
 )
 from foundv2.bench.users import BenchUsers, Task, UserBatch, read_users, sample_rows
@@ -496,15 +497,17 @@ class _TestScores:
 
 
 def _fit_probe(row: Row, X, task: Task, users: BenchUsers, probe_epochs: int, seed: int) -> Fitted:
-    """The protocol's probe of one representation on one task, fitted on the samples."""
+    """The protocol's probe of one representation on one task, fitted on the samples: one
+    ProbeStage for every task kind, 256 users a step (a quarter of the optimiser steps of 64 for
+    the same epochs)."""
     data = users.fit
     if task.kind == "ranking":
-        # 256 users a step: a quarter of the optimiser steps of 64 for the same epochs
         stage = fit_next_item(X, data.history, data.future, data.split, epochs=probe_epochs, batch_size=256,
                               seed=seed)
-        return Fitted(lambda batch, Xb, pos: next_item_scores(stage, Xb[pos]), next_item_info(stage))
-    probe = fit_logistic(X, data.labels[task.name], data.split, task.kind, seed=seed)
-    return Fitted(lambda batch, Xb, pos: probe.predict(Xb[pos]), probe.info())
+        return Fitted(lambda batch, Xb, pos: next_item_scores(stage, Xb[pos]), probe_info(stage))
+    stage = fit_label(X, data.labels[task.name], data.split, task.kind, epochs=probe_epochs, batch_size=256,
+                      seed=seed)
+    return Fitted(lambda batch, Xb, pos: label_scores(stage, Xb[pos]), probe_info(stage))
 
 
 def _versions() -> dict:
@@ -519,7 +522,7 @@ def _versions() -> dict:
 
 @contextlib.contextmanager
 def _quiet(log_path: Path) -> Iterator[None]:
-    """Send every log line (the per-C probe lines included) and every Python warning, once per
+    """Send every log line (the probes' choices included) and every Python warning, once per
     place, to ``log_path`` instead of the console (:func:`foundv2.console.log_to_file`)."""
     with log_to_file(log_path), warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -621,7 +624,9 @@ def run_bench(
         storage_bytes: sizes (bytes per user) of the storage-matched baselines ``tfidf_svd<k>_int8``
             and ``top_items<k>``; the token rows' size is always added (default 16 and 64).
         sasrec_epochs: SASRec's epoch budget (early-stopped on val).
-        probe_epochs: the next-item probe's epoch budget (early-stopped on val).
+        probe_epochs: every probe's budget of validations, each early-stopped on val: a
+            validation after every epoch, or for a label probe after as many epochs as make
+            :data:`~foundv2.bench.probes.LABEL_MIN_STEPS` optimiser steps (small train sets).
         seed: seed of the probes.
         skip_tasks: tasks left out (a quick bench, e.g. ["next_items"]).
         compare: pairs of rows ``[a, b]`` compared on every task with the paired 95 % interval of

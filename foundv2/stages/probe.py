@@ -17,7 +17,10 @@ The protocol (the bench's, ``foundv2-bench-v1``), one implementation:
   by side on the same batches (an L2 penalty ``wd/2·‖W‖²`` per head in the loss; the heads share
   nothing, so each follows the path it would follow alone) and scored on the validation users
   after every epoch; ``val/select`` is the best head's selection metric (AUC for binary, macro
-  AUC for multiclass and multilabel, ``ndcg@max(ks)`` for next items).
+  AUC for multiclass and multilabel, ``ndcg@max(ks)`` for next items), or with
+  ``selection: loss`` the negative validation log-loss of a label head (a proper score, which
+  keeps improving while a head converges where a ranking metric has saturated on a small
+  validation set).
 - **early stopping**: Lightning's ``EarlyStopping`` on ``val/select`` (``patience`` epochs), and the
   stage keeps the best (head, epoch) it has seen in ``best_weight``/``best_bias`` with its
   ``best_weight_decay``, ``best_epoch`` and ``best_score`` (saved in every checkpoint), so
@@ -44,6 +47,7 @@ import contextlib
 import logging
 import math
 import warnings
+from typing import Literal
 
 import lightning as L
 import torch
@@ -52,6 +56,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from data_modules.representations import NEXT_ITEMS, probe_task
@@ -215,6 +220,9 @@ class ProbeStage(PredictStage):
         patience: epochs without a better ``val/select`` before early stopping.
         ks: ranking cut-offs of ``next_items`` (the largest selects).
         standardize: centre and scale dense inputs with the train users' statistics.
+        selection: what picks the (head, epoch) on validation and stops the fit: ``metric``
+            (the task's selection metric, above) or ``loss`` (the negative log-loss of a label
+            task's head, logged as ``neg_log_loss``; next items always use their ranking).
         auc_bins: None for exact AUCs (every validation/test score kept until the epoch's end,
             gathered across ranks, as torchmetrics does); a number of thresholds for binned AUCs
             with constant memory (tens of millions of users).
@@ -232,6 +240,7 @@ class ProbeStage(PredictStage):
         patience: int = 3,
         ks: tuple[int, ...] = (10, 20),
         standardize: bool = True,
+        selection: Literal["metric", "loss"] = "metric",
         auc_bins: int | None = None,
         predict_dir: str | None = None,
     ):
@@ -270,6 +279,7 @@ class ProbeStage(PredictStage):
         self.register_buffer("best_epoch", torch.tensor(-1))
         self.register_buffer("best_score", torch.tensor(-math.inf, dtype=torch.float64))
         self.val_metrics = nn.ModuleList(task_metrics(self.kind, C, self.ks, self.hparams.auc_bins) for _ in range(G))
+        self.val_losses = nn.ModuleList(MeanMetric() for _ in range(G))
         self.test_metrics = task_metrics(self.kind, C, self.ks, self.hparams.auc_bins)
 
     @property
@@ -279,7 +289,17 @@ class ProbeStage(PredictStage):
 
     @property
     def select_key(self) -> str:
-        return f"ndcg@{max(self.ks)}" if self.kind == NEXT_ITEMS else SELECTION_METRIC[self.kind]
+        if self.kind == NEXT_ITEMS:
+            return f"ndcg@{max(self.ks)}"
+        return "neg_log_loss" if self.hparams.selection == "loss" else SELECTION_METRIC[self.kind]
+
+    def validation_scores(self) -> list[dict[str, float]]:
+        """Each head's validation metrics (and ``neg_log_loss``), computed (synced) and reset."""
+        per_head = [compute_metrics(m) for m in self.val_metrics]
+        for values, loss in zip(per_head, self.val_losses, strict=True):
+            values["neg_log_loss"] = -float(loss.compute())
+            loss.reset()
+        return per_head
 
     # ------------------------------------------------------------------ forward
     def inputs(self, batch: dict) -> torch.Tensor:
@@ -354,9 +374,7 @@ class ProbeStage(PredictStage):
         is never below it on validation."""
         for batch in self._shard(loader):
             self.validation_step(self.transfer_batch_to_device(batch, self.device, 0), 0)
-        score = compute_metrics(self.val_metrics[0])[self.select_key]  # every head is the same here
-        for m in self.val_metrics[1:]:
-            compute_metrics(m)
+        score = self.validation_scores()[0][self.select_key]  # every head is the same here
         if math.isfinite(score):
             self.best_weight.copy_(self.heads.head_weight(0))
             self.best_bias.copy_(self.heads.bias[0])
@@ -398,11 +416,13 @@ class ProbeStage(PredictStage):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         target, seen = self.targets(batch)
         logits = self(batch)
+        losses = head_losses(self.kind, logits, target, seen)
         for g, metrics in enumerate(self.val_metrics):
             update_metrics(metrics, self.kind, logits[:, g], target, seen)
+            self.val_losses[g].update(losses[g], weight=logits.shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        per_head = [compute_metrics(m) for m in self.val_metrics]
+        per_head = self.validation_scores()
         if self.trainer.sanity_checking:
             return
         for wd, values in zip(self.weight_decays, per_head, strict=True):
@@ -465,7 +485,7 @@ def _quiet_lightning():
 
 
 def fit_probe(stage: ProbeStage, datamodule: L.LightningDataModule, max_epochs: int = 100,
-              dims: dict | None = None, accelerator: str = "cpu") -> ProbeStage:
+              dims: dict | None = None, accelerator: str = "cpu", epochs_per_check: int = 1) -> ProbeStage:
     """Fit ``stage`` on ``datamodule`` with a quiet one-device Trainer (no logger, checkpoint or
     progress bar) and return it, holding the head chosen on validation; ``dims`` (input_dim,
     task, kind, outputs) for a DataModule that is not a ``UserDataModule``."""
@@ -474,6 +494,6 @@ def fit_probe(stage: ProbeStage, datamodule: L.LightningDataModule, max_epochs: 
     with _quiet_lightning():
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=max_epochs, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
+                            num_sanity_val_steps=0, check_val_every_n_epoch=epochs_per_check)
         trainer.fit(stage, datamodule=datamodule)
     return stage.eval()
