@@ -1,10 +1,11 @@
 """Stage 1: Q-Former features against pooled features, an objective ablation, training speed.
 
-Run:  make bench-qformer      (writes bench-results/qformer.json)
+Run:  make bench-qformer      (writes bench-results/qformer.json and its tables into docs/benchmarks.md)
+      python benchmarks/bench_qformer.py --docs    (rewrite the docs block from qformer.json only)
 
 For each data set the shipped config (experiments/<data>/qformer.yaml) is trained as is (the
 full objective), then once more with each objective switched off in turn; each variant's
-predict writes its features and per-user embeddings, which go through the bench's logistic
+predict writes its features and per-user embeddings, which go through the bench's label
 probes (a quick bench: next_items is left out). Pooled features are probed beside them, and
 ``vs_pooled`` holds each variant's difference from pooled per task with a paired-bootstrap 95 %
 interval over the test users (an interval above 0 = clearly better).
@@ -20,9 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, previous_figures, write_results  # noqa: E402
+from common import RESULTS, ROOT, machine, previous_figures, write_results  # noqa: E402
+
+from foundv2.bench.report import write_block  # noqa: E402
 
 CONFIGS = {"synthetic": "experiments/synthetic/qformer.yaml", "movielens-1m": "experiments/movielens-1m/qformer.yaml"}
+DOCS = ROOT / "docs" / "benchmarks.md"
+LABELS = {"full": "all objectives", "no_fine": "without fine-grained", "no_window": "without window",
+          "no_semantic": "without semantic", "no_recon": "without reconstruction"}
 VARIANTS = {"full": {}, "no_fine": {"fine": False}, "no_window": {"window": False},
             "no_semantic": {"semantic": False}, "no_recon": {"recon": False}}
 
@@ -49,7 +55,7 @@ def fit_and_predict(config: str, run_dir: Path, enabled: dict, extra: list[str])
 
 
 def probe_vs_pooled(dm, features: dict[str, str], n_boot: int = 1000) -> tuple[dict, dict]:
-    """The protocol's logistic probes (C on val, metrics on test) on pooled features and on every
+    """The protocol's label probes (chosen on val, metrics on test) on pooled features and on every
     stage-1 output, then each output against pooled on the same test users: per task the
     difference of the probe metric with a paired-bootstrap 95 % interval
     (:func:`foundv2.bench.probes.paired_bootstrap`). "Clearly better" = the interval is above 0.
@@ -91,13 +97,56 @@ def probe_vs_pooled(dm, features: dict[str, str], n_boot: int = 1000) -> tuple[d
     return probe, vs_pooled
 
 
+def _cell(v: dict) -> str:
+    return f"{v['delta']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]"
+
+
+def docs_block(figures: dict) -> str:
+    """Per data set: every variant's probe figures beside pooled and majority, the full variant's
+    paired intervals against pooled, and the fit times, as docs/benchmarks.md shows them."""
+    m = machine()
+    lines = [f"`make bench-qformer` ({m['cores']} cores, torch {m['libraries']['torch']}): the shipped configs "
+             f"trained as they are, then once with each objective off; the bench's label probes on every "
+             f"variant's `user_emb` and on the pooled features; `vs pooled`: the difference with a paired "
+             f"95 % interval over the test users (1,000 resamples)."]
+    for name, config in CONFIGS.items():
+        f = figures.get(name)
+        if not f:
+            continue
+        probe = f["probe"]
+        tasks = [t for t, v in probe["pooled"].items() if isinstance(v, dict)]
+        keys = {t: next(k for k in ("accuracy", "auc", "macro_auc") if k in probe["pooled"][t]) for t in tasks}
+        fit = f["fit_seconds"]
+        lines += ["", f"{name} (`{config}`): the full fit {fit['full']:.0f} s, {f['users_per_s']:.0f} training "
+                      f"users/s; every variant: " + ", ".join(f"{v} {s:.0f} s" for v, s in fit.items()) + ".", "",
+                  "| representation | " + " | ".join(f"{t} {keys[t]}" for t in tasks) + " | bytes/user |",
+                  "|---" * (len(tasks) + 2) + "|"]
+        for rep in ["pooled", *(f"qformer_{v}" for v in fit), "majority"]:
+            row = probe.get(rep)
+            if row is None:
+                continue
+            label = LABELS.get(rep.removeprefix("qformer_"), rep)
+            size = row.get("bytes_per_user")
+            lines.append(f"| {label} | " + " | ".join(f"{row[t][keys[t]]:.4f}" if t in row else "-" for t in tasks)
+                         + f" | {'' if size is None else format(size, ',.0f')} |")
+            if rep == "qformer_full":
+                vs = f["vs_pooled"][rep]
+                lines.append("| vs pooled | " + " | ".join(
+                    _cell(vs.get(f"{t}:accuracy", vs[t])) if t in vs else "-" for t in tasks) + " | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-qformer"))
     ap.add_argument("--only", default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--extra", default="", help="extra CLI flags for every fit, e.g. '--trainer.max_epochs 1'")
+    ap.add_argument("--docs", action="store_true", help="only rewrite the docs block from bench-results/qformer.json")
     a = ap.parse_args()
+    if a.docs:
+        write_block(DOCS, "bench_qformer", "make bench-qformer", docs_block(json.loads((RESULTS / "qformer.json").read_text())))
+        return
     # one data set re-run: keep the other data set's figures from the last run
     figures = previous_figures("qformer", CONFIGS) if a.only else {}
     for name, config in CONFIGS.items():
@@ -118,6 +167,7 @@ def main() -> None:
         }
         print(json.dumps({k: v for k, v in figures[name].items() if k != "final_losses"}, indent=1), flush=True)
     write_results("qformer", figures, {"configs": CONFIGS, "variants": a.variants, "extra": a.extra})
+    write_block(DOCS, "bench_qformer", "make bench-qformer", docs_block(figures))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import ROOT, machine, write_results  # noqa: E402
 
-from foundv2.bench.probes import LABEL_LR, LABEL_MIN_STEPS, LABEL_PATIENCE, LABEL_SELECTION, LABEL_WEIGHT_DECAYS  # noqa: E402
+from foundv2.bench.probes import (  # noqa: E402
+    LABEL_LR,
+    LABEL_MIN_STEPS,
+    LABEL_PATIENCE,
+    LABEL_SELECTION,
+    LABEL_WEIGHT_DECAYS,
+)
 from foundv2.bench.report import write_block  # noqa: E402
 
 MAIN = {"binary": "auc", "multiclass": "accuracy", "multilabel": "macro_auc"}

@@ -11,7 +11,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from foundv2.bench.baselines import majority, popularity
-from foundv2.bench.probes import fit_label, fit_label_probe, fit_next_item_probe, label_scores, paired_bootstrap
+from foundv2.bench.probes import (
+    fit_label,
+    fit_label_probe,
+    fit_next_item_probe,
+    label_scores,
+    paired_bootstrap,
+)
 from foundv2.metrics.classification import (
     KSStatistic,
     binary_auc,

@@ -176,9 +176,18 @@ def ease(
     Returns:
         ``(test ranking metrics, seconds)``.
     """
+    return _item_item(lambda gram, h, f, val: fit_ease(gram, h, f, val, lambdas, ks), history, future, split, ks,
+                      scores_out)
+
+
+def _item_item(fit, history: sp.spmatrix, future: sp.spmatrix, split: np.ndarray, ks: Sequence[int],
+               scores_out: dict | None) -> RankingResult:
+    """An item-item baseline end to end: ``fit(gram, history, future, val)`` gives the ``[I, I]``
+    weights (its settings chosen on the validation users), then the test users are ranked by
+    ``binarised history @ weights``."""
     start = time.perf_counter()
     history, future, X, val, test = _item_item_inputs(history, future, split)
-    W = fit_ease(item_gram(X), history, future, val, lambdas, ks)
+    W = fit(item_gram(X), history, future, val)
     metrics = evaluate_ranking(_dense_scorer(X, W), test, history, future, ks, per_user_out=_per_user(scores_out))
     return metrics, time.perf_counter() - start
 
@@ -230,11 +239,8 @@ def itemknn(
     Returns:
         ``(test ranking metrics, seconds)``.
     """
-    start = time.perf_counter()
-    history, future, X, val, test = _item_item_inputs(history, future, split)
-    W = fit_itemknn(item_gram(X), history, future, val, neighbours, ks)
-    metrics = evaluate_ranking(_dense_scorer(X, W), test, history, future, ks, per_user_out=_per_user(scores_out))
-    return metrics, time.perf_counter() - start
+    return _item_item(lambda gram, h, f, val: fit_itemknn(gram, h, f, val, neighbours, ks), history, future, split,
+                      ks, scores_out)
 
 
 def fit_itemknn(gram: np.ndarray, history: sp.csr_matrix, future: sp.csr_matrix, val: np.ndarray,

@@ -268,20 +268,8 @@ def _users_with_targets(users: np.ndarray, history: sp.csr_matrix, future: sp.cs
     return users[n_new > 0]
 
 
-def fit_next_item_probe(
-    X: Features,
-    history: sp.csr_matrix,
-    future: sp.csr_matrix,
-    split: np.ndarray,
-    weight_decays: Sequence[float] = (0.0, 1e-4),
-    lr: float = 1e-2,
-    epochs: int = 100,
-    batch_size: int = 64,
-    patience: int = 3,
-    ks: Sequence[int] = (10, 20),
-    seed: int = 0,
-    scores_out: dict | None = None,
-) -> dict[str, float]:
+def fit_next_item_probe(X: Features, history: sp.csr_matrix, future: sp.csr_matrix, split: np.ndarray,
+                        scores_out: dict | None = None, **settings) -> dict[str, float]:
     """Linear softmax probe from the representation to the items (next-items task): the
     :class:`~foundv2.stages.probe.ProbeStage` (task ``next_items``) fitted in-process
     (:func:`~foundv2.stages.probe.fit_probe`) on these arrays.
@@ -299,15 +287,9 @@ def fit_next_item_probe(
         history: ``[U, I]`` history interactions (the items excluded from the ranking).
         future: ``[U, I]`` binary future items (the targets / relevant items).
         split: ``[U]`` 0 train, 1 val, 2 test.
-        weight_decays: L2 strengths tried (chosen on validation).
-        lr: Adam learning rate.
-        epochs: maximum epochs.
-        batch_size: users per step.
-        patience: epochs without validation improvement before stopping.
-        ks: ranking cut-offs.
-        seed: seed of the shuffling.
         scores_out: if given, ``scores_out['test']`` receives the test users' per-user metrics
             (``{'recall@K', 'ndcg@K'}`` → ``[n]`` arrays), for :func:`paired_bootstrap`.
+        settings: :func:`fit_next_item`'s (weight decays, lr, epochs, batch size, patience, ks, seed).
 
     Returns:
         ``{'recall@K', 'ndcg@K'}`` on the test users for each K in ``ks``, plus
@@ -315,7 +297,8 @@ def fit_next_item_probe(
     """
     history, future = sp.csr_matrix(history), sp.csr_matrix(future)
     split = np.asarray(split, np.int64)
-    stage = fit_next_item(X, history, future, split, weight_decays, lr, epochs, batch_size, patience, ks, seed)
+    stage = fit_next_item(X, history, future, split, **settings)
+    ks = stage.ks
     with torch.no_grad():
         metrics = evaluate_ranking(lambda rows: next_item_scores(stage, X[rows]), split_indices(split)[2],
                                    history, future, ks, per_user_out=None if scores_out is None
@@ -338,7 +321,17 @@ def fit_next_item(
 ) -> ProbeStage:
     """The next-item probe of :func:`fit_next_item_probe`, fitted on the train rows of ``split``
     and chosen on its validation rows; its test users are scored later, any number at a time
-    (:func:`next_item_scores`)."""
+    (:func:`next_item_scores`).
+
+    Args:
+        weight_decays: L2 strengths tried (chosen on validation).
+        lr: Adam learning rate.
+        epochs: maximum epochs.
+        batch_size: users per step.
+        patience: epochs without validation improvement before stopping.
+        ks: ranking cut-offs.
+        seed: seed of the shuffling.
+    """
     history, future = sp.csr_matrix(history), sp.csr_matrix(future)
     split = np.asarray(split, np.int64)
     train = split_indices(split)[0]
