@@ -1,9 +1,9 @@
 """The linear-probe benchmark on MovieLens-1M, end to end on this machine.
 
 Run:  make bench-probe      (writes bench-results/probe.json: the run's bench.json plus timings,
-                              and its table into docs/benchmarks.md)
+                              its table into docs/benchmarks.md, its summary into README.md)
       python benchmarks/bench_probe.py --no-repeat    (skip the second run of the token steps)
-      python benchmarks/bench_probe.py --docs         (rewrite the docs block from probe.json only)
+      python benchmarks/bench_probe.py --docs         (rewrite the docs and README blocks from probe.json only)
 
 It runs `foundv2 pipeline --config experiments/movielens-1m/probe-pipeline.yaml` from scratch
 (stage 1, the per-window tokenizer, the user-level tokenizers, then every representation and
@@ -31,7 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine, write_results  # noqa: E402
 
-from foundv2.bench.report import table, write_block  # noqa: E402
+from foundv2.bench.report import summary_table, table, write_block  # noqa: E402
 
 CONFIG = "experiments/movielens-1m/probe-pipeline.yaml"
 TOKEN_STEPS = ("tokenizer", "user_tokens16", "user_tokens64")
@@ -88,13 +88,19 @@ def docs_block(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def write_docs(figures: dict) -> None:
+    """The run's whole table into docs/benchmarks.md and its summary into the README."""
+    write_block(DOCS, "bench_probe", "make bench-probe", docs_block(figures))
+    write_block(ROOT / "README.md", "make bench-probe's summary", "make bench-probe", summary_table(figures))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-repeat", action="store_true", help="skip the second run of the token steps")
     ap.add_argument("--docs", action="store_true", help="only rewrite the docs block from bench-results/probe.json")
     args = ap.parse_args()
     if args.docs:
-        write_block(DOCS, "bench_probe", "make bench-probe", docs_block(json.loads((RESULTS / "probe.json").read_text())))
+        write_docs(json.loads((RESULTS / "probe.json").read_text()))
         return
     run_dir = ROOT / "runs" / "movielens-1m" / "probe"
     load_before = load()
@@ -115,7 +121,7 @@ def main() -> None:
         steps = same_tokens(run_dir, repeat_dir)
         figures["repeat"] = {"seconds": t, "steps": steps, "identical": all(s["identical"] for s in steps.values())}
         write_results("probe", figures, {"config": CONFIG})
-    write_block(DOCS, "bench_probe", "make bench-probe", docs_block(figures))
+    write_docs(figures)
     shutil.copyfile(run_dir / "bench" / "metric_vs_bytes.png", DOCS.parent / "metric_vs_bytes_movielens-1m.png")
 
 

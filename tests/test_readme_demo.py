@@ -18,6 +18,7 @@ from foundv2.bench.report import (
     readme_table,
     readme_with_table,
     rows_table,
+    summary_table,
     table,
     write_block,
 )
@@ -60,6 +61,21 @@ def test_make_readme_writes_the_readme_rows_and_the_whole_table_into_docs(tmp_pa
     assert main([str(tmp_path / "bench.json"), "--docs"]) == 2  # a flag without its file: usage, nothing written
     assert main([str(tmp_path / "missing.json"), "--docs", str(docs)]) == 2
     assert docs.read_text() == before and "usage" in capsys.readouterr().err
+
+
+def test_the_summary_pairs_each_budget_best_row_with_its_baselines_and_the_best_of_any_size():
+    res = {"user_tokens16": {"kind": "tokens", "bytes_per_user": 16, "churn": {"auc": 0.80}},
+           "qformer": {"kind": "representation", "bytes_per_user": 512, "churn": {"auc": 0.78}},
+           "pooled": {"kind": "representation", "bytes_per_user": 400, "churn": {"auc": 0.90}},
+           "tfidf_svd16_int8": {"kind": "baseline", "bytes_per_user": 16, "churn": {"auc": 0.75}},
+           "tfidf": {"kind": "baseline", "bytes_per_user": 900, "churn": {"auc": 0.85}},
+           "ease": {"kind": "baseline", "bytes_per_user": None}}
+    bench = {"tasks": {"churn": "binary"}, "results": res,
+             "budgets": {"16": {"best": "user_tokens16", "baselines": ["tfidf_svd16_int8"], "meets": True}}}
+    rows = summary_table(bench).splitlines()[2:]
+    assert rows == ["| 16 B | `user_tokens16` (ours) | 0.8000 |", "| 16 B | `tfidf_svd16_int8` | 0.7500 |",
+                    "| unbounded | best of ours per task | `user_tokens16` 0.8000 |",  # pooled is not learned
+                    "| unbounded | best baseline per task | `tfidf` 0.8500 |"]  # a row without the task is skipped
 
 
 @pytest.mark.slow  # the whole MovieLens-100k demo pipeline: make test-full

@@ -528,6 +528,34 @@ def write_block(path: str | Path, name: str, command: str, body: str) -> None:
     atomic_write_text(path, with_block(path.read_text(), name, command, body, append=True))
 
 
+def summary_table(bench: dict) -> str:
+    """The README's summary of a bench, as markdown: per storage budget the best token row of at
+    most that size (``budgets`` ``best``) beside each storage-matched baseline of exactly that
+    size; then, with no size limit, the best learned row and the best baseline of each task."""
+    res, tasks = bench["results"], bench["tasks"]
+    head = "| budget | row | " + " | ".join(f"{t} {MAIN[k]}" for t, k in tasks.items()) + " |"
+    lines = [head, "|---" * (len(tasks) + 2) + "|"]
+
+    def value(name: str, task: str) -> str:
+        r = res[name].get(task)
+        return f"{r[MAIN[tasks[task]]]:.4f}" if isinstance(r, dict) and MAIN[tasks[task]] in r else "-"
+
+    for budget, v in (bench.get("budgets") or {}).items():
+        for name in [v["best"], *v["baselines"]]:
+            label = f"`{name}` (ours)" if name == v["best"] else f"`{name}`"
+            lines.append(f"| {budget} B | {label} | " + " | ".join(value(name, t) for t in tasks) + " |")
+    learned = [n for n, r in res.items() if _kind(n, r) != "baseline" and n != "pooled"]
+    baselines = [n for n, r in res.items() if _kind(n, r) == "baseline"]
+    for label, names in (("best of ours per task", learned), ("best baseline per task", baselines)):
+        cells = []
+        for task, kind in tasks.items():
+            have = [n for n in names if isinstance(res[n].get(task), dict) and MAIN[kind] in res[n][task]]
+            best = max(have, key=lambda n: res[n][task][MAIN[kind]], default=None)
+            cells.append("-" if best is None else f"`{best}` {value(best, task)}")
+        lines.append(f"| unbounded | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 #: the README block that holds ``make demo``'s table (rewritten by ``make readme``)
 README_BLOCK = ("make demo's table", "make readme")
 README_BEGIN, README_END = block_markers(*README_BLOCK)
