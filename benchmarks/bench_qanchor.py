@@ -246,6 +246,37 @@ def steps_markdown(steps: dict, config: dict, machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serving_markdown(f: dict, config: dict, machine: dict) -> str:
+    """The serving table of docs/qanchor.md (its block), from qanchor.json's serving figures."""
+    k = f["kinds"]
+    tok, soft = k["token"], k["soft"]
+    row = lambda label, fn: f"| {label} | {fn(tok)} | {fn(soft)} |"  # noqa: E731
+    lines = [f"`make bench-qanchor` ({machine['cores']} cores, {config['threads']} threads, torch "
+             f"{machine['libraries'].get('torch')}): SmolLM2-135M-Instruct in {config['dtype']}, {config['users']} users "
+             f"x {len(config['queries'])} queries of {min(soft['query_tokens'])}-{max(soft['query_tokens'])} tokens "
+             f"after a prefix of about {soft['prefix_slots']} slots, medians of {config['repeats']} runs after a "
+             "warm-up.", "",
+             "| | token prefix | soft prefix |", "|---|---|---|",
+             row(f"{len(config['queries'])} queries, a full pass each", lambda x: f"{x['full_ms']:,.0f} ms"),
+             row(f"{len(config['queries'])} queries, one cached pass", lambda x: f"{x['cached_ms']:,.0f} ms"),
+             row("`kv_speedup` (goal >= 20)", lambda x: f"**{x['kv_speedup']:.1f}**"),
+             row("one query alone: full / cached", lambda x: f"{x['single_query_full_ms']:,.0f} / "
+                 f"{x['single_query_cached_ms']:,.0f} ms ({x['single_query_speedup']:.1f})"),
+             row("prefix encoding, paid once per user", lambda x: f"{x['prefix_encode_ms']:,.0f} ms"),
+             row("the queries with the encoding: full / (encode + cached)", lambda x: f"{x['speedup_with_encode']:.1f}"),
+             row("`max_abs_diff` (goal <= 1e-4)", lambda x: f"{x['max_abs_diff']:.1g}")]
+    if "embed_users_per_s" in f:
+        lines += ["", f"The embed path (`QueryAnchor.embed_users`, soft prefix, {config['embed_users']} users of "
+                      f"{config['embed_events']} events in batches of {config['embed_batch']}): "
+                      f"**{f['embed_users_per_s']:.2f} users/s** ({f['embed_user_queries_per_s']:.1f} user-queries/s)."]
+    lu = f["token_lookup"]
+    lines += ["", f"Adding {config['codes']:,} U2QT tokens to the LM: {f['token_prefix_build_s']:.2f} s "
+                  f"(`token_prefix_build_s`); their ids by name one at a time {lu['per_name_s']:.1f} s against "
+                  f"{lu['one_read_s']:.3f} s in one read of the vocabulary (ratio {lu['ratio']:,.0f}). Peak RSS of the "
+                  f"run: {f['peak_rss_mb']:,.0f} MB."]
+    return "\n".join(lines)
+
+
 def serving(args) -> dict:
     """The serving figures (see the module docstring)."""
     from foundv2.nn.anchor import QueryAnchor, SoftPrefix, TokenPrefix
@@ -330,11 +361,17 @@ def main() -> None:
               "dtype": "float32", "parts": args.parts, "steps": args.steps, "step_batch": args.step_batch,
               "step_layers": args.step_layers, "val_batches": args.val_batches}
     write_results("qanchor", figures, config)
-    if "steps" in figures:
-        from common import machine
+    from common import machine
 
+    if "steps" in parts:
         (ROOT / "docs" / "qanchor-steps.md").write_text(steps_markdown(figures["steps"], config, machine()))
         print(f"wrote {ROOT / 'docs' / 'qanchor-steps.md'}")
+    if "serving" in parts:
+        from foundv2.bench.report import write_block
+
+        write_block(ROOT / "docs" / "qanchor.md", "bench_qanchor serving", "make bench-qanchor",
+                    serving_markdown(figures, config, machine()))
+        print(f"wrote {ROOT / 'docs' / 'qanchor.md'}")
 
 
 if __name__ == "__main__":
