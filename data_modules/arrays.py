@@ -6,6 +6,8 @@ COO tensor, which the probe's linear heads multiply as such).
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import numpy as np
 import scipy.sparse as sp
@@ -50,6 +52,32 @@ class _ArrayCollate:
         return out
 
 
+class PassBatches:
+    """The train batches of an epoch that goes ``passes`` times over the users: pass ``p`` of
+    epoch ``e`` in the :class:`~data_modules.datamodule.EpochShuffleSampler` order of epoch
+    ``e·passes + p``, batched on its own (its last batch may be short), so an epoch of ``k``
+    passes holds exactly the batches of ``k`` one-pass epochs. Lightning calls ``set_epoch`` on a
+    batch sampler's ``sampler``: this object is its own."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, passes: int = 1):
+        self.order = EpochShuffleSampler(n, seed)
+        self.batch_size, self.passes, self.epoch = batch_size, passes, 0
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        for p in range(self.passes):
+            self.order.set_epoch(self.epoch * self.passes + p)
+            rows = list(self.order)
+            for start in range(0, len(rows), self.batch_size):
+                yield rows[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return self.passes * math.ceil(len(self.order) / self.batch_size)
+
+
 class ArrayRepresentations(L.LightningDataModule):
     """Representation batches from arrays in memory (rows = users), for probes of features that
     live in no dataset folder (the bench's).
@@ -63,20 +91,24 @@ class ArrayRepresentations(L.LightningDataModule):
         labels: name → ``[U]`` classes or ``[U, C]`` 0/1, handed as ``label/<name>``.
         batch_size: users per batch.
         seed: seed of the train order (the DataModule's epoch-seeded shuffle).
+        passes: times a train epoch goes over the train users (a small train set's epoch made
+            long enough to be worth a validation).
     """
 
     def __init__(self, X, split: np.ndarray, history=None, future=None, labels: dict | None = None,
-                 batch_size: int = 256, seed: int = 0):
+                 batch_size: int = 256, seed: int = 0, passes: int = 1):
         super().__init__()
         self.split = np.asarray(split, np.int64)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.passes = batch_size, seed, passes
         csr = (lambda m: None if m is None else sp.csr_matrix(m))  # noqa: E731
         self.collate = _ArrayCollate(X, csr(history), csr(future), dict(labels or {}), self.split)
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
         rows = np.flatnonzero(self.split == split)
-        return DataLoader(rows.tolist(), batch_size=self.batch_size, collate_fn=self.collate,
-                          sampler=EpochShuffleSampler(len(rows), self.seed) if shuffle else None)
+        if shuffle:
+            return DataLoader(rows.tolist(), collate_fn=self.collate,
+                              batch_sampler=PassBatches(len(rows), self.batch_size, self.seed, self.passes))
+        return DataLoader(rows.tolist(), batch_size=self.batch_size, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(Split.TRAIN, shuffle=True)

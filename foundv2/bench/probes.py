@@ -145,16 +145,17 @@ def _fit_stage(X: Features, split: np.ndarray, task: str, kind: str, outputs: in
     """A :class:`~foundv2.stages.probe.ProbeStage` fitted on the train rows of ``split`` and chosen
     on its validation rows (a fit never reads a test row); ``data``: the arrays' targets.
 
-    ``min_steps``: optimiser steps between two validations at least. An epoch of a small train set
-    is a step or two; validating (and counting ``epochs`` and ``patience``) every
-    ``ceil(min_steps / steps per epoch)`` epochs gives a fit the same step budget whatever the
-    number of train users, so a small set is not stopped before its heads have moved."""
+    ``min_steps``: optimiser steps between two validations at least. A pass over a small train set
+    is a step or two; an epoch of ``ceil(min_steps / steps per pass)`` passes (each in its own
+    order) gives a fit the same step budget whatever the number of train users, so a small set
+    is not stopped before its heads have moved."""
     fit_split = np.where(np.asarray(split, np.int64) == TEST, -1, np.asarray(split, np.int64))
-    arrays = ArrayRepresentations(X, fit_split, batch_size=batch_size, seed=seed, **data)
+    n_train = int((fit_split == TRAIN).sum())
+    passes = max(1, math.ceil(min_steps / max(1, math.ceil(n_train / batch_size))))
+    arrays = ArrayRepresentations(X, fit_split, batch_size=batch_size, seed=seed, passes=passes, **data)
     stage = ProbeStage(task=task, weight_decays=tuple(weight_decays), lr=lr, patience=patience, ks=tuple(ks),
                        selection=selection)
-    every = max(1, math.ceil(min_steps / max(1, len(arrays.train_dataloader()))))
-    fit_probe(stage, arrays, max_epochs=epochs * every, epochs_per_check=every,
+    fit_probe(stage, arrays, max_epochs=epochs,
               dims={"input_dim": X.shape[1], "task": task, "kind": kind, "outputs": outputs})
     logger.info("%s probe: chose weight decay %g (epoch %d, val %s=%.4f)", kind, stage.best_weight_decay,
                 int(stage.best_epoch), stage.select_key, float(stage.best_score))
@@ -188,12 +189,12 @@ def fit_label(
         weight_decays: L2 strengths tried, a head each (``wd ≈ 1/(C·n_train)`` of a logistic
             regression's C).
         lr: Adam learning rate.
-        epochs: at most this many validations.
+        epochs: at most this many epochs, a validation after each.
         batch_size: users per step.
         patience: validations without a better one before stopping.
         seed: seed of the shuffling.
-        min_steps: optimiser steps between two validations at least (a small train set's epochs
-            are grouped until they make as many).
+        min_steps: optimiser steps an epoch at least (a small train set's epoch goes over it
+            several times, each pass in its own order).
         selection: ``loss`` (the validation log-loss) or ``metric`` (AUC, macro AUC) picks the
             head and the epoch.
 

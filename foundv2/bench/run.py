@@ -624,9 +624,9 @@ def run_bench(
         storage_bytes: sizes (bytes per user) of the storage-matched baselines ``tfidf_svd<k>_int8``
             and ``top_items<k>``; the token rows' size is always added (default 16 and 64).
         sasrec_epochs: SASRec's epoch budget (early-stopped on val).
-        probe_epochs: every probe's budget of validations, each early-stopped on val: a
-            validation after every epoch, or for a label probe after as many epochs as make
-            :data:`~foundv2.bench.probes.LABEL_MIN_STEPS` optimiser steps (small train sets).
+        probe_epochs: every probe's epoch budget, each early-stopped on val (a label probe's
+            epoch is at least :data:`~foundv2.bench.probes.LABEL_MIN_STEPS` optimiser steps: a
+            small train set is gone over several times an epoch).
         seed: seed of the probes.
         skip_tasks: tasks left out (a quick bench, e.g. ["next_items"]).
         compare: pairs of rows ``[a, b]`` compared on every task with the paired 95 % interval of

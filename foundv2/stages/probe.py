@@ -333,7 +333,8 @@ class ProbeStage(PredictStage):
         """This rank's share (every world_size-th user) of a loader's users, in order."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
         shard = Subset(loader.dataset, range(rank, len(loader.dataset), world))
-        return DataLoader(shard, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+        batch_size = loader.batch_size or loader.batch_sampler.batch_size  # a batch sampler: its batch size
+        return DataLoader(shard, batch_size=batch_size, collate_fn=loader.collate_fn)
 
     @torch.no_grad()
     def fit_statistics(self, loader: DataLoader) -> None:
@@ -485,7 +486,7 @@ def _quiet_lightning():
 
 
 def fit_probe(stage: ProbeStage, datamodule: L.LightningDataModule, max_epochs: int = 100,
-              dims: dict | None = None, accelerator: str = "cpu", epochs_per_check: int = 1) -> ProbeStage:
+              dims: dict | None = None, accelerator: str = "cpu") -> ProbeStage:
     """Fit ``stage`` on ``datamodule`` with a quiet one-device Trainer (no logger, checkpoint or
     progress bar) and return it, holding the head chosen on validation; ``dims`` (input_dim,
     task, kind, outputs) for a DataModule that is not a ``UserDataModule``."""
@@ -494,6 +495,6 @@ def fit_probe(stage: ProbeStage, datamodule: L.LightningDataModule, max_epochs: 
     with _quiet_lightning():
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=max_epochs, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, check_val_every_n_epoch=epochs_per_check)
+                            num_sanity_val_steps=0)
         trainer.fit(stage, datamodule=datamodule)
     return stage.eval()
