@@ -162,12 +162,14 @@ def main() -> None:
     write_block(ROOT / "docs" / "benchmarks.md", f"probe_choice {args.out}", command,
                 f"`{command}` ({m['cores']} cores, torch {m['libraries']['torch']}): {len(test)} test users; "
                 f"ProbeStage with lr {args.lr:g}, patience {args.patience}, weight decays "
-                f"{', '.join(f'{w:g}' for w in args.weight_decays)}, batch {args.batch_size}; scikit-learn's C "
+                f"{', '.join(f'{w:g}' for w in args.weight_decays)}, batch {args.batch_size}, selection "
+                f"{args.selection}, at least {args.min_steps} steps an epoch; scikit-learn's C "
                 f"from 0.01, 0.1, 1, 10. Seconds: the faster of two fits each.\n\n" + "\n".join(head + lines))
     write_results(args.out, {"results": out, "users": int(len(data.split)), "test_users": int(len(test))},
                   {"data": args.data, "stage": {"weight_decays": args.weight_decays, "lr": args.lr,
                                                 "patience": args.patience, "epochs": args.epochs,
-                                                "batch_size": args.batch_size}, "sklearn_Cs": [0.01, 0.1, 1.0, 10.0]})
+                                                "batch_size": args.batch_size, "selection": args.selection,
+                                                "min_steps": args.min_steps}, "sklearn_Cs": [0.01, 0.1, 1.0, 10.0]})
 
 
 if __name__ == "__main__":
