@@ -49,6 +49,11 @@ the first, with the loss terms of the last step. What each change costs in quali
 steps: ``steps[variant].val`` holds the loss terms and the user -> answer retrieval accuracy
 (``retrieval_acc``, beside ``retrieval_chance``) on ``--val-batches`` batches of held-out pairs of
 validation users (``QAnchorStage.validation_step``).
+
+Padding (``--parts padding``): the share of a training step's token slots that are padding, per
+segment (prefix, query suffix, answer; the user tower and the answer tower), on
+``--padding-batches`` batches of ``--step-batch`` training pairs: the most that cutting sequences
+to each batch's real lengths could save (``padding[segment].share``).
 """
 
 from __future__ import annotations
@@ -220,6 +225,55 @@ def step_costs(steps: int, batch: int, layers: int, cache_dir: str, val_batches:
     return out
 
 
+def padding_share(batches: int, batch: int, cache_dir: str) -> dict:
+    """How much of a training step's sequences is padding, per segment, on ``batches`` batches of
+    ``batch`` training pairs of the shipped MovieLens-100k stage (the first in the loader's
+    seeded order): the user tower's prefix (lead tokens, one token per source, the latest
+    ``max_events`` events), its suffix (query, ``<USER_EMB>``) and the answer after it, and the
+    answer tower's own pass. ``share`` = padded slots / all slots, the part of a step's tokens
+    that a sequence cut to the batch's real lengths would not compute."""
+    import lightning as L
+    import yaml
+
+    from data_modules.datamodule import UserDataModule
+    from foundv2.stages.qanchor import QAnchorStage
+
+    data = yaml.safe_load((ROOT / "experiments/movielens-100k/data.yaml").read_text())["data"]
+    model = yaml.safe_load((ROOT / "experiments/movielens-100k/qanchor.yaml").read_text())["model"]["init_args"]
+    L.seed_everything(0)
+    dm = UserDataModule(**{**data, "questions": True, "batch_size": batch, "cache_dir": cache_dir, "progress": False})
+    dm.prepare_data()
+    dm.setup("fit")
+    stage = QAnchorStage(**model)
+    stage.build(stage.data_dims(dm))
+    net, hp = stage.net, stage.hparams
+    real = {k: 0 for k in ("prefix", "suffix", "answer", "user_tower", "answer_tower")}
+    total = dict(real)
+    with torch.no_grad():
+        for i, b in enumerate(dm.train_dataloader()):
+            if i == batches:
+                break
+            _, pre_mask = net.prefix(net.lm, **stage._prefix(b))
+            q_ids, q_mask = net.tokenize_queries(b["query"], max_length=hp.max_query_tokens)
+            a_ids, a_mask = net.tokenize_answers(b["answer"], max_length=hp.max_answer_tokens)
+            lead = net.lead_ids.numel()
+            n = pre_mask.shape[0]
+            seg = {"prefix": (pre_mask.sum() + lead * n, (pre_mask.shape[1] + lead) * n),
+                   "suffix": (q_mask.sum() + n, (q_mask.shape[1] + 1) * n),
+                   "answer": (a_mask.sum(), a_mask.numel())}
+            for k, (r, t) in seg.items():
+                real[k] += int(r)
+                total[k] += int(t)
+                real["user_tower"] += int(r)
+                total["user_tower"] += int(t)
+            real["answer_tower"] += int(a_mask.sum())
+            total["answer_tower"] += int(a_mask.numel())
+    out = {k: {"real": real[k], "slots": total[k], "share": 1 - real[k] / max(total[k], 1)} for k in real}
+    out["batches"], out["batch"] = min(i, batches), batch
+    print("padding share", {k: round(v["share"], 3) for k, v in out.items() if isinstance(v, dict)}, flush=True)
+    return out
+
+
 def steps_markdown(steps: dict, config: dict, machine: dict) -> str:
     """docs/qanchor-steps.md: the training-step table, under the command that measured it."""
     lines = ["# Query-as-Anchor: what a training step costs", "",
@@ -331,7 +385,9 @@ def main() -> None:
                     help="torch threads; on a machine shared with other work use 1 (two threads wait on each other's "
                          "barriers there, which hurts the small matrices of a cached query most)")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "foundv2"))
-    ap.add_argument("--parts", default="serving,steps", help="serving (the KV cache), steps (the training step)")
+    ap.add_argument("--parts", default="serving,steps,padding",
+                    help="serving (the KV cache), steps (the training step), padding (its padded share)")
+    ap.add_argument("--padding-batches", type=int, default=64, help="training batches the padding share reads")
     ap.add_argument("--steps", type=int, default=4, help="training steps per variant (the first is not timed)")
     ap.add_argument("--step-batch", type=int, default=16, help="question/answer pairs per training step")
     ap.add_argument("--step-layers", type=int, default=8, help="decoder layers kept by the first_layers variants")
@@ -349,6 +405,8 @@ def main() -> None:
                      if k not in ("benchmark", "machine", "config", "peak_rss_mb")}
     if "serving" in parts:  # what serving writes, dropped first so a figure it no longer makes cannot linger
         figures = {k: v for k, v in figures.items() if k == "steps"}
+    if "padding" in parts:
+        figures["padding"] = padding_share(args.padding_batches, args.step_batch, args.cache_dir)
     if "steps" in parts:
         figures["steps"] = step_costs(args.steps, args.step_batch, args.step_layers, args.cache_dir, args.val_batches)
     if "serving" in parts:
