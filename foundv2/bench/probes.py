@@ -136,7 +136,7 @@ LABEL_LR = 3e-3
 LABEL_PATIENCE = 5
 LABEL = "label"  # the task name under which the arrays hand the label to the stage
 LABEL_SELECTION = "loss"  # the validation log-loss picks a label probe's head and epoch
-LABEL_MIN_STEPS = 50  # label probes: optimiser steps between two validations, whatever the train set's size
+LABEL_MIN_STEPS = 50  # label probes: optimiser steps an epoch (a validation after each) at least, any train set size
 
 
 def _fit_stage(X: Features, split: np.ndarray, task: str, kind: str, outputs: int, data: dict,
