@@ -73,7 +73,7 @@ def test_the_summary_pairs_each_budget_best_row_with_its_baselines_and_the_best_
     bench = {"tasks": {"churn": "binary"}, "results": res,
              "budgets": {"16": {"best": "user_tokens16", "baselines": ["tfidf_svd16_int8"], "meets": True}}}
     rows = summary_table(bench).splitlines()[2:]
-    assert rows == ["| 16 B | `user_tokens16` (ours) | 0.8000 |", "| 16 B | `tfidf_svd16_int8` | 0.7500 |",
+    assert rows == ["| 16 B | `user_tokens16` (ours, meets the budget) | 0.8000 |", "| 16 B | `tfidf_svd16_int8` | 0.7500 |",
                     "| unbounded | best of ours per task | `user_tokens16` 0.8000 |",  # pooled is not learned
                     "| unbounded | best baseline per task | `tfidf` 0.8500 |"]  # a row without the task is skipped
 

@@ -542,7 +542,8 @@ def summary_table(bench: dict) -> str:
 
     for budget, v in (bench.get("budgets") or {}).items():
         for name in [v["best"], *v["baselines"]]:
-            label = f"`{name}` (ours)" if name == v["best"] else f"`{name}`"
+            met = "meets the budget" if v["meets"] else "misses the budget"
+            label = f"`{name}` (ours, {met})" if name == v["best"] else f"`{name}`"
             lines.append(f"| {budget} B | {label} | " + " | ".join(value(name, t) for t in tasks) + " |")
     learned = [n for n, r in res.items() if _kind(n, r) != "baseline" and n != "pooled"]
     baselines = [n for n, r in res.items() if _kind(n, r) == "baseline"]
