@@ -68,7 +68,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, peak_rss_mb, previous_figures, write_results  # noqa: E402
+from common import ROOT, machine, peak_rss_mb, previous_figures, write_results  # noqa: E402
+
+from foundv2.bench.report import write_block  # noqa: E402
 
 QUERIES = ["What are this user's favourite genres?", "How active has this user been lately?",
            "At what time of day does this user watch?", "Which items does this user come back to most?",
@@ -248,11 +250,12 @@ def padding_share(batches: int, batch: int, cache_dir: str) -> dict:
     stage.build(stage.data_dims(dm))
     net, hp = stage.net, stage.hparams
     real = {k: 0 for k in ("prefix", "suffix", "answer", "user_tower", "answer_tower")}
-    total = dict(real)
+    total, read = dict(real), 0
     with torch.no_grad():
-        for i, b in enumerate(dm.train_dataloader()):
-            if i == batches:
+        for b in dm.train_dataloader():
+            if read == batches:
                 break
+            read += 1
             _, pre_mask = net.prefix(net.lm, **stage._prefix(b))
             q_ids, q_mask = net.tokenize_queries(b["query"], max_length=hp.max_query_tokens)
             a_ids, a_mask = net.tokenize_answers(b["answer"], max_length=hp.max_answer_tokens)
@@ -269,7 +272,7 @@ def padding_share(batches: int, batch: int, cache_dir: str) -> dict:
             real["answer_tower"] += int(a_mask.sum())
             total["answer_tower"] += int(a_mask.numel())
     out = {k: {"real": real[k], "slots": total[k], "share": 1 - real[k] / max(total[k], 1)} for k in real}
-    out["batches"], out["batch"] = min(i, batches), batch
+    out["batches"], out["batch"] = read, batch
     print("padding share", {k: round(v["share"], 3) for k, v in out.items() if isinstance(v, dict)}, flush=True)
     return out
 
@@ -419,14 +422,10 @@ def main() -> None:
               "dtype": "float32", "parts": args.parts, "steps": args.steps, "step_batch": args.step_batch,
               "step_layers": args.step_layers, "val_batches": args.val_batches}
     write_results("qanchor", figures, config)
-    from common import machine
-
     if "steps" in parts:
         (ROOT / "docs" / "qanchor-steps.md").write_text(steps_markdown(figures["steps"], config, machine()))
         print(f"wrote {ROOT / 'docs' / 'qanchor-steps.md'}")
     if "serving" in parts:
-        from foundv2.bench.report import write_block
-
         write_block(ROOT / "docs" / "qanchor.md", "bench_qanchor serving", "make bench-qanchor",
                     serving_markdown(figures, config, machine()))
         print(f"wrote {ROOT / 'docs' / 'qanchor.md'}")

@@ -30,7 +30,7 @@ from foundv2.metrics.classification import (
     multilabel_macro_auc,
 )
 from foundv2.metrics.ranking import evaluate_ranking
-from foundv2.stages.probe import NEXT_ITEMS, SELECTION_METRIC, ProbeStage, fit_probe
+from foundv2.stages.probe import NEXT_ITEMS, SELECTION_METRIC, ProbeStage, fit_probe, probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +215,8 @@ def label_scores(stage: ProbeStage, X: Features) -> np.ndarray:
     """Some users' scores from the head kept on validation, in :func:`score_predictions` layout:
     binary ``[N]`` P(y=1), multi-class ``[N, C]`` probabilities, multi-label ``[N, C]``."""
     with torch.no_grad():
-        z = stage.best_logits({"user_emb": features_tensor(X)}).double()
-    if stage.kind == "binary":
-        return torch.sigmoid(z[:, 0]).numpy()
-    return (torch.softmax(z, 1) if stage.kind == "multiclass" else torch.sigmoid(z)).numpy()
+        p = probabilities(stage.kind, stage.best_logits({"user_emb": features_tensor(X)}).double())
+    return (p[:, 0] if stage.kind == "binary" else p).numpy()
 
 
 def fit_label_probe(X: Features, y: np.ndarray, split: np.ndarray, kind: TaskKind, scores_out: dict | None = None,

@@ -474,6 +474,16 @@ def table(bench: dict) -> str:
     return "\n".join(out)
 
 
+def main_value(row: dict, task: str, kind: str) -> float | None:
+    """A row's figure on a task's main metric (:data:`MAIN`); None when the row has none."""
+    r = row.get(task)
+    return r[MAIN[kind]] if isinstance(r, dict) and MAIN[kind] in r else None
+
+
+def _fmt_value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def rows_table(bench: dict) -> str:
     """The rows (representations and baselines) by columns (each task's main metric, bytes per
     user and, with token rows, their collision rate): what :func:`table` starts with and the
@@ -483,8 +493,7 @@ def rows_table(bench: dict) -> str:
     head = ["name"] + [f"{t}:{MAIN[k]}" for t, k in tasks] + ["B/user"] + (["collide"] if collide else [])
     rows = []
     for n, r in bench["results"].items():
-        cells = [n] + [f"{r[t][MAIN[k]]:.4f}" if isinstance(r.get(t), dict) and MAIN[k] in r[t] else "-"
-                       for t, k in tasks]
+        cells = [n] + [_fmt_value(main_value(r, t, k)) for t, k in tasks]
         if all(c == "-" for c in cells[1:]):
             continue  # a row with no task to show (its tasks were skipped at this data set)
         cells.append(_size(r.get("bytes_per_user")))
@@ -536,23 +545,20 @@ def summary_table(bench: dict) -> str:
     head = "| budget | row | " + " | ".join(f"{t} {MAIN[k]}" for t, k in tasks.items()) + " |"
     lines = [head, "|---" * (len(tasks) + 2) + "|"]
 
-    def value(name: str, task: str) -> str:
-        r = res[name].get(task)
-        return f"{r[MAIN[tasks[task]]]:.4f}" if isinstance(r, dict) and MAIN[tasks[task]] in r else "-"
-
     for budget, v in (bench.get("budgets") or {}).items():
         for name in [v["best"], *v["baselines"]]:
             met = "meets the budget" if v["meets"] else "misses the budget"
             label = f"`{name}` (ours, {met})" if name == v["best"] else f"`{name}`"
-            lines.append(f"| {budget} B | {label} | " + " | ".join(value(name, t) for t in tasks) + " |")
+            lines.append(f"| {budget} B | {label} | "
+                         + " | ".join(_fmt_value(main_value(res[name], t, k)) for t, k in tasks.items()) + " |")
     learned = [n for n, r in res.items() if _kind(n, r) != "baseline" and n != "pooled"]
     baselines = [n for n, r in res.items() if _kind(n, r) == "baseline"]
     for label, names in (("best of ours per task", learned), ("best baseline per task", baselines)):
         cells = []
         for task, kind in tasks.items():
-            have = [n for n in names if isinstance(res[n].get(task), dict) and MAIN[kind] in res[n][task]]
-            best = max(have, key=lambda n: res[n][task][MAIN[kind]], default=None)
-            cells.append("-" if best is None else f"`{best}` {value(best, task)}")
+            have = {n: v for n in names if (v := main_value(res[n], task, kind)) is not None}
+            best = max(have, key=have.__getitem__, default=None)
+            cells.append("-" if best is None else f"`{best}` {_fmt_value(have[best])}")
         lines.append(f"| unbounded | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -176,23 +176,27 @@ def task_metrics(kind: str, outputs: int, ks: tuple[int, ...], auc_bins: int | N
     return nn.ModuleDict({"ranking": TopKRanking(ks)})
 
 
+def probabilities(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """A label head's ``[B, O]`` logits as probabilities: a softmax over the classes (multiclass),
+    else a sigmoid per output (binary: ``[B, 1]``)."""
+    return torch.softmax(logits, dim=1) if kind == "multiclass" else torch.sigmoid(logits)
+
+
 def update_metrics(metrics: nn.ModuleDict, kind: str, logits: torch.Tensor, target: torch.Tensor,
                    seen: torch.Tensor | None) -> None:
     """Add one head's ``[B, O]`` logits of a batch (probabilities in float64 for the classifiers)."""
     if kind == NEXT_ITEMS:
         metrics["ranking"].update(logits, target, exclude=seen)
         return
-    z = logits.double()
+    p = probabilities(kind, logits.double())
     if kind == "binary":
-        p = torch.sigmoid(z[:, 0])
-        metrics["auc"].update(p, target.long())
-        metrics["ks"].update(p, target)
+        metrics["auc"].update(p[:, 0], target.long())
+        metrics["ks"].update(p[:, 0], target)
     elif kind == "multiclass":
-        p = torch.softmax(z, dim=1)
         metrics["accuracy"].update(p, target.long())
         metrics["macro_auc"].update(p, target)
     else:
-        metrics["macro_auc"].update(torch.sigmoid(z), target)
+        metrics["macro_auc"].update(p, target)
 
 
 def compute_metrics(metrics: nn.ModuleDict) -> dict[str, float]:
@@ -463,8 +467,7 @@ class ProbeStage(PredictStage):
             top = z.masked_fill(seen, float("-inf")).topk(min(max(self.ks), z.shape[1]), dim=1).indices + 1
             cols["top_items"] = top.cpu().numpy()
         else:
-            p = torch.softmax(z, 1) if self.kind == "multiclass" else torch.sigmoid(z)
-            cols["scores"] = p.float().cpu().numpy()
+            cols["scores"] = probabilities(self.kind, z).float().cpu().numpy()
         return cols
 
     def output_info(self) -> dict:
